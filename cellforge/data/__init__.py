@@ -1,0 +1,46 @@
+"""Data: registry, download, loaders, canonical form and splits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import anndata as ad
+
+from cellforge.data.download import fetch
+from cellforge.data.loaders import LOADERS
+from cellforge.data.registry import DatasetCard, get_card, list_datasets
+from cellforge.errors import DatasetError
+
+__all__ = ["DatasetCard", "get_card", "list_datasets", "load_dataset"]
+
+
+def load_dataset(name: str, *, show_progress: bool = True) -> ad.AnnData:
+    """Load a registered data set as a canonical AnnData.
+
+    Parameters
+    ----------
+    name
+        Registry name (``cellforge datasets`` lists them).
+
+    Returns
+    -------
+    AnnData ``(n_cells, n_genes)`` in the form described in :mod:`cellforge.data.canonical`.
+
+    Raises
+    ------
+    UnknownDatasetError, ChecksumError, DatasetError
+        See :func:`cellforge.data.registry.get_card` and :func:`cellforge.data.download.fetch`.
+    """
+    card = get_card(name)
+    path = fetch(card, show_progress=show_progress)
+    return load_card_file(card, path)
+
+
+def load_card_file(card: DatasetCard, path: Path) -> ad.AnnData:
+    """Run ``card``'s loader on a local file."""
+    if card.loader not in LOADERS:
+        msg = f"card {card.name!r} names loader {card.loader!r}; known loaders: {sorted(LOADERS)}"
+        raise DatasetError(msg)
+    options = dict(card.loader_options)
+    options.setdefault("perturbation_type", card.perturbation_type)
+    return LOADERS[card.loader](path, dataset=card.name, **options)

@@ -1,0 +1,150 @@
+"""The canonical AnnData every stage of cellforge works on.
+
+Conventions
+-----------
+``X``
+    log-normalised expression, float32, ``(n_cells, n_genes)``: ``log1p`` of counts scaled
+    to 10,000 per cell (scanpy ``normalize_total`` + ``log1p``) when the source has counts,
+    the source's own log-normalised values otherwise.
+``layers["counts"]``
+    raw counts where the source has them.
+``obs["perturbation"]``
+    perturbation label; ``"control"`` for control cells; combinations joined by ``"+"``.
+``obs["is_control"]``
+    boolean control flag.
+``obs["context"]``
+    cell type, cell line or patient (one value when the data has a single context).
+``obs["condition"]``
+    the unit of evaluation: the perturbation, prefixed by ``"<context>:"`` when the data
+    has several contexts (see :func:`condition_name`).
+``obs["dose"]``
+    dose as a string where the source has one.
+``uns["cellforge"]``
+    provenance: data set name, original column names and control label, normalisation.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from cellforge.errors import DatasetError
+
+CONTROL = "control"
+COMBO_DELIMITER = "+"
+CONTEXT_SEPARATOR = ":"
+
+
+def condition_name(perturbation: str, context: str, *, multi_context: bool) -> str:
+    """The evaluation unit's name: ``perturbation`` or ``"context:perturbation"``."""
+    return f"{context}{CONTEXT_SEPARATOR}{perturbation}" if multi_context else perturbation
+
+
+def looks_like_counts(X: Any, *, n_check: int = 2000) -> bool:  # noqa: N803 - AnnData convention
+    """True when the first rows of ``X`` are non-negative integers with a large maximum."""
+    block = X[: min(n_check, X.shape[0])]
+    values = block.data if sp.issparse(block) else np.asarray(block).ravel()
+    if values.size == 0:
+        return False
+    return bool(np.all(values >= 0) and np.allclose(values, np.round(values)) and values.max() > 20)  # noqa: PLR2004
+
+
+def standardise(
+    adata: ad.AnnData,
+    *,
+    dataset: str,
+    perturbation_key: str,
+    control_labels: list[str],
+    context_key: str | None = None,
+    dose_key: str | None = None,
+    perturbation_type: str = "unknown",
+    modality: str = "rna",
+    log_normalised: bool | None = None,
+) -> ad.AnnData:
+    """Return a canonical copy of ``adata`` (the input is not modified).
+
+    Parameters
+    ----------
+    adata
+        Cells x features, ``(n_cells, n_genes)``; counts or log-normalised values in ``X``.
+    dataset
+        Name recorded in ``uns["cellforge"]``.
+    perturbation_key
+        ``obs`` column with the perturbation label.
+    control_labels
+        Labels of ``perturbation_key`` that mean control; mapped to ``"control"``.
+    context_key
+        ``obs`` column with the cell type, cell line or patient; ``None`` for one context.
+    dose_key
+        ``obs`` column with the dose, if any.
+    log_normalised
+        Whether ``X`` is already log-normalised; inferred with :func:`looks_like_counts` when ``None``.
+
+    Raises
+    ------
+    DatasetError
+        Missing columns, no control cells, or NaN values; the message names the columns present.
+    """
+    for key in [perturbation_key, context_key, dose_key]:
+        if key is not None and key not in adata.obs:
+            msg = f"column {key!r} not in adata.obs of {dataset!r}; available: {list(adata.obs.columns)}"
+            raise DatasetError(msg)
+    labels = adata.obs[perturbation_key].astype(str)
+    is_control = labels.isin(control_labels).to_numpy()
+    if not is_control.any():
+        msg = (
+            f"no control cells in {dataset!r}: none of {control_labels} occur in obs[{perturbation_key!r}]; "
+            f"labels seen: {sorted(labels.unique())[:20]}"
+        )
+        raise DatasetError(msg)
+    X = adata.X.tocsr() if sp.issparse(adata.X) else sp.csr_matrix(np.asarray(adata.X))  # noqa: N806
+    X = X.astype(np.float32)  # noqa: N806
+    if np.isnan(X.data).any():
+        msg = f"{dataset!r} has NaN values in X"
+        raise DatasetError(msg)
+    is_counts = looks_like_counts(X) if log_normalised is None else not log_normalised
+    layers = {}
+    if is_counts:
+        layers["counts"] = X.copy()
+        size = np.asarray(X.sum(axis=1)).ravel()
+        size[size == 0] = 1.0
+        X = sp.csr_matrix(sp.diags(1e4 / size) @ X)  # noqa: N806
+        X.data = np.log1p(X.data)
+        normalisation = "log1p(counts / total * 1e4), computed by cellforge"
+    else:
+        normalisation = "log-normalised values as provided by the source"
+    context = adata.obs[context_key].astype(str).to_numpy() if context_key else np.full(adata.n_obs, "all")
+    pert = np.where(is_control, CONTROL, labels.to_numpy())
+    multi = len(np.unique(context)) > 1
+    obs = pd.DataFrame(
+        {
+            "perturbation": pert,
+            "is_control": is_control,
+            "context": context,
+            "condition": [condition_name(p, c, multi_context=multi) for p, c in zip(pert, context, strict=True)],
+        },
+        index=adata.obs_names.astype(str),
+    )
+    if dose_key:
+        obs["dose"] = adata.obs[dose_key].astype(str).to_numpy()
+    for col in ["perturbation", "context", "condition"]:
+        obs[col] = obs[col].astype("category")
+    obs.index = ad.utils.make_index_unique(pd.Index(obs.index))
+    var = pd.DataFrame(index=ad.utils.make_index_unique(pd.Index(adata.var_names.astype(str))))
+    out = ad.AnnData(X=X, obs=obs, var=var, layers=layers)
+    out.uns["cellforge"] = {
+        "dataset": dataset,
+        "perturbation_key": perturbation_key,
+        "control_labels": list(control_labels),
+        "context_key": context_key or "",
+        "dose_key": dose_key or "",
+        "perturbation_type": perturbation_type,
+        "modality": modality,
+        "normalisation": normalisation,
+        "has_counts": bool(is_counts),
+    }
+    return out

@@ -1,0 +1,35 @@
+"""Locations that cellforge reads from and writes to, resolved from the environment."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+#: Root of the source tree (holds ``benchmarks/`` and ``agent_specs/``).
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def cache_dir() -> Path:
+    """Folder for downloaded data sets (``CELLFORGE_CACHE``, default ``~/.cache/cellforge``)."""
+    return Path(os.environ.get("CELLFORGE_CACHE", Path.home() / ".cache" / "cellforge")).expanduser()
+
+
+def mirror_dirs() -> list[Path]:
+    """Offline mirror folders from ``CELLFORGE_DATA_MIRROR`` (``os.pathsep``-separated)."""
+    raw = os.environ.get("CELLFORGE_DATA_MIRROR", "")
+    return [Path(p).expanduser() for p in raw.split(os.pathsep) if p.strip()]
+
+
+def runs_dir() -> Path:
+    """Parent folder of run directories (``CELLFORGE_RUNS``, default ``./runs``)."""
+    return Path(os.environ.get("CELLFORGE_RUNS", "runs"))
+
+
+def agent_specs_dir() -> Path:
+    """Folder of agent role files (``CELLFORGE_AGENT_SPECS``, default ``agent_specs/``)."""
+    return Path(os.environ.get("CELLFORGE_AGENT_SPECS", PROJECT_ROOT / "agent_specs"))
+
+
+def dataset_cards_dir() -> Path:
+    """Folder of dataset cards (``benchmarks/datasets``)."""
+    return PROJECT_ROOT / "benchmarks" / "datasets"
