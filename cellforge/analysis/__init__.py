@@ -1,0 +1,1 @@
+"""Task analysis: the data profile."""

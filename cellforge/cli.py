@@ -1,0 +1,108 @@
+"""Command line: ``cellforge benchmark``, ``cellforge datasets``, ``cellforge doctor``.
+
+Heavy modules (torch, scanpy, litellm, openhands) are imported inside commands only.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Agentic design of virtual-cell models.")
+
+DEFAULT_DATASET = "norman_subset"
+
+
+def _fail(exc: Exception) -> None:
+    typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code=2)
+
+
+@app.command()
+def benchmark(
+    dataset: Annotated[str, typer.Option("--dataset", "-d", help="Registry name (see `cellforge datasets`).")] = DEFAULT_DATASET,
+    data: Annotated[Path | None, typer.Option("--data", help="Your own .h5ad instead of a registered data set.")] = None,
+    perturbation_key: Annotated[str | None, typer.Option(help="obs column of perturbation labels (own .h5ad).")] = None,
+    control_label: Annotated[str | None, typer.Option(help="Label of control cells (own .h5ad).")] = None,
+    context_key: Annotated[str | None, typer.Option(help="obs column of cell type / line / patient (own .h5ad).")] = None,
+    task_type: Annotated[str | None, typer.Option(help="unseen_perturbation, combination or new_context.")] = None,
+    split: Annotated[Path | None, typer.Option("--split", help="Split manifest JSON to use instead of the task's.")] = None,
+    seed: Annotated[int, typer.Option(help="Seed of the split strategy.")] = 0,
+    sandbox: Annotated[str | None, typer.Option(help="auto, docker or local (default: CELLFORGE_SANDBOX or auto).")] = None,
+    max_attempts: Annotated[int, typer.Option(help="Bound on code attempts (patch-and-retry).")] = 4,
+    timeout: Annotated[float, typer.Option(help="Wall-clock limit of one attempt, seconds.")] = 900,
+    resume: Annotated[Path | None, typer.Option("--resume", help="Resume this run directory.")] = None,
+    runs: Annotated[Path | None, typer.Option(help="Parent folder of run directories (default ./runs).")] = None,
+) -> None:
+    """Run the main job: data -> profile -> plan -> code -> sandboxed training -> scores -> report.
+
+    The last line printed is the run directory.
+    """
+    from cellforge.errors import CellforgeError
+    from cellforge.pipeline import Run, RunConfig, run_pipeline
+
+    try:
+        if resume is not None:
+            run = Run.resume(resume)
+        else:
+            if task_type and task_type not in {"unseen_perturbation", "combination", "new_context"}:
+                _fail(ValueError(f"--task-type {task_type!r}; valid: unseen_perturbation, combination, new_context"))
+            if data is None:
+                from cellforge.data import get_card
+
+                get_card(dataset)  # fail early on an unknown name
+            config = RunConfig(
+                dataset=data.stem if data else dataset,
+                h5ad=str(data.resolve()) if data else None,
+                perturbation_key=perturbation_key,
+                control_label=control_label,
+                context_key=context_key,
+                task_type=task_type,
+                split_file=str(split.resolve()) if split else None,
+                seed=seed,
+                sandbox=sandbox,
+                max_attempts=max_attempts,
+                timeout_s=timeout,
+            )
+            run = Run.create(config, root=runs)
+        typer.echo(f"run directory: {run.dir}")
+        out = run_pipeline(run, echo=lambda s: typer.echo(s, err=True))
+    except CellforgeError as exc:
+        _fail(exc)
+    typer.echo(str(out))
+
+
+@app.command()
+def datasets() -> None:
+    """List registered data sets and their default tasks."""
+    from cellforge.data import list_datasets
+
+    for card in list_datasets():
+        flag = "shipped subset" if card.shipped_subset else "full"
+        typer.echo(f"{card.name:<22} {card.task.type:<20} {flag:<15} {card.title}")
+
+
+@app.command()
+def doctor() -> None:
+    """Show which LLM backend each role uses, the sandbox backend and data locations (no secrets)."""
+    from cellforge.llm.client import backend_label, model_for
+    from cellforge.paths import cache_dir, mirror_dirs
+    from runtime.docker import docker_engine_available
+    from runtime.factory import resolve_backend
+    from runtime.local import bwrap_available
+
+    for role in ["analyst", "expert", "critic", "planner", "coder", "debugger"]:
+        typer.echo(f"llm[{role}]: {backend_label(model_for(role))}")
+    typer.echo(f"llm api base: {'set' if os.environ.get('CELLFORGE_LLM_API_BASE') else 'not set'}")
+    backend, strict = resolve_backend()
+    typer.echo(f"sandbox requested: {backend}{' (strict)' if strict else ''}; docker engine: {docker_engine_available()}; bwrap: {bwrap_available()}")
+    typer.echo(f"data cache: {cache_dir()}; mirrors: {[str(m) for m in mirror_dirs()] or 'none'}")
+    typer.echo(f"python: {sys.version.split()[0]}")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,1 @@
+"""Method design: the research plan schema and the stage that produces it."""

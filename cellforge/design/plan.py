@@ -1,0 +1,75 @@
+"""Schemas of the agents' structured answers: research plan, code choice, patch."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Hyperparameters(BaseModel):
+    """Training settings of a template; every field has a search range in the plan."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    hidden_dim: int = Field(128, ge=4, le=4096, description="Width of the residual MLP.")
+    dropout: float = Field(0.1, ge=0.0, lt=1.0)
+    learning_rate: float = Field(1e-3, gt=0.0, le=1.0)
+    weight_decay: float = Field(1e-2, ge=0.0)
+    de_weight: float = Field(1.0, ge=0.0, description="Extra loss weight on large observed effects.")
+    max_epochs: int = Field(200, ge=1, le=10000)
+    batch_size: int = Field(16, ge=1)
+    patience: int = Field(20, ge=1)
+    n_components: int = Field(16, ge=1, le=256, description="PCA components of gene and context features.")
+    seed: int = 0
+
+
+class ResearchPlan(BaseModel):
+    """The method design's output: a concrete, trainable model plan."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    task_type: str = Field(description="unseen_perturbation, combination or new_context.")
+    template: Literal["residual_mlp"] = Field(description="Model template the code generator composes.")
+    architecture: str = Field(description="The model in one paragraph.")
+    perturbation_encoder: str
+    context_encoder: str
+    baseline: Literal["training_mean", "additive", "context_shift"] = Field(
+        description="Reference predictor the model learns a residual over."
+    )
+    train_on: Literal["all", "combinations"] = Field(description="Which training conditions supervise the residual.")
+    loss: str
+    hyperparameters: Hyperparameters
+    search_space: dict[str, list[Any]] = Field(default_factory=dict, description="Hyperparameter -> candidate values.")
+    metric_of_record: str = Field("pearson_delta_de20", description="Validation metric used to select models.")
+    rationale: list[str] = Field(description="Reasons, each citing the evidence it rests on.")
+
+
+class CodeChoice(BaseModel):
+    """The coder's answer: which template to render and with what configuration."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    template: str
+    config: dict[str, Any]
+    notes: str = ""
+
+
+class Edit(BaseModel):
+    """Replace the exact text ``find`` (must occur in the script) by ``replace``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    find: str
+    replace: str
+
+
+class Patch(BaseModel):
+    """The debugger's answer to a failed attempt."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    diagnosis: str
+    edits: list[Edit] = Field(default_factory=list)
+    config_updates: dict[str, Any] = Field(default_factory=dict)
+    give_up: bool = Field(False, description="True when the debugger sees no fix.")

@@ -1,0 +1,1 @@
+"""Evaluation: pseudobulk metrics, DE genes and baselines, all computed on the host."""

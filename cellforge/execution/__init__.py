@@ -1,0 +1,1 @@
+"""Experiment execution: code generation, the sandbox contract and the attempt journal."""

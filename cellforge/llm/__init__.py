@@ -1,0 +1,1 @@
+"""LLM layer: every agent call goes through LiteLLM (see :mod:`cellforge.llm.client`)."""

@@ -1,0 +1,83 @@
+"""``report.md``: the model beside its baselines, the plan, the attempts and the provenance."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pandas as pd
+
+from cellforge.evaluation.harness import HEADLINE
+from cellforge.evaluation.metrics import HIGHER_IS_BETTER
+
+
+def _table(methods: dict[str, dict[str, float]]) -> str:
+    frame = pd.DataFrame(methods).T[HEADLINE]
+    header = "| method | " + " | ".join(f"{m} {'↑' if m in HIGHER_IS_BETTER else '↓'}" for m in HEADLINE) + " |"
+    lines = [header, "|" + "---|" * (len(HEADLINE) + 1)]
+    for name, row in frame.iterrows():
+        cells = []
+        for metric in HEADLINE:
+            col = frame[metric]
+            best = col.max() if metric in HIGHER_IS_BETTER else col.min()
+            text = f"{row[metric]:.4f}"
+            cells.append(f"**{text}**" if row[metric] == best else text)
+        label = f"**{name}**" if name == "cellforge_model" else name
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def write_report(run: Any, metrics: dict[str, Any]) -> None:
+    """Write ``report.md`` into the run directory."""
+    plan = run.read_json("plan.json")
+    task = metrics["task"]
+    beats = metrics["model_beats_best_baseline"]
+    verdict = []
+    for metric, won in beats.items():
+        best = metrics["best_baseline"][metric]
+        verdict.append(f"- {metric}: the model {'beats' if won else 'does NOT beat'} the best baseline ({best}).")
+    attempts = "\n".join(
+        f"| {a['index']} | {a['stage']} | {a['exit_code']} | {a['failure'] or 'ok'} | {a['duration_s']} |" for a in metrics["attempts"]
+    )
+    split = metrics["split"]
+    text = f"""# cellforge run: {metrics['dataset']}
+
+**Task** ({task['type']}): {task['description']}
+
+**Split** `{split['strategy']}` (seed {split['seed']}): {len(split['train'])} training, {len(split['val'])} validation and
+{len(split['test'])} test conditions; test: {', '.join(split['test'][:12])}{' ...' if len(split['test']) > 12 else ''}.
+Metrics are means over the {metrics['averaged_over']}, computed on the host from pseudobulk profiles; deltas are
+against the observed control mean of each condition's context; DE genes are the top 20 by scanpy t-test
+(`rankby_abs`) against those controls. `pearson` on raw expression is shown but is near 1 for any model.
+
+## Model vs baselines
+
+{_table(metrics['methods'])}
+
+{chr(10).join(verdict)}
+
+## Plan
+
+{plan['architecture']}
+
+- perturbation encoder: {plan['perturbation_encoder']}
+- context encoder: {plan['context_encoder']}
+- loss: {plan['loss']}
+- hyperparameters: `{plan['hyperparameters']}`
+
+Rationale:
+{chr(10).join('- ' + r for r in plan['rationale'])}
+
+## Attempts
+
+| attempt | stage | exit code | outcome | seconds |
+|---|---|---|---|---|
+{attempts}
+
+## Provenance
+
+- LLM backend by role: {metrics['llm']['backend_by_role']} ({metrics['llm']['calls']} calls, {metrics['llm']['tokens']} tokens)
+- sandbox: backend `{metrics['sandbox']['backend']}`, isolation `{metrics['sandbox']['isolation']}`
+- stage wall times (s): {metrics['stage_wall_s']}; total {metrics['total_wall_s']} s
+- environment: {', '.join(f'{k} {v}' for k, v in metrics['environment'].items())}
+"""
+    run.path("report.md").write_text(text)

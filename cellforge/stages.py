@@ -1,0 +1,286 @@
+"""The stage functions of :mod:`cellforge.pipeline`; each reads and writes run artifacts."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from cellforge.pipeline import Run, environment
+
+Echo = Callable[[str], None]
+
+
+# ---------------------------------------------------------------------------- 1. data
+def _task(run: Run) -> dict[str, Any]:
+    from cellforge.data import get_card
+
+    c = run.config
+    if c.h5ad:
+        adata = run.adata()
+        perts = adata.obs.loc[~adata.obs["is_control"], "perturbation"].astype(str).unique()
+        if c.task_type:
+            task_type = c.task_type
+        elif any("+" in p for p in perts):
+            task_type = "combination"
+        else:
+            task_type = "unseen_perturbation"
+        split_options: dict[str, Any] = {}
+        return {"type": task_type, "description": f"Predict responses of held-out conditions ({task_type}).", "split": task_type, "split_options": split_options}
+    card = get_card(c.dataset)
+    task = card.task.model_dump()
+    if c.task_type and c.task_type != task["type"]:
+        task.update({"type": c.task_type, "split": c.task_type, "split_options": {}})
+    return task
+
+
+def stage_data(run: Run, *, echo: Echo) -> None:
+    """Load the data, fix the task and the split manifest (a user file or the task's strategy)."""
+    from cellforge.data.splits import SplitManifest, make_split
+
+    adata = run.adata()
+    task = _task(run)
+    if run.config.split_file:
+        manifest = SplitManifest.load(Path(run.config.split_file))
+        manifest.check_against(adata)
+    else:
+        manifest = make_split(adata, task["split"], seed=run.config.seed, **task["split_options"])
+    manifest.save(run.path("split.json"))
+    info = dict(adata.uns.get("cellforge", {}))
+    run.write_json("data.json", {"dataset": run.config.dataset, "shape": list(adata.shape), "task": task, "provenance": info})
+    echo(f"  {adata.n_obs} cells x {adata.n_vars} genes; split: {len(manifest.train)} train / {len(manifest.val)} val / {len(manifest.test)} test conditions")
+
+
+# ---------------------------------------------------------------------------- 2. profile
+def stage_profile(run: Run, *, echo: Echo) -> None:
+    """Profile the data (effect statistics from training + validation conditions only)."""
+    from cellforge.analysis.profile import profile_data
+    from cellforge.data.splits import SplitManifest
+
+    profile = profile_data(run.adata(), SplitManifest.load(run.path("split.json")))
+    run.write_json("profile.json", profile.model_dump())
+    echo(f"  {profile.n_perturbations} perturbations ({profile.n_combinations} combinations), contexts {profile.contexts[:6]}")
+
+
+# ---------------------------------------------------------------------------- 3. design
+def stage_design(run: Run, *, echo: Echo) -> None:
+    """Ask the method designer for a research plan."""
+    from cellforge.design.plan import ResearchPlan
+    from cellforge.llm.client import LLMClient
+    from cellforge.llm.specs import load_spec
+
+    manifest = run.read_json("split.json")
+    task = run.read_json("data.json")["task"]
+    context = {
+        "profile": run.read_json("profile.json"),
+        "task": task,
+        "split": {
+            "n_train": len(manifest["train"]),
+            "n_val": len(manifest["val"]),
+            "n_test": len(manifest["test"]),
+            "n_train_combinations": sum("+" in c for c in manifest["train"]),
+            "test_contexts": manifest["test_contexts"],
+        },
+    }
+    client = LLMClient(run.dir, stage="design")
+    plan = client.ask(load_spec("method_designer"), context, ResearchPlan)
+    run.write_json("plan.json", plan.model_dump())
+    echo(f"  plan: {plan.template} over the {plan.baseline} baseline ({plan.train_on})")
+
+
+# ---------------------------------------------------------------------------- 4. codegen
+def stage_codegen(run: Run, *, echo: Echo) -> None:
+    """Ask the coder to compose the plan from the template library and render the script."""
+    from cellforge.design.plan import CodeChoice
+    from cellforge.execution.codegen import render, templates
+    from cellforge.llm.client import LLMClient
+    from cellforge.llm.specs import load_spec
+
+    client = LLMClient(run.dir, stage="codegen")
+    choice = client.ask(load_spec("coder"), {"plan": run.read_json("plan.json"), "templates": templates(), "threads": run.config.threads}, CodeChoice)
+    script = render(choice.template, choice.config)
+    code = run.path("code")
+    code.mkdir(exist_ok=True)
+    (code / "train.py").write_text(script)
+    run.write_json("code/choice.json", choice.model_dump())
+    echo(f"  wrote {code / 'train.py'} ({len(script.splitlines())} lines, template {choice.template})")
+
+
+# ---------------------------------------------------------------------------- 5. execute
+class _LiveTail:
+    """Show the running attempt's log tail on a terminal (rich); silent elsewhere."""
+
+    def __init__(self) -> None:
+        from rich.console import Console
+
+        self.console = Console(stderr=True)
+        self.enabled = self.console.is_terminal
+        self.log: Path | None = None
+        self.title = ""
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self, attempt: Any, log: Path) -> None:
+        self.log, self.title = log, f"attempt {attempt.index} ({attempt.stage})"
+        if self.enabled and self._thread is None:
+            self._thread = threading.Thread(target=self._loop, daemon=True)
+            self._thread.start()
+
+    def _loop(self) -> None:
+        from rich.live import Live
+        from rich.panel import Panel
+
+        from runtime.base import tail
+
+        with Live(console=self.console, refresh_per_second=2, transient=True) as live:
+            while not self._stop.wait(0.5):
+                text = tail(self.log, n_lines=8) if self.log else ""
+                live.update(Panel(text or "(starting)", title=self.title))
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=2)
+
+
+def stage_execute(run: Run, *, echo: Echo) -> None:
+    """Run the script in the sandbox with patch-and-retry; keep its predictions."""
+    from cellforge.data.splits import SplitManifest
+    from cellforge.design.plan import Patch
+    from cellforge.execution import contract
+    from cellforge.execution.codegen import get_config
+    from cellforge.execution.journal import run_attempts
+    from cellforge.llm.client import LLMClient
+    from cellforge.llm.specs import load_spec
+    from runtime import open_sandbox
+
+    adata = run.adata()
+    manifest = SplitManifest.load(run.path("split.json"))
+    work = run.path("sandbox")
+    if work.exists():
+        shutil.rmtree(work)  # an interrupted execute stage restarts clean
+    work.mkdir()
+    task = run.read_json("data.json")["task"]
+    contract.prepare_inputs(adata, manifest, work, task=task)
+    genes = [str(g) for g in adata.var_names]
+    client = LLMClient(run.dir, stage="execute")
+
+    def check_outputs() -> dict[str, Any]:
+        contract.read_predictions(work / contract.PREDICTIONS, test=manifest.test, genes=genes)
+        path = work / contract.VAL_METRICS
+        return json.loads(path.read_text()) if path.exists() else {}
+
+    def debugger(script: str, log_tail: str, failure: Any) -> dict[str, Any]:
+        ctx = {"script": script, "log_tail": log_tail, "failure": failure.value, "config": get_config(script)}
+        return client.ask(load_spec("debugger"), ctx, Patch).model_dump()
+
+    live = _LiveTail()
+    sandbox = open_sandbox(work, requested=run.config.sandbox)
+    try:
+        journal, script = run_attempts(
+            run.path("code/train.py").read_text(),
+            sandbox=sandbox,
+            attempts_dir=run.path("attempts"),
+            journal_path=run.path("journal.json"),
+            check_outputs=check_outputs,
+            debugger=debugger,
+            max_attempts=run.config.max_attempts,
+            timeout_s=run.config.timeout_s,
+            memory_mb=run.config.memory_mb,
+            on_start=live.start,
+        )
+    finally:
+        live.stop()
+        sandbox.close()
+    for attempt in journal.attempts:
+        status = "ok" if attempt.failure is None else attempt.failure.value
+        echo(f"  attempt {attempt.index} ({attempt.stage}): {status} in {attempt.duration_s}s [{attempt.backend}, {attempt.isolation}]")
+    run.write_json("sandbox.json", sandbox.describe())
+    if not journal.succeeded:
+        msg = f"no attempt succeeded: {journal.stop_reason}; see {run.path('journal.json')}"
+        raise RuntimeError(msg)
+    (run.path("code") / "final_train.py").write_text(script)
+    shutil.copy2(work / contract.PREDICTIONS, run.path("predictions.h5ad"))
+
+
+# ---------------------------------------------------------------------------- 6. evaluate
+def stage_evaluate(run: Run, *, echo: Echo) -> None:
+    """Score the model and the task's baselines on the held-out conditions (host only)."""
+    from cellforge.data.splits import SplitManifest
+    from cellforge.evaluation.baselines import TASK_BASELINES
+    from cellforge.evaluation.harness import baseline_inputs, build_truth, run_baselines, score_methods, subgroup_summary, summarise
+    from cellforge.execution.contract import read_predictions
+
+    adata = run.adata()
+    manifest = SplitManifest.load(run.path("split.json"))
+    task_type = run.read_json("data.json")["task"]["type"]
+    model = read_predictions(run.path("predictions.h5ad"), test=manifest.test, genes=[str(g) for g in adata.var_names])
+    baselines = TASK_BASELINES[task_type]
+    predictions = {"cellforge_model": model, **run_baselines(baseline_inputs(adata, manifest), baselines)}
+    truth = build_truth(adata, manifest)
+    per_condition = score_methods(predictions, truth)
+    folder = run.path("evaluation")
+    folder.mkdir(exist_ok=True)
+    for name, table in per_condition.items():
+        table.to_csv(folder / f"per_condition_{name}.csv")
+    summary = summarise(per_condition)
+    summary.to_csv(folder / "summary.csv")
+    subgroup_summary(per_condition, truth.subgroups).to_csv(folder / "subgroups.csv", index=False)
+    run.write_json("evaluation/de_genes.json", truth.de_genes)
+    run.write_json("evaluation/summary.json", {"baselines": baselines, "methods": summary.to_dict(orient="index")})
+    echo("  " + summary[["pearson_delta", "pearson_delta_de20", "mse_de20"]].round(4).to_string().replace("\n", "\n  "))
+
+
+# ---------------------------------------------------------------------------- 7. report
+def stage_report(run: Run, *, echo: Echo) -> None:
+    """Write ``metrics.json`` and ``report.md``."""
+    from cellforge.report.markdown import write_report
+
+    metrics = collect_metrics(run)
+    run.write_json("metrics.json", metrics)
+    write_report(run, metrics)
+    echo(f"  wrote {run.path('report.md')}")
+
+
+def collect_metrics(run: Run) -> dict[str, Any]:
+    """The run's headline record: methods' mean metrics, task, split, backends and stage times."""
+    from cellforge.evaluation.harness import best_baseline
+    from cellforge.llm.client import backend_label, model_for
+
+    summary = run.read_json("evaluation/summary.json")
+    table = pd.DataFrame(summary["methods"]).T
+    split = run.read_json("split.json")
+    journal = run.read_json("journal.json")
+    calls = []
+    if run.path("llm_calls.jsonl").exists():
+        calls = [json.loads(line) for line in run.path("llm_calls.jsonl").read_text().splitlines()]
+    best = {m: best_baseline(table, summary["baselines"], m) for m in ["pearson_delta", "pearson_delta_de20", "mse_de20"]}
+    times = run.stage_times()
+    return {
+        "dataset": run.config.dataset,
+        "task": run.read_json("data.json")["task"],
+        "split": {k: split[k] for k in ["strategy", "seed", "options", "train", "val", "test", "test_contexts"]},
+        "methods": summary["methods"],
+        "baselines": summary["baselines"],
+        "best_baseline": best,
+        "model_beats_best_baseline": {
+            "pearson_delta_de20": table.loc["cellforge_model", "pearson_delta_de20"] > table.loc[best["pearson_delta_de20"], "pearson_delta_de20"],
+            "mse_de20": table.loc["cellforge_model", "mse_de20"] < table.loc[best["mse_de20"], "mse_de20"],
+        },
+        "averaged_over": f"{len(split['test'])} held-out conditions",
+        "llm": {
+            "backend_by_role": {r: backend_label(model_for(r)) for r in ["planner", "coder", "debugger"]},
+            "calls": len(calls),
+            "tokens": sum(int(c.get("usage", {}).get("total_tokens", 0)) for c in calls),
+        },
+        "sandbox": run.read_json("sandbox.json"),
+        "attempts": [{k: a[k] for k in ["index", "stage", "exit_code", "failure", "duration_s"]} for a in journal["attempts"]],
+        "stage_wall_s": times,
+        "total_wall_s": round(sum(times.values()), 3),
+        "environment": environment(),
+    }
