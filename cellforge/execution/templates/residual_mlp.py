@@ -187,7 +187,9 @@ def build_module_class():
 
 def tensors(feats, conds, profiles, kind, mu, sd):
     x = np.stack([feats.vector(c) for c in conds])
-    x = (x - mu) / sd
+    # Features constant in training carry no signal: zero them rather than divide by ~0.
+    x = np.where(sd > 1e-4, (x - mu) / np.maximum(sd, 1e-4), 0.0)
+    x = np.clip(x, -5.0, 5.0)
     base = np.stack([feats.baseline(c, kind) for c in conds])
     target = None
     if profiles is not None:
@@ -230,7 +232,7 @@ def main():
     # Features for training / validation see only training conditions.
     feats.set_seen(train_profiles)
     x_tr = np.stack([feats.vector(c) for c in train_conds])
-    mu, sd = x_tr.mean(axis=0), x_tr.std(axis=0) + 1e-6
+    mu, sd = x_tr.mean(axis=0), x_tr.std(axis=0)
     Module = build_module_class()
     n_genes = train.n_vars
     ckpt = OUT / "model.ckpt"

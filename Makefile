@@ -1,0 +1,58 @@
+# cellforge developer commands. `make help` lists them.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+VENV := .venv
+PY := $(VENV)/bin/python
+DATASET ?= norman_subset
+export UV_COMPILE_BYTECODE := 1
+export LITELLM_LOCAL_MODEL_COST_MAP := True
+export OPENHANDS_SUPPRESS_BANNER := 1
+# The offline mirror of the shipped real data, when it sits beside the project.
+ifneq ($(wildcard ../shared/data),)
+export CELLFORGE_DATA_MIRROR ?= $(abspath ../shared/data)
+endif
+
+# A working Python 3.12: python3.12 on PATH if it runs, else the newest 3.12 under pyenv.
+PY312 := $(shell \
+  if python3.12 -c 'import sys; assert sys.version_info[:2] == (3, 12)' >/dev/null 2>&1; then command -v python3.12; \
+  else root=$$(pyenv root 2>/dev/null || echo $$HOME/.pyenv); ls -d $$root/versions/3.12.*/bin/python 2>/dev/null | sort -V | tail -n 1; fi)
+# uv from PATH, else installed from PyPI into .tools/.
+UV := $(shell command -v uv 2>/dev/null || echo .tools/bin/uv)
+
+.PHONY: help install test test-all test-docker benchmark bench docker-build clean
+
+help: ## Show this help
+	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-14s %s\n", $$1, $$2}'
+
+.tools/bin/uv:
+	python3 -m venv .tools
+	.tools/bin/pip install --quiet uv
+
+$(VENV)/.installed: pyproject.toml uv.lock | $(UV)
+	@if [ -z "$(PY312)" ]; then echo "No Python 3.12 found (python3.12 on PATH or under pyenv); uv will try to fetch one."; fi
+	$(UV) sync --frozen $(if $(PY312),--python $(PY312),--python 3.12)
+	@touch $@
+
+install: $(VENV)/.installed ## Create the virtual environment (uv, locked, bytecode compiled)
+
+test: $(VENV)/.installed ## Run the test suite (includes one small end-to-end run)
+	$(PY) -m pytest -q -m "not slow and not docker" tests
+
+test-all: $(VENV)/.installed ## Run every test, slow end-to-end runs included
+	$(PY) -m pytest -q -m "not docker" tests
+
+test-docker: $(VENV)/.installed ## Run the Docker sandbox for real (needs a Docker engine and `make docker-build`)
+	$(PY) -m pytest -q -m docker tests --run-docker
+
+benchmark: $(VENV)/.installed ## Run the main job: make benchmark DATASET=<name>
+	$(VENV)/bin/cellforge benchmark --dataset $(DATASET)
+
+bench: $(VENV)/.installed ## Performance benchmarks, written to benchmarks/results/
+	$(PY) benchmarks/bench.py
+
+docker-build: ## Build the sandbox image (OpenHands agent server + training stack)
+	docker build -t cellforge-sandbox:latest -f docker/Dockerfile .
+
+clean: ## Remove the virtual environment and caches
+	rm -rf $(VENV) .tools .pytest_cache
