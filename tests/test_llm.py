@@ -1,0 +1,75 @@
+"""The LLM layer with the embedded offline planner: same LiteLLM path, logged, redacted."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from pydantic import BaseModel
+
+from cellforge.design.plan import Patch, ResearchPlan
+from cellforge.errors import LLMError
+from cellforge.llm.client import LLMClient, model_for
+from cellforge.llm.specs import AgentSpec, all_specs, load_spec
+
+
+def _context(task_type: str, n_train: int = 20, n_combo: int = 0) -> dict:
+    profile = {"dataset": "toy", "n_cells": 100, "n_genes": 50, "perturbation_type": "CRISPRi"}
+    task = {"type": task_type, "description": "toy task"}
+    split = {"n_train": n_train, "n_val": 2, "n_test": 3, "n_train_combinations": n_combo, "test_contexts": []}
+    return {"profile": profile, "task": task, "split": split}
+
+
+def test_every_spec_loads_and_renders():
+    names = {s.name for s in all_specs()}
+    assert {"method_designer", "coder", "debugger"} <= names
+
+
+def test_role_models_come_from_environment(monkeypatch):
+    assert model_for("planner") == "cellforge-offline/planner"
+    monkeypatch.setenv("CELLFORGE_LLM", "openai/gpt-4o-mini")
+    monkeypatch.setenv("CELLFORGE_LLM_DEBUGGER", "ollama/qwen2.5-coder")
+    assert model_for("planner") == "openai/gpt-4o-mini"
+    assert model_for("debugger") == "ollama/qwen2.5-coder"
+
+
+@pytest.mark.parametrize(
+    ("task_type", "baseline"),
+    [("combination", "additive"), ("new_context", "context_shift"), ("unseen_perturbation", "training_mean")],
+)
+def test_offline_plan_follows_the_task(tmp_path, task_type, baseline):
+    client = LLMClient(tmp_path, stage="design")
+    plan = client.ask(load_spec("method_designer"), _context(task_type, n_combo=6), ResearchPlan)
+    assert plan.baseline == baseline
+    record = json.loads((tmp_path / "llm_calls.jsonl").read_text().splitlines()[0])
+    assert record["backend"].startswith("offline-planner") and record["agent"] == "method_designer"
+
+
+def test_call_log_redacts_secrets(tmp_path, monkeypatch):
+    secret = "sk-test-" + "a" * 30
+    monkeypatch.setenv("OPENAI_API_KEY", secret)
+    ctx = _context("combination")
+    ctx["task"]["description"] = f"leaked {secret}"
+    LLMClient(tmp_path, stage="design").ask(load_spec("method_designer"), ctx, ResearchPlan)
+    assert secret not in (tmp_path / "llm_calls.jsonl").read_text()
+
+
+def test_debugger_patches_a_shape_error(tmp_path):
+    script = "import torch\nfrom torch import nn\nlayer = nn.Linear(7, 3)\n"
+    log = "RuntimeError: mat1 and mat2 shapes cannot be multiplied (4x5 and 7x3)"
+    patch = LLMClient(tmp_path, stage="execute").ask(
+        load_spec("debugger"), {"script": script, "log_tail": log, "failure": "code_error", "config": {}}, Patch
+    )
+    assert patch.edits[0].find == "nn.Linear(7," and patch.edits[0].replace == "nn.Linear(5,"
+
+
+def test_invalid_answers_fail_the_stage_after_repairs(tmp_path):
+    class Impossible(BaseModel):
+        field_the_planner_never_writes: int
+
+    spec = AgentSpec(name="coder", role="coder", perspective="p", prompt="x", output_schema="Impossible")
+    client = LLMClient(tmp_path, stage="codegen", max_repairs=1)
+    with pytest.raises(LLMError, match="no valid Impossible after 2 tries"):
+        plan = {"template": "residual_mlp", "hyperparameters": {}, "baseline": "additive", "train_on": "all"}
+        client.ask(spec, {"plan": plan, "templates": ["residual_mlp"]}, Impossible)
+    assert len((tmp_path / "llm_calls.jsonl").read_text().splitlines()) == 2
