@@ -1,0 +1,90 @@
+"""The main job end to end on real data (Adamson subset): artifacts, isolation of truth, rerun, resume."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from cellforge.cli import app
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tests.conftest import MIRROR
+
+    if not MIRROR.exists():
+        pytest.skip("offline mirror not present")
+    root = tmp_path_factory.mktemp("runs")
+    mp = pytest.MonkeyPatch()
+    mp.setenv("CELLFORGE_DATA_MIRROR", str(MIRROR))
+    try:
+        result = runner.invoke(app, ["benchmark", "--dataset", "adamson_subset", "--runs", str(root)])
+    finally:
+        mp.undo()
+    assert result.exit_code == 0, result.output
+    last = result.stdout.strip().splitlines()[-1]
+    return Path(last)
+
+
+def test_run_writes_report_and_metrics(run_dir):
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    methods = metrics["methods"]
+    assert {"cellforge_model", "no_change", "training_mean", "linear"} <= set(methods)
+    for row in methods.values():
+        assert {"pearson_delta", "pearson_delta_de20", "mse_de20"} <= set(row)
+    assert metrics["llm"]["backend_by_role"]["planner"].startswith("offline-planner")
+    assert metrics["sandbox"]["backend"] == "local"
+    assert set(metrics["stage_wall_s"]) == {"data", "profile", "design", "codegen", "execute", "evaluate"}
+    report = (run_dir / "report.md").read_text()
+    assert "cellforge_model" in report and "training_mean" in report and "isolation" in report
+
+
+def test_held_out_truth_never_enters_the_sandbox(run_dir):
+    test = set(json.loads((run_dir / "split.json").read_text())["test"])
+    for path in (run_dir / "sandbox" / "data").glob("*.h5ad"):
+        conditions = set(ad.read_h5ad(path).obs["condition"].astype(str))
+        assert not conditions & test, path
+
+
+def test_generated_script_reruns_and_reproduces_predictions(run_dir, tmp_path):
+    copy = tmp_path / "rerun"
+    shutil.copytree(run_dir / "sandbox", copy, ignore=shutil.ignore_patterns("outputs", "logs"))
+    done = subprocess.run([sys.executable, "train.py"], cwd=copy, capture_output=True, text=True, timeout=600, check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    before = ad.read_h5ad(run_dir / "predictions.h5ad")
+    after = ad.read_h5ad(copy / "outputs" / "predictions.h5ad")
+    assert list(before.obs_names) == list(after.obs_names)
+    np.testing.assert_allclose(before.X, after.X, atol=1e-5)
+    # The inference entry point alone gives the same predictions from the checkpoint.
+    again = subprocess.run([sys.executable, "train.py", "--predict-only"], cwd=copy, capture_output=True, text=True, timeout=600, check=False)
+    assert again.returncode == 0, again.stderr[-2000:]
+    np.testing.assert_allclose(ad.read_h5ad(copy / "outputs" / "predictions.h5ad").X, after.X, atol=1e-6)
+
+
+def test_resume_redoes_only_unfinished_stages(run_dir, tmp_path):
+    copy = tmp_path / "resumed"
+    shutil.copytree(run_dir, copy)
+    for stage in ["evaluate", "report"]:
+        (copy / "stages" / f"{stage}.json").unlink()
+    (copy / "metrics.json").unlink()
+    plan_before = (copy / "plan.json").read_text()
+    result = runner.invoke(app, ["benchmark", "--resume", str(copy)])
+    assert result.exit_code == 0, result.output
+    assert "[skip] execute" in result.output and "[stage] evaluate" in result.output
+    assert (copy / "metrics.json").exists() and (copy / "plan.json").read_text() == plan_before
+
+
+def test_unknown_dataset_is_a_clear_error():
+    result = runner.invoke(app, ["benchmark", "--dataset", "nope"])
+    assert result.exit_code == 2
+    assert "unknown data set 'nope'" in result.output and "adamson_subset" in result.output
