@@ -1,7 +1,7 @@
 """Local backend: OpenHands ``LocalWorkspace``, isolated with bubblewrap and rlimits.
 
-With ``bwrap`` on PATH the command sees a read-only root, a writable work folder, a private
-``/tmp``, no network (``--unshare-net``) and its own PID namespace; ``prlimit`` caps its
+With ``bwrap`` on PATH the command sees a read-only root (``/tmp`` included), a writable work
+folder (with ``TMPDIR`` inside it), no network (``--unshare-net``) and its own PID namespace; ``prlimit`` caps its
 address space. Without ``bwrap`` only the rlimits apply, and the result says so.
 """
 
@@ -83,7 +83,9 @@ class LocalSandbox(Sandbox):
             wrapped += ["prlimit", f"--as={int(memory_mb) * 1024 * 1024}", "--"]
         if self.use_bwrap:
             work = str(self.work_dir)
-            wrapped += ["bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp"]
+            # The whole root read-only (``/tmp`` included: the interpreter may live there);
+            # scratch space is TMPDIR inside the work folder.
+            wrapped += ["bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
             wrapped += ["--bind", work, work, "--chdir", work, "--unshare-pid", "--die-with-parent"]
             if not self.network:
                 wrapped += ["--unshare-net"]
@@ -110,11 +112,13 @@ class LocalSandbox(Sandbox):
         logs = self.work_dir / "logs"
         logs.mkdir(exist_ok=True)
         log_path = logs / log_name
+        (self.work_dir / ".tmp").mkdir(exist_ok=True)
         base_env = {
             "HOME": str(self.work_dir),
             "MPLCONFIGDIR": str(self.work_dir / ".cache" / "matplotlib"),
             "PYTHONUNBUFFERED": "1",
             "PYTHONDONTWRITEBYTECODE": "1",
+            "TMPDIR": str(self.work_dir / ".tmp"),
             "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
         }
         base_env.update(env or {})
