@@ -32,7 +32,7 @@ def test_unknown_dataset_names_valid_choices():
 
 def test_fetch_uses_mirror_and_checks_md5(tmp_path, monkeypatch):
     card = get_card("adamson_subset")
-    assert fetch(card, show_progress=False) == MIRROR / card.filename
+    assert fetch(card, show_progress=False).resolve() == (MIRROR / card.filename).resolve()
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / card.filename).write_bytes(b"not the file")
