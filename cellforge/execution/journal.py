@@ -8,6 +8,7 @@ timeouts and out-of-memory retry with a smaller configuration; infrastructure fa
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import sys
 from enum import StrEnum
@@ -196,7 +197,7 @@ def run_attempts(
         if attempt.failure in PATCHABLE:
             detail = attempt.failure_detail or result.log_tail
             patch = debugger(script, detail, attempt.failure)
-            (folder / "patch.json").write_text(__import__("json").dumps(patch, indent=2))
+            (folder / "patch.json").write_text(json.dumps(patch, indent=2))
             if patch.get("give_up") or not (patch.get("edits") or patch.get("config_updates")):
                 journal.stop_reason = f"debugger gave up after attempt {index}: {patch.get('diagnosis', '')}"
                 break

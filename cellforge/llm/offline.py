@@ -8,7 +8,6 @@ the user message) and answers in the agent's schema.
 from __future__ import annotations
 
 import json
-import re
 import time
 from collections.abc import Callable
 from typing import Any
@@ -58,4 +57,4 @@ class OfflinePlanner(CustomLLM):
 # Imported for their registration side effect.
 from cellforge.llm import policies  # noqa: E402, F401
 
-__all__ = ["HANDLERS", "OfflinePlanner", "handles", "re"]
+__all__ = ["HANDLERS", "OfflinePlanner", "handles"]
