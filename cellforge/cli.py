@@ -1,4 +1,4 @@
-"""Command line: ``cellforge benchmark``, ``cellforge datasets``, ``cellforge doctor``.
+"""Command line: ``benchmark``, ``evaluate``, ``split``, ``datasets`` and ``doctor``.
 
 Heavy modules (torch, scanpy, litellm, openhands) are imported inside commands only.
 """
@@ -73,6 +73,117 @@ def benchmark(
         out = run_pipeline(run, echo=lambda s: typer.echo(s, err=True))
     except CellforgeError as exc:
         _fail(exc)
+    typer.echo(str(out))
+
+
+KeyOpts = {
+    "perturbation_key": typer.Option(help="obs column of perturbation labels (own .h5ad)."),
+    "control_label": typer.Option(help="Label of control cells (own .h5ad)."),
+    "context_key": typer.Option(help="obs column of cell type / line / patient (own .h5ad)."),
+}
+
+
+@app.command()
+def evaluate(
+    data: Annotated[str, typer.Option("--data", help="Registry name or path to an .h5ad.")],
+    split: Annotated[Path, typer.Option("--split", help="Split manifest JSON (`cellforge split` writes one).")],
+    pred: Annotated[Path, typer.Option("--pred", help="Predictions: .h5ad with obs['condition'], or .csv conditions x genes.")],
+    name: Annotated[str | None, typer.Option(help="Row label of the predictions (default: file stem).")] = None,
+    baselines: Annotated[bool, typer.Option("--baselines/--no-baselines", help="Score the split's baselines beside it.")] = True,
+    out: Annotated[Path | None, typer.Option("--out", help="Folder for the tables (default: <pred>.scores/ beside the file).")] = None,
+    perturbation_key: Annotated[str | None, KeyOpts["perturbation_key"]] = None,
+    control_label: Annotated[str | None, KeyOpts["control_label"]] = None,
+    context_key: Annotated[str | None, KeyOpts["context_key"]] = None,
+) -> None:
+    """Score any predictions file on a split, beside the baselines; print and save the table.
+
+    The last line printed is the output folder.
+    """
+    from cellforge.data import load_any
+    from cellforge.data.splits import SplitManifest
+    from cellforge.errors import CellforgeError
+    from cellforge.evaluation.evaluate import evaluate_predictions, file_md5
+
+    try:
+        if not split.exists():
+            _fail(FileNotFoundError(f"no split manifest at {split}"))
+        adata = load_any(data, perturbation_key=perturbation_key, control_label=control_label, context_key=context_key)
+        try:
+            manifest = SplitManifest.load(split)
+        except ValueError as exc:
+            _fail(ValueError(f"{split} is not a split manifest: {exc}"))
+        result = evaluate_predictions(adata, manifest, pred, name=name, baselines=None if baselines else [])
+    except CellforgeError as exc:
+        _fail(exc)
+    folder = out or pred.with_name(pred.name + ".scores")
+    result.write(
+        folder,
+        {
+            "data": str(data),
+            "split": str(split.resolve()),
+            "split_strategy": manifest.strategy,
+            "n_test_conditions": len(manifest.test),
+            "pred_file": str(pred.resolve()),
+            "pred_md5": file_md5(pred),
+        },
+    )
+    _print_table(result.summary, title=f"{result.name} vs baselines on {len(manifest.test)} held-out conditions ({manifest.strategy})")
+    typer.echo(str(folder))
+
+
+def _print_table(summary, *, title: str) -> None:  # noqa: ANN001 - pandas DataFrame
+    from rich.console import Console
+    from rich.table import Table
+
+    from cellforge.evaluation.harness import HEADLINE
+    from cellforge.evaluation.metrics import HIGHER_IS_BETTER
+
+    table = Table(title=title)
+    table.add_column("method")
+    for metric in HEADLINE:
+        table.add_column(f"{metric} {'↑' if metric in HIGHER_IS_BETTER else '↓'}", justify="right")
+    for method, row in summary.iterrows():
+        table.add_row(str(method), *[f"{row[m]:.4f}" for m in HEADLINE])
+    Console(width=max(240, 16 + len(HEADLINE) * 20)).print(table)
+
+
+@app.command("split")
+def make_split_file(
+    data: Annotated[str, typer.Option("--data", help="Registry name or path to an .h5ad.")],
+    strategy: Annotated[str, typer.Option(help="unseen_perturbation, combination, new_context, gears_simulation or kfold.")],
+    out: Annotated[Path, typer.Option("--out", help="Where to write the manifest JSON.")],
+    seed: Annotated[int, typer.Option(help="Seed of the strategy.")] = 0,
+    option: Annotated[list[str] | None, typer.Option("--option", "-o", help="Strategy option KEY=VALUE (e.g. fold=2), repeatable.")] = None,
+    perturbation_key: Annotated[str | None, KeyOpts["perturbation_key"]] = None,
+    control_label: Annotated[str | None, KeyOpts["control_label"]] = None,
+    context_key: Annotated[str | None, KeyOpts["context_key"]] = None,
+) -> None:
+    """Write a split manifest (train / val / test conditions) for `evaluate` or `benchmark --split`."""
+    import json
+
+    from cellforge.data import load_any
+    from cellforge.data.splits import make_split
+    from cellforge.errors import CellforgeError
+
+    options = {}
+    for item in option or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            _fail(ValueError(f"--option {item!r}: expected KEY=VALUE"))
+        try:
+            options[key] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key] = value
+    try:
+        adata = load_any(data, perturbation_key=perturbation_key, control_label=control_label, context_key=context_key)
+        manifest = make_split(adata, strategy, seed=seed, **options)
+    except CellforgeError as exc:
+        _fail(exc)
+    except TypeError as exc:
+        _fail(ValueError(f"bad option for {strategy}: {exc}"))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    manifest.save(out)
+    typer.echo(f"{len(manifest.train)} train / {len(manifest.val)} val / {len(manifest.test)} test conditions", err=True)
     typer.echo(str(out))
 
 

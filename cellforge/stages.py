@@ -210,30 +210,21 @@ def stage_execute(run: Run, *, echo: Echo) -> None:
 
 # ---------------------------------------------------------------------------- 6. evaluate
 def stage_evaluate(run: Run, *, echo: Echo) -> None:
-    """Score the model and the task's baselines on the held-out conditions (host only)."""
+    """Score the model and the split's baselines on the held-out conditions (host only)."""
     from cellforge.data.splits import SplitManifest
-    from cellforge.evaluation.baselines import TASK_BASELINES
-    from cellforge.evaluation.harness import baseline_inputs, build_truth, run_baselines, score_methods, subgroup_summary, summarise
-    from cellforge.execution.contract import read_predictions
+    from cellforge.evaluation.evaluate import baselines_for, evaluate_predictions, file_md5
 
     adata = run.adata()
     manifest = SplitManifest.load(run.path("split.json"))
-    task_type = run.read_json("data.json")["task"]["type"]
-    model = read_predictions(run.path("predictions.h5ad"), test=manifest.test, genes=[str(g) for g in adata.var_names])
-    baselines = TASK_BASELINES[task_type]
-    predictions = {"cellforge_model": model, **run_baselines(baseline_inputs(adata, manifest), baselines)}
-    truth = build_truth(adata, manifest)
-    per_condition = score_methods(predictions, truth)
-    folder = run.path("evaluation")
-    folder.mkdir(exist_ok=True)
-    for name, table in per_condition.items():
-        table.to_csv(folder / f"per_condition_{name}.csv")
-    summary = summarise(per_condition)
-    summary.to_csv(folder / "summary.csv")
-    subgroup_summary(per_condition, truth.subgroups).to_csv(folder / "subgroups.csv", index=False)
-    run.write_json("evaluation/de_genes.json", truth.de_genes)
-    run.write_json("evaluation/summary.json", {"baselines": baselines, "methods": summary.to_dict(orient="index")})
-    echo("  " + summary[["pearson_delta", "pearson_delta_de20", "mse_de20"]].round(4).to_string().replace("\n", "\n  "))
+    result = evaluate_predictions(
+        adata, manifest, run.path("predictions.h5ad"), name="cellforge_model", baselines=baselines_for(adata, manifest)
+    )
+    result.write(
+        run.path("evaluation"),
+        {"data": run.config.dataset, "split_strategy": manifest.strategy, "n_test_conditions": len(manifest.test), "pred_md5": file_md5(run.path("predictions.h5ad"))},
+    )
+    run.write_json("evaluation/summary.json", {"baselines": result.baselines, "methods": result.summary.to_dict(orient="index")})
+    echo("  " + result.summary[["pearson_delta", "pearson_delta_de20", "discrimination_score_l1", "mse_de20"]].round(4).to_string().replace("\n", "\n  "))
 
 
 # ---------------------------------------------------------------------------- 7. report

@@ -11,7 +11,7 @@ from cellforge.data.loaders import LOADERS
 from cellforge.data.registry import DatasetCard, get_card, list_datasets
 from cellforge.errors import DatasetError
 
-__all__ = ["DatasetCard", "get_card", "list_datasets", "load_dataset"]
+__all__ = ["DatasetCard", "get_card", "list_datasets", "load_any", "load_dataset"]
 
 
 def load_dataset(name: str, *, show_progress: bool = True) -> ad.AnnData:
@@ -44,3 +44,26 @@ def load_card_file(card: DatasetCard, path: Path) -> ad.AnnData:
     options = dict(card.loader_options)
     options.setdefault("perturbation_type", card.perturbation_type)
     return LOADERS[card.loader](path, dataset=card.name, **options)
+
+
+def load_any(
+    name_or_path: str | Path,
+    *,
+    perturbation_key: str | None = None,
+    control_label: str | None = None,
+    context_key: str | None = None,
+    show_progress: bool = True,
+) -> ad.AnnData:
+    """A registry name, or a path to the user's own ``.h5ad`` (keys given or inferred).
+
+    Raises
+    ------
+    UnknownDatasetError
+        Neither an existing ``.h5ad`` nor a registered name (the message lists the names).
+    """
+    path = Path(name_or_path)
+    if path.suffix == ".h5ad" or path.exists():
+        from cellforge.data.user import load_user_h5ad
+
+        return load_user_h5ad(path, perturbation_key=perturbation_key, control_label=control_label, context_key=context_key)
+    return load_dataset(str(name_or_path), show_progress=show_progress)

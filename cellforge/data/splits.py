@@ -171,10 +171,152 @@ def split_new_context(
     )
 
 
+def _perturbation_of_condition(adata: ad.AnnData) -> dict[str, str]:
+    """Non-control condition -> perturbation, in order of first appearance in ``obs``."""
+    obs = adata.obs.loc[~adata.obs["is_control"].astype(bool)]
+    pairs = zip(obs["condition"].astype(str), obs["perturbation"].astype(str), strict=True)
+    return dict(pairs)
+
+
+def _conditions_of(by_condition: dict[str, str], perturbations: set[str]) -> list[str]:
+    return sorted(c for c, p in by_condition.items() if p in perturbations)
+
+
+def _combo_label(perturbation: str, seen_genes: set[str]) -> str:
+    members = _members(perturbation)
+    if len(members) == 1:
+        return "seen_single" if members[0] in seen_genes else "unseen_single"
+    return f"combo_seen{sum(m in seen_genes for m in members)}"
+
+
+def gears_simulation_partition(
+    perturbations: list[str], *, train_gene_set_size: float, combo_seen2_train_frac: float, seed: int
+) -> tuple[list[str], dict[str, list[str]]]:
+    """One round of GEARS's ``simulation`` split over perturbation labels.
+
+    Reimplemented from the published algorithm (Roohani et al. 2023, GEARS
+    ``DataSplitter.get_simulation_split``) with the same random draws, so a seed selects
+    the same genes and combinations as GEARS on the same perturbation set:
+
+    1. the perturbed genes, sorted and unique; seed NumPy's legacy generator and draw
+       ``int(n_genes * train_gene_set_size)`` of them without replacement: the train genes;
+    2. train: single perturbations of train genes; test subgroup ``combo_seen1``:
+       combinations with exactly one train gene;
+    3. the combinations with both genes in train, sorted; re-seed and draw
+       ``int(n * combo_seen2_train_frac)`` of them for train, the rest is ``combo_seen2``;
+    4. ``unseen_single``: singles of the other genes; ``combo_seen0``: combinations of
+       two other genes.
+
+    Parameters
+    ----------
+    perturbations
+        Non-control perturbation labels, single genes ``A`` or combinations ``A+B``.
+
+    Returns
+    -------
+    The training perturbations and the held-out ones by subgroup (``combo_seen0``,
+    ``combo_seen1``, ``combo_seen2``, ``unseen_single``).
+    """
+    genes = np.unique([g for p in perturbations for g in _members(p)])
+    rng = np.random.RandomState(seed)  # GEARS calls np.random.seed(seed); same legacy stream
+    train_genes = set(rng.choice(genes, int(len(genes) * train_gene_set_size), replace=False).tolist())
+    singles = [p for p in perturbations if COMBO_DELIMITER not in p]
+    combos = [p for p in perturbations if COMBO_DELIMITER in p]
+    n_seen = {p: sum(m in train_genes for m in _members(p)) for p in combos}
+    combo_seen1 = [p for p in combos if n_seen[p] == 1]
+    pool = np.setdiff1d([p for p in combos if n_seen[p] >= 1], combo_seen1)
+    rng = np.random.RandomState(seed)  # GEARS re-seeds before drawing the seen-2 combinations
+    combo_train = rng.choice(pool, int(len(pool) * combo_seen2_train_frac), replace=False).tolist()
+    held = {
+        "combo_seen0": [p for p in combos if n_seen[p] == 0],
+        "combo_seen1": combo_seen1,
+        "combo_seen2": np.setdiff1d(pool, combo_train).tolist(),
+        "unseen_single": [p for p in singles if p not in train_genes],
+    }
+    train = [p for p in singles if p in train_genes] + combo_train
+    return train, held
+
+
+def split_gears_simulation(
+    adata: ad.AnnData, *, seed: int = 1, train_gene_set_size: float = 0.75, combo_seen2_train_frac: float = 0.75
+) -> SplitManifest:
+    """GEARS's ``simulation`` split (defaults as GEARS ``prepare_split``: seed 1, 0.75, 0.75).
+
+    The test set comes from :func:`gears_simulation_partition` over all perturbations; the
+    validation set is carved from the training perturbations by the same function with
+    0.9 / 0.9 and the same seed, as GEARS does. Perturbations are split, so every condition
+    (context) of a perturbation goes to the same side. GEARS also drops perturbations whose
+    genes are missing from its GO graph before splitting; cellforge keeps them all.
+    """
+    by_condition = _perturbation_of_condition(adata)
+    perts = list(dict.fromkeys(by_condition.values()))
+    train, held = gears_simulation_partition(
+        perts, train_gene_set_size=train_gene_set_size, combo_seen2_train_frac=combo_seen2_train_frac, seed=seed
+    )
+    train, val_held = gears_simulation_partition(train, train_gene_set_size=0.9, combo_seen2_train_frac=0.9, seed=seed)
+    label = {p: group for group, members in held.items() for p in members}
+    test = _conditions_of(by_condition, set(label))
+    return SplitManifest(
+        strategy="gears_simulation",
+        seed=seed,
+        options={"train_gene_set_size": train_gene_set_size, "combo_seen2_train_frac": combo_seen2_train_frac},
+        train=_conditions_of(by_condition, set(train)),
+        val=_conditions_of(by_condition, {p for members in val_held.values() for p in members}),
+        test=test,
+        subgroups={c: label[by_condition[c]] for c in test},
+    )
+
+
+def split_kfold(
+    adata: ad.AnnData, *, seed: int = 0, n_folds: int = 5, fold: int = 0, val_fraction: float = 0.15
+) -> SplitManifest:
+    """Fold ``fold`` of a k-fold split over perturbations.
+
+    Perturbations are shuffled with ``seed`` and cut into ``n_folds`` near-equal folds
+    (``np.array_split``); fold ``fold`` is the test set, and ``val_fraction`` of the other
+    perturbations validate. Every perturbation is tested exactly once over the folds.
+    Test conditions get the subgroup ``unseen_single`` or ``combo_seen{0,1,2}`` (members
+    seen as single perturbations in training).
+
+    Raises
+    ------
+    ConfigError
+        ``n_folds`` below 2 or above the number of perturbations, or ``fold`` out of range.
+    """
+    by_condition = _perturbation_of_condition(adata)
+    perts = sorted(set(by_condition.values()))
+    if not 2 <= n_folds <= len(perts):  # noqa: PLR2004
+        msg = f"n_folds={n_folds}: need 2 <= n_folds <= {len(perts)} (the number of perturbations)"
+        raise ConfigError(msg)
+    if not 0 <= fold < n_folds:
+        msg = f"fold={fold}: valid folds are 0..{n_folds - 1}"
+        raise ConfigError(msg)
+    order = list(np.random.default_rng(seed).permutation(perts))
+    folds = np.array_split(np.array(order, dtype=object), n_folds)
+    test_p = set(folds[fold].tolist())
+    rest = [p for p in order if p not in test_p]
+    n_val = max(1, round(val_fraction * len(rest))) if len(rest) > 1 else 0
+    val_p = set(rest[:n_val])
+    train_p = set(rest[n_val:])
+    seen_genes = {p for p in train_p if COMBO_DELIMITER not in p}
+    test = _conditions_of(by_condition, test_p)
+    return SplitManifest(
+        strategy="kfold",
+        seed=seed,
+        options={"n_folds": n_folds, "fold": fold, "val_fraction": val_fraction},
+        train=_conditions_of(by_condition, train_p),
+        val=_conditions_of(by_condition, val_p),
+        test=test,
+        subgroups={c: _combo_label(by_condition[c], seen_genes) for c in test},
+    )
+
+
 STRATEGIES: dict[str, Callable[..., SplitManifest]] = {
     "unseen_perturbation": split_unseen_perturbation,
     "combination": split_combination,
     "new_context": split_new_context,
+    "gears_simulation": split_gears_simulation,
+    "kfold": split_kfold,
 }
 
 

@@ -1,11 +1,68 @@
-"""Differentially expressed genes of each condition against its context's control cells."""
+"""Differentially expressed genes of each condition against its context's control cells.
+
+Two uses, two methods, both passed to scanpy explicitly (scanpy's default depends on its
+settings preset, so it is never relied on):
+
+- :func:`top_de_genes`: t-test, genes ranked by the absolute t statistic, top 20 (GEARS's
+  ``top20 DE`` genes for ``pearson_delta_de20`` / ``mse_de20``);
+- :func:`de_table`: Wilcoxon rank-sum with Benjamini-Hochberg FDR over all genes (the real
+  and predicted DE calls behind cell-eval's ``overlap_at_N``, ``precision_at_N`` and
+  ``de_direction_match``).
+"""
 
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
 
 import anndata as ad
 import numpy as np
+import pandas as pd
+
+#: Columns of a DE table (one row per condition x gene).
+DE_COLUMNS = ["condition", "gene", "log2_fold_change", "pvalue", "fdr"]
+
+#: scanpy's pseudocount in its fold change: log2((expm1(mean_g) + eps) / (expm1(mean_ref) + eps)).
+LFC_EPS = 1e-9
+
+_REFERENCE = "__control__"
+
+
+def _rank_against_control(
+    adata: ad.AnnData, conditions: list[str], *, method: str, n_genes: int, rankby_abs: bool
+) -> Iterator[tuple[ad.AnnData, list[str]]]:
+    """Run ``rank_genes_groups`` per context: each condition vs that context's control cells.
+
+    Yields the scored sub-AnnData of each context and its condition names.
+    """
+    import scanpy as sc
+
+    obs = adata.obs
+    cond = obs["condition"].astype(str)
+    wanted_mask = cond.isin(conditions) & ~obs["is_control"].astype(bool)
+    for context, cond_ctx in obs.loc[wanted_mask].groupby("context", observed=True):
+        wanted = sorted(cond_ctx["condition"].astype(str).unique())
+        control_mask = (obs["context"].astype(str) == str(context)) & obs["is_control"].astype(bool)
+        if not control_mask.any():
+            msg = f"context {context!r} has no control cells to test conditions {wanted[:5]} against"
+            raise ValueError(msg)
+        mask = (control_mask | (cond.isin(wanted) & ~obs["is_control"].astype(bool))).to_numpy()
+        sub = ad.AnnData(X=adata.X[mask], obs=pd.DataFrame(index=obs.index[mask]), var=pd.DataFrame(index=adata.var_names))
+        sub.obs["group"] = pd.Categorical(np.where(control_mask.to_numpy()[mask], _REFERENCE, cond.to_numpy()[mask]))
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            sc.tl.rank_genes_groups(
+                sub,
+                groupby="group",
+                groups=wanted,
+                reference=_REFERENCE,
+                method=method,
+                corr_method="benjamini-hochberg",
+                rankby_abs=rankby_abs,
+                n_genes=min(n_genes, sub.n_vars),
+                use_raw=False,
+            )
+        yield sub, wanted
 
 
 def top_de_genes(
@@ -18,8 +75,8 @@ def top_de_genes(
     """Top DE genes per condition, ranked by absolute score.
 
     Follows GEARS (``gears/data_utils.py::get_DE_genes``): scanpy ``rank_genes_groups``
-    of each condition against the control cells of the same context, ``rankby_abs=True``;
-    the method is always passed explicitly (t-test for GEARS parity), never scanpy's preset.
+    of each condition against the control cells of the same context, ``rankby_abs=True``,
+    with the method passed explicitly (t-test, scanpy's V1 default that GEARS relied on).
 
     Parameters
     ----------
@@ -36,33 +93,109 @@ def top_de_genes(
     -------
     Condition -> gene names, most significant first.
     """
-    import scanpy as sc
-
     out: dict[str, list[str]] = {}
-    obs = adata.obs
-    for context, cond_ctx in obs.loc[obs["condition"].astype(str).isin(conditions)].groupby(
-        "context", observed=True
-    ):
-        wanted = sorted(cond_ctx["condition"].astype(str).unique())
-        control_mask = (obs["context"].astype(str) == str(context)) & obs["is_control"]
-        mask = control_mask | obs["condition"].astype(str).isin(wanted)
-        sub = ad.AnnData(X=adata.X[mask.to_numpy()], obs=obs.loc[mask, ["condition"]].copy(), var=adata.var[[]])
-        reference = "__control__"
-        sub.obs["group"] = np.where(control_mask[mask].to_numpy(), reference, sub.obs["condition"].astype(str))
-        sub.obs["group"] = sub.obs["group"].astype("category")
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            sc.tl.rank_genes_groups(
-                sub,
-                groupby="group",
-                groups=wanted,
-                reference=reference,
-                method=method,
-                rankby_abs=True,
-                n_genes=min(n_genes, sub.n_vars),
-                use_raw=False,
-            )
+    for sub, wanted in _rank_against_control(adata, conditions, method=method, n_genes=n_genes, rankby_abs=True):
         names = sub.uns["rank_genes_groups"]["names"]
         for cond in wanted:
             out[cond] = [str(g) for g in names[cond]]
     return out
+
+
+def de_table(adata: ad.AnnData, conditions: list[str], *, method: str = "wilcoxon") -> pd.DataFrame:
+    """Full DE table: every gene of every condition against its context's control cells.
+
+    scanpy ``rank_genes_groups(method=method, corr_method="benjamini-hochberg")``, all genes.
+    ``log2_fold_change`` is scanpy's: ``log2((expm1(mean_cond) + 1e-9) / (expm1(mean_ctrl) + 1e-9))``
+    on the log-normalised ``X``. cell-eval computes its DE with ``pdex`` (Mann-Whitney U); the
+    metrics that compare DE calls are defined on tables of this shape either way.
+
+    Parameters
+    ----------
+    adata
+        Canonical AnnData ``(n_cells, n_genes)``; ``obs`` needs ``condition``, ``context`` and
+        ``is_control``. Predicted cells can be scored by concatenating them with the real
+        control cells (see :func:`prediction_de_table`).
+    conditions
+        Non-control conditions to test.
+    method
+        ``rank_genes_groups`` method; Wilcoxon for cell-eval-style DE sets.
+
+    Returns
+    -------
+    DataFrame with :data:`DE_COLUMNS`, ``n_conditions * n_genes`` rows.
+    """
+    import scanpy as sc
+
+    frames = []
+    for sub, wanted in _rank_against_control(adata, conditions, method=method, n_genes=adata.n_vars, rankby_abs=False):
+        for cond in wanted:
+            df = sc.get.rank_genes_groups_df(sub, group=cond)
+            frames.append(
+                pd.DataFrame(
+                    {
+                        "condition": cond,
+                        "gene": df["names"].astype(str).to_numpy(),
+                        "log2_fold_change": df["logfoldchanges"].to_numpy(np.float64),
+                        "pvalue": df["pvals"].to_numpy(np.float64),
+                        "fdr": df["pvals_adj"].to_numpy(np.float64),
+                    }
+                )
+            )
+    if not frames:
+        return pd.DataFrame(columns=DE_COLUMNS)
+    return pd.concat(frames, ignore_index=True)
+
+
+def prediction_de_table(
+    pred_cells: ad.AnnData, real: ad.AnnData, contexts: pd.Series, *, method: str = "wilcoxon"
+) -> pd.DataFrame:
+    """DE table of predicted *cells* against the *real* control cells of the same context.
+
+    cell-eval tests predicted cells against the control cells in the prediction file; using
+    the real controls here means a prediction cannot move its own reference (cell-eval #196).
+
+    Parameters
+    ----------
+    pred_cells
+        ``(n_pred_cells, n_genes)`` predicted log-normalised cells with ``obs["condition"]``;
+        genes in the order of ``real``.
+    real
+        Canonical AnnData holding the real control cells.
+    contexts
+        Condition -> context.
+    """
+    ctrl = real[real.obs["is_control"].astype(bool).to_numpy()]
+    conds = pred_cells.obs["condition"].astype(str)
+    obs_pred = pd.DataFrame(
+        {"condition": conds.to_numpy(), "context": contexts.loc[conds].to_numpy(), "is_control": False},
+        index=[f"pred_{i}" for i in range(pred_cells.n_obs)],
+    )
+    obs_ctrl = pd.DataFrame(
+        {
+            "condition": ctrl.obs["condition"].astype(str).to_numpy(),
+            "context": ctrl.obs["context"].astype(str).to_numpy(),
+            "is_control": True,
+        },
+        index=[f"ctrl_{i}" for i in range(ctrl.n_obs)],
+    )
+    import scipy.sparse as sp
+
+    x_pred = pred_cells.X.toarray() if sp.issparse(pred_cells.X) else np.asarray(pred_cells.X)
+    x_ctrl = ctrl.X.toarray() if sp.issparse(ctrl.X) else np.asarray(ctrl.X)
+    both = ad.AnnData(
+        X=np.vstack([x_pred, x_ctrl]).astype(np.float32),
+        obs=pd.concat([obs_pred, obs_ctrl]),
+        var=pd.DataFrame(index=real.var_names),
+    )
+    return de_table(both, sorted(conds.unique()), method=method)
+
+
+def pseudobulk_log2_fold_change(profiles: np.ndarray, controls: np.ndarray) -> np.ndarray:
+    """scanpy's fold change from mean log1p profiles, ``(n, n_genes)`` each.
+
+    ``log2((expm1(profile) + 1e-9) / (expm1(control) + 1e-9))``: the same number scanpy
+    reports for cells whose mean is ``profile``, so a one-row-per-condition prediction gets
+    fold changes on the same scale as the real DE table. A predicted mean below 0 (no
+    real mean can be) counts as 0.
+    """
+    return np.log2((np.expm1(np.maximum(profiles, 0.0)) + LFC_EPS) / (np.expm1(np.maximum(controls, 0.0)) + LFC_EPS))

@@ -1,8 +1,14 @@
 """Metrics on pseudobulk profiles of held-out conditions.
 
-All metrics compare a predicted mean profile with the observed mean profile of the same
-condition; deltas are taken against the *observed* control mean of the condition's
-context, so a prediction cannot move its own reference (cell-eval issues #196, #230).
+Every metric compares a predicted mean profile with the observed mean profile of the same
+condition. Deltas are taken against the *observed* control mean of the condition's context,
+so a prediction cannot move its own reference (cell-eval issues #196, #230, which take the
+control from the prediction file).
+
+Per-condition metrics (:func:`condition_metrics`), set-level metrics that need every test
+condition at once (:func:`discrimination_scores`) and DE-call agreement
+(:func:`de_agreement`) are kept apart; :func:`cellforge.evaluation.harness.score_predictions`
+assembles them into one table.
 """
 
 from __future__ import annotations
@@ -11,7 +17,37 @@ import numpy as np
 import pandas as pd
 
 #: Metrics where larger is better; the others are errors (smaller is better).
-HIGHER_IS_BETTER = {"pearson", "pearson_delta", "pearson_delta_de20", "r2_delta", "direction_de20"}
+HIGHER_IS_BETTER = {
+    "pearson",
+    "pearson_delta",
+    "pearson_delta_de20",
+    "pearson_delta_pert",
+    "r2",
+    "r2_delta",
+    "direction_de20",
+    "discrimination_score_l1",
+    "overlap_at_N",
+    "precision_at_N",
+    "de_direction_match",
+}
+
+#: Where each metric comes from (shown in reports and saved beside scores).
+SOURCES = {
+    "pearson": "GEARS/scGPT pearson: Pearson of mean expression (near 1 for any model)",
+    "pearson_delta": "GEARS deeper_analysis / scGPT: Pearson of (pred - ctrl) vs (truth - ctrl), all genes",
+    "pearson_delta_de20": "GEARS/scGPT pearson_de_delta: the same on the top-20 t-test DE genes",
+    "pearson_delta_pert": "Systema (Vinas Torne et al. 2025): Pearson of deltas against the mean of training perturbation centroids",
+    "mse": "GEARS mse: mean squared error of mean expression, all genes",
+    "mse_de20": "GEARS mse_de: the same on the top-20 t-test DE genes",
+    "mae": "cell-eval mae: mean absolute error of mean expression, all genes",
+    "r2": "CPA r2_mean: 1 - SS_res/SS_tot of mean expression over genes",
+    "r2_delta": "CPA r2_mean_lfc: 1 - SS_res/SS_tot of deltas over genes",
+    "direction_de20": "GEARS frac_correct_direction_20: share of top-20 DE genes changed in the observed direction",
+    "discrimination_score_l1": "cell-eval discrimination_score_l1 (PDS): 1 - rank of the true delta among all true deltas by L1 to the predicted delta / n, target genes excluded",
+    "overlap_at_N": "cell-eval overlap_at_N (VCC DES): top-N predicted DE genes by |log2FC| shared with the N real significant genes (Wilcoxon, BH FDR < 0.05)",
+    "precision_at_N": "cell-eval precision_at_N: share of predicted significant genes among the real significant ones (same ranking)",
+    "de_direction_match": "cell-eval de_direction_match: share of real significant genes whose predicted log2FC has the real sign",
+}
 
 
 def _pearson(a: np.ndarray, b: np.ndarray) -> float:
@@ -20,10 +56,20 @@ def _pearson(a: np.ndarray, b: np.ndarray) -> float:
     return float(np.corrcoef(a, b)[0, 1])
 
 
+def _r2(truth: np.ndarray, pred: np.ndarray) -> float:
+    """sklearn ``r2_score(truth, pred)`` over genes; 0 when ``truth`` is constant."""
+    ss_tot = float(np.sum((truth - truth.mean()) ** 2))
+    return 1.0 - float(np.sum((truth - pred) ** 2)) / ss_tot if ss_tot > 0 else 0.0
+
+
 def condition_metrics(
-    pred: np.ndarray, truth: np.ndarray, control: np.ndarray, de_idx: np.ndarray
+    pred: np.ndarray,
+    truth: np.ndarray,
+    control: np.ndarray,
+    de_idx: np.ndarray,
+    pert_reference: np.ndarray | None = None,
 ) -> dict[str, float]:
-    """Metrics of one condition.
+    """Metrics of one condition that need only that condition.
 
     Parameters
     ----------
@@ -31,63 +77,136 @@ def condition_metrics(
         Mean log-expression, each ``(n_genes,)``: predicted, observed, observed control
         of the same context.
     de_idx
-        Integer indices of the condition's top-20 DE genes.
+        Integer indices of the condition's top-20 DE genes (t-test, GEARS).
+    pert_reference
+        ``(n_genes,)`` Systema's perturbed reference: the mean of the training
+        perturbations' centroids in the condition's context. ``pearson_delta_pert`` is NaN
+        when it is not given.
 
     Returns
     -------
-    ``pearson`` (expression, GEARS ``pearson``; near 1 for any model, never headlined),
-    ``pearson_delta`` (GEARS ``deeper_analysis`` / scGPT: Pearson of pred - ctrl vs
-    truth - ctrl over all genes), ``pearson_delta_de20`` (the same on the top-20 DE genes),
-    ``mse`` (all genes), ``mse_de20`` (GEARS "top-20 DE MSE"), ``r2_delta`` (1 - SS_res/SS_tot
-    of deltas, all genes) and ``direction_de20`` (share of top-20 DE genes whose predicted
-    change has the observed sign, GEARS ``frac_correct_direction_20``).
+    Metric name -> value, the keys of :data:`SOURCES` that are per condition: ``pearson``,
+    ``pearson_delta``, ``pearson_delta_de20``, ``pearson_delta_pert``, ``mse``, ``mse_de20``,
+    ``mae``, ``r2``, ``r2_delta`` and ``direction_de20``.
     """
     d_pred, d_true = pred - control, truth - control
-    ss_tot = float(np.sum((d_true - d_true.mean()) ** 2))
+    if pert_reference is None:
+        delta_pert = float("nan")
+    else:
+        delta_pert = _pearson(pred - pert_reference, truth - pert_reference)
     return {
         "pearson": _pearson(pred, truth),
         "pearson_delta": _pearson(d_pred, d_true),
         "pearson_delta_de20": _pearson(d_pred[de_idx], d_true[de_idx]),
+        "pearson_delta_pert": delta_pert,
         "mse": float(np.mean((pred - truth) ** 2)),
         "mse_de20": float(np.mean((pred[de_idx] - truth[de_idx]) ** 2)),
-        "r2_delta": 1.0 - float(np.sum((d_true - d_pred) ** 2)) / ss_tot if ss_tot > 0 else 0.0,
+        "mae": float(np.mean(np.abs(pred - truth))),
+        "r2": _r2(truth, pred),
+        "r2_delta": _r2(d_true, d_pred),
         "direction_de20": float(np.mean(np.sign(d_pred[de_idx]) == np.sign(d_true[de_idx]))),
     }
 
 
-def score_predictions(
-    predictions: pd.DataFrame,
-    truth: pd.DataFrame,
-    controls: pd.DataFrame,
-    contexts: pd.Series,
-    de_genes: dict[str, list[str]],
-) -> pd.DataFrame:
-    """Per-condition metrics of one method.
+def discrimination_scores(pred_deltas: np.ndarray, true_deltas: np.ndarray, exclude: list[np.ndarray]) -> np.ndarray:
+    """cell-eval's discrimination score with L1 distance (the VCC "PDS").
+
+    For condition ``i``: L1 distances from its predicted delta to every observed delta
+    (genes in ``exclude[i]`` left out: the condition's own target genes, whose knock-down
+    would make the task trivial), then ``1 - rank / n`` where ``rank`` is the 0-based position
+    of condition ``i``'s own observed delta in ascending distance order (ties in input order,
+    as ``np.argsort``). 1 is a perfect match; a prediction that ignores the perturbation
+    scores ``(n + 1) / (2n)`` on average. Source: cell-eval
+    ``metrics/_anndata.py::discrimination_score``.
 
     Parameters
     ----------
-    predictions, truth
-        ``(n_conditions, n_genes)`` mean profiles indexed by condition, same columns.
-    controls
-        ``(n_contexts, n_genes)`` observed control means indexed by context.
-    contexts
-        Condition -> context.
-    de_genes
-        Condition -> top DE gene names.
+    pred_deltas, true_deltas
+        ``(n_conditions, n_genes)``, rows in the same condition order.
+    exclude
+        Per condition, integer gene indices left out of its distances.
 
     Returns
     -------
-    DataFrame ``(n_conditions, n_metrics)`` indexed by condition.
+    ``(n_conditions,)`` scores in ``(0, 1]``.
     """
-    genes = truth.columns
-    position = pd.Series(np.arange(len(genes)), index=genes)
-    rows = {}
-    for cond in truth.index:
-        de_idx = position.loc[de_genes[cond]].to_numpy()
-        rows[cond] = condition_metrics(
-            predictions.loc[cond, genes].to_numpy(float),
-            truth.loc[cond].to_numpy(float),
-            controls.loc[contexts[cond], genes].to_numpy(float),
-            de_idx,
+    n = true_deltas.shape[0]
+    scores = np.empty(n)
+    keep = np.ones(true_deltas.shape[1], dtype=bool)
+    for i in range(n):
+        keep[:] = True
+        keep[exclude[i]] = False
+        dist = np.abs(true_deltas[:, keep] - pred_deltas[i, keep]).sum(axis=1)
+        rank = int(np.flatnonzero(np.argsort(dist, kind="quicksort") == i)[0])
+        scores[i] = 1.0 - rank / n
+    return scores
+
+
+def _ranked(genes: np.ndarray, lfc: np.ndarray) -> np.ndarray:
+    """Genes by descending |log2FC| (float32, ties in input order, as cell-eval's polars rank)."""
+    order = np.argsort(-np.abs(lfc.astype(np.float32)), kind="stable")
+    return genes[order]
+
+
+def de_agreement(
+    real: pd.DataFrame,
+    pred_lfc: pd.Series,
+    pred_fdr: pd.Series | None = None,
+    *,
+    pred_strength: pd.Series | None = None,
+    fdr_threshold: float = 0.05,
+) -> dict[str, float]:
+    """Agreement of predicted and real DE calls of one condition (cell-eval definitions).
+
+    Parameters
+    ----------
+    real
+        Real DE of the condition, indexed by gene, columns ``log2_fold_change`` and ``fdr``
+        (see :func:`cellforge.evaluation.de.de_table`).
+    pred_lfc
+        Predicted log2 fold change per gene.
+    pred_fdr
+        Predicted FDR per gene, when the prediction has cells to test (cell-eval's setting).
+        Without it (one profile per condition) there is no significance to call: the
+        predicted list is the top-N genes by ``|pred_strength|`` with N the number of real
+        significant genes (genes predicted exactly unchanged are never called), so
+        ``precision_at_N`` equals ``overlap_at_N`` unless fewer than N genes change.
+    pred_strength
+        Ranking score of genes for a prediction without FDR; the harness passes the
+        predicted change in log1p space (``pred - ctrl``), because ranking by ``|log2FC|``
+        alone puts barely expressed genes first and even the observed profile would then
+        miss most real significant genes. Defaults to ``pred_lfc``.
+    fdr_threshold
+        Significance cut-off on BH FDR (cell-eval: 0.05).
+
+    Returns
+    -------
+    ``overlap_at_N`` (``|top_N(real) & top_N(pred)| / N``, N = number of real significant
+    genes; 0 when N = 0), ``precision_at_N`` (``|top_k(real) & pred_sig| / k``, k = number of
+    predicted significant genes; 0 when k = 0), ``de_direction_match`` (share of real
+    significant genes whose predicted log2FC has the same sign; NaN when N = 0) and
+    ``n_de_real`` (N). Sources: cell-eval ``_types/_de.py::DEComparison.compute_overlap``
+    and ``metrics/_de.py::DEDirectionMatch``.
+    """
+    sig = real.loc[real["fdr"] < fdr_threshold]
+    real_ranked = _ranked(sig.index.to_numpy(str), sig["log2_fold_change"].to_numpy(np.float64))
+    n = real_ranked.size
+    if pred_fdr is None:
+        strength = pred_lfc if pred_strength is None else pred_strength
+        strength = strength.loc[strength.to_numpy() != 0]  # a gene predicted unchanged is not called
+        pred_ranked = _ranked(strength.index.to_numpy(str), strength.to_numpy(np.float64))[:n]
+    else:
+        pred_sig = pred_lfc.loc[pred_fdr.loc[pred_lfc.index] < fdr_threshold]
+        pred_ranked = _ranked(pred_sig.index.to_numpy(str), pred_sig.to_numpy(np.float64))
+    k = pred_ranked.size
+    overlap = np.intersect1d(real_ranked[:n], pred_ranked[:n]).size / n if n else 0.0
+    precision = np.intersect1d(real_ranked[:k], pred_ranked).size / k if k else 0.0
+    if n:
+        matched = pred_lfc.reindex(sig.index)
+        present = matched.notna().to_numpy()
+        direction = float(
+            np.mean(np.sign(sig["log2_fold_change"].to_numpy()[present]) == np.sign(matched.to_numpy()[present]))
         )
-    return pd.DataFrame.from_dict(rows, orient="index")
+    else:
+        direction = float("nan")
+    return {"overlap_at_N": overlap, "precision_at_N": precision, "de_direction_match": direction, "n_de_real": float(n)}

@@ -12,6 +12,7 @@ and the training genes as ``var_names``; ``outputs/val_metrics.json``; ``outputs
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import anndata as ad
@@ -53,41 +54,145 @@ def prepare_inputs(adata: ad.AnnData, manifest: SplitManifest, work_dir: Path, *
     (work_dir / "task.json").write_text(json.dumps(payload, indent=1))
 
 
-def read_predictions(path: Path, *, test: list[str], genes: list[str]) -> pd.DataFrame:
-    """Load and check a predictions file: ``(n_test, n_genes)`` mean profiles.
+#: Largest value a log1p-normalised profile can plausibly reach (log1p(1e4 * 1e3) ~ 16).
+LOG_SCALE_MAX = 50.0
 
-    Accepts one row per condition or several (cells), averaged per ``obs["condition"]``.
+
+@dataclass
+class Predictions:
+    """A checked predictions file.
+
+    Attributes
+    ----------
+    profiles
+        ``(n_test, n_genes)`` predicted mean profiles, rows in test order, columns in gene order.
+    cells
+        The predicted cells ``(n_cells, n_genes)`` when the file holds several rows for
+        some condition (cell-level predictions, scored with a DE test as cell-eval does);
+        ``None`` for one row per condition.
+    """
+
+    profiles: pd.DataFrame
+    cells: ad.AnnData | None = None
+
+
+def _check_values(values: np.ndarray, source: str, *, cell_level: bool) -> None:
+    bad = ~np.isfinite(values)
+    if bad.any():
+        msg = f"{source}: {int(bad.sum())} non-finite values (NaN or inf); nothing is filled in, fix the predictions"
+        raise PredictionError(msg)
+    top = float(values.max()) if values.size else 0.0
+    if top > LOG_SCALE_MAX:
+        msg = f"{source}: maximum {top:.1f} looks like counts; predictions must be log-normalised like the input (log1p of normalised counts)"
+        raise PredictionError(msg)
+    if cell_level and top > 1 and np.array_equal(values, np.round(values)):
+        msg = f"{source}: every value is an integer (maximum {top:.0f}), which looks like counts; predictions must be log-normalised"
+        raise PredictionError(msg)
+
+
+def _check_labels(conds: pd.Series, columns: list[str], *, test: list[str], genes: list[str], source: str) -> None:
+    missing_genes = [g for g in genes if g not in set(columns)]
+    if missing_genes:
+        msg = f"{source}: {len(missing_genes)} of {len(genes)} genes missing, e.g. {missing_genes[:5]}"
+        raise PredictionError(msg)
+    if conds.isna().any() or (conds.astype(str).str.strip() == "").any():
+        msg = f"{source}: {int(conds.isna().sum() + (conds.astype(str).str.strip() == '').sum())} rows have no condition label"
+        raise PredictionError(msg)
+    labels = set(conds.astype(str))
+    missing = [c for c in test if c not in labels]
+    extra = sorted(labels - set(test))
+    if missing or extra:
+        msg = (
+            f"{source}: missing test conditions {missing[:10]}{' ...' if len(missing) > 10 else ''} ({len(missing)}), "  # noqa: PLR2004
+            f"unknown conditions {extra[:10]}{' ...' if len(extra) > 10 else ''} ({len(extra)}); "  # noqa: PLR2004
+            f"expected exactly the split's test conditions, e.g. {test[:5]}"
+        )
+        raise PredictionError(msg)
+
+
+def check_prediction_frame(frame: pd.DataFrame, *, test: list[str], genes: list[str], source: str = "predictions") -> pd.DataFrame:
+    """Check a ``(n_conditions, n_genes)`` table of mean profiles indexed by condition.
+
+    Returns the table restricted to ``genes`` with rows in ``test`` order.
 
     Raises
     ------
     PredictionError
-        Missing file, missing or unknown conditions, missing genes, non-finite values, or
-        values on a count scale; the message names what is wrong.
+        Missing genes, missing, unknown or duplicated conditions, non-finite values or a
+        count scale; the message names what is wrong and nothing is filled in.
     """
+    _check_labels(pd.Series(frame.index), [str(c) for c in frame.columns], test=test, genes=genes, source=source)
+    dup = frame.index[frame.index.duplicated()].astype(str).tolist()
+    if dup:
+        msg = f"{source}: conditions listed more than once: {sorted(set(dup))[:10]}"
+        raise PredictionError(msg)
+    frame = frame.copy()
+    frame.columns = [str(c) for c in frame.columns]
+    try:
+        values = frame.loc[test, genes].to_numpy(np.float64)
+    except (TypeError, ValueError) as exc:
+        msg = f"{source}: values must be numbers ({exc})"
+        raise PredictionError(msg) from exc
+    _check_values(values, source, cell_level=False)
+    return pd.DataFrame(values, index=pd.Index(test, name="condition"), columns=genes)
+
+
+def load_predictions(path: Path, *, test: list[str], genes: list[str]) -> Predictions:
+    """Load and check a predictions file.
+
+    Parameters
+    ----------
+    path
+        ``.h5ad`` with ``obs["condition"]`` and genes as ``var_names`` (one row per condition,
+        or predicted cells: several rows per condition, averaged into profiles), or ``.csv``
+        / ``.tsv``: conditions x genes with the condition in the first column.
+    test
+        The split's test conditions: exactly these must be predicted.
+    genes
+        The data's genes: all must be present (extra genes are ignored).
+
+    Raises
+    ------
+    PredictionError
+        Missing or unreadable file, unsupported suffix, no ``condition`` column, missing
+        genes, missing or unknown conditions, non-finite values, or values on a count scale.
+    """
+    path = Path(path)
     if not path.exists():
         msg = f"no predictions file at {path}"
+        raise PredictionError(msg)
+    suffix = path.suffix.lower()
+    if suffix in {".csv", ".tsv"}:
+        try:
+            frame = pd.read_csv(path, sep="," if suffix == ".csv" else "\t", index_col=0)
+        except (ValueError, pd.errors.ParserError) as exc:
+            msg = f"{path}: not a readable {suffix} table ({exc})"
+            raise PredictionError(msg) from exc
+        frame.index = frame.index.astype(str)
+        return Predictions(profiles=check_prediction_frame(frame, test=test, genes=genes, source=str(path)))
+    if suffix != ".h5ad":
+        msg = f"{path}: unsupported predictions format {suffix!r}; use .h5ad (obs['condition']) or .csv/.tsv (conditions x genes)"
         raise PredictionError(msg)
     pred = ad.read_h5ad(path)
     if "condition" not in pred.obs:
         msg = f"{path}: obs has no 'condition' column; columns: {list(pred.obs.columns)}"
         raise PredictionError(msg)
-    missing_genes = sorted(set(genes) - set(pred.var_names.astype(str)))
-    if missing_genes:
-        msg = f"{path}: {len(missing_genes)} genes missing, e.g. {missing_genes[:5]}"
-        raise PredictionError(msg)
-    conds = pred.obs["condition"].astype(str)
-    missing = sorted(set(test) - set(conds))
-    extra = sorted(set(conds) - set(test))
-    if missing or extra:
-        msg = f"{path}: missing test conditions {missing[:10]}, unknown conditions {extra[:10]}"
-        raise PredictionError(msg)
-    X = pred[:, genes].X  # noqa: N806
+    conds = pred.obs["condition"]
+    _check_labels(conds, [str(g) for g in pred.var_names], test=test, genes=genes, source=str(path))
+    conds = conds.astype(str)
+    pred = pred[:, genes]
+    X = pred.X  # noqa: N806
     X = np.asarray(X.toarray() if hasattr(X, "toarray") else X, dtype=np.float64)  # noqa: N806
-    if not np.isfinite(X).all():
-        msg = f"{path}: {int((~np.isfinite(X)).sum())} non-finite values"
-        raise PredictionError(msg)
-    if X.max() > 50:  # noqa: PLR2004 - log1p of 1e4-scaled counts stays far below this
-        msg = f"{path}: maximum {X.max():.1f} looks like counts; predictions must be log-normalised like the input"
-        raise PredictionError(msg)
-    frame = pd.DataFrame(X, columns=genes).groupby(conds.to_numpy()).mean()
-    return frame.loc[test]
+    cell_level = bool(conds.duplicated().any())
+    _check_values(X, str(path), cell_level=cell_level)
+    profiles = pd.DataFrame(X, columns=genes).groupby(conds.to_numpy()).mean().loc[test]
+    profiles.index.name = "condition"
+    cells = None
+    if cell_level:
+        cells = ad.AnnData(X=X.astype(np.float32), obs=pd.DataFrame({"condition": conds.to_numpy()}), var=pd.DataFrame(index=genes))
+    return Predictions(profiles=profiles, cells=cells)
+
+
+def read_predictions(path: Path, *, test: list[str], genes: list[str]) -> pd.DataFrame:
+    """Predicted mean profiles ``(n_test, n_genes)`` of a checked file (see :func:`load_predictions`)."""
+    return load_predictions(path, test=test, genes=genes).profiles
