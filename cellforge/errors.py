@@ -35,6 +35,18 @@ class LLMError(CellforgeError):
     """An LLM call failed in a way that stops the run."""
 
 
+class LLMAuthError(LLMError):
+    """The backend refused the credentials or does not know the model: fix a variable, do not retry."""
+
+
+class LLMReplayError(LLMError):
+    """Replay mode met a call that is not in the recording."""
+
+
+class LLMBudgetError(LLMError):
+    """The run reached its LLM budget (``CELLFORGE_LLM_BUDGET_USD`` or ``CELLFORGE_LLM_MAX_TOKENS``)."""
+
+
 class SandboxError(CellforgeError):
     """The sandbox itself (not the code run in it) failed: an infrastructure error."""
 

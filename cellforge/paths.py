@@ -33,3 +33,11 @@ def agent_specs_dir() -> Path:
 def dataset_cards_dir() -> Path:
     """Folder of dataset cards (``benchmarks/datasets``)."""
     return PROJECT_ROOT / "benchmarks" / "datasets"
+
+
+def host_threads() -> int:
+    """Worker threads for host-side work such as DE tests: ``CELLFORGE_THREADS``, else up to 8 cores."""
+    value = os.environ.get("CELLFORGE_THREADS")
+    if value:
+        return max(1, int(value))
+    return max(1, min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)))

@@ -12,8 +12,10 @@ settings preset, so it is never relied on):
 
 from __future__ import annotations
 
+import functools
 import warnings
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 import anndata as ad
 import numpy as np
@@ -28,41 +30,73 @@ LFC_EPS = 1e-9
 _REFERENCE = "__control__"
 
 
+def _rank_chunk(adata: ad.AnnData, control_mask: np.ndarray, wanted: list[str], *, method: str, n_genes: int, rankby_abs: bool) -> ad.AnnData:
+    """``rank_genes_groups`` of the ``wanted`` conditions against the masked control cells."""
+    import scanpy as sc
+
+    cond = adata.obs["condition"].astype(str).to_numpy()
+    is_control = adata.obs["is_control"].astype(bool).to_numpy()
+    mask = control_mask | (np.isin(cond, wanted) & ~is_control)
+    sub = ad.AnnData(X=adata.X[mask], obs=pd.DataFrame(index=adata.obs_names[mask]), var=pd.DataFrame(index=adata.var_names))
+    sub.obs["group"] = pd.Categorical(np.where(control_mask[mask], _REFERENCE, cond[mask]))
+    sc.tl.rank_genes_groups(
+        sub,
+        groupby="group",
+        groups=wanted,
+        reference=_REFERENCE,
+        method=method,
+        corr_method="benjamini-hochberg",
+        rankby_abs=rankby_abs,
+        n_genes=min(n_genes, sub.n_vars),
+        use_raw=False,
+    )
+    return sub
+
+
 def _rank_against_control(
-    adata: ad.AnnData, conditions: list[str], *, method: str, n_genes: int, rankby_abs: bool
+    adata: ad.AnnData, conditions: list[str], *, method: str, n_genes: int, rankby_abs: bool, threads: int | None = None
 ) -> Iterator[tuple[ad.AnnData, list[str]]]:
     """Run ``rank_genes_groups`` per context: each condition vs that context's control cells.
 
-    Yields the scored sub-AnnData of each context and its condition names.
+    scanpy tests every condition against the reference separately, so conditions are cut
+    into chunks run on ``threads`` threads (default :func:`cellforge.paths.host_threads`);
+    results do not depend on the chunking. Yields each chunk's scored AnnData and names.
+
+    Raises
+    ------
+    ValueError
+        A context of a requested condition has no control cells.
     """
-    import scanpy as sc
+    from cellforge.paths import host_threads
 
     obs = adata.obs
+    is_control = obs["is_control"].astype(bool).to_numpy()
     cond = obs["condition"].astype(str)
-    wanted_mask = cond.isin(conditions) & ~obs["is_control"].astype(bool)
-    for context, cond_ctx in obs.loc[wanted_mask].groupby("context", observed=True):
+    context = obs["context"].astype(str).to_numpy()
+    jobs = []
+    for ctx, cond_ctx in obs.loc[cond.isin(conditions).to_numpy() & ~is_control].groupby("context", observed=True):
         wanted = sorted(cond_ctx["condition"].astype(str).unique())
-        control_mask = (obs["context"].astype(str) == str(context)) & obs["is_control"].astype(bool)
+        control_mask = (context == str(ctx)) & is_control
         if not control_mask.any():
-            msg = f"context {context!r} has no control cells to test conditions {wanted[:5]} against"
+            msg = f"context {ctx!r} has no control cells to test conditions {wanted[:5]} against"
             raise ValueError(msg)
-        mask = (control_mask | (cond.isin(wanted) & ~obs["is_control"].astype(bool))).to_numpy()
-        sub = ad.AnnData(X=adata.X[mask], obs=pd.DataFrame(index=obs.index[mask]), var=pd.DataFrame(index=adata.var_names))
-        sub.obs["group"] = pd.Categorical(np.where(control_mask.to_numpy()[mask], _REFERENCE, cond.to_numpy()[mask]))
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            sc.tl.rank_genes_groups(
-                sub,
-                groupby="group",
-                groups=wanted,
-                reference=_REFERENCE,
-                method=method,
-                corr_method="benjamini-hochberg",
-                rankby_abs=rankby_abs,
-                n_genes=min(n_genes, sub.n_vars),
-                use_raw=False,
-            )
-        yield sub, wanted
+        workers = threads or host_threads()
+        size = max(1, -(-len(wanted) // (2 * workers))) if workers > 1 else len(wanted)
+        jobs += [(control_mask, wanted[i : i + size]) for i in range(0, len(wanted), size)]
+    run = functools.partial(_rank_chunk, adata, method=method, n_genes=n_genes, rankby_abs=rankby_abs)
+    workers = threads or host_threads()
+    # scanpy warns about fragmented frames and degenerate groups; the filter is process-wide,
+    # so it is set once here rather than in each worker thread
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if workers == 1 or len(jobs) == 1:
+            for mask, names in jobs:
+                yield run(mask, names), names
+            return
+        with ThreadPoolExecutor(max_workers=workers) as pool:
+            futures = [pool.submit(run, mask, names) for mask, names in jobs]
+            for future, (_, names) in zip(futures, jobs, strict=True):
+                yield future.result(), names
 
 
 def top_de_genes(
@@ -71,6 +105,7 @@ def top_de_genes(
     *,
     n_genes: int = 20,
     method: str = "t-test",
+    threads: int | None = None,
 ) -> dict[str, list[str]]:
     """Top DE genes per condition, ranked by absolute score.
 
@@ -88,20 +123,22 @@ def top_de_genes(
         Genes kept per condition.
     method
         Any ``scanpy.tl.rank_genes_groups`` method.
+    threads
+        Worker threads (default :func:`cellforge.paths.host_threads`).
 
     Returns
     -------
     Condition -> gene names, most significant first.
     """
     out: dict[str, list[str]] = {}
-    for sub, wanted in _rank_against_control(adata, conditions, method=method, n_genes=n_genes, rankby_abs=True):
+    for sub, wanted in _rank_against_control(adata, conditions, method=method, n_genes=n_genes, rankby_abs=True, threads=threads):
         names = sub.uns["rank_genes_groups"]["names"]
         for cond in wanted:
             out[cond] = [str(g) for g in names[cond]]
     return out
 
 
-def de_table(adata: ad.AnnData, conditions: list[str], *, method: str = "wilcoxon") -> pd.DataFrame:
+def de_table(adata: ad.AnnData, conditions: list[str], *, method: str = "wilcoxon", threads: int | None = None) -> pd.DataFrame:
     """Full DE table: every gene of every condition against its context's control cells.
 
     scanpy ``rank_genes_groups(method=method, corr_method="benjamini-hochberg")``, all genes.
@@ -119,6 +156,8 @@ def de_table(adata: ad.AnnData, conditions: list[str], *, method: str = "wilcoxo
         Non-control conditions to test.
     method
         ``rank_genes_groups`` method; Wilcoxon for cell-eval-style DE sets.
+    threads
+        Worker threads (default :func:`cellforge.paths.host_threads`).
 
     Returns
     -------
@@ -127,7 +166,7 @@ def de_table(adata: ad.AnnData, conditions: list[str], *, method: str = "wilcoxo
     import scanpy as sc
 
     frames = []
-    for sub, wanted in _rank_against_control(adata, conditions, method=method, n_genes=adata.n_vars, rankby_abs=False):
+    for sub, wanted in _rank_against_control(adata, conditions, method=method, n_genes=adata.n_vars, rankby_abs=False, threads=threads):
         for cond in wanted:
             df = sc.get.rank_genes_groups_df(sub, group=cond)
             frames.append(

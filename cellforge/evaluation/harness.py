@@ -20,7 +20,7 @@ HEADLINE = [
     "pearson_delta",
     "pearson_delta_de20",
     "pearson_delta_pert",
-    "discrimination_score_l1",
+    "discrimination_score_l1_common",
     "overlap_at_N",
     "mse_de20",
     "r2_delta",
@@ -139,11 +139,14 @@ def score_predictions(predictions: pd.DataFrame, truth: Truth, *, pred_de: pd.Da
         rows[cond] = condition_metrics(pred[i], real[i], ctrl[i], position.loc[truth.de_genes[cond]].to_numpy(), ref[i])
     exclude = [position.loc[truth.targets.get(c, [])].to_numpy(dtype=int) for c in conds]
     discrimination = discrimination_scores(pred - ctrl, real - ctrl, exclude)
+    every_target = np.unique(np.concatenate([*exclude, np.array([], dtype=int)]))
+    common = discrimination_scores(pred - ctrl, real - ctrl, [every_target] * len(conds))
     pred_lfc = pd.DataFrame(pseudobulk_log2_fold_change(pred, ctrl), index=conds, columns=genes)
     real_de = {c: t.set_index("gene") for c, t in truth.de.groupby("condition", sort=False)}
     cell_de = {c: t.set_index("gene") for c, t in pred_de.groupby("condition", sort=False)} if pred_de is not None else {}
     for i, cond in enumerate(conds):
         rows[cond]["discrimination_score_l1"] = float(discrimination[i])
+        rows[cond]["discrimination_score_l1_common"] = float(common[i])
         if cond in cell_de:
             agree = de_agreement(real_de[cond], cell_de[cond]["log2_fold_change"], cell_de[cond]["fdr"])
         else:

@@ -3,37 +3,91 @@
 ``CELLFORGE_LLM`` names the default model in LiteLLM syntax (``openai/gpt-4o``,
 ``anthropic/...``, ``ollama/...``, ``hosted_vllm/...`` with ``CELLFORGE_LLM_API_BASE``);
 ``CELLFORGE_LLM_<ROLE>`` overrides it per role. With nothing set, the embedded offline
-planner (``cellforge-offline/planner``, a LiteLLM custom provider) answers.
+planner (``cellforge-offline/planner``, a LiteLLM custom provider) answers, through the
+same code path.
+
+Other settings (environment):
+
+- ``CELLFORGE_LLM_MODE``: ``live`` (default) or ``replay``; replay serves the answers
+  recorded in ``CELLFORGE_LLM_REPLAY`` (a run directory or its ``llm_calls.jsonl``).
+- ``CELLFORGE_LLM_TIMEOUT`` (s, default 120), ``CELLFORGE_LLM_RETRIES`` (default 4) and
+  ``CELLFORGE_LLM_BACKOFF_S`` (first wait, default 1, doubling): rate limits, timeouts,
+  connection failures and 5xx answers are retried with exponential backoff.
+- ``CELLFORGE_LLM_BUDGET_USD`` and ``CELLFORGE_LLM_MAX_TOKENS``: the run stops cleanly
+  before a call once its recorded spending reaches either.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
 import jinja2
 from pydantic import BaseModel, ValidationError
 
-from cellforge.errors import LLMError
+from cellforge.errors import ConfigError, LLMAuthError, LLMBudgetError, LLMError, LLMReplayError
 from cellforge.llm.specs import AgentSpec
 
 OFFLINE_MODEL = "cellforge-offline/planner"
+ROLES = ["analyst", "expert", "critic", "planner", "coder", "debugger"]
+MODES = ["live", "replay"]
+CALL_LOG = "llm_calls.jsonl"
+
+#: The variable that holds each provider's key (LiteLLM's conventions).
+KEY_VARIABLES = {
+    "openai": "OPENAI_API_KEY",
+    "anthropic": "ANTHROPIC_API_KEY",
+    "gemini": "GEMINI_API_KEY",
+    "azure": "AZURE_API_KEY (and AZURE_API_BASE)",
+    "openrouter": "OPENROUTER_API_KEY",
+    "groq": "GROQ_API_KEY",
+    "deepseek": "DEEPSEEK_API_KEY",
+    "mistral": "MISTRAL_API_KEY",
+    "together_ai": "TOGETHERAI_API_KEY",
+    "hosted_vllm": "HOSTED_VLLM_API_KEY and CELLFORGE_LLM_API_BASE",
+    "ollama": "CELLFORGE_LLM_API_BASE (the Ollama server URL)",
+}
 _SECRET_PATTERNS = [re.compile(r"sk-[A-Za-z0-9_\-]{16,}"), re.compile(r"(?i)bearer\s+[A-Za-z0-9_\-.]{16,}")]
 _SECRET_ENV_HINTS = ("KEY", "TOKEN", "SECRET", "PASSWORD")
 
 
 def model_for(role: str) -> str:
-    """LiteLLM model string for an agent role."""
+    """LiteLLM model string for an agent role: ``CELLFORGE_LLM_<ROLE>``, ``CELLFORGE_LLM``, or the offline planner."""
     return os.environ.get(f"CELLFORGE_LLM_{role.upper()}") or os.environ.get("CELLFORGE_LLM") or OFFLINE_MODEL
 
 
+def llm_mode() -> str:
+    """``live`` or ``replay`` from ``CELLFORGE_LLM_MODE``.
+
+    Raises
+    ------
+    ConfigError
+        Any other value (the message lists the valid ones).
+    """
+    mode = os.environ.get("CELLFORGE_LLM_MODE", "live").strip().lower() or "live"
+    if mode not in MODES:
+        msg = f"CELLFORGE_LLM_MODE={mode!r}; valid: {MODES}"
+        raise ConfigError(msg)
+    return mode
+
+
 def backend_label(model: str) -> str:
-    """'offline-planner' for the embedded planner, else the model string."""
+    """How a backend is shown: the offline planner, a replay, or the model string."""
+    if llm_mode() == "replay":
+        return f"replay of {os.environ.get('CELLFORGE_LLM_REPLAY', '?')}"
     return "offline-planner (deterministic, not an LLM)" if model.startswith("cellforge-offline/") else model
+
+
+def key_variable(model: str) -> str:
+    """The environment variable a model's provider reads its key from."""
+    provider = model.split("/", 1)[0] if "/" in model else "openai"
+    return KEY_VARIABLES.get(provider, f"{provider.upper()}_API_KEY (see LiteLLM's provider docs)")
 
 
 def redact(text: str) -> str:
@@ -79,6 +133,160 @@ def render_messages(spec: AgentSpec, context: dict[str, Any], schema: type[BaseM
     return [{"role": "system", "content": system}, {"role": "user", "content": user}]
 
 
+def call_key(agent: str, messages: list[dict[str, str]]) -> str:
+    """Content hash of a call (agent + messages): how replay finds the recorded answer."""
+    blob = json.dumps({"agent": agent, "messages": messages}, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:32]
+
+
+def trim_context(context: Any, factor: float = 0.5) -> Any:
+    """A smaller copy of an agent's context, for a context-window error.
+
+    Strings longer than 400 characters keep their head and tail (``factor`` of their
+    length); lists longer than 8 items keep the first ``factor`` share. Keys are kept.
+    """
+    if isinstance(context, dict):
+        return {k: trim_context(v, factor) for k, v in context.items()}
+    if isinstance(context, list):
+        keep = len(context) if len(context) <= 8 else max(8, int(len(context) * factor))  # noqa: PLR2004
+        return [trim_context(v, factor) for v in context[:keep]] + ([f"[{len(context) - keep} more items trimmed]"] if keep < len(context) else [])
+    if isinstance(context, str) and len(context) > 400:  # noqa: PLR2004
+        half = int(len(context) * factor) // 2
+        return context[:half] + f"\n[... {len(context) - 2 * half} characters trimmed ...]\n" + context[-half:]
+    return context
+
+
+def read_calls(path: Path) -> list[dict[str, Any]]:
+    """Records of a call log (``llm_calls.jsonl`` or the run directory holding it)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / CALL_LOG
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def usage_summary(run_dir: Path) -> dict[str, Any]:
+    """Calls, tokens and cost per stage and for the run, from its call log.
+
+    ``cost_usd`` sums LiteLLM's price map over calls with a known price; ``cost_known`` is
+    false when some model had no price (a local server, for instance).
+    """
+
+    def empty() -> dict[str, Any]:
+        return {"calls": 0, "prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0, "cost_usd": 0.0, "cost_known": True}
+
+    stages: dict[str, dict[str, Any]] = {}
+    total = empty()
+    for record in read_calls(run_dir):
+        usage = record.get("usage", {})
+        for target in (stages.setdefault(record["stage"], empty()), total):
+            target["calls"] += 1
+            for k in ("prompt_tokens", "completion_tokens", "total_tokens"):
+                target[k] += int(usage.get(k) or 0)
+            if record.get("cost_usd") is None:
+                target["cost_known"] = False
+            else:
+                target["cost_usd"] += float(record["cost_usd"])
+    for row in [*stages.values(), total]:
+        row["cost_usd"] = round(row["cost_usd"], 6)
+    return {"by_stage": stages, "total": total}
+
+
+class ReplayBook:
+    """The recorded answers of a run, served in order per call key."""
+
+    _open: dict[str, ReplayBook] = {}
+
+    def __init__(self, source: Path) -> None:
+        self.source = Path(source)
+        records = read_calls(self.source)
+        if not records:
+            msg = f"CELLFORGE_LLM_REPLAY={self.source}: no recorded calls there (expected a run directory or its {CALL_LOG})"
+            raise ConfigError(msg)
+        self.size = 0
+        self.queues: dict[str, deque[dict[str, Any]]] = {}
+        for record in records:
+            if record.get("error") is None and "key" in record:
+                self.queues.setdefault(record["key"], deque()).append(record)
+                self.size += 1
+
+    @classmethod
+    def from_env(cls) -> ReplayBook:
+        """The book named by ``CELLFORGE_LLM_REPLAY`` (one per process, so answers are consumed once)."""
+        source = os.environ.get("CELLFORGE_LLM_REPLAY")
+        if not source:
+            msg = "CELLFORGE_LLM_MODE=replay needs CELLFORGE_LLM_REPLAY: a recorded run directory or its llm_calls.jsonl"
+            raise ConfigError(msg)
+        resolved = str(Path(source).resolve())
+        if resolved not in cls._open:
+            cls._open[resolved] = cls(Path(resolved))
+        return cls._open[resolved]
+
+    def take(self, key: str, *, agent: str, stage: str) -> dict[str, Any]:
+        """The next recorded answer of this call.
+
+        Raises
+        ------
+        LLMReplayError
+            The call is not in the recording (or all its recorded answers are used).
+        """
+        queue = self.queues.get(key)
+        if not queue:
+            msg = (
+                f"replay: call of agent {agent!r} in stage {stage!r} (key {key}) is not in the recording {self.source} "
+                f"({self.size} recorded answers); the inputs differ from the recorded run. "
+                "Unset CELLFORGE_LLM_MODE to make live calls."
+            )
+            raise LLMReplayError(msg)
+        return queue.popleft()
+
+
+def _transient(exc: BaseException) -> bool:
+    """Rate limits, timeouts, connection failures and 5xx answers: worth retrying."""
+    import litellm
+
+    if isinstance(exc, litellm.ContextWindowExceededError | litellm.AuthenticationError | litellm.NotFoundError | litellm.BadRequestError):
+        return False
+    transient = (
+        litellm.RateLimitError,
+        litellm.Timeout,
+        litellm.APIConnectionError,
+        litellm.InternalServerError,
+        litellm.ServiceUnavailableError,
+        litellm.BadGatewayError,
+    )
+    if isinstance(exc, transient):
+        return True
+    status = getattr(exc, "status_code", None)
+    return isinstance(status, int) and status >= 500  # noqa: PLR2004
+
+
+def _fatal_message(exc: BaseException, model: str) -> str | None:
+    """A message naming what to set, for errors that retrying cannot fix."""
+    import litellm
+
+    if isinstance(exc, litellm.AuthenticationError | litellm.PermissionDeniedError):
+        return f"the backend refused the credentials for {model!r}: set {key_variable(model)} (or pick another model with CELLFORGE_LLM)"
+    if isinstance(exc, litellm.NotFoundError) or "LLM Provider NOT provided" in str(exc):
+        return (
+            f"unknown model {model!r}: set CELLFORGE_LLM (or CELLFORGE_LLM_<ROLE>) to a LiteLLM model such as "
+            f"openai/gpt-4o, anthropic/claude-sonnet-4-5, ollama/llama3 or hosted_vllm/<name> with CELLFORGE_LLM_API_BASE"
+        )
+    return None
+
+
+def _env_float(name: str, default: float | None) -> float | None:
+    value = os.environ.get(name)
+    if value in (None, ""):
+        return default
+    try:
+        return float(value)
+    except ValueError as exc:
+        msg = f"{name}={value!r} is not a number"
+        raise ConfigError(msg) from exc
+
+
 def extract_json(text: str) -> Any:
     """The JSON object in a reply: a fenced ```json block or the outermost braces."""
     fenced = re.search(r"```(?:json)?\s*(\{.*\})\s*```", text, re.DOTALL)
@@ -92,7 +300,7 @@ class LLMClient:
     Parameters
     ----------
     run_dir
-        Run directory; ``None`` disables the log.
+        Run directory; ``None`` disables the log (and budget accounting across stages).
     stage
         Pipeline stage name recorded with each call.
     max_repairs
@@ -101,53 +309,144 @@ class LLMClient:
 
     def __init__(self, run_dir: Path | None, *, stage: str, max_repairs: int = 2) -> None:
         self.run_dir, self.stage, self.max_repairs = run_dir, stage, max_repairs
-        self.calls = 0
-        self.tokens = 0
+        self.mode = llm_mode()
+        self.book = ReplayBook.from_env() if self.mode == "replay" else None
+        self.timeout = _env_float("CELLFORGE_LLM_TIMEOUT", 120.0)
+        self.retries = int(_env_float("CELLFORGE_LLM_RETRIES", 4.0) or 0)
+        self.backoff = _env_float("CELLFORGE_LLM_BACKOFF_S", 1.0) or 0.0
+        self.budget_usd = _env_float("CELLFORGE_LLM_BUDGET_USD", None)
+        self.max_tokens = _env_float("CELLFORGE_LLM_MAX_TOKENS", None)
+        spent = usage_summary(run_dir)["total"] if run_dir is not None else {"cost_usd": 0.0, "total_tokens": 0, "calls": 0}
+        self.spent_usd, self.tokens, self.calls = float(spent["cost_usd"]), int(spent["total_tokens"]), int(spent["calls"])
 
     def ask(self, spec: AgentSpec, context: dict[str, Any], schema: type[BaseModel]) -> BaseModel:
         """Ask ``spec``'s agent; return its answer validated against ``schema``.
 
         Raises
         ------
+        LLMAuthError
+            Credentials refused or unknown model (the message names the variable to set).
+        LLMBudgetError
+            The run's budget is spent.
+        LLMReplayError
+            Replay mode and the call is not in the recording.
         LLMError
-            The backend failed, or no valid answer came after the repair attempts.
+            The backend kept failing after bounded retries, the context stayed too long
+            after one trim, or no valid answer came after the repair attempts.
         """
+        import litellm
+
         model = model_for(spec.role)
-        messages = render_messages(spec, context, schema)
+        repairs: list[dict[str, str]] = []
+        trimmed = False
         last_error = ""
         for attempt in range(self.max_repairs + 1):
-            text, usage, latency = self._complete(model, messages, spec.temperature)
-            self._log(spec, model, messages, text, usage, latency, attempt)
+            while True:
+                messages = render_messages(spec, context, schema) + repairs
+                try:
+                    text = self._complete(spec, model, messages, attempt=attempt, trimmed=trimmed)
+                    break
+                except litellm.ContextWindowExceededError as exc:
+                    if trimmed:
+                        msg = f"agent {spec.name!r} ({model}): context still exceeds the model's window after trimming: {redact(str(exc))[:300]}"
+                        raise LLMError(msg) from exc
+                    context, trimmed = trim_context(context), True
             try:
                 return schema.model_validate(extract_json(text))
             except (ValueError, ValidationError) as exc:
                 last_error = str(exc)[:2000]
-                messages = [
-                    *messages,
+                repairs += [
                     {"role": "assistant", "content": text},
-                    {"role": "user", "content": f"That answer is invalid: {last_error}\nReply again with valid JSON."},
+                    {"role": "user", "content": f"That answer is invalid: {last_error}\nReply again with one valid JSON object."},
                 ]
         msg = f"agent {spec.name!r} ({model}) gave no valid {schema.__name__} after {self.max_repairs + 1} tries: {last_error}"
         raise LLMError(msg)
 
-    def _complete(self, model: str, messages: list[dict[str, str]], temperature: float) -> tuple[str, dict, float]:
+    def _check_budget(self) -> None:
+        if self.budget_usd is not None and self.spent_usd >= self.budget_usd:
+            msg = f"LLM budget reached: ${self.spent_usd:.4f} spent of CELLFORGE_LLM_BUDGET_USD={self.budget_usd}; raise it to go on (--resume keeps finished stages)"
+            raise LLMBudgetError(msg)
+        if self.max_tokens is not None and self.tokens >= self.max_tokens:
+            msg = f"LLM budget reached: {self.tokens} tokens used of CELLFORGE_LLM_MAX_TOKENS={int(self.max_tokens)}; raise it to go on (--resume keeps finished stages)"
+            raise LLMBudgetError(msg)
+
+    def _complete(self, spec: AgentSpec, model: str, messages: list[dict[str, str]], *, attempt: int, trimmed: bool) -> str:
         litellm = _litellm()
-        kwargs: dict[str, Any] = {"model": model, "messages": messages, "temperature": temperature}
-        if os.environ.get("CELLFORGE_LLM_API_BASE") and not model.startswith("cellforge-offline/"):
-            kwargs["api_base"] = os.environ["CELLFORGE_LLM_API_BASE"]
+        self._check_budget()
+        key = call_key(spec.name, messages)
         start = time.monotonic()
-        try:
-            response = litellm.completion(**kwargs, num_retries=3, timeout=float(os.environ.get("CELLFORGE_LLM_TIMEOUT", "120")))
-        except Exception as exc:
-            msg = f"LLM call to {model!r} failed: {redact(str(exc))[:500]}"
-            raise LLMError(msg) from exc
+        if self.book is not None:
+            record = self.book.take(key, agent=spec.name, stage=self.stage)
+            response = litellm.completion(model=record["model"], messages=messages, mock_response=record["response"])
+            text = response.choices[0].message.content or ""
+            usage, cost = dict(record.get("usage", {})), record.get("cost_usd")
+            model = record["model"]
+        else:
+            response = self._live(litellm, spec, model, messages, key=key, attempt=attempt)
+            text = response.choices[0].message.content or ""
+            usage = {k: v for k, v in dict(getattr(response, "usage", None) or {}).items() if isinstance(v, int | float)}
+            cost = self._cost(litellm, response, model)
         latency = time.monotonic() - start
-        usage = dict(getattr(response, "usage", None) or {})
         self.calls += 1
         self.tokens += int(usage.get("total_tokens") or 0)
-        return response.choices[0].message.content or "", usage, latency
+        self.spent_usd += float(cost or 0.0)
+        self._log(spec, model, messages, text, usage, latency, attempt, key=key, cost=cost, trimmed=trimmed)
+        return text
 
-    def _log(self, spec: AgentSpec, model: str, messages: list, text: str, usage: dict, latency: float, attempt: int) -> None:
+    def _live(self, litellm: Any, spec: AgentSpec, model: str, messages: list[dict[str, str]], *, key: str, attempt: int) -> Any:
+        import tenacity
+
+        kwargs: dict[str, Any] = {"model": model, "messages": messages, "temperature": spec.temperature, "timeout": self.timeout}
+        if not model.startswith("cellforge-offline/"):
+            kwargs["max_retries"] = 0  # the retry policy is ours (below), not the HTTP client's
+            if os.environ.get("CELLFORGE_LLM_API_BASE"):
+                kwargs["api_base"] = os.environ["CELLFORGE_LLM_API_BASE"]
+        start = time.monotonic()
+        try:
+            for trial in tenacity.Retrying(
+                retry=tenacity.retry_if_exception(_transient),
+                stop=tenacity.stop_after_attempt(self.retries + 1),
+                wait=tenacity.wait_exponential(multiplier=self.backoff, max=60),
+                reraise=True,
+            ):
+                with trial:
+                    return litellm.completion(**kwargs)
+        except litellm.ContextWindowExceededError:
+            raise
+        except Exception as exc:
+            error = redact(str(exc))[:500]
+            self._log(spec, model, messages, "", {}, time.monotonic() - start, attempt, key=key, cost=0.0, trimmed=False, error=f"{type(exc).__name__}: {error}")
+            fatal = _fatal_message(exc, model)
+            if fatal:
+                raise LLMAuthError(fatal) from exc
+            msg = f"LLM call to {model!r} failed after {self.retries + 1} tries ({type(exc).__name__}): {error}"
+            raise LLMError(msg) from exc
+        raise AssertionError  # unreachable: tenacity returns or re-raises
+
+    @staticmethod
+    def _cost(litellm: Any, response: Any, model: str) -> float | None:
+        if model.startswith("cellforge-offline/"):
+            return 0.0
+        try:
+            return float(litellm.completion_cost(completion_response=response))
+        except Exception:  # noqa: BLE001 - no price known for this model (e.g. a local server)
+            return None
+
+    def _log(
+        self,
+        spec: AgentSpec,
+        model: str,
+        messages: list,
+        text: str,
+        usage: dict,
+        latency: float,
+        attempt: int,
+        *,
+        key: str,
+        cost: float | None,
+        trimmed: bool,
+        error: str | None = None,
+    ) -> None:
         if self.run_dir is None:
             return
         record = {
@@ -156,11 +455,16 @@ class LLMClient:
             "role": spec.role,
             "model": model,
             "backend": backend_label(model),
+            "mode": self.mode,
+            "key": key,
             "attempt": attempt,
+            "context_trimmed": trimmed,
             "messages": messages,
             "response": text,
             "usage": {k: v for k, v in usage.items() if isinstance(v, int | float)},
+            "cost_usd": cost,
             "latency_s": round(latency, 4),
+            "error": error,
         }
-        with (self.run_dir / "llm_calls.jsonl").open("a") as fh:
+        with (self.run_dir / CALL_LOG).open("a") as fh:
             fh.write(redact(json.dumps(record, default=str)) + "\n")

@@ -1,0 +1,139 @@
+"""Performance benchmarks (``make bench``): time and peak memory, written to ``benchmarks/results/``.
+
+Cases run in fresh subprocesses so each peak RSS is that case's own.
+
+``scoring``: score one model and the baselines on 200 held-out conditions x 5,000 genes of a
+synthetic Perturb-seq-like data set of 100,000 cells (10,000 controls, 40 training and 200
+test perturbations). Phases: building the truth (pseudobulk, t-test top-20 DE, Wilcoxon DE
+of all genes), the baselines, and the metrics.
+
+Usage: ``python benchmarks/bench.py [--case scoring] [--cells 100000] [--genes 5000]
+[--test-conditions 200] [--out benchmarks/results]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import platform
+import resource
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def synthetic_perturb_seq(n_cells: int, n_genes: int, n_test: int, n_train: int, *, seed: int = 0):  # noqa: ANN201
+    """Canonical AnnData of Poisson counts, log1p-normalised, built in chunks (CSR float32).
+
+    10% of cells are controls; each perturbation scales 20 random genes by 0.25 or 4.
+    """
+    import anndata as ad
+    import pandas as pd
+    import scipy.sparse as sp
+
+    rng = np.random.default_rng(seed)
+    base = rng.gamma(0.6, 1.0, n_genes)
+    perts = [f"P{i:04d}" for i in range(n_train + n_test)]
+    n_ctrl = n_cells // 10
+    per = (n_cells - n_ctrl) // len(perts)
+    labels = ["control"] * n_ctrl + [p for p in perts for _ in range(per)]
+    labels += [perts[-1]] * (n_cells - len(labels))
+    effects = {p: (rng.choice(n_genes, 20, replace=False), rng.choice([0.25, 4.0], 20)) for p in perts}
+    blocks = []
+    chunk = 5000
+    for start in range(0, n_cells, chunk):
+        part = labels[start : start + chunk]
+        rate = np.tile(base, (len(part), 1))
+        for row, lab in enumerate(part):
+            if lab != "control":
+                genes, scale = effects[lab]
+                rate[row, genes] *= scale
+        counts = rng.poisson(rate * rng.uniform(0.7, 1.3, (len(part), 1))).astype(np.float32)
+        total = np.maximum(counts.sum(1, keepdims=True), 1)
+        blocks.append(sp.csr_matrix(np.log1p(counts / total * 1e4).astype(np.float32)))
+    obs = pd.DataFrame(
+        {
+            "perturbation": labels,
+            "is_control": [lab == "control" for lab in labels],
+            "context": "synthetic",
+            "condition": labels,
+        },
+        index=[f"cell{i}" for i in range(n_cells)],
+    )
+    adata = ad.AnnData(X=sp.vstack(blocks).tocsr(), obs=obs, var=pd.DataFrame(index=[f"G{i}" for i in range(n_genes)]))
+    return adata, perts[:n_train], perts[n_train:]
+
+
+def _scoring(args: dict, queue: mp.Queue) -> None:
+    from cellforge.data.splits import SplitManifest
+    from cellforge.evaluation import harness
+    from cellforge.paths import host_threads
+
+    t0 = time.perf_counter()
+    adata, train, test = synthetic_perturb_seq(args["cells"], args["genes"], args["test_conditions"], args["train_conditions"])
+    phases = {"generate_data": time.perf_counter() - t0}
+    manifest = SplitManifest(strategy="user", train=train[:-5], val=train[-5:], test=test)
+    t = time.perf_counter()
+    truth = harness.build_truth(adata, manifest)
+    phases["build_truth (pseudobulk + t-test top-20 + Wilcoxon DE)"] = time.perf_counter() - t
+    t = time.perf_counter()
+    predictions = harness.run_baselines(harness.baseline_inputs(adata, manifest), ["no_change", "training_mean", "linear"])
+    rng = np.random.default_rng(1)
+    predictions["noisy_truth"] = truth.profiles + rng.normal(0, 0.05, truth.profiles.shape)
+    phases["baselines"] = time.perf_counter() - t
+    t = time.perf_counter()
+    summary = harness.summarise(harness.score_methods(predictions, truth))
+    phases["metrics (4 methods)"] = time.perf_counter() - t
+    queue.put(
+        {
+            "phases_s": {k: round(v, 2) for k, v in phases.items()},
+            "scoring_total_s": round(sum(v for k, v in phases.items() if k != "generate_data"), 2),
+            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "threads": host_threads(),
+            "shape": {"cells": adata.n_obs, "genes": adata.n_vars, "test_conditions": len(test), "nnz": int(adata.X.nnz)},
+            "summary": summary[["pearson_delta", "discrimination_score_l1_common", "overlap_at_N", "mse_de20"]].round(4).to_dict(orient="index"),
+        }
+    )
+
+
+CASES = {"scoring": _scoring}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--case", choices=sorted(CASES), default="scoring")
+    parser.add_argument("--cells", type=int, default=100_000)
+    parser.add_argument("--genes", type=int, default=5_000)
+    parser.add_argument("--test-conditions", type=int, default=200)
+    parser.add_argument("--train-conditions", type=int, default=40)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    args = parser.parse_args()
+    params = {"cells": args.cells, "genes": args.genes, "test_conditions": args.test_conditions, "train_conditions": args.train_conditions}
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=CASES[args.case], args=(params, queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    record = {
+        "case": args.case,
+        "params": params,
+        **result,
+        "machine": {"python": sys.version.split()[0], "platform": platform.platform(), "cpus": mp.cpu_count()},
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    path = args.out / f"{args.case}.json"
+    path.write_text(json.dumps(record, indent=1))
+    print(json.dumps(record, indent=1))
+    print(path)
+
+
+if __name__ == "__main__":
+    main()
