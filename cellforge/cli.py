@@ -200,15 +200,24 @@ def datasets() -> None:
 @app.command()
 def doctor() -> None:
     """Show which LLM backend each role uses, the sandbox backend and data locations (no secrets)."""
-    from cellforge.llm.client import backend_label, model_for
+    from cellforge.errors import ConfigError
+    from cellforge.llm.client import ROLES, backend_label, llm_mode, model_for
     from cellforge.paths import cache_dir, mirror_dirs
     from runtime.docker import docker_engine_available
     from runtime.factory import resolve_backend
     from runtime.local import bwrap_available
 
-    for role in ["analyst", "expert", "critic", "planner", "coder", "debugger"]:
-        typer.echo(f"llm[{role}]: {backend_label(model_for(role))}")
+    try:
+        mode = llm_mode()
+    except ConfigError as exc:
+        _fail(exc)
+    typer.echo(f"llm mode: {mode}" + (f" (recording: {os.environ.get('CELLFORGE_LLM_REPLAY', 'NOT SET')})" if mode == "replay" else ""))
+    for role in ROLES:
+        live = f" (live: {backend_label(model_for(role)) if mode == 'live' else model_for(role)})" if mode == "replay" else ""
+        typer.echo(f"llm[{role}]: {backend_label(model_for(role))}{live}")
     typer.echo(f"llm api base: {'set' if os.environ.get('CELLFORGE_LLM_API_BASE') else 'not set'}")
+    limits = {k: os.environ.get(f"CELLFORGE_LLM_{k}") for k in ["TIMEOUT", "RETRIES", "BUDGET_USD", "MAX_TOKENS"]}
+    typer.echo("llm limits: " + ", ".join(f"{k.lower()}={v or 'default'}" for k, v in limits.items()))
     backend, strict = resolve_backend()
     typer.echo(f"sandbox requested: {backend}{' (strict)' if strict else ''}; docker engine: {docker_engine_available()}; bwrap: {bwrap_available()}")
     typer.echo(f"data cache: {cache_dir()}; mirrors: {[str(m) for m in mirror_dirs()] or 'none'}")

@@ -241,15 +241,13 @@ def stage_report(run: Run, *, echo: Echo) -> None:
 def collect_metrics(run: Run) -> dict[str, Any]:
     """The run's headline record: methods' mean metrics, task, split, backends and stage times."""
     from cellforge.evaluation.harness import best_baseline
-    from cellforge.llm.client import backend_label, model_for
+    from cellforge.llm.client import ROLES, backend_label, llm_mode, model_for, usage_summary
 
     summary = run.read_json("evaluation/summary.json")
     table = pd.DataFrame(summary["methods"]).T
     split = run.read_json("split.json")
     journal = run.read_json("journal.json")
-    calls = []
-    if run.path("llm_calls.jsonl").exists():
-        calls = [json.loads(line) for line in run.path("llm_calls.jsonl").read_text().splitlines()]
+    usage = usage_summary(run.dir)
     best = {m: best_baseline(table, summary["baselines"], m) for m in ["pearson_delta", "pearson_delta_de20", "mse_de20"]}
     times = run.stage_times()
     return {
@@ -265,9 +263,13 @@ def collect_metrics(run: Run) -> dict[str, Any]:
         },
         "averaged_over": f"{len(split['test'])} held-out conditions",
         "llm": {
-            "backend_by_role": {r: backend_label(model_for(r)) for r in ["planner", "coder", "debugger"]},
-            "calls": len(calls),
-            "tokens": sum(int(c.get("usage", {}).get("total_tokens", 0)) for c in calls),
+            "mode": llm_mode(),
+            "backend_by_role": {r: backend_label(model_for(r)) for r in ROLES},
+            "calls": usage["total"]["calls"],
+            "tokens": usage["total"]["total_tokens"],
+            "cost_usd": usage["total"]["cost_usd"],
+            "cost_known": usage["total"]["cost_known"],
+            "by_stage": usage["by_stage"],
         },
         "sandbox": run.read_json("sandbox.json"),
         "attempts": [{k: a[k] for k in ["index", "stage", "exit_code", "failure", "duration_s"]} for a in journal["attempts"]],

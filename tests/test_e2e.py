@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from cellforge.cli import app
 
 runner = CliRunner()
+SECRETS = {"OPENAI_API_KEY": "sk-e2e-" + "q" * 30, "ANTHROPIC_API_KEY": "sk-ant-" + "w" * 30, "HF_TOKEN": "hf_" + "z" * 30}
 
 
 @pytest.fixture(scope="module")
@@ -27,6 +28,8 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("runs")
     mp = pytest.MonkeyPatch()
     mp.setenv("CELLFORGE_DATA_MIRROR", str(MIRROR))
+    for name, value in SECRETS.items():  # secrets in the environment must not reach the run directory
+        mp.setenv(name, value)
     try:
         result = runner.invoke(app, ["benchmark", "--dataset", "adamson_subset", "--runs", str(root)])
     finally:
@@ -88,3 +91,55 @@ def test_unknown_dataset_is_a_clear_error():
     result = runner.invoke(app, ["benchmark", "--dataset", "nope"])
     assert result.exit_code == 2
     assert "unknown data set 'nope'" in result.output and "adamson_subset" in result.output
+
+
+def test_no_secret_from_the_environment_reaches_the_run_directory(run_dir):
+    files = [p for p in run_dir.rglob("*") if p.is_file()]
+    assert len(files) > 10
+    for path in files:
+        data = path.read_bytes()
+        for name, value in SECRETS.items():
+            assert value.encode() not in data, f"{name} leaked into {path}"
+
+
+def _replay(recording: Path, runs: Path):  # noqa: ANN202 - click Result
+    from tests.conftest import MIRROR
+
+    mp = pytest.MonkeyPatch()
+    mp.setenv("CELLFORGE_DATA_MIRROR", str(MIRROR))
+    mp.setenv("CELLFORGE_LLM_MODE", "replay")
+    mp.setenv("CELLFORGE_LLM_REPLAY", str(recording))
+    try:
+        return runner.invoke(app, ["benchmark", "--dataset", "adamson_subset", "--runs", str(runs)])
+    finally:
+        mp.undo()
+
+
+def test_replay_reproduces_the_recorded_run(run_dir, tmp_path):
+    result = _replay(run_dir, tmp_path)
+    assert result.exit_code == 0, result.output
+    replayed = Path(result.stdout.strip().splitlines()[-1])
+    for name in ["split.json", "profile.json", "plan.json", "code/choice.json", "code/train.py", "code/final_train.py", "evaluation/summary.csv"]:
+        assert (replayed / name).read_bytes() == (run_dir / name).read_bytes(), name
+    a, b = ad.read_h5ad(run_dir / "predictions.h5ad"), ad.read_h5ad(replayed / "predictions.h5ad")
+    np.testing.assert_array_equal(np.asarray(a.X), np.asarray(b.X))
+    recorded = [json.loads(x) for x in (run_dir / "llm_calls.jsonl").read_text().splitlines()]
+    served = [json.loads(x) for x in (replayed / "llm_calls.jsonl").read_text().splitlines()]
+    assert [c["response"] for c in served] == [c["response"] for c in recorded]
+    assert {c["mode"] for c in served} == {"replay"}
+    metrics = json.loads((replayed / "metrics.json").read_text())
+    assert metrics["llm"]["mode"] == "replay" and metrics["llm"]["backend_by_role"]["planner"].startswith("replay of")
+
+
+def test_replay_with_a_missing_answer_fails_clearly(run_dir, tmp_path):
+    lines = (run_dir / "llm_calls.jsonl").read_text().splitlines()
+    kept = [x for x in lines if json.loads(x)["agent"] != "method_designer"]
+    assert len(kept) == len(lines) - 1
+    recording = tmp_path / "llm_calls.jsonl"
+    recording.write_text("\n".join(kept) + "\n")
+    result = _replay(recording, tmp_path / "runs")
+    assert result.exit_code == 2
+    assert "not in the recording" in result.output and "method_designer" in result.output
+    (failed,) = (tmp_path / "runs").iterdir()
+    assert (failed / "split.json").exists() and (failed / "profile.json").exists()
+    assert not (failed / "plan.json").exists()

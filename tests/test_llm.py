@@ -73,3 +73,31 @@ def test_invalid_answers_fail_the_stage_after_repairs(tmp_path):
         plan = {"template": "residual_mlp", "hyperparameters": {}, "baseline": "additive", "train_on": "all"}
         client.ask(spec, {"plan": plan, "templates": ["residual_mlp"]}, Impossible)
     assert len((tmp_path / "llm_calls.jsonl").read_text().splitlines()) == 2
+
+
+def test_commands_without_llm_calls_do_not_import_litellm():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from cellforge.cli import app\n"
+        "r = CliRunner().invoke(app, ['datasets'])\n"
+        "assert r.exit_code == 0, r.output\n"
+        "import cellforge.evaluation.evaluate, cellforge.pipeline, cellforge.llm.client\n"
+        "print(sorted(m for m in ('litellm', 'openhands.sdk', 'torch') if m in sys.modules))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]"
+
+
+def test_unknown_llm_mode_names_the_valid_ones(tmp_path, monkeypatch):
+    from cellforge.errors import ConfigError
+
+    monkeypatch.setenv("CELLFORGE_LLM_MODE", "record")
+    with pytest.raises(ConfigError, match=r"\['live', 'replay'\]"):
+        LLMClient(tmp_path, stage="design")
+    monkeypatch.setenv("CELLFORGE_LLM_MODE", "replay")
+    with pytest.raises(ConfigError, match="CELLFORGE_LLM_REPLAY"):
+        LLMClient(tmp_path, stage="design")

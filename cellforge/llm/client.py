@@ -212,16 +212,17 @@ class ReplayBook:
                 self.size += 1
 
     @classmethod
-    def from_env(cls) -> ReplayBook:
-        """The book named by ``CELLFORGE_LLM_REPLAY`` (one per process, so answers are consumed once)."""
+    def from_env(cls, run_dir: Path | None = None) -> ReplayBook:
+        """The book named by ``CELLFORGE_LLM_REPLAY``, one per replaying run (answers are consumed once per run)."""
         source = os.environ.get("CELLFORGE_LLM_REPLAY")
         if not source:
             msg = "CELLFORGE_LLM_MODE=replay needs CELLFORGE_LLM_REPLAY: a recorded run directory or its llm_calls.jsonl"
             raise ConfigError(msg)
-        resolved = str(Path(source).resolve())
-        if resolved not in cls._open:
-            cls._open[resolved] = cls(Path(resolved))
-        return cls._open[resolved]
+        resolved = Path(source).resolve()
+        slot = f"{resolved}|{Path(run_dir).resolve() if run_dir is not None else ''}"
+        if slot not in cls._open:
+            cls._open[slot] = cls(resolved)
+        return cls._open[slot]
 
     def take(self, key: str, *, agent: str, stage: str) -> dict[str, Any]:
         """The next recorded answer of this call.
@@ -310,7 +311,7 @@ class LLMClient:
     def __init__(self, run_dir: Path | None, *, stage: str, max_repairs: int = 2) -> None:
         self.run_dir, self.stage, self.max_repairs = run_dir, stage, max_repairs
         self.mode = llm_mode()
-        self.book = ReplayBook.from_env() if self.mode == "replay" else None
+        self.book = ReplayBook.from_env(run_dir) if self.mode == "replay" else None
         self.timeout = _env_float("CELLFORGE_LLM_TIMEOUT", 120.0)
         self.retries = int(_env_float("CELLFORGE_LLM_RETRIES", 4.0) or 0)
         self.backoff = _env_float("CELLFORGE_LLM_BACKOFF_S", 1.0) or 0.0

@@ -26,6 +26,14 @@ def _table(methods: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+def _usage_table(by_stage: dict[str, dict[str, Any]]) -> str:
+    lines = ["| stage | calls | prompt tokens | completion tokens | cost (USD) |", "|---|---|---|---|---|"]
+    for stage, row in by_stage.items():
+        cost = f"{row['cost_usd']:.4f}" if row["cost_known"] else f"{row['cost_usd']:.4f}+ (price unknown)"
+        lines.append(f"| {stage} | {row['calls']} | {row['prompt_tokens']} | {row['completion_tokens']} | {cost} |")
+    return "\n".join(lines)
+
+
 def write_report(run: Any, metrics: dict[str, Any]) -> None:
     """Write ``report.md`` into the run directory."""
     plan = run.read_json("plan.json")
@@ -46,8 +54,11 @@ def write_report(run: Any, metrics: dict[str, Any]) -> None:
 **Split** `{split['strategy']}` (seed {split['seed']}): {len(split['train'])} training, {len(split['val'])} validation and
 {len(split['test'])} test conditions; test: {', '.join(split['test'][:12])}{' ...' if len(split['test']) > 12 else ''}.
 Metrics are means over the {metrics['averaged_over']}, computed on the host from pseudobulk profiles; deltas are
-against the observed control mean of each condition's context; DE genes are the top 20 by scanpy t-test
-(`rankby_abs`) against those controls. `pearson` on raw expression is shown but is near 1 for any model.
+against the observed control mean of each condition's context; `_de20` metrics use the top 20 genes by scanpy
+t-test (`rankby_abs`) against those controls, `overlap_at_N` and `de_direction_match` the Wilcoxon genes with
+BH FDR < 0.05 (cell-eval), `discrimination_score_l1_common` ranks each prediction among all true deltas
+(chance is about 0.5). `pearson` on raw expression is shown but is near 1 for any model. Every metric's
+source is in `evaluation/scores.json`.
 
 ## Model vs baselines
 
@@ -75,7 +86,10 @@ Rationale:
 
 ## Provenance
 
-- LLM backend by role: {metrics['llm']['backend_by_role']} ({metrics['llm']['calls']} calls, {metrics['llm']['tokens']} tokens)
+- LLM ({metrics['llm']['mode']} mode) backend by role: {metrics['llm']['backend_by_role']}
+- LLM use: {metrics['llm']['calls']} calls, {metrics['llm']['tokens']} tokens, cost ${metrics['llm']['cost_usd']:.4f}{'' if metrics['llm']['cost_known'] else ' (some models have no known price)'}
+
+{_usage_table(metrics['llm']['by_stage'])}
 - sandbox: backend `{metrics['sandbox']['backend']}`, isolation `{metrics['sandbox']['isolation']}`
 - stage wall times (s): {metrics['stage_wall_s']}; total {metrics['total_wall_s']} s
 - environment: {', '.join(f'{k} {v}' for k, v in metrics['environment'].items())}
