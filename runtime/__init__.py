@@ -7,7 +7,13 @@ and a memory limit, get files back, close. Backends: OpenHands ``DockerWorkspace
 ``CELLFORGE_SANDBOX``.
 """
 
-from runtime.base import RunResult, Sandbox
-from runtime.factory import open_sandbox
+import os
+
+# as in cellforge/__init__.py: LiteLLM's bundled price map, no fetch at import
+os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
+os.environ.setdefault("OPENHANDS_SUPPRESS_BANNER", "1")
+
+from runtime.base import RunResult, Sandbox  # noqa: E402
+from runtime.factory import open_sandbox  # noqa: E402
 
 __all__ = ["RunResult", "Sandbox", "open_sandbox"]

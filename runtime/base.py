@@ -9,7 +9,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-Isolation = Literal["docker", "bubblewrap+rlimits", "rlimits", "none"]
+Isolation = Literal["docker+no-network", "docker", "bubblewrap+rlimits", "rlimits", "none"]
 
 
 class RunResult(BaseModel):

@@ -4,6 +4,13 @@ The container runs the OpenHands agent server plus the training stack; only the 
 folder is mounted (at the same path, so paths in logs match the host). Limits: the
 container's memory and CPUs are set with ``docker update`` once it is up, and every command
 runs under ``timeout`` and ``prlimit`` inside it. GPUs are passed through on request.
+
+No outbound network: by default the container joins an *internal* Docker network
+(``docker network create --internal``), whose containers cannot reach anything outside it.
+Docker does not publish ports on such networks, so the host talks to the agent server at
+the container's own address on that network (reachable from a Linux host; Docker >= 25.0.4
+restored host access to internal bridges). ``CELLFORGE_DOCKER_NETWORK=bridge`` gives the
+container ordinary network access instead, and the run records isolation ``docker``.
 """
 
 from __future__ import annotations
@@ -19,6 +26,78 @@ from runtime.base import Isolation, RunResult, Sandbox, tail
 from runtime.errors import SandboxInfraError
 
 DEFAULT_IMAGE = "cellforge-sandbox:latest"
+INTERNAL_NETWORK = "cellforge-sandbox"
+AGENT_PORT = 8000
+
+
+def network_mode() -> str:
+    """``internal`` (no outbound network, the default) or ``bridge`` from ``CELLFORGE_DOCKER_NETWORK``."""
+    import os
+
+    mode = os.environ.get("CELLFORGE_DOCKER_NETWORK", "internal").strip().lower() or "internal"
+    if mode not in {"internal", "bridge"}:
+        msg = f"CELLFORGE_DOCKER_NETWORK={mode!r}; valid: internal, bridge"
+        raise ValueError(msg)
+    return mode
+
+
+def ensure_internal_network(name: str = INTERNAL_NETWORK, *, runner: Any = subprocess.run) -> None:
+    """Create the internal Docker network ``name`` unless it exists; refuse a non-internal one.
+
+    Raises
+    ------
+    SandboxInfraError
+        The network exists without ``--internal``, or cannot be created.
+    """
+    probe = runner(["docker", "network", "inspect", "--format", "{{.Internal}}", name], capture_output=True, text=True, check=False)
+    if probe.returncode == 0:
+        if str(probe.stdout).strip() != "true":
+            msg = f"Docker network {name!r} exists but is not internal (it would let training code reach the network); remove it with `docker network rm {name}`"
+            raise SandboxInfraError(msg)
+        return
+    done = runner(["docker", "network", "create", "--internal", "--label", "cellforge=sandbox", name], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        msg = f"could not create the internal Docker network {name!r}: {done.stderr!r}"
+        raise SandboxInfraError(msg)
+
+
+def container_address(container_id: str, network: str, *, runner: Any = subprocess.run) -> str:
+    """The container's IP address on ``network`` (``docker inspect``).
+
+    Raises
+    ------
+    SandboxInfraError
+        No address on that network.
+    """
+    template = "{{(index .NetworkSettings.Networks \"" + network + "\").IPAddress}}"
+    done = runner(["docker", "inspect", "--format", template, container_id], capture_output=True, text=True, check=False)
+    address = str(done.stdout).strip()
+    if done.returncode != 0 or not address or address == "<no value>":
+        msg = f"container {container_id} has no address on network {network!r}: {done.stderr!r}"
+        raise SandboxInfraError(msg)
+    return address
+
+
+class ReachByAddress:
+    """Mixin for OpenHands ``DockerWorkspace`` on an internal network.
+
+    ``DockerWorkspace`` sets its URL to the published port on 127.0.0.1, which does not exist
+    on an internal network; before its health check, point it at the container's address.
+    """
+
+    address_runner: Any = subprocess.run
+
+    def _wait_for_health(self, *, timeout: float) -> None:
+        address = container_address(self._container_id, self.network, runner=type(self).address_runner)  # type: ignore[attr-defined]
+        object.__setattr__(self, "host", f"http://{address}:{AGENT_PORT}")
+        super()._wait_for_health(timeout=timeout)  # type: ignore[misc]
+
+
+def internal_workspace_class() -> type:
+    """OpenHands ``DockerWorkspace`` reached by the container's address (see :class:`ReachByAddress`)."""
+    from openhands.workspace import DockerWorkspace
+
+    return type("InternalNetworkDockerWorkspace", (ReachByAddress, DockerWorkspace), {})
 
 
 def docker_engine_available() -> bool:
@@ -79,10 +158,12 @@ class DockerSandbox(Sandbox):
         Container-wide limits.
     enable_gpu
         Pass ``--gpus all``.
+    network
+        ``internal`` (no outbound network) or ``bridge``; default from
+        ``CELLFORGE_DOCKER_NETWORK`` (see :func:`network_mode`).
     """
 
     backend = "docker"
-    isolation: Isolation = "docker"
 
     def __init__(
         self,
@@ -92,17 +173,23 @@ class DockerSandbox(Sandbox):
         memory_mb: int = 8192,
         cpus: float = 2.0,
         enable_gpu: bool = False,
+        network: str | None = None,
         workspace_factory: Any = None,
         runner: Any = subprocess.run,
     ) -> None:
         super().__init__(work_dir)
-        self.options = workspace_options(self.work_dir, image=image, enable_gpu=enable_gpu)
+        self.network = network or network_mode()
+        internal = self.network == "internal"
+        self.isolation: Isolation = "docker+no-network" if internal else "docker"
+        self.options = workspace_options(self.work_dir, image=image, enable_gpu=enable_gpu, network=INTERNAL_NETWORK if internal else None)
         self.memory_mb, self.cpus = memory_mb, cpus
         self._runner = runner
+        if internal:
+            ensure_internal_network(INTERNAL_NETWORK, runner=runner)
         if workspace_factory is None:
             from openhands.workspace import DockerWorkspace
 
-            workspace_factory = DockerWorkspace
+            workspace_factory = internal_workspace_class() if internal else DockerWorkspace
         try:
             self._workspace = workspace_factory(**self.options)
         except Exception as exc:
