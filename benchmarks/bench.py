@@ -2,13 +2,16 @@
 
 Cases run in fresh subprocesses so each peak RSS is that case's own.
 
+``sandbox``: the same short numpy script run directly and through each available sandbox
+backend (bubblewrap, plain rlimits, Docker where an engine answers), as a ratio to direct.
+
 ``scoring``: score one model and the baselines on 200 held-out conditions x 5,000 genes of a
 synthetic Perturb-seq-like data set of 100,000 cells (10,000 controls, 40 training and 200
 test perturbations). Phases: building the truth (pseudobulk, t-test top-20 DE, Wilcoxon DE
 of all genes), the baselines, and the metrics.
 
-Usage: ``python benchmarks/bench.py [--case scoring] [--cells 100000] [--genes 5000]
-[--test-conditions 200] [--out benchmarks/results]``.
+Usage: ``python benchmarks/bench.py [--case all|scoring|sandbox] [--cells 100000] [--genes 5000]
+[--test-conditions 200] [--repeats 5] [--out benchmarks/results]``.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import sys
 import time
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -102,37 +106,91 @@ def _scoring(args: dict, queue: mp.Queue) -> None:
     )
 
 
-CASES = {"scoring": _scoring}
+_SHORT_SCRIPT = "import json, numpy as np\nx = np.random.default_rng(0).normal(size=(200, 200))\nprint(json.dumps({'trace': float(np.trace(x @ x.T))}))\n"
+
+
+def _sandbox(args: dict, queue: mp.Queue) -> None:
+    """The same short script run directly and through each available backend."""
+    import subprocess
+    import tempfile
+
+    from runtime.docker import DockerSandbox, docker_engine_available
+    from runtime.local import LocalSandbox, bwrap_available
+
+    repeats = args["repeats"]
+    results: dict[str, dict[str, float | str]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+
+        def direct() -> None:
+            (root / "direct").mkdir(exist_ok=True)
+            (root / "direct" / "s.py").write_text(_SHORT_SCRIPT)
+            subprocess.run([sys.executable, "s.py"], cwd=root / "direct", check=True, capture_output=True)
+
+        backends: dict[str, Any] = {"direct": None}
+        if bwrap_available():
+            backends["local (bubblewrap+rlimits)"] = lambda: LocalSandbox(root / "bwrap", use_bwrap=True)
+        backends["local (rlimits)"] = lambda: LocalSandbox(root / "plain", use_bwrap=False)
+        if docker_engine_available():
+            backends["docker"] = lambda: DockerSandbox(root / "docker")
+        for name, factory in backends.items():
+            times = []
+            sandbox = factory() if factory else None
+            for _ in range(repeats):
+                t = time.perf_counter()
+                if sandbox is None:
+                    direct()
+                else:
+                    (sandbox.work_dir / "s.py").write_text(_SHORT_SCRIPT)
+                    result = sandbox.run([sys.executable, "s.py"], timeout_s=120, memory_mb=4096)
+                    if result.exit_code != 0:
+                        raise RuntimeError(f"{name}: {result.log_tail}")
+                times.append(time.perf_counter() - t)
+            if sandbox is not None:
+                sandbox.close()
+            results[name] = {"mean_s": round(float(np.mean(times)), 4), "min_s": round(float(np.min(times)), 4)}
+    base = results["direct"]["mean_s"]
+    for row in results.values():
+        row["ratio_to_direct"] = round(float(row["mean_s"]) / float(base), 2)
+    queue.put({"repeats": repeats, "backends": results, "docker_engine": docker_engine_available()})
+
+
+CASES = {"scoring": _scoring, "sandbox": _sandbox}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--case", choices=sorted(CASES), default="scoring")
+    parser.add_argument("--case", choices=[*sorted(CASES), "all"], default="all")
+    parser.add_argument("--repeats", type=int, default=5, help="Runs per backend (sandbox case).")
     parser.add_argument("--cells", type=int, default=100_000)
     parser.add_argument("--genes", type=int, default=5_000)
     parser.add_argument("--test-conditions", type=int, default=200)
     parser.add_argument("--train-conditions", type=int, default=40)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args()
-    params = {"cells": args.cells, "genes": args.genes, "test_conditions": args.test_conditions, "train_conditions": args.train_conditions}
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=CASES[args.case], args=(params, queue))
-    proc.start()
-    result = queue.get()
-    proc.join()
-    record = {
-        "case": args.case,
-        "params": params,
-        **result,
-        "machine": {"python": sys.version.split()[0], "platform": platform.platform(), "cpus": mp.cpu_count()},
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+    params = {
+        "scoring": {"cells": args.cells, "genes": args.genes, "test_conditions": args.test_conditions, "train_conditions": args.train_conditions},
+        "sandbox": {"repeats": args.repeats},
     }
+    ctx = mp.get_context("spawn")
     args.out.mkdir(parents=True, exist_ok=True)
-    path = args.out / f"{args.case}.json"
-    path.write_text(json.dumps(record, indent=1))
-    print(json.dumps(record, indent=1))
-    print(path)
+    for case in sorted(CASES) if args.case == "all" else [args.case]:
+        queue = ctx.Queue()
+        proc = ctx.Process(target=CASES[case], args=(params[case], queue))
+        proc.start()
+        result = queue.get()
+        proc.join()
+        record = {
+            "case": case,
+            "params": params[case],
+            **result,
+            "machine": {"python": sys.version.split()[0], "platform": platform.platform(), "cpus": mp.cpu_count()},
+            "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        }
+        path = args.out / f"{case}.json"
+        path.write_text(json.dumps(record, indent=1))
+        print(json.dumps(record, indent=1))
+        print(path)
 
 
 if __name__ == "__main__":

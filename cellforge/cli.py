@@ -35,6 +35,9 @@ def benchmark(
     sandbox: Annotated[str | None, typer.Option(help="auto, docker or local (default: CELLFORGE_SANDBOX or auto).")] = None,
     max_attempts: Annotated[int, typer.Option(help="Bound on code attempts (patch-and-retry).")] = 4,
     timeout: Annotated[float, typer.Option(help="Wall-clock limit of one attempt, seconds.")] = 900,
+    refine_rounds: Annotated[int, typer.Option(help="Refinement rounds after the first clean run (0: none).")] = 3,
+    refine_patience: Annotated[int, typer.Option(help="Stop refining after this many rounds without improvement.")] = 2,
+    refine_tolerance: Annotated[float, typer.Option(help="Relative validation improvement that counts as progress.")] = 0.01,
     resume: Annotated[Path | None, typer.Option("--resume", help="Resume this run directory.")] = None,
     runs: Annotated[Path | None, typer.Option(help="Parent folder of run directories (default ./runs).")] = None,
 ) -> None:
@@ -67,6 +70,9 @@ def benchmark(
                 sandbox=sandbox,
                 max_attempts=max_attempts,
                 timeout_s=timeout,
+                refine_rounds=refine_rounds,
+                refine_patience=refine_patience,
+                refine_tolerance=refine_tolerance,
             )
             run = Run.create(config, root=runs)
         typer.echo(f"run directory: {run.dir}")

@@ -41,6 +41,9 @@ class RunConfig(BaseModel):
     timeout_s: float = 900
     memory_mb: int = 8192
     threads: int = 2
+    refine_rounds: int = Field(default=3, ge=0, description="Refinement rounds after the first clean run (0: none).")
+    refine_patience: int = Field(default=2, ge=1, description="Rounds without enough improvement before stopping.")
+    refine_tolerance: float = Field(default=0.01, ge=0.0, description="Relative validation improvement that counts.")
 
 
 class Run:

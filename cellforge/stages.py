@@ -154,7 +154,8 @@ def stage_execute(run: Run, *, echo: Echo) -> None:
     from cellforge.design.plan import Patch
     from cellforge.execution import contract
     from cellforge.execution.codegen import get_config
-    from cellforge.execution.journal import run_attempts
+    from cellforge.design.plan import Refinement
+    from cellforge.execution.journal import RefineSettings, refine_until_settled, run_attempts
     from cellforge.llm.client import LLMClient
     from cellforge.llm.specs import load_spec
     from runtime import open_sandbox
@@ -179,6 +180,13 @@ def stage_execute(run: Run, *, echo: Echo) -> None:
         ctx = {"script": script, "log_tail": log_tail, "failure": failure.value, "config": get_config(script)}
         return client.ask(load_spec("debugger"), ctx, Patch).model_dump()
 
+    def refiner(config: dict[str, Any], history: list[dict[str, Any]], settings: RefineSettings) -> dict[str, Any]:
+        ctx = {"config": config, "history": history, "metric": settings.metric, "lower_is_better": settings.lower_is_better}
+        return client.ask(load_spec("refiner"), ctx, Refinement).model_dump()
+
+    c = run.config
+    settings = RefineSettings(max_rounds=c.refine_rounds, patience=c.refine_patience, tolerance=c.refine_tolerance)
+
     live = _LiveTail()
     sandbox = open_sandbox(work, requested=run.config.sandbox)
     try:
@@ -194,16 +202,34 @@ def stage_execute(run: Run, *, echo: Echo) -> None:
             memory_mb=run.config.memory_mb,
             on_start=live.start,
         )
+        if journal.succeeded and settings.max_rounds:
+            journal, script = refine_until_settled(
+                journal,
+                script,
+                sandbox=sandbox,
+                attempts_dir=run.path("attempts"),
+                journal_path=run.path("journal.json"),
+                check_outputs=check_outputs,
+                refiner=refiner,
+                settings=settings,
+                timeout_s=run.config.timeout_s,
+                memory_mb=run.config.memory_mb,
+                on_start=live.start,
+            )
     finally:
         live.stop()
         sandbox.close()
     for attempt in journal.attempts:
         status = "ok" if attempt.failure is None else attempt.failure.value
-        echo(f"  attempt {attempt.index} ({attempt.stage}): {status} in {attempt.duration_s}s [{attempt.backend}, {attempt.isolation}]")
+        val = attempt.val_metrics.get(settings.metric)
+        val_text = f", {settings.metric} {val:.5f}" if isinstance(val, int | float) else ""
+        echo(f"  attempt {attempt.index} ({attempt.stage}): {status} in {attempt.duration_s}s{val_text} [{attempt.backend}, {attempt.isolation}]")
     run.write_json("sandbox.json", sandbox.describe())
     if not journal.succeeded:
         msg = f"no attempt succeeded: {journal.stop_reason}; see {run.path('journal.json')}"
         raise RuntimeError(msg)
+    if journal.best_attempt is not None:
+        echo(f"  kept attempt {journal.best_attempt} (best {settings.metric}); refinement stopped: {journal.refine_stop_reason}")
     (run.path("code") / "final_train.py").write_text(script)
     shutil.copy2(work / contract.PREDICTIONS, run.path("predictions.h5ad"))
 
@@ -224,7 +250,7 @@ def stage_evaluate(run: Run, *, echo: Echo) -> None:
         {"data": run.config.dataset, "split_strategy": manifest.strategy, "n_test_conditions": len(manifest.test), "pred_md5": file_md5(run.path("predictions.h5ad"))},
     )
     run.write_json("evaluation/summary.json", {"baselines": result.baselines, "methods": result.summary.to_dict(orient="index")})
-    echo("  " + result.summary[["pearson_delta", "pearson_delta_de20", "discrimination_score_l1", "mse_de20"]].round(4).to_string().replace("\n", "\n  "))
+    echo("  " + result.summary[["pearson_delta", "pearson_delta_de20", "discrimination_score_l1_common", "mse_de20"]].round(4).to_string().replace("\n", "\n  "))
 
 
 # ---------------------------------------------------------------------------- 7. report
@@ -272,7 +298,12 @@ def collect_metrics(run: Run) -> dict[str, Any]:
             "by_stage": usage["by_stage"],
         },
         "sandbox": run.read_json("sandbox.json"),
-        "attempts": [{k: a[k] for k in ["index", "stage", "exit_code", "failure", "duration_s"]} for a in journal["attempts"]],
+        "attempts": [
+            {**{k: a[k] for k in ["index", "stage", "exit_code", "failure", "duration_s"]}, "val_mse_top20": a["val_metrics"].get("val_mse_top20")}
+            for a in journal["attempts"]
+        ],
+        "best_attempt": journal.get("best_attempt"),
+        "refinement": journal.get("refine_stop_reason", ""),
         "stage_wall_s": times,
         "total_wall_s": round(sum(times.values()), 3),
         "environment": environment(),

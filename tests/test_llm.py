@@ -101,3 +101,21 @@ def test_unknown_llm_mode_names_the_valid_ones(tmp_path, monkeypatch):
     monkeypatch.setenv("CELLFORGE_LLM_MODE", "replay")
     with pytest.raises(ConfigError, match="CELLFORGE_LLM_REPLAY"):
         LLMClient(tmp_path, stage="design")
+
+
+def test_offline_refiner_proposes_untried_changes_then_stops(tmp_path):
+    from cellforge.design.plan import Refinement
+
+    config = {"learning_rate": 0.001, "weight_decay": 0.01, "hidden_dim": 64, "dropout": 0.1, "max_epochs": 200}
+    history = [{"config": config, "failure": None, "val_metrics": {"val_mse_top20": 0.5, "val_baseline_mse_top20": 0.4, "epochs_run": 40}}]
+    client = LLMClient(tmp_path, stage="execute")
+    ctx = {"config": config, "history": history, "metric": "val_mse_top20", "lower_is_better": True}
+    first = client.ask(load_spec("refiner"), ctx, Refinement)
+    assert first.config_updates == {"weight_decay": 0.1}  # worse than its baseline: shrink first
+    seen = list(history)
+    for _ in range(10):
+        proposal = client.ask(load_spec("refiner"), {**ctx, "history": seen}, Refinement)
+        if proposal.stop:
+            break
+        seen.append({"config": {**config, **proposal.config_updates}, "failure": None, "val_metrics": {}})
+    assert proposal.stop and len(seen) == 5  # four planned changes, each once

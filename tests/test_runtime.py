@@ -211,3 +211,57 @@ def test_docker_sandbox_has_no_outbound_network(tmp_path):
         (tmp_path / "net.py").write_text("import socket\nsocket.create_connection(('1.1.1.1', 53), timeout=5)\n")
         result = sandbox.run(["python", "net.py"], timeout_s=60)
     assert result.exit_code != 0 and sandbox.describe()["isolation"] == "docker+no-network"
+
+
+_REFINE_SCRIPT = """CONFIG = {"x": 0}
+import json, pathlib
+x = CONFIG["x"]
+out = pathlib.Path("outputs")
+out.mkdir(exist_ok=True)
+(out / "val_metrics.json").write_text(json.dumps({"val_mse_top20": (x - 3) ** 2 + 1}))
+(out / "predictions.txt").write_text(str(x))
+"""
+
+
+def _refine(tmp_path: Path, **settings):  # noqa: ANN003, ANN202
+    import json
+
+    from cellforge.errors import PredictionError
+    from cellforge.execution.journal import RefineSettings, refine_until_settled
+
+    sandbox = LocalSandbox(tmp_path / "work")
+
+    def check():  # noqa: ANN202
+        path = sandbox.work_dir / "outputs" / "val_metrics.json"
+        if not path.exists():
+            raise PredictionError("no validation metrics")
+        return json.loads(path.read_text())
+
+    def refiner(config, history, _settings):  # noqa: ANN001, ANN202
+        tried = [h["config"] for h in history]
+        step = {"x": config["x"] + 1}
+        return {"diagnosis": "step", "config_updates": step if step not in tried else {"x": 10 + len(history)}}
+
+    common = {"sandbox": sandbox, "attempts_dir": tmp_path / "attempts", "journal_path": tmp_path / "journal.json", "check_outputs": check, "timeout_s": 30}
+    journal, script = run_attempts(_REFINE_SCRIPT, debugger=None, **common)
+    assert journal.succeeded
+    return refine_until_settled(journal, script, refiner=refiner, settings=RefineSettings(**settings), **common), sandbox
+
+
+def test_refinement_runs_until_the_validation_metric_settles_and_keeps_the_best(tmp_path):
+    (journal, script), sandbox = _refine(tmp_path, max_rounds=10, patience=2, tolerance=0.01)
+    xs = [a.val_metrics["val_mse_top20"] for a in journal.attempts]
+    assert xs == [10, 5, 2, 1, 2, 145]  # x = 0, 1, 2, 3, then 4 and 15 fail to improve
+    assert [a.stage for a in journal.attempts] == ["draft"] + ["refine"] * 5
+    assert journal.best_attempt == 3 and '"x": 3' in script
+    assert "settled" in journal.refine_stop_reason
+    assert (sandbox.work_dir / "outputs" / "predictions.txt").read_text() == "3"  # the best run's outputs
+    assert (sandbox.work_dir / "train.py").read_text() == script  # ... and its script
+    assert journal.attempts[4].parent == 3 and journal.attempts[4].patch["config_updates"] == {"x": 4}
+
+
+def test_refinement_stops_at_its_round_budget(tmp_path):
+    (journal, _), sandbox = _refine(tmp_path, max_rounds=2, patience=5)
+    assert len(journal.attempts) == 3 and journal.best_attempt == 2
+    assert "budget of 2 rounds" in journal.refine_stop_reason
+    assert (sandbox.work_dir / "outputs" / "predictions.txt").read_text() == "2"

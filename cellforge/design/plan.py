@@ -73,3 +73,13 @@ class Patch(BaseModel):
     edits: list[Edit] = Field(default_factory=list)
     config_updates: dict[str, Any] = Field(default_factory=dict)
     give_up: bool = Field(False, description="True when the debugger sees no fix.")
+
+
+class Refinement(BaseModel):
+    """The refiner's proposal after a clean run: one configuration change, or stop."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    diagnosis: str = Field(description="What the validation metrics and the journal show.")
+    config_updates: dict[str, Any] = Field(default_factory=dict, description="CONFIG keys to change for the next round.")
+    stop: bool = Field(False, description="True when no change is worth another training run.")

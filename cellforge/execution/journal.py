@@ -3,6 +3,8 @@
 Each attempt records its code, command, exit code, log tail, duration, classified failure and
 the patch that followed. Only code errors and bad outputs go to the debugger agent;
 timeouts and out-of-memory retry with a smaller configuration; infrastructure failures stop.
+After a clean run, :func:`refine_until_settled` tries configuration changes until the
+validation metric settles and keeps the best attempt.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shutil
 import sys
 from enum import StrEnum
 from pathlib import Path
@@ -42,7 +45,7 @@ class Attempt(BaseModel):
 
     index: int
     parent: int | None = None
-    stage: str = Field(description="draft (first code), debug (after a patch) or resize (after timeout/OOM).")
+    stage: str = Field(description="draft (first code), debug (after a patch), resize (after timeout/OOM) or refine.")
     script_sha256: str
     command: list[str]
     exit_code: int | None = None
@@ -62,6 +65,8 @@ class Journal(BaseModel):
     attempts: list[Attempt] = Field(default_factory=list)
     succeeded: bool = False
     stop_reason: str = ""
+    best_attempt: int | None = Field(default=None, description="Attempt whose outputs are kept (best validation metric).")
+    refine_stop_reason: str = ""
 
     def save(self, path: Path) -> None:
         """Write as JSON (rewritten after every attempt)."""
@@ -120,6 +125,80 @@ def sha(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+class _Executor:
+    """Runs numbered attempts of scripts in one sandbox and records them in a journal."""
+
+    def __init__(
+        self,
+        *,
+        sandbox: Any,
+        attempts_dir: Path,
+        journal_path: Path,
+        check_outputs: Any,
+        timeout_s: float,
+        memory_mb: int | None,
+        on_start: Any = None,
+        journal: Journal | None = None,
+    ) -> None:
+        self.sandbox, self.attempts_dir, self.journal_path = sandbox, attempts_dir, journal_path
+        self.check_outputs, self.timeout_s, self.memory_mb, self.on_start = check_outputs, timeout_s, memory_mb, on_start
+        self.journal = journal or Journal()
+
+    def run(self, script: str, *, stage: str, parent: int | None, patch: dict[str, Any] | None) -> Attempt:
+        """One attempt: write the script, run it, classify the outcome, keep a clean run's outputs.
+
+        Raises
+        ------
+        SandboxError
+            Infrastructure failure: the sandbox could not run the command at all.
+        """
+        index = len(self.journal.attempts)
+        folder = self.attempts_dir / f"attempt-{index:03d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "train.py").write_text(script)
+        work = self.sandbox.work_dir
+        (work / "train.py").write_text(script)
+        outputs = work / "outputs"
+        if outputs.exists():
+            shutil.rmtree(outputs)  # a run must write its own outputs, not inherit the last one's
+        command = [sys.executable, "train.py"]
+        attempt = Attempt(index=index, parent=parent, stage=stage, script_sha256=sha(script), command=command, patch=patch)
+        if self.on_start:
+            self.on_start(attempt, work / "logs" / f"attempt-{index:03d}.log")
+        try:
+            result = self.sandbox.run(command, timeout_s=self.timeout_s, memory_mb=self.memory_mb, log_name=f"attempt-{index:03d}.log")
+        except Exception as exc:
+            attempt.failure, attempt.failure_detail = FailureKind.INFRA, str(exc)
+            self.journal.attempts.append(attempt)
+            self.journal.stop_reason = f"infrastructure failure: {exc}"
+            self.journal.save(self.journal_path)
+            msg = f"sandbox failure in attempt {index}: {exc}"
+            raise SandboxError(msg) from exc
+        attempt.exit_code, attempt.duration_s, attempt.log_tail = result.exit_code, result.duration_s, result.log_tail
+        attempt.backend, attempt.isolation = result.backend, result.isolation
+        (folder / "log_tail.txt").write_text(result.log_tail)
+        attempt.failure = classify(result.exit_code, result.timed_out, result.log_tail)
+        if attempt.failure is None:
+            try:
+                attempt.val_metrics = self.check_outputs()
+            except PredictionError as exc:
+                attempt.failure, attempt.failure_detail = FailureKind.BAD_OUTPUT, str(exc)
+        if attempt.failure is None and outputs.exists():
+            shutil.copytree(outputs, folder / "outputs", dirs_exist_ok=True)
+        self.journal.attempts.append(attempt)
+        self.journal.save(self.journal_path)
+        return attempt
+
+    def restore(self, index: int) -> None:
+        """Put attempt ``index``'s script and saved outputs back into the sandbox (``train.py``, ``outputs/``)."""
+        folder = self.attempts_dir / f"attempt-{index:03d}"
+        outputs = self.sandbox.work_dir / "outputs"
+        if outputs.exists():
+            shutil.rmtree(outputs)
+        shutil.copytree(folder / "outputs", outputs)
+        shutil.copy2(folder / "train.py", self.sandbox.work_dir / "train.py")
+
+
 def run_attempts(
     script: str,
     *,
@@ -156,46 +235,25 @@ def run_attempts(
     SandboxError
         Infrastructure failure: the sandbox could not run the command at all.
     """
-    journal = Journal()
+    executor = _Executor(
+        sandbox=sandbox, attempts_dir=attempts_dir, journal_path=journal_path, check_outputs=check_outputs,
+        timeout_s=timeout_s, memory_mb=memory_mb, on_start=on_start,
+    )
+    journal = executor.journal
     parent: int | None = None
     stage = "draft"
     patch_used: dict[str, Any] | None = None
-    for index in range(max_attempts):
-        folder = attempts_dir / f"attempt-{index:03d}"
-        folder.mkdir(parents=True, exist_ok=True)
-        (folder / "train.py").write_text(script)
-        (sandbox.work_dir / "train.py").write_text(script)
-        command = [sys.executable, "train.py"]
-        attempt = Attempt(index=index, parent=parent, stage=stage, script_sha256=sha(script), command=command, patch=patch_used)
-        if on_start:
-            on_start(attempt, sandbox.work_dir / "logs" / f"attempt-{index:03d}.log")
-        try:
-            result = sandbox.run(command, timeout_s=timeout_s, memory_mb=memory_mb, log_name=f"attempt-{index:03d}.log")
-        except Exception as exc:
-            attempt.failure, attempt.failure_detail = FailureKind.INFRA, str(exc)
-            journal.attempts.append(attempt)
-            journal.stop_reason = f"infrastructure failure: {exc}"
-            journal.save(journal_path)
-            msg = f"sandbox failure in attempt {index}: {exc}"
-            raise SandboxError(msg) from exc
-        attempt.exit_code, attempt.duration_s, attempt.log_tail = result.exit_code, result.duration_s, result.log_tail
-        attempt.backend, attempt.isolation = result.backend, result.isolation
-        (folder / "log_tail.txt").write_text(result.log_tail)
-        attempt.failure = classify(result.exit_code, result.timed_out, result.log_tail)
-        if attempt.failure is None:
-            try:
-                attempt.val_metrics = check_outputs()
-            except PredictionError as exc:
-                attempt.failure, attempt.failure_detail = FailureKind.BAD_OUTPUT, str(exc)
-        journal.attempts.append(attempt)
-        journal.save(journal_path)
+    for _ in range(max_attempts):
+        attempt = executor.run(script, stage=stage, parent=parent, patch=patch_used)
+        index = attempt.index
         if attempt.failure is None:
             journal.succeeded, journal.stop_reason = True, f"attempt {index} succeeded"
             journal.save(journal_path)
             return journal, script
         parent = index
+        folder = attempts_dir / f"attempt-{index:03d}"
         if attempt.failure in PATCHABLE:
-            detail = attempt.failure_detail or result.log_tail
+            detail = attempt.failure_detail or attempt.log_tail
             patch = debugger(script, detail, attempt.failure)
             (folder / "patch.json").write_text(json.dumps(patch, indent=2))
             if patch.get("give_up") or not (patch.get("edits") or patch.get("config_updates")):
@@ -218,3 +276,95 @@ def run_attempts(
         journal.stop_reason = f"attempt budget of {max_attempts} used up"
     journal.save(journal_path)
     return journal, script
+
+
+class RefineSettings(BaseModel):
+    """When refinement stops: the validation metric settles, or the round budget ends."""
+
+    max_rounds: int = Field(3, ge=0, description="Refinement rounds after the first clean run (0 disables).")
+    patience: int = Field(2, ge=1, description="Stop after this many rounds in a row without enough improvement.")
+    tolerance: float = Field(0.01, ge=0.0, description="Relative improvement of the metric that counts as progress.")
+    metric: str = Field("val_mse_top20", description="Validation metric of record (from outputs/val_metrics.json).")
+    lower_is_better: bool = True
+
+
+def _score(attempt: Attempt, settings: RefineSettings) -> float | None:
+    value = attempt.val_metrics.get(settings.metric)
+    if attempt.failure is not None or not isinstance(value, int | float):
+        return None
+    return float(value) if settings.lower_is_better else -float(value)
+
+
+def refine_until_settled(
+    journal: Journal,
+    script: str,
+    *,
+    sandbox: Any,
+    attempts_dir: Path,
+    journal_path: Path,
+    check_outputs: Any,
+    refiner: Any,
+    settings: RefineSettings,
+    timeout_s: float = 900,
+    memory_mb: int | None = 8192,
+    on_start: Any = None,
+) -> tuple[Journal, str]:
+    """Refinement rounds after a clean run, until the validation metric settles.
+
+    Each round asks ``refiner(config, history, settings) -> {"diagnosis", "config_updates",
+    "stop"}`` for a change to the best configuration so far and runs it (stage ``refine``).
+    A round counts as progress when it beats the best validation metric by more than
+    ``tolerance`` (relative); refinement stops after ``patience`` rounds in a row without
+    progress, when the refiner proposes nothing new, or after ``max_rounds``. The best
+    attempt by the validation metric is kept: its outputs are restored into the sandbox.
+
+    Returns
+    -------
+    The journal (``best_attempt`` and ``refine_stop_reason`` set) and the best script.
+
+    Raises
+    ------
+    SandboxError
+        Infrastructure failure.
+    """
+    executor = _Executor(
+        sandbox=sandbox, attempts_dir=attempts_dir, journal_path=journal_path, check_outputs=check_outputs,
+        timeout_s=timeout_s, memory_mb=memory_mb, on_start=on_start, journal=journal,
+    )
+    best = journal.attempts[-1]
+    best_script = script
+    if _score(best, settings) is None:
+        journal.best_attempt = best.index
+        journal.refine_stop_reason = f"no refinement: the clean run reported no {settings.metric!r}"
+        journal.save(journal_path)
+        return journal, script
+    tried = [get_config(script)]
+    stale = 0
+    reason = f"refinement budget of {settings.max_rounds} rounds used"
+    for _ in range(settings.max_rounds):
+        history = [
+            {"attempt": a.index, "stage": a.stage, "config": get_config((attempts_dir / f"attempt-{a.index:03d}" / "train.py").read_text()),
+             "val_metrics": a.val_metrics, "failure": a.failure.value if a.failure else None}
+            for a in journal.attempts
+        ]
+        proposal = refiner(get_config(best_script), history, settings)
+        updates = proposal.get("config_updates") or {}
+        config = {**get_config(best_script), **updates}
+        if proposal.get("stop") or not updates or config in tried:
+            reason = f"the refiner proposed no new change: {proposal.get('diagnosis', '')}"
+            break
+        tried.append(config)
+        candidate = set_config(best_script, config)
+        attempt = executor.run(candidate, stage="refine", parent=best.index, patch={"diagnosis": proposal.get("diagnosis", ""), "config_updates": updates})
+        new, old = _score(attempt, settings), _score(best, settings)
+        progress = new is not None and old is not None and new < old - settings.tolerance * abs(old)
+        if new is not None and old is not None and new < old:
+            best, best_script = attempt, candidate
+        stale = 0 if progress else stale + 1
+        if stale >= settings.patience:
+            reason = f"{settings.metric} settled: no improvement above {settings.tolerance:.1%} in {stale} rounds"
+            break
+    executor.restore(best.index)
+    journal.best_attempt, journal.refine_stop_reason = best.index, reason
+    journal.save(journal_path)
+    return journal, best_script

@@ -124,3 +124,37 @@ def debug(ctx: dict[str, Any]) -> dict[str, Any]:
             if text in script:
                 return {"diagnosis": "the script asks for a GPU that is not there", "edits": [{"find": text, "replace": 'accelerator="auto"'}]}
     return {"diagnosis": "no known failure pattern in the log tail", "give_up": True}
+
+
+#: Changes the offline refiner tries, in order: (key, how to change it, why).
+_REFINE_STEPS: list[tuple[str, Any, str]] = [
+    ("learning_rate", lambda v: float(v) / 3, "a smaller learning rate often settles to a lower validation error"),
+    ("weight_decay", lambda v: float(v) * 10, "stronger weight decay pulls the residual towards the baseline"),
+    ("hidden_dim", lambda v: int(v) * 2, "a wider network if the residual underfits"),
+    ("dropout", lambda v: min(0.5, float(v) + 0.2), "more dropout if the residual overfits the few training conditions"),
+]
+
+
+@handles("refiner")
+def refine(ctx: dict[str, Any]) -> dict[str, Any]:
+    """Propose the next untried configuration change; stop when the list is exhausted.
+
+    When the model is worse than its own baseline on validation, shrink it first (weight decay);
+    when training ran to ``max_epochs`` without early stopping, allow more epochs first.
+    """
+    config, history = ctx["config"], ctx["history"]
+    tried = [h["config"] for h in history]
+    clean = [h for h in history if h.get("failure") is None and h.get("val_metrics")]
+    last = clean[-1]["val_metrics"] if clean else {}
+    steps = list(_REFINE_STEPS)
+    if last.get("val_mse_top20", 0) > last.get("val_baseline_mse_top20", float("inf")):
+        steps.sort(key=lambda step: step[0] != "weight_decay")
+    if "max_epochs" in config and last.get("epochs_run", 0) >= int(config["max_epochs"]) - 1:
+        steps.insert(0, ("max_epochs", lambda v: int(v) * 2, "training stopped at max_epochs, not by early stopping"))
+    for key, change, why in steps:
+        if key not in config:
+            continue
+        candidate = {**config, key: change(config[key])}
+        if candidate not in tried:
+            return {"diagnosis": why, "config_updates": {key: candidate[key]}}
+    return {"diagnosis": "every planned change has been tried", "stop": True}

@@ -26,6 +26,12 @@ def _table(methods: dict[str, dict[str, float]]) -> str:
     return "\n".join(lines)
 
 
+def _attempt_row(a: dict[str, Any], best: int | None) -> str:
+    val = a.get("val_mse_top20")
+    label = f"{a['index']} (kept)" if a["index"] == best else str(a["index"])
+    return f"| {label} | {a['stage']} | {a['exit_code']} | {a['failure'] or 'ok'} | {'' if val is None else f'{val:.5f}'} | {a['duration_s']} |"
+
+
 def _usage_table(by_stage: dict[str, dict[str, Any]]) -> str:
     lines = ["| stage | calls | prompt tokens | completion tokens | cost (USD) |", "|---|---|---|---|---|"]
     for stage, row in by_stage.items():
@@ -43,9 +49,7 @@ def write_report(run: Any, metrics: dict[str, Any]) -> None:
     for metric, won in beats.items():
         best = metrics["best_baseline"][metric]
         verdict.append(f"- {metric}: the model {'beats' if won else 'does NOT beat'} the best baseline ({best}).")
-    attempts = "\n".join(
-        f"| {a['index']} | {a['stage']} | {a['exit_code']} | {a['failure'] or 'ok'} | {a['duration_s']} |" for a in metrics["attempts"]
-    )
+    attempts = "\n".join(_attempt_row(a, metrics.get("best_attempt")) for a in metrics["attempts"])
     split = metrics["split"]
     text = f"""# cellforge run: {metrics['dataset']}
 
@@ -80,9 +84,11 @@ Rationale:
 
 ## Attempts
 
-| attempt | stage | exit code | outcome | seconds |
-|---|---|---|---|---|
+| attempt | stage | exit code | outcome | val_mse_top20 | seconds |
+|---|---|---|---|---|---|
 {attempts}
+
+Refinement: {metrics.get('refinement') or 'not run'}
 
 ## Provenance
 
