@@ -2,6 +2,9 @@
 
 Cases run in fresh subprocesses so each peak RSS is that case's own.
 
+``profiling``: the data parser on a 200,000-cell x 2,000-gene synthetic ``.h5ad`` of counts,
+read in backed mode (peak RSS includes generating the file, reported separately).
+
 ``sandbox``: the same short numpy script run directly and through each available sandbox
 backend (bubblewrap, plain rlimits, Docker where an engine answers), as a ratio to direct.
 
@@ -10,7 +13,7 @@ synthetic Perturb-seq-like data set of 100,000 cells (10,000 controls, 40 traini
 test perturbations). Phases: building the truth (pseudobulk, t-test top-20 DE, Wilcoxon DE
 of all genes), the baselines, and the metrics.
 
-Usage: ``python benchmarks/bench.py [--case all|scoring|sandbox] [--cells 100000] [--genes 5000]
+Usage: ``python benchmarks/bench.py [--case all|scoring|sandbox|profiling] [--cells 100000] [--genes 5000]
 [--test-conditions 200] [--repeats 5] [--out benchmarks/results]``.
 """
 
@@ -30,6 +33,15 @@ from typing import Any
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
+
+
+def peak_rss_mib() -> float:
+    """Peak resident memory of this process's address space (``VmHWM``; reset by exec, unlike
+    ``ru_maxrss``, which a child inherits from a large parent), MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def synthetic_perturb_seq(n_cells: int, n_genes: int, n_test: int, n_train: int, *, seed: int = 0):  # noqa: ANN201
@@ -98,7 +110,7 @@ def _scoring(args: dict, queue: mp.Queue) -> None:
         {
             "phases_s": {k: round(v, 2) for k, v in phases.items()},
             "scoring_total_s": round(sum(v for k, v in phases.items() if k != "generate_data"), 2),
-            "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+            "peak_rss_mib": peak_rss_mib(),
             "threads": host_threads(),
             "shape": {"cells": adata.n_obs, "genes": adata.n_vars, "test_conditions": len(test), "nnz": int(adata.X.nnz)},
             "summary": summary[["pearson_delta", "discrimination_score_l1_common", "overlap_at_N", "mse_de20"]].round(4).to_dict(orient="index"),
@@ -155,7 +167,46 @@ def _sandbox(args: dict, queue: mp.Queue) -> None:
     queue.put({"repeats": repeats, "backends": results, "docker_engine": docker_engine_available()})
 
 
-CASES = {"scoring": _scoring, "sandbox": _sandbox}
+def _profiling(args: dict, queue: mp.Queue) -> None:
+    """Profile a 200,000-cell synthetic .h5ad with the data parser, read in backed mode."""
+    import tempfile
+
+    from cellforge.analysis.parser import parse_anndata
+
+    t0 = time.perf_counter()
+    adata, _, _ = synthetic_perturb_seq(args["cells"], args["genes"], args["conditions"], 0)
+    adata.obs = adata.obs.rename(columns={"perturbation": "guide_target"})[["guide_target"]]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "synthetic.h5ad"
+        adata.write_h5ad(path)
+        del adata
+        generate = time.perf_counter() - t0
+        # parse in a fresh interpreter so its peak RSS is the parser's own
+        code = (
+            "import json, sys, time\n"
+            f"sys.path.insert(0, {str(ROOT / 'benchmarks')!r})\n"
+            "from bench import peak_rss_mib\n"
+            "from cellforge.analysis.parser import parse_anndata\n"
+            "t = time.perf_counter()\n"
+            "p = parse_anndata(sys.argv[1], perturbation_key='guide_target')\n"
+            "out = {'parse_s': time.perf_counter() - t, 'peak_rss_mib': peak_rss_mib()}\n"
+            "out['profile'] = {k: v for k, v in p.model_dump().items() if k != 'per_condition'}\n"
+            "print(json.dumps(out))\n"
+        )
+        import subprocess
+
+        done = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, check=True)
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+    queue.put(
+        {
+            "phases_s": {"generate_and_write": round(generate, 2), "parse_backed": round(result["parse_s"], 2)},
+            "parser_peak_rss_mib": round(result["peak_rss_mib"], 1),
+            "profile": result["profile"],
+        }
+    )
+
+
+CASES = {"scoring": _scoring, "sandbox": _sandbox, "profiling": _profiling}
 
 
 def main() -> None:
@@ -171,6 +222,7 @@ def main() -> None:
     params = {
         "scoring": {"cells": args.cells, "genes": args.genes, "test_conditions": args.test_conditions, "train_conditions": args.train_conditions},
         "sandbox": {"repeats": args.repeats},
+        "profiling": {"cells": 200_000, "genes": 2_000, "conditions": 300},
     }
     ctx = mp.get_context("spawn")
     args.out.mkdir(parents=True, exist_ok=True)

@@ -29,7 +29,9 @@ def benchmark(
     perturbation_key: Annotated[str | None, typer.Option(help="obs column of perturbation labels (own .h5ad).")] = None,
     control_label: Annotated[str | None, typer.Option(help="Label of control cells (own .h5ad).")] = None,
     context_key: Annotated[str | None, typer.Option(help="obs column of cell type / line / patient (own .h5ad).")] = None,
-    task_type: Annotated[str | None, typer.Option(help="unseen_perturbation, combination or new_context.")] = None,
+    task_type: Annotated[str | None, typer.Option(help="unseen_perturbation, combination, new_context or drug_dose.")] = None,
+    task: Annotated[str | None, typer.Option("--task", help="The task in your words, e.g. 'predict held-out drug pairs'.")] = None,
+    task_file: Annotated[Path | None, typer.Option("--task-file", help="YAML task file (type, description, metric_of_record, split, split_options).")] = None,
     split: Annotated[Path | None, typer.Option("--split", help="Split manifest JSON to use instead of the task's.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the split strategy.")] = 0,
     sandbox: Annotated[str | None, typer.Option(help="auto, docker or local (default: CELLFORGE_SANDBOX or auto).")] = None,
@@ -52,8 +54,10 @@ def benchmark(
         if resume is not None:
             run = Run.resume(resume)
         else:
-            if task_type and task_type not in {"unseen_perturbation", "combination", "new_context"}:
-                _fail(ValueError(f"--task-type {task_type!r}; valid: unseen_perturbation, combination, new_context"))
+            if task_type and task_type not in {"unseen_perturbation", "combination", "new_context", "drug_dose"}:
+                _fail(ValueError(f"--task-type {task_type!r}; valid: combination, drug_dose, new_context, unseen_perturbation"))
+            if task_file is not None and not task_file.exists():
+                _fail(FileNotFoundError(f"no task file at {task_file}"))
             if data is None:
                 from cellforge.data import get_card
 
@@ -65,6 +69,8 @@ def benchmark(
                 control_label=control_label,
                 context_key=context_key,
                 task_type=task_type,
+                task_description=task,
+                task_file=str(task_file.resolve()) if task_file else None,
                 split_file=str(split.resolve()) if split else None,
                 seed=seed,
                 sandbox=sandbox,

@@ -22,7 +22,7 @@ from pydantic import BaseModel, Field
 from cellforge.errors import ConfigError, StageError
 from cellforge.paths import runs_dir
 
-STAGES = ["data", "profile", "design", "codegen", "execute", "evaluate", "report"]
+STAGES = ["data", "profile", "analysis", "design", "codegen", "execute", "evaluate", "report"]
 
 
 class RunConfig(BaseModel):
@@ -34,6 +34,8 @@ class RunConfig(BaseModel):
     control_label: str | None = None
     context_key: str | None = None
     task_type: str | None = Field(default=None, description="Override of the card's task type.")
+    task_description: str | None = Field(default=None, description="The task in the user's words (may name the task type).")
+    task_file: str | None = Field(default=None, description="YAML task file: type, description, metric_of_record.")
     split_file: str | None = None
     seed: int = 0
     sandbox: str | None = None

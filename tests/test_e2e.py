@@ -47,7 +47,7 @@ def test_run_writes_report_and_metrics(run_dir):
         assert {"pearson_delta", "pearson_delta_de20", "mse_de20"} <= set(row)
     assert metrics["llm"]["backend_by_role"]["planner"].startswith("offline-planner")
     assert metrics["sandbox"]["backend"] == "local"
-    assert set(metrics["stage_wall_s"]) == {"data", "profile", "design", "codegen", "execute", "evaluate"}
+    assert set(metrics["stage_wall_s"]) == {"data", "profile", "analysis", "design", "codegen", "execute", "evaluate"}
     report = (run_dir / "report.md").read_text()
     assert "cellforge_model" in report and "training_mean" in report and "isolation" in report
     # refinement ran after the clean draft and the kept attempt is the best by validation metric
@@ -125,7 +125,7 @@ def test_replay_reproduces_the_recorded_run(run_dir, tmp_path):
     result = _replay(run_dir, tmp_path)
     assert result.exit_code == 0, result.output
     replayed = Path(result.stdout.strip().splitlines()[-1])
-    for name in ["split.json", "profile.json", "plan.json", "code/choice.json", "code/train.py", "code/final_train.py", "evaluation/summary.csv"]:
+    for name in ["split.json", "profile.json", "task_analysis.json", "plan.json", "code/choice.json", "code/train.py", "code/final_train.py", "evaluation/summary.csv"]:
         assert (replayed / name).read_bytes() == (run_dir / name).read_bytes(), name
     a, b = ad.read_h5ad(run_dir / "predictions.h5ad"), ad.read_h5ad(replayed / "predictions.h5ad")
     np.testing.assert_array_equal(np.asarray(a.X), np.asarray(b.X))

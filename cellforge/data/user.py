@@ -27,22 +27,16 @@ def load_user_h5ad(
     if not Path(path).exists():
         msg = f"no such file: {path}"
         raise DatasetError(msg)
+    from cellforge.analysis.parser import _first_key, _pick_control, _pick_perturbation_key
+
     obs = ad.read_h5ad(path, backed="r").obs
-    if perturbation_key is None:
-        hits = [k for k in PERTURBATION_KEYS if k in obs and obs[k].astype(str).isin(CONTROL_LABELS).any()]
-        if not hits:
-            msg = f"cannot infer the perturbation column of {path}; pass --perturbation-key (obs columns: {list(obs.columns)})"
-            raise DatasetError(msg)
-        perturbation_key = hits[0]
-    labels = set(obs[perturbation_key].astype(str))
-    if control_label is None:
-        found = [c for c in CONTROL_LABELS if c in labels]
-        if not found:
-            msg = f"no control label among {CONTROL_LABELS} in obs[{perturbation_key!r}]; pass --control-label (labels: {sorted(labels)[:20]})"
-            raise DatasetError(msg)
-        control_label = found[0]
+    perturbation_key, _ = _pick_perturbation_key(obs, perturbation_key)
+    control_label, _ = _pick_control(obs[perturbation_key], control_label)
     if context_key is None:
-        context_key = next((k for k in CONTEXT_KEYS if k in obs and obs[k].nunique() > 1), None)
+        context_key = _first_key(obs, CONTEXT_KEYS)
+    elif context_key not in obs:
+        msg = f"context column {context_key!r} is not in obs; columns: {list(obs.columns)}"
+        raise DatasetError(msg)
     return load_h5ad(
         Path(path), dataset=Path(path).stem, perturbation_key=perturbation_key, control_labels=[control_label], context_key=context_key
     )

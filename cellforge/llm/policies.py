@@ -15,7 +15,7 @@ def design_plan(ctx: dict[str, Any]) -> dict[str, Any]:
     task_type = task["type"]
     n_train = int(ctx["split"]["n_train"])
     n_genes = int(profile["n_genes"])
-    rationale = [f"Task type {task_type!r} from the task card: {task['description']}"]
+    rationale = [f"Task type {task_type!r}: {task['description']}"]
     if task_type == "combination":
         baseline = "additive"
         n_combo_train = int(ctx["split"].get("n_train_combinations", 0))
@@ -72,8 +72,25 @@ def design_plan(ctx: dict[str, Any]) -> dict[str, Any]:
         },
         "search_space": {"hidden_dim": [32, 64, 128], "weight_decay": [0.01, 0.1], "learning_rate": [1e-3, 3e-3]},
         "metric_of_record": "pearson_delta_de20",
-        "rationale": rationale,
+        "rationale": rationale + _analysis_rationale(ctx.get("analysis")),
     }
+
+
+def _analysis_rationale(analysis: dict[str, Any] | None) -> list[str]:
+    """Rationale lines citing the task analysis (its baselines, principles and candidate methods)."""
+    if not analysis:
+        return []
+    lines = [f"Task analysis: beat {', '.join(analysis['recommended_baselines'])} (cards {', '.join(analysis['cited'][:4])})."]
+    if analysis.get("design_principles"):
+        lines.append(f"Design principles followed: {', '.join(analysis['design_principles'][:4])}.")
+    if analysis.get("candidate_methods"):
+        lines.append(
+            f"Candidate methods considered: {', '.join(analysis['candidate_methods'][:4])}; the residual-on-baseline design "
+            "is kept because the analysis found few training conditions relative to those methods' data needs."
+            if any("training conditions" in c for c in analysis.get("key_challenges", []))
+            else f"Candidate methods considered: {', '.join(analysis['candidate_methods'][:4])}."
+        )
+    return lines
 
 
 @handles("coder")
@@ -158,3 +175,113 @@ def refine(ctx: dict[str, Any]) -> dict[str, Any]:
         if candidate not in tried:
             return {"diagnosis": why, "config_updates": {key: candidate[key]}}
     return {"diagnosis": "every planned change has been tried", "stop": True}
+
+
+# --------------------------------------------------------------------------- task analysis
+def _cards_of(ctx: dict[str, Any], kind: str) -> list[dict[str, Any]]:
+    return [c for c in ctx.get("retrieved", []) if c.get("detail", {}).get("kind") == kind]
+
+
+@handles("data_analyst")
+def analyse_data(ctx: dict[str, Any]) -> dict[str, Any]:
+    """Facts and limits of the data, from the profile."""
+    p = ctx["profile"]
+    cells = p.get("cells_per_condition", {})
+    n_train = ctx.get("split", {}).get("n_train", 0)
+    findings = [
+        f"{p['n_cells']} cells x {p['n_genes']} genes, {p['sparsity']:.0%} zeros; X is {p['normalisation']}",
+        f"{p['n_perturbations']} {p['perturbation_type']} perturbations ({p['n_combinations']} combinations) in {len(p['contexts'])} context(s)",
+        f"cells per condition: median {cells.get('median', 0):.0f} (min {cells.get('min', 0):.0f}); {p['n_control_cells']} control cells",
+        f"training effect sizes (L2 of pseudobulk deltas): median {p['seen_effect_size']['median']:.2f}, max {p['seen_effect_size']['max']:.2f}; "
+        f"the 20 largest genes carry {p['seen_top_genes_share']:.0%} of a delta's squared norm",
+    ]
+    risks, cited = [], []
+    if n_train < 30:  # noqa: PLR2004
+        risks.append(f"only {n_train} training conditions: a model sees {n_train} examples of pseudobulk deltas")
+        cited += ["small_data_principle", "residual_on_baseline"]
+    if cells.get("min", 100) < 30:  # noqa: PLR2004
+        risks.append(f"some conditions have {cells.get('min', 0):.0f} cells: their observed means are noisy")
+        cited.append("guide_assignment_principle")
+    if p["seen_top_genes_share"] > 0.5:  # noqa: PLR2004
+        risks.append("effects concentrate on few genes: DE-focused metrics and losses matter")
+        cited.append("de_weighted_loss")
+    if len(p["contexts"]) > 1:
+        risks.append(f"{len(p['contexts'])} contexts: responses may differ between them")
+        cited.append("context_transfer_principle")
+    return {
+        "findings": findings,
+        "risks": risks,
+        "recommendations": ["model pseudobulk deltas against each context's control mean", "keep strong regularisation and early stopping"],
+        "cited": cited + ["pseudobulk_principle"],
+    }
+
+
+_PROBLEM = {
+    "unseen_perturbation": "predict responses to perturbations absent from training; their targets are known only through features",
+    "combination": "predict pairs from their members; pairs whose members were both seen alone are easier than pairs with unseen members",
+    "new_context": "predict responses in a cell type, line or patient whose perturbed cells were never seen, from its control cells",
+    "drug_dose": "predict responses to held-out drugs or doses; chemistry and dose must carry the information",
+}
+
+
+@handles("problem_analyst")
+def analyse_problem(ctx: dict[str, Any]) -> dict[str, Any]:
+    """The generalisation the task demands, and the principles that apply."""
+    task = ctx["task"]
+    principles = [c["id"] for c in _cards_of(ctx, "principle")][:4]
+    split = ctx.get("split", {})
+    return {
+        "findings": [
+            f"task {task['type']}: {_PROBLEM.get(task['type'], task['type'])}",
+            f"the split holds out {split.get('n_test', '?')} conditions; {split.get('n_train', '?')} train and {split.get('n_val', '?')} validate",
+        ],
+        "risks": ["test conditions are whole conditions: cell-level splits would leak"],
+        "recommendations": [f"follow {pid}" for pid in principles],
+        "cited": ["leakage_principle", *principles],
+    }
+
+
+_BASELINES = {
+    "unseen_perturbation": ["training_mean", "linear"],
+    "combination": ["additive", "matching_mean", "linear"],
+    "new_context": ["context_shift", "training_mean"],
+    "drug_dose": ["training_mean", "linear"],
+}
+
+
+@handles("baseline_analyst")
+def analyse_baselines(ctx: dict[str, Any]) -> dict[str, Any]:
+    """The baselines to beat for the task type and the metrics a trivial predictor could win."""
+    task_type = ctx["task"]["type"]
+    cards = [c["id"] for c in _cards_of(ctx, "baseline")]
+    names = _BASELINES.get(task_type, ["training_mean"])
+    return {
+        "findings": [f"for {task_type} tasks the strongest simple baselines are {', '.join(names)} (Ahlmann-Eltze et al. 2025; Systema)"],
+        "risks": [
+            "raw-expression Pearson is near 1 even for no change: never the metric of record",
+            "control-referenced deltas reward predicting the shared perturbation shift (training mean)",
+        ],
+        "recommendations": [f"report and beat {', '.join(names)} on pearson_delta_de20 and mse_de20", "check discrimination between conditions"],
+        "cited": [*cards, "metric_choice_principle", "systematic_variation_principle"],
+    }
+
+
+@handles("analysis_refiner")
+def refine_analysis(ctx: dict[str, Any]) -> dict[str, Any]:
+    """Merge the analysts' reports; keep only cards that were retrieved or cited."""
+    task = ctx["task"]
+    reports = ctx["reports"]
+    retrieved = {c["id"] for c in ctx.get("retrieved", [])}
+    cited = [c for r in reports.values() for c in r.get("cited", []) if c in retrieved or c in ctx.get("known_cards", [])]
+    methods = [c["id"] for c in _cards_of(ctx, "method")][:5]
+    principles = list(dict.fromkeys([c for c in cited if c.endswith("_principle")] + [c["id"] for c in _cards_of(ctx, "principle")]))[:6]
+    challenges = [risk for r in reports.values() for risk in r.get("risks", [])][:6]
+    return {
+        "summary": f"{task['type']} task: {_PROBLEM.get(task['type'], '')}. Main risks: {'; '.join(challenges[:2]) or 'none found'}.",
+        "task_type": task["type"],
+        "key_challenges": challenges,
+        "recommended_baselines": _BASELINES.get(task["type"], ["training_mean"]),
+        "candidate_methods": methods,
+        "design_principles": principles,
+        "cited": list(dict.fromkeys(cited)),
+    }

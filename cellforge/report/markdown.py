@@ -40,6 +40,33 @@ def _usage_table(by_stage: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _found_by(item: dict[str, Any]) -> str:
+    return f"{item['how']} from {item['via']}" if item.get("via") else item["how"]
+
+
+def _analysis_section(run: Any) -> str:
+    if not run.path("task_analysis.json").exists():
+        return ""
+    record = run.read_json("task_analysis.json")
+    a = record["analysis"]
+    spec = record.get("task_spec", {})
+    cards = "\n".join(f"| {r['id']} | {_found_by(r)} | {r['score']:.3f} |" for r in record["retrieved"][:12])
+    return f"""## Task analysis
+
+{a['summary']}
+
+- task type: `{a['task_type']}` (from {spec.get('inferred_from', {}).get('type', 'the run settings')}); metric of record `{spec.get('metric_of_record', 'pearson_delta_de20')}`
+- key challenges: {'; '.join(a['key_challenges']) or 'none found'}
+- baselines to beat: {', '.join(a['recommended_baselines'])}
+- candidate methods: {', '.join(a['candidate_methods'])}; design principles: {', '.join(a['design_principles'])}
+- online connectors: {record.get('connectors', {})}
+
+| retrieved card | found by | relevance |
+|---|---|---|
+{cards}
+"""
+
+
 def write_report(run: Any, metrics: dict[str, Any]) -> None:
     """Write ``report.md`` into the run directory."""
     plan = run.read_json("plan.json")
@@ -64,6 +91,7 @@ BH FDR < 0.05 (cell-eval), `discrimination_score_l1_common` ranks each predictio
 (chance is about 0.5). `pearson` on raw expression is shown but is near 1 for any model. Every metric's
 source is in `evaluation/scores.json`.
 
+{_analysis_section(run)}
 ## Model vs baselines
 
 {_table(metrics['methods'])}

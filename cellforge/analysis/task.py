@@ -1,0 +1,97 @@
+"""Task analysis: the task specification and the analyst agents' report (``task_analysis.json``)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+TaskType = Literal["unseen_perturbation", "combination", "new_context", "drug_dose"]
+
+#: Split strategy of each task type (drug/dose tasks hold out whole drugs).
+SPLIT_OF_TASK = {"unseen_perturbation": "unseen_perturbation", "combination": "combination", "new_context": "new_context", "drug_dose": "unseen_perturbation"}
+
+_WORDS: list[tuple[TaskType, re.Pattern[str]]] = [
+    ("combination", re.compile(r"\b(combination|combinatorial|pairs?|double|doubles|two-gene|dual)\b", re.I)),
+    ("new_context", re.compile(r"\b(new|unseen|held[- ]out|another)\s+(cell[- ]?types?|cell[- ]?lines?|patients?|donors?|contexts?|tissues?)\b", re.I)),
+    ("drug_dose", re.compile(r"\b(drugs?|doses?|compounds?|chemicals?|small molecules?)\b", re.I)),
+    ("unseen_perturbation", re.compile(r"\b(unseen|held[- ]out|new|novel)\s+(genes?|perturbations?|knock-?downs?|knock-?outs?|guides?|targets?)\b", re.I)),
+]
+
+
+class TaskSpec(BaseModel):
+    """What is to be predicted, and how it is judged. ``inferred_from`` says where each field came from."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    type: TaskType
+    description: str
+    target_modality: str = "rna"
+    metric_of_record: str = "pearson_delta_de20"
+    inferred_from: dict[str, str] = Field(default_factory=dict)
+
+
+def task_type_from_words(text: str) -> TaskType | None:
+    """The task type the user's words name, if any (first matching rule)."""
+    for task_type, pattern in _WORDS:
+        if pattern.search(text or ""):
+            return task_type
+    return None
+
+
+def task_type_from_profile(profile: dict[str, Any]) -> TaskType:
+    """Without words: combinations present -> combination; three or more contexts sharing a few
+    perturbations (at most 20, at least 80% of them measured in two or more contexts) -> new_context;
+    chemical perturbations -> drug_dose; otherwise unseen_perturbation."""
+    if profile.get("n_combinations", 0) > 0:
+        return "combination"
+    shared = profile.get("shared_across_contexts", 0.0)
+    if len(profile.get("contexts", [])) >= 3 and shared >= 0.8 and profile.get("n_perturbations", 0) <= 20:  # noqa: PLR2004
+        return "new_context"
+    if str(profile.get("perturbation_type", "")).lower() in {"drug", "chemical", "compound"}:
+        return "drug_dose"
+    return "unseen_perturbation"
+
+
+def infer_task_spec(description: str, profile: dict[str, Any], *, declared: str | None = None) -> TaskSpec:
+    """Task specification from a declared type (flag, task file or data card), else words, else the profile."""
+    if declared:
+        task_type, origin = declared, "declared (flag, task file or data card)"
+    elif (from_words := task_type_from_words(description)) is not None:
+        task_type, origin = from_words, "the task description's words"
+    else:
+        task_type, origin = task_type_from_profile(profile), "the data profile"
+    modality = str(profile.get("modality", "rna"))
+    return TaskSpec(
+        type=task_type,  # type: ignore[arg-type]
+        description=description,
+        target_modality=modality,
+        metric_of_record="pearson_delta_de20",
+        inferred_from={"type": origin, "target_modality": "the data profile (feature names)", "metric_of_record": "cellforge default (GEARS top-20 DE delta)"},
+    )
+
+
+class AnalystReport(BaseModel):
+    """One analyst's findings."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    findings: list[str] = Field(description="What the analyst established, each with its evidence.")
+    risks: list[str] = Field(default_factory=list, description="What could make a model fail or a comparison unfair.")
+    recommendations: list[str] = Field(default_factory=list)
+    cited: list[str] = Field(default_factory=list, description="Ids of knowledge cards (or external items) relied on.")
+
+
+class TaskAnalysis(BaseModel):
+    """The refined task analysis every later stage reads."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    summary: str
+    task_type: TaskType
+    key_challenges: list[str]
+    recommended_baselines: list[str] = Field(description="Baselines the designed model must be reported beside and beat.")
+    candidate_methods: list[str] = Field(description="Ids of method cards worth considering, most relevant first.")
+    design_principles: list[str] = Field(description="Ids of principle cards the design should follow.")
+    cited: list[str] = Field(default_factory=list)

@@ -1,0 +1,1 @@
+"""Knowledge base of method and design-principle cards, and retrieval over it."""
