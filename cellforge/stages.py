@@ -94,6 +94,8 @@ def stage_data(run: Run, *, echo: Echo) -> None:
         record["raw_profile"] = raw.model_dump(exclude={"per_condition"})
         echo(f"  parser: X is {raw.scale} ({raw.scale_evidence}); perturbation column {raw.perturbation_key!r} ({raw.perturbation_key_how}), control {raw.control_label!r}")
     run.write_json("data.json", record)
+    spec = task.get("spec", {})
+    echo(f"  task: {task['type']} (from {spec.get('inferred_from', {}).get('type', 'settings')}); metric of record {spec.get('metric_of_record', 'pearson_delta_de20')}")
     echo(f"  {adata.n_obs} cells x {adata.n_vars} genes; split: {len(manifest.train)} train / {len(manifest.val)} val / {len(manifest.test)} test conditions")
 
 
