@@ -43,6 +43,8 @@ class RunConfig(BaseModel):
     timeout_s: float = 900
     memory_mb: int = 8192
     threads: int = 2
+    debate_rounds: int = Field(default=10, ge=1, le=10, description="Round cap of the expert debate.")
+    pilots: int = Field(default=2, ge=0, description="Pilot runs the debate may ask for (0: none).")
     refine_rounds: int = Field(default=3, ge=0, description="Refinement rounds after the first clean run (0: none).")
     refine_patience: int = Field(default=2, ge=1, description="Rounds without enough improvement before stopping.")
     refine_tolerance: float = Field(default=0.01, ge=0.0, description="Relative validation improvement that counts.")

@@ -46,6 +46,30 @@ def design_plan(ctx: dict[str, Any]) -> dict[str, Any]:
         f"{n_train} training conditions and {n_genes} genes: hidden width {hidden}, weight decay {weight_decay}, "
         "early stopping on validation loss so the model stays at the baseline unless validation improves."
     )
+    hyperparameters = {
+        "hidden_dim": hidden,
+        "dropout": 0.1,
+        "learning_rate": 1e-3,
+        "weight_decay": weight_decay,
+        "de_weight": 1.0,
+        "max_epochs": 300,
+        "batch_size": max(1, min(16, n_train)),
+        "patience": 30,
+        "n_components": min(16, max(2, n_train)),
+        "seed": 0,
+    }
+    debate = ctx.get("debate") or {}
+    consensus = debate.get("consensus")
+    if consensus:
+        baseline, train_on = consensus["baseline"], consensus["train_on"]
+        hyperparameters.update({k: (int(v) if k in {"hidden_dim", "max_epochs", "patience"} else v) for k, v in consensus["hyperparameters"].items()})
+        rationale.append(f"Expert debate: {debate['stop_reason']}; the plan takes the consensus design ({baseline}, {train_on}).")
+        for name, pilot in debate.get("pilots", {}).items():
+            rationale.append(
+                f"Pilot {name} by {pilot['author']}: val_mse_top20 {pilot['val_mse_top20']} vs its baseline {pilot['val_baseline_mse_top20']}."
+            )
+        if consensus.get("cited"):
+            rationale.append(f"Evidence cited in the consensus: {', '.join(consensus['cited'])}.")
     return {
         "task_type": task_type,
         "template": "residual_mlp",
@@ -58,18 +82,7 @@ def design_plan(ctx: dict[str, Any]) -> dict[str, Any]:
         "baseline": baseline,
         "train_on": train_on,
         "loss": "MSE on pseudobulk deltas, weighted towards large observed effects (de_weight)",
-        "hyperparameters": {
-            "hidden_dim": hidden,
-            "dropout": 0.1,
-            "learning_rate": 1e-3,
-            "weight_decay": weight_decay,
-            "de_weight": 1.0,
-            "max_epochs": 300,
-            "batch_size": max(1, min(16, n_train)),
-            "patience": 30,
-            "n_components": min(16, max(2, n_train)),
-            "seed": 0,
-        },
+        "hyperparameters": hyperparameters,
         "search_space": {"hidden_dim": [32, 64, 128], "weight_decay": [0.01, 0.1], "learning_rate": [1e-3, 3e-3]},
         "metric_of_record": "pearson_delta_de20",
         "rationale": rationale + _analysis_rationale(ctx.get("analysis")),
@@ -285,3 +298,130 @@ def refine_analysis(ctx: dict[str, Any]) -> dict[str, Any]:
         "design_principles": principles,
         "cited": list(dict.fromkeys(cited)),
     }
+
+
+# --------------------------------------------------------------------------- design debate
+_DEFAULT_BASELINE = {"combination": "additive", "new_context": "context_shift", "unseen_perturbation": "training_mean", "drug_dose": "training_mean"}
+_EXPERT_CARDS = {
+    "expert_data": ["small_data_principle", "pseudobulk_principle"],
+    "expert_biology": ["de_weighted_loss", "genetic_interaction_principle"],
+    "expert_architecture": ["residual_on_baseline", "gnn_gene_graph"],
+    "expert_training": ["early_stopping_principle", "small_data_principle"],
+    "expert_statistics": ["leakage_principle", "metric_choice_principle"],
+    "expert_gene_regulation": ["genetic_interaction_principle", "additive_baseline"],
+    "expert_drug_response": ["dose_response_principle", "chemcpa"],
+    "expert_cell_state": ["context_transfer_principle", "context_shift_baseline"],
+}
+
+
+def _preference(expert: str, evidence: dict[str, Any]) -> dict[str, Any]:
+    """An expert's first design, from the profile and split through its perspective."""
+    task_type = evidence["task"]["type"]
+    profile, split = evidence["profile"], evidence["split"]
+    n_train = int(split["n_train"])
+    small = n_train < 10  # noqa: PLR2004
+    hp = {
+        "hidden_dim": 32 if small else (64 if n_train < 40 else 128),  # noqa: PLR2004
+        "dropout": 0.1,
+        "learning_rate": 1e-3,
+        "weight_decay": 0.1 if small else 0.01,
+        "de_weight": 1.0,
+        "max_epochs": 300,
+        "patience": 30,
+    }
+    train_on = "all"
+    why = f"{n_train} training conditions"
+    if expert == "expert_architecture":
+        hp["hidden_dim"] *= 2
+        why = "more capacity may capture interactions the baseline misses; a pilot can check it"
+    elif expert == "expert_training":
+        hp["learning_rate"] = 3e-3 if n_train >= 40 else 1e-3  # noqa: PLR2004
+        hp["patience"] = 20
+        why = "early stopping on validation keeps the model at the baseline unless it helps"
+    elif expert == "expert_statistics":
+        hp["weight_decay"] = max(hp["weight_decay"], 0.05)
+        hp["dropout"] = 0.2
+        why = "few conditions: regularise so the residual cannot fit noise"
+    elif expert == "expert_biology":
+        hp["de_weight"] = 2.0 if profile.get("seen_top_genes_share", 0) > 0.5 else 1.0  # noqa: PLR2004
+        why = f"the 20 largest genes carry {profile.get('seen_top_genes_share', 0):.0%} of effects"
+    elif expert in {"expert_gene_regulation", "expert_cell_state", "expert_drug_response"}:
+        why = "the domain's strongest simple predictor is the reference"
+    if task_type == "combination" and int(split.get("n_train_combinations", 0)) >= 4 and expert in {"expert_biology", "expert_gene_regulation"}:  # noqa: PLR2004
+        train_on = "combinations"
+        why += "; supervise the interaction residual on training pairs only"
+    return {"baseline": _DEFAULT_BASELINE.get(task_type, "training_mean"), "train_on": train_on, "hyperparameters": hp, "why": why}
+
+
+def _distance(a: dict[str, Any], b: dict[str, Any]) -> float:
+    from cellforge.design.debate import DesignProposal, proposal_distance
+
+    return proposal_distance(DesignProposal(**a), DesignProposal(**b))
+
+
+def _best_pilot(pilots: dict[str, Any]) -> dict[str, Any] | None:
+    ok = [p for p in pilots.values() if p.get("val_mse_top20") is not None]
+    return min(ok, key=lambda p: p["val_mse_top20"]) if ok else None
+
+
+@handles(*_EXPERT_CARDS)
+def expert_turn(ctx: dict[str, Any]) -> dict[str, Any]:
+    """Propose from the expert's perspective; later, adopt the best pilot's design or move to the neighbours' median."""
+    expert, evidence = ctx["expert"], ctx["evidence"]
+    neighbours = {n: v["proposal"] for n, v in ctx.get("neighbours", {}).items()}
+    retrieved = {c["id"] for c in evidence.get("retrieved", [])}
+    cited = [c for c in _EXPERT_CARDS.get(expert, []) if c in retrieved]
+    best = _best_pilot(ctx.get("pilots", {}))
+    if ctx["round"] == 1 or ctx.get("own_proposal") is None:
+        pref = _preference(expert, evidence)
+        proposal = {k: pref[k] for k in ("baseline", "train_on", "hyperparameters")}
+        rationale = [f"{expert}: {pref['why']}"]
+        request = expert in {"expert_architecture", "expert_statistics"}
+    elif best is not None and _distance(ctx["own_proposal"], best["proposal"]) > 0:
+        proposal = dict(best["proposal"])
+        rationale = [f"{expert}: adopting the best pilot's design (val_mse_top20 {best['val_mse_top20']:.5f})"]
+        cited.append(next(k for k, p in ctx["pilots"].items() if p is best))
+        request = False
+    else:
+        own = ctx["own_proposal"]
+        others = [*neighbours.values(), own]
+        hp = {}
+        for key, value in own["hyperparameters"].items():
+            values = sorted(float(p["hyperparameters"].get(key, value)) for p in others)
+            hp[key] = values[len(values) // 2]
+        baselines = [p["baseline"] for p in others]
+        proposal = {"baseline": max(set(baselines), key=baselines.count), "train_on": max({p["train_on"] for p in others}, key=[p["train_on"] for p in others].count), "hyperparameters": hp}
+        rationale = [f"{expert}: no evidence separates the remaining differences; moving to the neighbours' median"]
+        request = False
+    for key in ("hidden_dim", "max_epochs", "patience"):
+        proposal["hyperparameters"][key] = int(proposal["hyperparameters"][key])
+    ratings = {n: round(1 - _distance(proposal, p), 4) for n, p in neighbours.items()}
+    spread = sum(1 - r for r in ratings.values()) / max(len(ratings), 1)
+    return {
+        "proposal": {**proposal, "rationale": rationale, "cited": cited},
+        "ratings": ratings,
+        "critique": "; ".join(f"{n} differs from me by {1 - r:.2f}" for n, r in ratings.items() if r < 1),
+        "self_confidence": round(max(0.3, 0.9 - spread), 4),
+        "request_pilot": request,
+    }
+
+
+@handles("critic")
+def critic_turn(ctx: dict[str, Any]) -> dict[str, Any]:
+    """Score each proposal by the evidence: the recommended baseline, and closeness to the best pilot (or the panel median)."""
+    evidence = ctx["evidence"]
+    recommended = set(evidence.get("analysis", {}).get("recommended_baselines", [])) or {_DEFAULT_BASELINE.get(evidence["task"]["type"])}
+    best = _best_pilot(ctx.get("pilots", {}))
+    proposals = ctx["proposals"]
+    if best is not None:
+        target, basis = best["proposal"], f"the best pilot (val_mse_top20 {best['val_mse_top20']:.5f})"
+    else:
+        names = sorted(proposals)
+        target = min((proposals[n] for n in names), key=lambda p: sum(_distance(p, q) for q in proposals.values()))
+        basis = "the panel's most central design"
+    scores, critiques = {}, {}
+    for name, p in proposals.items():
+        score = 1.0 - 0.5 * (p["baseline"] not in recommended) - 0.5 * _distance(p, target)
+        scores[name] = round(max(0.0, score), 4)
+        critiques[name] = "supported by the evidence" if score > 0.95 else f"differs from {basis}" + ("" if p["baseline"] in recommended else f"; baseline {p['baseline']} is not among {sorted(recommended)}")
+    return {"scores": scores, "critiques": critiques}

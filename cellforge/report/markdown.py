@@ -67,6 +67,27 @@ def _analysis_section(run: Any) -> str:
 """
 
 
+def _debate_section(run: Any) -> str:
+    if not run.path("debate.json").exists():
+        return ""
+    d = run.read_json("debate.json")
+    final = d["confidences"][-1] if d["confidences"] else {}
+    pilots = "\n".join(
+        f"| {name} | {p['author']} | {p['proposal']['baseline']} | {p.get('val_mse_top20')} | {p.get('val_baseline_mse_top20')} |" for name, p in d["pilots"].items()
+    )
+    pilot_table = f"| pilot | asked by | baseline | val_mse_top20 | its baseline |\n|---|---|---|---|---|\n{pilots}\n" if pilots else "No pilot runs.\n"
+    return f"""## Design debate
+
+Panel: {', '.join(d['experts'])}; graph: ring (each expert sees two neighbours) plus the critic; {d['calls']} calls.
+{d['stop_reason']}.
+
+![confidence per round](debate_convergence.png)
+
+Final confidences: {', '.join(f'{k} {v:.2f}' for k, v in final.items())}
+
+{pilot_table}"""
+
+
 def write_report(run: Any, metrics: dict[str, Any]) -> None:
     """Write ``report.md`` into the run directory."""
     plan = run.read_json("plan.json")
@@ -92,6 +113,7 @@ BH FDR < 0.05 (cell-eval), `discrimination_score_l1_common` ranks each predictio
 source is in `evaluation/scores.json`.
 
 {_analysis_section(run)}
+{_debate_section(run)}
 ## Model vs baselines
 
 {_table(metrics['methods'])}
