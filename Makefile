@@ -20,7 +20,7 @@ PY312 := $(shell \
 # uv from PATH, else installed from PyPI into .tools/.
 UV := $(shell command -v uv 2>/dev/null || echo .tools/bin/uv)
 
-.PHONY: help install test test-all test-docker benchmark bench docker-build clean
+.PHONY: help install test test-all test-docker benchmark bench bench-tasks docker-build clean
 
 help: ## Show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-14s %s\n", $$1, $$2}'
@@ -50,6 +50,9 @@ benchmark: $(VENV)/.installed ## Run the main job: make benchmark DATASET=<name>
 
 bench: $(VENV)/.installed ## Performance benchmarks, written to benchmarks/results/
 	$(PY) benchmarks/bench.py
+
+bench-tasks: $(VENV)/.installed ## The real tasks over folds: model vs every baseline, written to benchmarks/results/tasks.md
+	$(PY) benchmarks/tasks.py
 
 docker-build: ## Build the sandbox image (OpenHands agent server + training stack)
 	docker build -t cellforge-sandbox:latest -f docker/Dockerfile .

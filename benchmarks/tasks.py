@@ -1,0 +1,134 @@
+"""The real tasks on the shipped data, over folds or seeds: model vs every baseline (``make bench-tasks``).
+
+Each task is a data set plus a split strategy; every fold (or seed) is a full offline
+``cellforge benchmark`` run with its own saved split manifest. The table reports mean and
+standard deviation over folds of the headline metrics for the model and each baseline, says
+plainly whether the model beats the best baseline, and gives the wall time per task. Results
+go to ``benchmarks/results/tasks.json`` and ``tasks.md``.
+
+Usage: ``python benchmarks/tasks.py [--task NAME ...] [--folds 3] [--pilots 0] [--refine-rounds 1]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pandas as pd
+
+ROOT = Path(__file__).resolve().parent.parent
+METRICS = ["pearson_delta", "pearson_delta_de20", "mse_de20", "overlap_at_N", "discrimination_score_l1_common"]
+HIGHER = {"pearson_delta", "pearson_delta_de20", "overlap_at_N", "discrimination_score_l1_common"}
+
+#: Task -> (data set, split strategy, options per fold index).
+TASKS: dict[str, tuple[str, str, object]] = {
+    "norman_combinations": ("norman_subset", "combination", lambda f: {"seed": f}),
+    "papalexi_unseen_knockouts": ("papalexi_subset", "kfold", lambda f: {"seed": 0, "n_folds": 3, "fold": f}),
+    "adamson_unseen_knockdowns": ("adamson_subset", "kfold", lambda f: {"seed": 0, "n_folds": 3, "fold": f}),
+    "kang_heldout_cell_type": ("kang_subset", "new_context", lambda f: {"seed": f, "test_contexts": [["CD4T", "B", "NK"][f % 3]]}),
+    "glioblastoma_heldout_patient": ("glioblastoma_subset", "new_context", lambda f: {"seed": f, "test_contexts": [["PW034", "PW040", "PW029"][f % 3]]}),
+}
+
+
+def run_fold(task: str, fold: int, *, runs: Path, pilots: int, refine_rounds: int) -> dict:
+    """One fold: make the split, run the pipeline offline, return its metrics."""
+    from cellforge.data import load_dataset
+    from cellforge.data.splits import make_split
+    from cellforge.pipeline import Run, RunConfig, run_pipeline
+
+    dataset, strategy, options = TASKS[task]
+    opts = dict(options(fold))  # type: ignore[operator]
+    seed = int(opts.pop("seed", 0))
+    adata = load_dataset(dataset, show_progress=False)
+    if strategy == "new_context":
+        contexts = sorted(adata.obs["context"].astype(str).unique())
+        opts["test_contexts"] = [c for c in opts["test_contexts"] if c in contexts] or contexts[:1]
+    manifest = make_split(adata, strategy, seed=seed, **opts)
+    split_path = runs / f"{task}-fold{fold}.split.json"
+    manifest.save(split_path)
+    config = RunConfig(dataset=dataset, split_file=str(split_path), seed=seed, pilots=pilots, refine_rounds=refine_rounds)
+    run = Run.create(config, root=runs)
+    start = time.monotonic()
+    run_pipeline(run, echo=lambda _: None)
+    metrics = json.loads(run.path("metrics.json").read_text())
+    return {"fold": fold, "run_dir": str(run.dir), "wall_s": round(time.monotonic() - start, 1), "methods": metrics["methods"], "n_test": len(manifest.test)}
+
+
+def summarise(folds: list[dict]) -> pd.DataFrame:
+    """Mean and standard deviation over folds: rows methods, columns ``metric`` and ``metric_sd``."""
+    frames = [pd.DataFrame(f["methods"]).T[METRICS] for f in folds]
+    stacked = pd.concat(frames, keys=range(len(frames)))
+    mean = stacked.groupby(level=1).mean()
+    sd = stacked.groupby(level=1).std(ddof=1).fillna(0.0).add_suffix("_sd")
+    return pd.concat([mean, sd], axis=1)
+
+
+def verdict(table: pd.DataFrame, metric: str) -> str:
+    """Does the model beat the best baseline on ``metric`` (mean over folds)?"""
+    baselines = table.drop(index="cellforge_model")
+    best = baselines[metric].idxmax() if metric in HIGHER else baselines[metric].idxmin()
+    model, other = table.loc["cellforge_model", metric], baselines.loc[best, metric]
+    wins = model > other if metric in HIGHER else model < other
+    return f"{'beats' if wins else 'does NOT beat'} {best} ({model:.4f} vs {other:.4f})"
+
+
+def markdown(results: dict) -> str:
+    """The results as a markdown table per task."""
+    lines = [f"# Task benchmark ({results['date']}, {results['machine']})", "", f"Settings: {results['settings']}", ""]
+    for task, entry in results["tasks"].items():
+        table = pd.DataFrame(entry["summary"])
+        lines += [f"## {task} ({entry['dataset']}, {entry['strategy']}, {len(entry['folds'])} folds, {entry['wall_s']} s)", ""]
+        lines.append("| method | " + " | ".join(METRICS) + " |")
+        lines.append("|---|" + "---|" * len(METRICS))
+        for method, row in table.iterrows():
+            cells = [f"{row[m]:.4f} ± {row[m + '_sd']:.4f}" for m in METRICS]
+            label = f"**{method}**" if method == "cellforge_model" else method
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines += ["", f"- pearson_delta_de20: the model {entry['verdict']['pearson_delta_de20']}", f"- mse_de20: the model {entry['verdict']['mse_de20']}", ""]
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--task", action="append", choices=sorted(TASKS), help="Tasks to run (default: all).")
+    parser.add_argument("--folds", type=int, default=3)
+    parser.add_argument("--pilots", type=int, default=0)
+    parser.add_argument("--refine-rounds", type=int, default=1)
+    parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "tasks")
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    args = parser.parse_args()
+    os.environ.setdefault("CELLFORGE_DATA_MIRROR", str(ROOT.parent / "shared" / "data"))
+    args.runs.mkdir(parents=True, exist_ok=True)
+    results = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": f"{os.cpu_count()} CPUs, Python {sys.version.split()[0]}",
+        "settings": {"folds": args.folds, "pilots": args.pilots, "refine_rounds": args.refine_rounds, "llm": "offline planner"},
+        "tasks": {},
+    }
+    for task in args.task or sorted(TASKS):
+        start = time.monotonic()
+        folds = [run_fold(task, f, runs=args.runs, pilots=args.pilots, refine_rounds=args.refine_rounds) for f in range(args.folds)]
+        table = summarise(folds)
+        dataset, strategy, _ = TASKS[task]
+        results["tasks"][task] = {
+            "dataset": dataset,
+            "strategy": strategy,
+            "folds": folds,
+            "summary": table.to_dict(orient="index"),
+            "verdict": {m: verdict(table, m) for m in ["pearson_delta_de20", "mse_de20"]},
+            "wall_s": round(time.monotonic() - start, 1),
+        }
+        print(f"{task}: {results['tasks'][task]['verdict']} in {results['tasks'][task]['wall_s']} s", flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "tasks.json").write_text(json.dumps(results, indent=1, default=float))
+    (args.out / "tasks.md").write_text(markdown(results))
+    print(args.out / "tasks.md")
+
+
+if __name__ == "__main__":
+    main()
