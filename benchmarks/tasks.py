@@ -81,7 +81,7 @@ def markdown(results: dict) -> str:
     """The results as a markdown table per task."""
     lines = [f"# Task benchmark ({results['date']}, {results['machine']})", "", f"Settings: {results['settings']}", ""]
     for task, entry in results["tasks"].items():
-        table = pd.DataFrame(entry["summary"])
+        table = pd.DataFrame.from_dict(entry["summary"], orient="index")
         lines += [f"## {task} ({entry['dataset']}, {entry['strategy']}, {len(entry['folds'])} folds, {entry['wall_s']} s)", ""]
         lines.append("| method | " + " | ".join(METRICS) + " |")
         lines.append("|---|" + "---|" * len(METRICS))
