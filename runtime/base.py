@@ -75,6 +75,14 @@ class Sandbox(abc.ABC):
         return {"backend": self.backend, "isolation": self.isolation}
 
 
+def limits_prefix(timeout_s: float, memory_mb: int | None) -> list[str]:
+    """``timeout`` (TERM, then KILL 5 s later; exit code 124) and ``prlimit --as`` before a command."""
+    prefix = ["timeout", "-s", "TERM", "-k", "5", f"{timeout_s:.0f}"]
+    if memory_mb:
+        prefix += ["prlimit", f"--as={int(memory_mb) * 1024 * 1024}", "--"]
+    return prefix
+
+
 def tail(path: Path, *, n_lines: int = 40, max_chars: int = 4000) -> str:
     """Last ``n_lines`` of a text file (at most ``max_chars``), empty if missing."""
     if not path.exists():

@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from runtime.base import Isolation, RunResult, Sandbox, tail
+from runtime.base import Isolation, RunResult, Sandbox, limits_prefix, tail
 from runtime.errors import SandboxInfraError
 
 DEFAULT_IMAGE = "cellforge-sandbox:latest"
@@ -214,10 +214,7 @@ class DockerSandbox(Sandbox):
 
     def container_command(self, command: list[str], *, timeout_s: float, memory_mb: int | None) -> list[str]:
         """The command line run inside the container: ``timeout`` and ``prlimit`` around ``command``."""
-        inner = ["timeout", "-s", "TERM", "-k", "5", f"{timeout_s:.0f}"]
-        if memory_mb:
-            inner += ["prlimit", f"--as={int(memory_mb) * 1024 * 1024}", "--"]
-        return inner + command
+        return limits_prefix(timeout_s, memory_mb) + command
 
     def run(
         self,

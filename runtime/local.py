@@ -13,7 +13,7 @@ import shutil
 import time
 from pathlib import Path
 
-from runtime.base import Isolation, RunResult, Sandbox, tail
+from runtime.base import Isolation, RunResult, Sandbox, limits_prefix, tail
 
 os.environ.setdefault("OPENHANDS_SUPPRESS_BANNER", "1")
 
@@ -78,9 +78,7 @@ class LocalSandbox(Sandbox):
 
     def wrap(self, command: list[str], *, timeout_s: float, memory_mb: int | None, env: dict[str, str]) -> list[str]:
         """The full host command line: timeout, prlimit, bubblewrap, then ``command``."""
-        wrapped = ["timeout", "-s", "TERM", "-k", "5", f"{timeout_s:.0f}"]
-        if memory_mb:
-            wrapped += ["prlimit", f"--as={int(memory_mb) * 1024 * 1024}", "--"]
+        wrapped = limits_prefix(timeout_s, memory_mb)
         if self.use_bwrap:
             work = str(self.work_dir)
             # The whole root read-only (``/tmp`` included: the interpreter may live there);
