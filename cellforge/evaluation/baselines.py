@@ -143,10 +143,3 @@ BASELINES: dict[str, Callable[[BaselineInputs], pd.DataFrame]] = {
     "linear": linear,
     "context_shift": context_shift,
 }
-
-#: Baselines reported for each task type.
-TASK_BASELINES: dict[str, list[str]] = {
-    "unseen_perturbation": ["no_change", "training_mean", "linear"],
-    "combination": ["no_change", "training_mean", "additive", "matching_mean", "linear"],
-    "new_context": ["no_change", "training_mean", "context_shift"],
-}

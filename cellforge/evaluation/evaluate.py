@@ -20,7 +20,6 @@ from cellforge.errors import ConfigError
 from cellforge.evaluation.baselines import BASELINES
 from cellforge.evaluation.de import prediction_de_table
 from cellforge.evaluation.harness import (
-    HEADLINE,
     baseline_inputs,
     build_truth,
     run_baselines,
@@ -120,8 +119,9 @@ def evaluate_predictions(
     if label in chosen:
         msg = f"predictions name {label!r} clashes with a baseline; pass another --name"
         raise ConfigError(msg)
-    truth = build_truth(adata, manifest)
-    predictions = {label: pred.profiles, **run_baselines(baseline_inputs(adata, manifest), chosen)}
+    inputs = baseline_inputs(adata, manifest)
+    truth = build_truth(adata, manifest, inputs=inputs)
+    predictions = {label: pred.profiles, **run_baselines(inputs, chosen)}
     pred_de = {}
     if pred.cells is not None:
         pred_de[label] = prediction_de_table(pred.cells, adata, truth.contexts)
@@ -145,4 +145,4 @@ def file_md5(path: Path) -> str:
     return digest.hexdigest()
 
 
-__all__ = ["HEADLINE", "Evaluation", "baselines_for", "evaluate_predictions", "file_md5"]
+__all__ = ["Evaluation", "baselines_for", "evaluate_predictions", "file_md5"]

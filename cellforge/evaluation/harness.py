@@ -72,7 +72,7 @@ class Truth:
         return self.profiles.columns
 
 
-def build_truth(adata: ad.AnnData, manifest: SplitManifest, *, n_de: int = 20) -> Truth:
+def build_truth(adata: ad.AnnData, manifest: SplitManifest, *, n_de: int = 20, inputs: BaselineInputs | None = None) -> Truth:
     """Observed test profiles, control means, DE calls and references of a split.
 
     Parameters
@@ -83,13 +83,15 @@ def build_truth(adata: ad.AnnData, manifest: SplitManifest, *, n_de: int = 20) -
         The split; its test conditions are scored.
     n_de
         Number of top t-test DE genes per condition (GEARS: 20).
+    inputs
+        :func:`baseline_inputs` of the same split, when the caller already has them.
     """
     table = condition_table(adata)
     test = list(manifest.test)
     mask = adata.obs["condition"].astype(str).isin(test).to_numpy()
     profiles = pseudobulk(adata, mask=mask).loc[test]
     controls = control_means(adata)
-    seen = baseline_inputs(adata, manifest)
+    seen = inputs if inputs is not None else baseline_inputs(adata, manifest)
     mean_seen_delta = seen.seen_deltas().mean(axis=0)
     genes = set(profiles.columns)
     targets = {
