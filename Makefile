@@ -20,7 +20,7 @@ PY312 := $(shell \
 # uv from PATH, else installed from PyPI into .tools/.
 UV := $(shell command -v uv 2>/dev/null || echo .tools/bin/uv)
 
-.PHONY: help install test test-all test-docker benchmark bench bench-tasks docker-build clean
+.PHONY: help install test test-all test-docker benchmark bench bench-perf bench-tasks docker-build clean
 
 help: ## Show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-14s %s\n", $$1, $$2}'
@@ -48,7 +48,9 @@ test-docker: $(VENV)/.installed ## Run the Docker sandbox for real (needs a Dock
 benchmark: $(VENV)/.installed ## Run the main job: make benchmark DATASET=<name>
 	$(VENV)/bin/cellforge benchmark --dataset $(DATASET)
 
-bench: $(VENV)/.installed ## Performance benchmarks, written to benchmarks/results/
+bench: bench-tasks bench-perf ## Every benchmark: the real tasks, then performance; written to benchmarks/results/
+
+bench-perf: $(VENV)/.installed ## Performance benchmarks (scoring, sandbox overhead, profiling)
 	$(PY) benchmarks/bench.py
 
 bench-tasks: $(VENV)/.installed ## The real tasks over folds: model vs every baseline, written to benchmarks/results/tasks.md

@@ -31,7 +31,7 @@ TASKS: dict[str, tuple[str, str, object]] = {
     "papalexi_unseen_knockouts": ("papalexi_subset", "kfold", lambda f: {"seed": 0, "n_folds": 3, "fold": f}),
     "adamson_unseen_knockdowns": ("adamson_subset", "kfold", lambda f: {"seed": 0, "n_folds": 3, "fold": f}),
     "kang_heldout_cell_type": ("kang_subset", "new_context", lambda f: {"seed": f, "test_contexts": [["CD4T", "B", "NK"][f % 3]]}),
-    "glioblastoma_heldout_patient": ("glioblastoma_subset", "new_context", lambda f: {"seed": f, "test_contexts": [["PW034", "PW040", "PW029"][f % 3]]}),
+    "glioblastoma_heldout_patient": ("glioblastoma_subset", "new_context", lambda f: {"seed": f, "test_contexts": [["PW030", "PW032", "PW034", "PW036", "PW040"][f % 5]]}),
 }
 
 

@@ -189,7 +189,7 @@ def _pilot_runner(run: Run, echo: Echo) -> Callable[[str, Any], dict[str, Any]]:
         hp["max_epochs"] = min(int(hp.get("max_epochs", 60)), 60)
         hp["patience"] = min(int(hp.get("patience", 10)), 10)
         config = {**hp, "baseline": proposal.baseline, "train_on": proposal.train_on, "threads": run.config.threads, "seed": 0}
-        (work / "train.py").write_text(render("residual_mlp", config))
+        (work / "train.py").write_text(render("pert_mlp", config))
         sandbox = open_sandbox(work, requested=run.config.sandbox)
         try:
             result = sandbox.run([sys.executable, "train.py"], timeout_s=min(run.config.timeout_s, 600), memory_mb=run.config.memory_mb, log_name="pilot.log")
@@ -354,7 +354,11 @@ def stage_execute(run: Run, *, echo: Echo) -> None:
         return client.ask(load_spec("debugger"), ctx, Patch).model_dump()
 
     def refiner(config: dict[str, Any], history: list[dict[str, Any]], settings: RefineSettings) -> dict[str, Any]:
-        ctx = {"config": config, "history": history, "metric": settings.metric, "lower_is_better": settings.lower_is_better}
+        plan = run.read_json("plan.json")
+        ctx = {
+            "config": config, "history": history, "metric": settings.metric, "lower_is_better": settings.lower_is_better,
+            "candidates": plan.get("candidates", []), "search_space": plan.get("search_space", {}),
+        }
         return client.ask(load_spec("refiner"), ctx, Refinement).model_dump()
 
     c = run.config

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from cellforge.execution.codegen import get_config
 from cellforge.execution.journal import FailureKind, classify, run_attempts
 from runtime.docker import DockerSandbox, ReachByAddress, update_command, workspace_options
 from runtime.errors import SandboxInfraError
@@ -253,7 +254,7 @@ def test_refinement_runs_until_the_validation_metric_settles_and_keeps_the_best(
     xs = [a.val_metrics["val_mse_top20"] for a in journal.attempts]
     assert xs == [10, 5, 2, 1, 2, 145]  # x = 0, 1, 2, 3, then 4 and 15 fail to improve
     assert [a.stage for a in journal.attempts] == ["draft"] + ["refine"] * 5
-    assert journal.best_attempt == 3 and '"x": 3' in script
+    assert journal.best_attempt == 3 and get_config(script) == {"x": 3}
     assert "settled" in journal.refine_stop_reason
     assert (sandbox.work_dir / "outputs" / "predictions.txt").read_text() == "3"  # the best run's outputs
     assert (sandbox.work_dir / "train.py").read_text() == script  # ... and its script

@@ -21,6 +21,10 @@ class Hyperparameters(BaseModel):
     batch_size: int = Field(16, ge=1)
     patience: int = Field(20, ge=1)
     n_components: int = Field(16, ge=1, le=256, description="PCA components of gene and context features.")
+    latent_dim: int = Field(32, ge=2, le=1024, description="Latent size of cond_autoencoder.")
+    n_neighbours: int = Field(10, ge=1, le=200, description="Co-expression partners per gene in gene_gnn's graph.")
+    member_ridge: float = Field(0.1, ge=0.0, description="Ridge penalty of the member_additive reference.")
+    dose_encoder: Literal["none", "log_sigmoid"] = Field("none", description="Dose features of pert_mlp (drugs).")
     seed: int = 0
 
 
@@ -30,17 +34,23 @@ class ResearchPlan(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     task_type: str = Field(description="unseen_perturbation, combination or new_context.")
-    template: Literal["residual_mlp"] = Field(description="Model template the code generator composes.")
+    template: Literal["pert_mlp", "latent_linear", "gene_gnn", "combo_additive", "cond_autoencoder"] = Field(
+        description="Model template the code generator composes (cellforge/execution/templates)."
+    )
     architecture: str = Field(description="The model in one paragraph.")
     perturbation_encoder: str
     context_encoder: str
-    baseline: Literal["training_mean", "additive", "context_shift"] = Field(
-        description="Reference predictor the model learns a residual over."
-    )
+    baseline: Literal[
+        "training_mean", "single_mean", "on_target", "additive", "member_additive", "context_shift", "context_regression"
+    ] = Field(description="Reference predictor the model learns a residual over (see templates/_common.py).")
     train_on: Literal["all", "combinations"] = Field(description="Which training conditions supervise the residual.")
     loss: str
     hyperparameters: Hyperparameters
     search_space: dict[str, list[Any]] = Field(default_factory=dict, description="Hyperparameter -> candidate values.")
+    candidates: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="Alternative models (CONFIG updates, e.g. another template) the refiner compares on validation only.",
+    )
     metric_of_record: str = Field("pearson_delta_de20", description="Validation metric used to select models.")
     rationale: list[str] = Field(description="Reasons, each citing the evidence it rests on.")
 

@@ -1,7 +1,14 @@
-"""Render training scripts from the template library."""
+"""Render training scripts from the template library.
+
+A template is a model file in ``templates/`` (its docstring, then the model's code); the
+rendered script is that docstring, the library's shared code (``templates/_common.py``:
+data loading, features, reference predictors, the Lightning loop, validation metrics and
+outputs), the model's code and a ``main()`` call: one standalone file the sandbox runs.
+"""
 
 from __future__ import annotations
 
+import ast
 import json
 import re
 from pathlib import Path
@@ -15,7 +22,7 @@ _CONFIG_LINE = re.compile(r"^CONFIG = .*$", re.MULTILINE)
 
 def templates() -> list[str]:
     """Names of the available model templates."""
-    return sorted(p.stem for p in TEMPLATE_DIR.glob("*.py"))
+    return sorted(p.stem for p in TEMPLATE_DIR.glob("*.py") if not p.stem.startswith("_"))
 
 
 def render(template: str, config: dict[str, Any]) -> str:
@@ -26,11 +33,17 @@ def render(template: str, config: dict[str, Any]) -> str:
     ConfigError
         Unknown template; the message lists the valid ones.
     """
-    path = TEMPLATE_DIR / f"{template}.py"
-    if not path.exists():
+    if template not in templates():
         msg = f"unknown model template {template!r}; available: {templates()}"
         raise ConfigError(msg)
-    return set_config(path.read_text(), config)
+    text = (TEMPLATE_DIR / f"{template}.py").read_text()
+    body = ast.parse(text).body
+    doc_end = body[0].end_lineno if body and isinstance(body[0], ast.Expr) else 0
+    lines = text.splitlines(keepends=True)
+    docstring, model = "".join(lines[:doc_end]), "".join(lines[doc_end:])
+    common = (TEMPLATE_DIR / "_common.py").read_text()
+    script = f"{docstring}\n{common}{model}\n\nif __name__ == \"__main__\":\n    main()\n"
+    return set_config(script, {"template": template, **config})
 
 
 def set_config(script: str, config: dict[str, Any]) -> str:
@@ -38,16 +51,18 @@ def set_config(script: str, config: dict[str, Any]) -> str:
     if not _CONFIG_LINE.search(script):
         msg = "script has no one-line 'CONFIG = {...}' to set"
         raise ConfigError(msg)
-    line = "CONFIG = " + json.dumps(config, sort_keys=True)
+    # A Python literal (True/False/None), keys sorted so equal configs render equal lines.
+    line = "CONFIG = " + repr(dict(sorted(json.loads(json.dumps(config)).items())))
     return _CONFIG_LINE.sub(lambda _: line, script, count=1)
 
 
 def get_config(script: str) -> dict[str, Any]:
-    """The ``CONFIG`` dictionary of a script (empty if it has none or it is not JSON)."""
+    """The ``CONFIG`` dictionary of a script (empty if it has none or it is not a literal dict)."""
     match = _CONFIG_LINE.search(script)
     if not match:
         return {}
     try:
-        return json.loads(match.group(0).removeprefix("CONFIG = "))
-    except json.JSONDecodeError:
+        value = ast.literal_eval(match.group(0).removeprefix("CONFIG = "))
+    except (ValueError, SyntaxError):
         return {}
+    return value if isinstance(value, dict) else {}

@@ -21,7 +21,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from cellforge.errors import PredictionError, SandboxError
-from cellforge.execution.codegen import get_config, set_config
+from cellforge.execution.codegen import get_config, render, set_config
 
 
 class FailureKind(StrEnum):
@@ -313,6 +313,8 @@ def refine_until_settled(
 
     Each round asks ``refiner(config, history, settings) -> {"diagnosis", "config_updates",
     "stop"}`` for a change to the best configuration so far and runs it (stage ``refine``).
+    An update of ``template`` is model selection: the script is rendered afresh from that
+    template of the library with the merged configuration.
     A round counts as progress when it beats the best validation metric by more than
     ``tolerance`` (relative); refinement stops after ``patience`` rounds in a row without
     progress, when the refiner proposes nothing new, or after ``max_rounds``. The best
@@ -354,7 +356,11 @@ def refine_until_settled(
             reason = f"the refiner proposed no new change: {proposal.get('diagnosis', '')}"
             break
         tried.append(config)
-        candidate = set_config(best_script, config)
+        if config.get("template") and config["template"] != get_config(best_script).get("template"):
+            # Model selection: another template of the library, same CONFIG keys where they apply.
+            candidate = render(config["template"], {k: v for k, v in config.items() if k != "template"})
+        else:
+            candidate = set_config(best_script, config)
         attempt = executor.run(candidate, stage="refine", parent=best.index, patch={"diagnosis": proposal.get("diagnosis", ""), "config_updates": updates})
         new, old = _score(attempt, settings), _score(best, settings)
         progress = new is not None and old is not None and new < old - settings.tolerance * abs(old)

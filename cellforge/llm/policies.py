@@ -8,43 +8,69 @@ from typing import Any
 from cellforge.llm.offline import handles
 
 
+#: Each debate baseline -> the library's stronger reference predictor of the same family.
+REFERENCE_OF = {"training_mean": "on_target", "additive": "member_additive", "context_shift": "context_regression"}
+
+
 @handles("method_designer")
 def design_plan(ctx: dict[str, Any]) -> dict[str, Any]:
-    """Choose the reference predictor, supervision and size of the model from the profile."""
+    """Choose the template, its reference predictor, size and candidate models from the profile and split."""
     profile, task = ctx["profile"], ctx["task"]
     task_type = task["type"]
     n_train = int(ctx["split"]["n_train"])
     n_genes = int(profile["n_genes"])
     rationale = [f"Task type {task_type!r}: {task['description']}"]
+    small = n_train < 10  # noqa: PLR2004
+    hidden = 32 if small else (64 if n_train < 40 else 128)  # noqa: PLR2004
+    extra: dict[str, Any] = {}
     if task_type == "combination":
-        baseline = "additive"
+        template, baseline = "combo_additive", "single_mean"
         n_combo_train = int(ctx["split"].get("n_train_combinations", 0))
-        train_on = "combinations" if n_combo_train >= 4 else "all"  # noqa: PLR2004
-        pert_enc = "sum over members of [gene-PCA embedding of the target, seen single delta in PCA space]"
+        train_on = "all"
+        extra["learning_rate"] = 1e-2
+        candidates = [{"template": "pert_mlp", "baseline": "member_additive", "learning_rate": 1e-3}]
+        pert_enc = "a learned effect vector per perturbation member (embedding), summed over the members"
         rationale.append(
-            "Additive predictions are the bar for combinations (Ahlmann-Eltze et al. 2025); the model learns the "
-            f"interaction residual on {n_combo_train} training combinations ({train_on})."
+            "Additive predictions are the bar for combinations (Ahlmann-Eltze et al. 2025; Norman et al. 2019). The "
+            "model learns one effect per perturbation member from every training single and combination, so a member "
+            f"seen only inside other combinations still counts, and an interaction MLP of the additive effect, trained on "
+            f"{n_combo_train} training combinations, starts at zero."
         )
     elif task_type == "new_context":
-        baseline, train_on = "context_shift", "all"
+        template, baseline, train_on = "pert_mlp", "context_regression", "all"
+        candidates = [{"template": "cond_autoencoder", "baseline": "context_regression", "batch_size": 128, "max_epochs": 60, "patience": 8}]
         pert_enc = "seen deltas of the perturbation in other contexts, in PCA space"
         rationale.append(
-            f"Held-out contexts {ctx['split'].get('test_contexts')}: start from the context shift (the "
-            "perturbation's mean delta in seen contexts) and learn how the context's control profile changes it."
+            f"Held-out contexts {ctx['split'].get('test_contexts')}: the reference is the perturbation's mean delta in "
+            "the seen contexts plus a slope on how far this context's control profile sits from theirs, fitted leaving "
+            "one context out; an MLP on the context's control shift learns what remains. A cell-level conditional "
+            "autoencoder (scGen / CPA latent shift) is the candidate compared on validation."
         )
+    elif task_type == "drug_dose":
+        template, baseline, train_on = "pert_mlp", "on_target", "all"
+        extra["dose_encoder"] = "log_sigmoid"
+        candidates = [{"template": "latent_linear", "hidden_dim": 8}]
+        pert_enc = "drug identity from seen effects, plus log-dose and sigmoid(log-dose) features"
+        rationale.append("Drug-dose task: doses enter as monotone log and sigmoid features (CPA's dose encoder idea).")
     else:
-        baseline, train_on = "training_mean", "all"
+        template, baseline, train_on = "gene_gnn", "on_target", "all"
+        extra["hidden_dim"] = 16
+        candidates = [
+            {"template": "pert_mlp", "baseline": "on_target", "hidden_dim": hidden},
+            {"template": "latent_linear", "baseline": "on_target", "hidden_dim": 8},
+        ]
         pert_enc = "gene-PCA embedding of the target gene (zero when the target is not measured)"
         rationale.append(
             "Unseen perturbations: deep models rarely beat the training mean (Ahlmann-Eltze et al. 2025), so the "
-            "model is the training mean plus a residual from the target gene's expression embedding."
+            "reference is the training mean with each measured target gene moved by the mean on-target change seen in "
+            "training (a knock-down lowers its own target); a GNN over the data's co-expression graph (GEARS-like) carries "
+            "the perturbation from its target to the genes that co-vary with it. A residual MLP on the target's expression "
+            "embedding and a latent-linear model are compared on validation."
         )
-    small = n_train < 10  # noqa: PLR2004
-    hidden = 32 if small else (64 if n_train < 40 else 128)  # noqa: PLR2004
     weight_decay = 0.1 if small else 0.01
     rationale.append(
         f"{n_train} training conditions and {n_genes} genes: hidden width {hidden}, weight decay {weight_decay}, "
-        "early stopping on validation loss so the model stays at the baseline unless validation improves."
+        "early stopping on validation loss so the model stays at its reference unless validation improves."
     )
     hyperparameters = {
         "hidden_dim": hidden,
@@ -57,13 +83,19 @@ def design_plan(ctx: dict[str, Any]) -> dict[str, Any]:
         "patience": 30,
         "n_components": min(16, max(2, n_train)),
         "seed": 0,
+        **extra,
     }
     debate = ctx.get("debate") or {}
     consensus = debate.get("consensus")
     if consensus:
-        baseline, train_on = consensus["baseline"], consensus["train_on"]
+        # combo_additive learns the member effects itself: its reference stays the mean single effect.
+        reference = baseline if template == "combo_additive" else REFERENCE_OF.get(consensus["baseline"], consensus["baseline"])
+        if reference != baseline:
+            rationale.append(f"The debate's consensus baseline {consensus['baseline']!r} is taken as reference {reference!r}.")
+            baseline = reference
+        train_on = consensus["train_on"]
         hyperparameters.update({k: (int(v) if k in {"hidden_dim", "max_epochs", "patience"} else v) for k, v in consensus["hyperparameters"].items()})
-        rationale.append(f"Expert debate: {debate['stop_reason']}; the plan takes the consensus design ({baseline}, {train_on}).")
+        rationale.append(f"Expert debate: {debate['stop_reason']}; the plan takes the consensus design ({consensus['baseline']}, {train_on}).")
         for name, pilot in debate.get("pilots", {}).items():
             rationale.append(
                 f"Pilot {name} by {pilot['author']}: val_mse_top20 {pilot['val_mse_top20']} vs its baseline {pilot['val_baseline_mse_top20']}."
@@ -72,10 +104,10 @@ def design_plan(ctx: dict[str, Any]) -> dict[str, Any]:
             rationale.append(f"Evidence cited in the consensus: {', '.join(consensus['cited'])}.")
     return {
         "task_type": task_type,
-        "template": "residual_mlp",
+        "template": template,
         "architecture": (
-            f"Predicted delta = {baseline} delta + MLP(perturbation features, context features); one hidden "
-            "layer with GELU and dropout, zero-initialised output layer."
+            f"Template {template}: predicted delta = {baseline} reference + a learned residual that starts at zero "
+            "(see the template's docstring for shapes)."
         ),
         "perturbation_encoder": pert_enc,
         "context_encoder": "control mean of the context minus the mean control, projected on expression PCs",
@@ -83,8 +115,9 @@ def design_plan(ctx: dict[str, Any]) -> dict[str, Any]:
         "train_on": train_on,
         "loss": "MSE on pseudobulk deltas, weighted towards large observed effects (de_weight)",
         "hyperparameters": hyperparameters,
-        "search_space": {"hidden_dim": [32, 64, 128], "weight_decay": [0.01, 0.1], "learning_rate": [1e-3, 3e-3]},
-        "metric_of_record": "pearson_delta_de20",
+        "search_space": {"hidden_dim": [16, 32, 64, 128], "weight_decay": [0.01, 0.1], "learning_rate": [1e-3, 3e-4]},
+        "candidates": candidates,
+        "metric_of_record": "val_mse_top20",
         "rationale": rationale + _analysis_rationale(ctx.get("analysis")),
     }
 
@@ -167,13 +200,20 @@ _REFINE_STEPS: list[tuple[str, Any, str]] = [
 
 @handles("refiner")
 def refine(ctx: dict[str, Any]) -> dict[str, Any]:
-    """Propose the next untried configuration change; stop when the list is exhausted.
+    """Propose the next untried change: first the plan's candidate models, then hyperparameter steps.
 
     When the model is worse than its own baseline on validation, shrink it first (weight decay);
     when training ran to ``max_epochs`` without early stopping, allow more epochs first.
     """
     config, history = ctx["config"], ctx["history"]
     tried = [h["config"] for h in history]
+    for candidate in ctx.get("candidates") or []:
+        proposal = {**config, **candidate}
+        if proposal not in tried and not any(all(h.get(k) == v for k, v in candidate.items()) for h in tried):
+            return {
+                "diagnosis": f"model selection on validation: compare {candidate.get('template', config.get('template'))} with the current model",
+                "config_updates": candidate,
+            }
     clean = [h for h in history if h.get("failure") is None and h.get("val_metrics")]
     last = clean[-1]["val_metrics"] if clean else {}
     steps = list(_REFINE_STEPS)

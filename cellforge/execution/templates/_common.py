@@ -1,0 +1,418 @@
+
+# ---------------------------------------------------------------------------- shared part
+# Everything below up to the template's own section is the template library's common code:
+# data loading, features built only from training data, the reference predictors the
+# models start from, the Lightning training loop, validation metrics and outputs.
+import argparse
+import json
+import os
+import sys
+import warnings
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+from torch import nn
+
+CONFIG = {"__CONFIG__": True}
+
+warnings.filterwarnings("ignore")
+os.environ.setdefault("PYTHONHASHSEED", "0")
+HERE = Path(__file__).resolve().parent
+OUT = HERE / "outputs"
+COMBO = "+"
+
+
+def dense(x):
+    return x.toarray() if sp.issparse(x) else np.asarray(x)
+
+
+def group_means(adata):
+    """Mean profile per condition: DataFrame (n_conditions, n_genes)."""
+    labels = adata.obs["condition"].astype(str).to_numpy()
+    frame = pd.DataFrame(dense(adata.X).astype(np.float64), columns=adata.var_names)
+    return frame.groupby(labels).mean()
+
+
+def ridge_members(deltas, member_lists, members, lam):
+    """Additive member model: delta ~ b + sum of member effects, ridge on the effects.
+
+    deltas (n, n_genes); member_lists: members of each row; returns (b, effects (n_members, n_genes)).
+    b is the mean over single perturbations (all rows when there are none).
+    """
+    idx = {m: i for i, m in enumerate(members)}
+    M = np.zeros((len(deltas), len(members)))
+    for r, ms in enumerate(member_lists):
+        for m in ms:
+            M[r, idx[m]] = 1.0
+    singles = np.array([len(ms) == 1 for ms in member_lists])
+    b = deltas[singles].mean(axis=0) if singles.any() else deltas.mean(axis=0)
+    effects = np.linalg.solve(M.T @ M + lam * np.eye(len(members)), M.T @ (deltas - b))
+    return b, effects
+
+
+class Features:
+    """Perturbation and context features, built only from training data.
+
+    ``conditions`` maps condition -> {"perturbation", "context", "dose"}. ``set_seen`` sets the
+    conditions whose profiles features may use (training only while fitting; training +
+    validation for test predictions). Every reference predictor leaves the condition
+    itself out, so training targets are never part of their own inputs.
+    """
+
+    def __init__(self, train, conditions, k):
+        self.genes = pd.Index(train.var_names.astype(str))
+        self.gene_pos = pd.Series(np.arange(len(self.genes)), index=self.genes)
+        self.conditions = conditions
+        ctrl = train[train.obs["is_control"].to_numpy()]
+        means = group_means(ctrl)
+        ctx_of = ctrl.obs.groupby("condition", observed=True)["context"].first().astype(str)
+        self.control = pd.DataFrame(means.to_numpy(), index=[ctx_of[c] for c in means.index], columns=self.genes)
+        X = dense(train.X).astype(np.float64)
+        Xc = X - X.mean(axis=0)
+        _, s, vt = np.linalg.svd(Xc[:: max(1, len(Xc) // 3000)], full_matrices=False)
+        k = min(k, vt.shape[0])
+        self.expr_pcs = vt[:k]  # (k, n_genes)
+        self.gene_emb = (vt[:k] * s[:k, None]).T / np.sqrt(len(Xc))  # (n_genes, k)
+        self.k = k
+        self.control_center = self.control.mean(axis=0).to_numpy()
+        Xctrl = dense(ctrl.X).astype(np.float32)
+        self.control_cells = Xctrl[:: max(1, len(Xctrl) // 4000)]
+        self._cache = {}
+
+    # -- conditions
+    def pert(self, cond):
+        return self.conditions[cond]["perturbation"]
+
+    def ctx(self, cond):
+        return self.conditions[cond]["context"]
+
+    def members(self, cond):
+        return self.pert(cond).split(COMBO)
+
+    def targets(self, cond):
+        """Positions of the condition's target genes that are measured genes."""
+        return [int(self.gene_pos[m]) for m in self.members(cond) if m in self.gene_pos.index]
+
+    def set_seen(self, profiles):
+        """Seen condition profiles -> deltas against their context's control mean."""
+        self.seen = {c: profiles.loc[c].to_numpy() - self.control.loc[self.ctx(c)].to_numpy() for c in profiles.index}
+        self._cache = {}
+
+    def _others(self, cond):
+        return [c for c in self.seen if c != cond]
+
+    # -- reference predictors (all leave ``cond`` out)
+    def base(self, cond, kind):
+        key = (cond, kind)
+        if key not in self._cache:
+            self._cache[key] = self._base(cond, kind)
+        return self._cache[key]
+
+    def _base(self, cond, kind):
+        others = self._others(cond)
+        n = len(self.genes)
+        if not others:
+            return np.zeros(n)
+        D = np.stack([self.seen[c] for c in others])
+        if kind == "training_mean":
+            return D.mean(axis=0)
+        if kind == "single_mean":
+            singles = [i for i, c in enumerate(others) if COMBO not in self.pert(c)]
+            return D[singles].mean(axis=0) if singles else D.mean(axis=0)
+        if kind == "on_target":
+            return self._on_target(cond, others, D)
+        if kind == "additive":
+            total = np.zeros(n)
+            for member in self.members(cond):
+                hits = [self.seen[c] for c in others if self.pert(c) == member]
+                if hits:
+                    total += np.mean(hits, axis=0)
+            return total
+        if kind == "member_additive":
+            return self._member_additive(cond, others, D)
+        if kind in ("context_shift", "context_regression"):
+            same = [c for c in others if self.pert(c) == self.pert(cond) and self.ctx(c) != self.ctx(cond)]
+            if not same:
+                return D.mean(axis=0)
+            Ds = np.stack([self.seen[c] for c in same])
+            if kind == "context_shift" or len(same) < 3:
+                return Ds.mean(axis=0)
+            return self._context_regression(cond, same, Ds)
+        raise ValueError(
+            f"unknown reference predictor {kind!r}; valid: training_mean, single_mean, on_target, additive, member_additive, "
+            "context_shift, context_regression"
+        )
+
+    def _on_target(self, cond, others, D):
+        """Training mean, with each measured target gene moved by the mean on-target change.
+
+        A gene's training-mean entry leaves out the conditions that target it, so a knock-down
+        seen in training does not leak into the genes it does not target.
+        """
+        out = D.copy()
+        on = []
+        for i, c in enumerate(others):
+            for t in self.targets(c):
+                on.append(out[i, t])
+                out[i, t] = np.nan
+        mean = np.nan_to_num(np.nanmean(out, axis=0)) if len(out) else np.zeros(len(self.genes))
+        if on:
+            for t in self.targets(cond):
+                mean[t] = float(np.mean(on))
+        return mean
+
+    def _member_additive(self, cond, others, D):
+        lists = [self.members(c) for c in others]
+        members = sorted({m for ms in lists for m in ms})
+        b, effects = ridge_members(D, lists, members, CONFIG.get("member_ridge", 0.1))
+        idx = {m: i for i, m in enumerate(members)}
+        return b + sum((effects[idx[m]] for m in self.members(cond) if m in idx), np.zeros(len(self.genes)))
+
+    def _context_regression(self, cond, same, Ds):
+        """Context shift plus beta * (this context's control - the seen contexts' mean control).
+
+        beta is one number fitted leave-one-context-out over the seen contexts: how much of a
+        context's own control deviation its response gives back (beta < 0: responses regress
+        towards a common treated state).
+        """
+        C = np.stack([self.control.loc[self.ctx(c)].to_numpy() for c in same])
+        xs, ys = [], []
+        for j in range(len(same)):
+            rest = [i for i in range(len(same)) if i != j]
+            xs.append(C[j] - C[rest].mean(axis=0))
+            ys.append(Ds[j] - Ds[rest].mean(axis=0))
+        xs, ys = np.stack(xs), np.stack(ys)
+        beta = float((xs * ys).sum() / max((xs * xs).sum(), 1e-12))
+        beta = float(np.clip(beta, -1.0, 1.0))
+        return Ds.mean(axis=0) + beta * (self.control.loc[self.ctx(cond)].to_numpy() - C.mean(axis=0))
+
+    # -- feature vectors
+    def target_indicator(self, cond):
+        x = np.zeros(len(self.genes))
+        x[self.targets(cond)] = 1.0
+        return x
+
+    def dose(self, cond):
+        value = self.conditions[cond].get("dose")
+        return float(value) if value not in (None, "") else 0.0
+
+    def vector(self, cond):
+        """Perturbation + context feature vector (gene-PCA target embedding, seen single effects, context shift)."""
+        emb, single = np.zeros(self.k), np.zeros(self.k)
+        measured = seen = 0.0
+        members = self.members(cond)
+        for member in members:
+            if member in self.gene_pos.index:
+                emb += self.gene_emb[self.gene_pos[member]]
+                measured += 1
+            hits = [self.seen[c] for c in self._others(cond) if self.pert(c) == member]
+            if hits:
+                single += self.expr_pcs @ np.mean(hits, axis=0)
+                seen += 1
+        ctx_shift = self.expr_pcs @ (self.control.loc[self.ctx(cond)].to_numpy() - self.control_center)
+        return np.concatenate([emb, [measured, seen, len(members)], single, ctx_shift, dose_encoding(self.dose(cond))])
+
+    def coexpression_graph(self, n_neighbours):
+        """Row-normalised gene-gene graph (n_genes, n_genes): each gene's strongest |correlation|
+        partners in the control cells, plus itself."""
+        X = self.control_cells - self.control_cells.mean(axis=0)
+        sd = X.std(axis=0)
+        X = X / np.where(sd > 0, sd, 1.0)
+        corr = np.abs(X.T @ X) / max(len(X), 1)
+        np.fill_diagonal(corr, 0.0)
+        k = min(n_neighbours, len(corr) - 1)
+        A = np.zeros_like(corr)
+        if k > 0:
+            nb = np.argpartition(-corr, k, axis=1)[:, :k]
+            rows = np.repeat(np.arange(len(corr)), k)
+            A[rows, nb.ravel()] = corr[rows, nb.ravel()]
+        A = np.maximum(A, A.T) + np.eye(len(A))
+        return (A / A.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+def dose_encoding(dose):
+    """[log10(1 + dose), sigmoid(log10 dose)]: monotone dose features (CPA's log-sigmoid idea)."""
+    if CONFIG.get("dose_encoder", "none") == "none":
+        return np.zeros(0)
+    log = np.log10(1.0 + max(dose, 0.0))
+    return np.array([log, 1.0 / (1.0 + np.exp(-(np.log10(max(dose, 1e-12)))))])
+
+
+def pearson(a, b):
+    if np.std(a) == 0 or np.std(b) == 0:
+        return 0.0
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def validation_metrics(pred, base, target):
+    """Validation metrics of predicted vs observed deltas (n_val, n_genes), and of the reference predictor."""
+    top = np.argsort(-np.abs(target), axis=1)[:, :20]
+    out = {}
+    for name, p in (("", pred), ("baseline_", base)):
+        out[f"val_{name}pearson_delta"] = float(np.mean([pearson(a, b) for a, b in zip(p, target)]))
+        out[f"val_{name}pearson_delta_top20"] = float(np.mean([pearson(a[i], b[i]) for a, b, i in zip(p, target, top)]))
+        out[f"val_{name}mse"] = float(np.mean((p - target) ** 2))
+        out[f"val_{name}mse_top20"] = float(np.mean([np.mean((a[i] - b[i]) ** 2) for a, b, i in zip(p, target, top)]))
+    return out
+
+
+# ---------------------------------------------------------------------------- Lightning loop
+def build_module_class():
+    import lightning as L
+
+    class PerturbationModel(L.LightningModule):
+        """delta = reference delta + net(inputs); loss = MSE on deltas, weighted towards large effects."""
+
+        def __init__(self, n_inputs, n_genes, config, extra=None):
+            super().__init__()
+            self.save_hyperparameters(ignore=["extra"])
+            self.config = config
+            self.net = build_net(n_inputs, n_genes, config, extra or {})
+
+        def forward(self, x, base):
+            return base + self.net(x)
+
+        def _loss(self, batch):
+            x, base, target = batch
+            err = (self(x, base) - target) ** 2
+            if self.config.get("de_weight", 0) > 0:
+                w = target.abs() / (target.abs().mean(dim=1, keepdim=True) + 1e-8)
+                err = err * (1.0 + self.config["de_weight"] * w)
+            return err.mean()
+
+        def training_step(self, batch, _):
+            loss = self._loss(batch)
+            self.log("train_loss", loss, prog_bar=False)
+            return loss
+
+        def validation_step(self, batch, _):
+            self.log("val_loss", self._loss(batch), prog_bar=True)
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=self.config["learning_rate"], weight_decay=self.config["weight_decay"])
+
+    return PerturbationModel
+
+
+def make_tensors(feats, conds, profiles, mu, sd):
+    """Inputs, reference deltas and (if profiles) observed deltas of ``conds`` as float32 tensors."""
+    x = np.stack([inputs(feats, c) for c in conds])
+    # Inputs constant in training carry no signal: zero them rather than divide by ~0.
+    x = np.where(sd > 1e-4, (x - mu) / np.maximum(sd, 1e-4), 0.0)
+    x = np.clip(x, -5.0, 5.0) if CONFIG.get("clip_inputs", True) else x
+    base = np.stack([feats.base(c, CONFIG["baseline"]) for c in conds])
+    target = None
+    if profiles is not None:
+        target = np.stack([profiles.loc[c].to_numpy() - feats.control.loc[feats.ctx(c)].to_numpy() for c in conds])
+    as_t = lambda a: None if a is None else torch.tensor(a, dtype=torch.float32)  # noqa: E731
+    return as_t(x), as_t(base), as_t(target)
+
+
+def fit_conditions(feats, train_conds, val_conds, train_profiles, val_profiles, predict_only):
+    """Train (or load) the condition-level model; returns predict(conds) -> (deltas, reference deltas)."""
+    import lightning as L
+
+    Module = build_module_class()
+    n_genes = len(feats.genes)
+    ckpt = OUT / "model.ckpt"
+    feats.set_seen(train_profiles)
+    x_tr = np.stack([inputs(feats, c) for c in train_conds])
+    mu, sd = x_tr.mean(axis=0), x_tr.std(axis=0)
+    if not CONFIG.get("standardise_inputs", True):
+        mu, sd = np.zeros_like(mu), np.ones_like(sd)
+    extra = net_extra(feats)
+    epochs = 0
+    if not predict_only:
+        tr = make_tensors(feats, train_conds, train_profiles, mu, sd)
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*tr), batch_size=CONFIG["batch_size"], shuffle=True)
+        val_loader, callbacks = None, []
+        if val_conds:
+            va = make_tensors(feats, val_conds, val_profiles, mu, sd)
+            val_loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*va), batch_size=len(val_conds))
+            callbacks = [
+                L.pytorch.callbacks.EarlyStopping("val_loss", patience=CONFIG["patience"]),
+                L.pytorch.callbacks.ModelCheckpoint(dirpath=OUT, filename="best", monitor="val_loss"),
+            ]
+        model = Module(x_tr.shape[1], n_genes, CONFIG, extra)
+        trainer = L.Trainer(
+            max_epochs=CONFIG["max_epochs"], accelerator="auto", devices=1, logger=False, enable_progress_bar=False,
+            enable_model_summary=False, callbacks=callbacks, enable_checkpointing=bool(val_conds), deterministic=True,
+        )
+        trainer.fit(model, loader, val_loader)
+        epochs = int(trainer.current_epoch)
+        if val_conds and callbacks[1].best_model_path:
+            state = torch.load(callbacks[1].best_model_path, weights_only=False)["state_dict"]
+            model.load_state_dict(state)
+            Path(callbacks[1].best_model_path).unlink()
+        torch.save({"state_dict": model.state_dict(), "mu": mu, "sd": sd, "n_inputs": x_tr.shape[1]}, ckpt)
+    state = torch.load(ckpt, weights_only=False)
+    model = Module(state["n_inputs"], n_genes, CONFIG, extra)
+    model.load_state_dict(state["state_dict"])
+    model.eval()
+
+    def predict(conds):
+        x, base, _ = make_tensors(feats, conds, None, state["mu"], state["sd"])
+        with torch.no_grad():
+            return model(x, base).numpy(), base.numpy()
+
+    return predict, epochs
+
+
+def net_extra(feats):
+    """Data-derived constants a template's network needs (default: none)."""
+    return {}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--predict-only", action="store_true", help="load outputs/model.ckpt and predict")
+    args = parser.parse_args()
+    import lightning as L
+
+    torch.set_num_threads(CONFIG.get("threads", 2))
+    L.seed_everything(CONFIG["seed"], workers=True)
+    torch.use_deterministic_algorithms(True)
+    task = json.loads((HERE / "task.json").read_text())
+    train = ad.read_h5ad(HERE / "data" / "train.h5ad")
+    val = ad.read_h5ad(HERE / "data" / "val.h5ad")
+    conditions = {c["condition"]: c for c in task["conditions"]}
+    feats = Features(train, conditions, CONFIG["n_components"])
+    train_profiles = group_means(train[~train.obs["is_control"].to_numpy()])
+    val_profiles = group_means(val) if val.n_obs else train_profiles.iloc[:0]
+    train_conds = [c for c in task["train_conditions"] if CONFIG.get("train_on", "all") == "all" or COMBO in feats.pert(c)]
+    train_conds = [c for c in train_conds if c in train_profiles.index] or [c for c in task["train_conditions"] if c in train_profiles.index]
+    val_conds = [c for c in task["val_conditions"] if c in val_profiles.index]
+    OUT.mkdir(exist_ok=True)
+    fit = fit_cells if CELL_LEVEL else fit_conditions
+    predict, epochs = fit(feats, train_conds, val_conds, train_profiles, val_profiles, args.predict_only)
+    if not args.predict_only:
+        metrics = {"n_train_conditions": len(train_conds), "n_val_conditions": len(val_conds), "epochs_run": epochs}
+        if val_conds:
+            feats.set_seen(train_profiles)
+            pred, base = predict(val_conds)
+            target = np.stack([val_profiles.loc[c].to_numpy() - feats.control.loc[feats.ctx(c)].to_numpy() for c in val_conds])
+            metrics.update(validation_metrics(pred, base, target))
+        (OUT / "val_metrics.json").write_text(json.dumps(metrics, indent=2))
+    # Test predictions: features may use every seen condition (training + validation).
+    feats.set_seen(pd.concat([train_profiles, val_profiles]))
+    test = [c["condition"] for c in task["conditions"] if c["condition"] in set(task["test_conditions"])]
+    delta, _ = predict(test)
+    control = np.stack([feats.control.loc[feats.ctx(c)].to_numpy() for c in test])
+    obs = pd.DataFrame({"condition": test, "perturbation": [feats.pert(c) for c in test], "context": [feats.ctx(c) for c in test]}, index=test)
+    pred = ad.AnnData(X=(control + delta).astype(np.float32), obs=obs, var=pd.DataFrame(index=train.var_names))
+    pred.write_h5ad(OUT / "predictions.h5ad")
+    print(f"wrote {len(test)} test predictions to {OUT / 'predictions.h5ad'}")
+
+
+CELL_LEVEL = False
+
+
+def fit_cells(*_args):
+    raise NotImplementedError("this template is condition-level")
+
+
+# ---------------------------------------------------------------------------- template

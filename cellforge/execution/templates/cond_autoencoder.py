@@ -1,0 +1,146 @@
+"""cellforge generated training + inference script (template: cond_autoencoder).
+
+Model for new contexts (scGen-like latent arithmetic, Lotfollahi et al. Nat. Methods 2019;
+CPA's additive perturbation embedding in latent space, Lotfollahi et al. Mol. Syst. Biol.
+2023): an autoencoder over single cells of every context. A perturbation's embedding is
+its latent shift, the mean over training contexts of (mean latent code of its cells - mean
+latent code of that context's control cells). For a held-out context the control cells
+are encoded, shifted by the embedding and decoded; the predicted delta is the mean of the
+decoded shifted cells minus the mean of the decoded unshifted cells, so the decoder's
+reconstruction bias cancels. The response depends on each cell's state through the
+non-linear decoder, which is what a context shift alone cannot do.
+
+Shapes: cells (n_cells, n_genes) -> latent (n_cells, latent_dim) -> (n_cells, n_genes);
+perturbation embedding (latent_dim,); output (n_conditions, n_genes) deltas.
+
+Sandbox contract
+----------------
+inputs   data/train.h5ad, data/val.h5ad, task.json
+outputs  outputs/predictions.h5ad, outputs/val_metrics.json, outputs/model.ckpt
+usage    python train.py [--predict-only]
+"""
+
+CELL_LEVEL = True
+
+
+class AutoEncoder(nn.Module):
+    """(n, n_genes) -> (n, latent_dim) -> (n, n_genes)."""
+
+    def __init__(self, n_genes, hidden, latent, dropout):
+        super().__init__()
+        self.encoder = nn.Sequential(nn.Linear(n_genes, hidden), nn.GELU(), nn.Dropout(dropout), nn.Linear(hidden, latent))
+        self.decoder = nn.Sequential(nn.Linear(latent, hidden), nn.GELU(), nn.Linear(hidden, n_genes))
+
+    def forward(self, x):
+        return self.decoder(self.encoder(x))
+
+
+def build_cell_module():
+    import lightning as L
+
+    class CellAutoEncoder(L.LightningModule):
+        def __init__(self, n_genes, config):
+            super().__init__()
+            self.config = config
+            self.ae = AutoEncoder(n_genes, config["hidden_dim"], config.get("latent_dim", 32), config["dropout"])
+
+        def training_step(self, batch, _):
+            (x,) = batch
+            loss = ((self.ae(x) - x) ** 2).mean()
+            self.log("train_loss", loss)
+            return loss
+
+        def validation_step(self, batch, _):
+            (x,) = batch
+            self.log("val_loss", ((self.ae(x) - x) ** 2).mean())
+
+        def configure_optimizers(self):
+            return torch.optim.AdamW(self.parameters(), lr=self.config["learning_rate"], weight_decay=self.config["weight_decay"])
+
+    return CellAutoEncoder
+
+
+def _cells():
+    train = ad.read_h5ad(HERE / "data" / "train.h5ad")
+    val = ad.read_h5ad(HERE / "data" / "val.h5ad")
+    return train, val
+
+
+def fit_cells(feats, train_conds, val_conds, train_profiles, val_profiles, predict_only):
+    import lightning as L
+
+    train, val = _cells()
+    X = dense(train.X).astype(np.float32)
+    obs = train.obs
+    labels = obs["condition"].astype(str).to_numpy()
+    is_ctrl = obs["is_control"].to_numpy()
+    contexts = obs["context"].astype(str).to_numpy()
+    Module = build_cell_module()
+    ckpt = OUT / "model.ckpt"
+    epochs = 0
+    if not predict_only:
+        keep = is_ctrl | np.isin(labels, train_conds)
+        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.tensor(X[keep])), batch_size=CONFIG["batch_size"], shuffle=True)
+        val_loader, callbacks = None, []
+        if val.n_obs:
+            Xv = torch.tensor(dense(val.X).astype(np.float32))
+            val_loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(Xv), batch_size=4096)
+            callbacks = [
+                L.pytorch.callbacks.EarlyStopping("val_loss", patience=CONFIG["patience"]),
+                L.pytorch.callbacks.ModelCheckpoint(dirpath=OUT, filename="best", monitor="val_loss"),
+            ]
+        model = Module(X.shape[1], CONFIG)
+        trainer = L.Trainer(
+            max_epochs=CONFIG["max_epochs"], accelerator="auto", devices=1, logger=False, enable_progress_bar=False,
+            enable_model_summary=False, callbacks=callbacks, enable_checkpointing=bool(val.n_obs), deterministic=True,
+        )
+        trainer.fit(model, loader, val_loader)
+        epochs = int(trainer.current_epoch)
+        if callbacks and callbacks[1].best_model_path:
+            model.load_state_dict(torch.load(callbacks[1].best_model_path, weights_only=False)["state_dict"])
+            Path(callbacks[1].best_model_path).unlink()
+        torch.save({"state_dict": model.state_dict()}, ckpt)
+    model = Module(X.shape[1], CONFIG)
+    model.load_state_dict(torch.load(ckpt, weights_only=False)["state_dict"])
+    model.eval()
+    with torch.no_grad():
+        Z = model.ae.encoder(torch.tensor(X)).numpy()
+    Xval = dense(val.X).astype(np.float32) if val.n_obs else np.zeros((0, X.shape[1]), np.float32)
+    with torch.no_grad():
+        Zval = model.ae.encoder(torch.tensor(Xval)).numpy() if len(Xval) else np.zeros((0, Z.shape[1]))
+    val_labels = val.obs["condition"].astype(str).to_numpy() if val.n_obs else np.array([])
+    ctrl_latent = {c: Z[is_ctrl & (contexts == c)].mean(axis=0) for c in np.unique(contexts[is_ctrl])}
+
+    def latent_shift(cond):
+        """Mean over seen contexts of the perturbation's latent shift from that context's controls."""
+        shifts = []
+        for other in feats.seen:
+            if other == cond or feats.pert(other) != feats.pert(cond) or feats.ctx(other) == feats.ctx(cond):
+                continue
+            if other in set(labels):
+                z = Z[labels == other]
+            elif other in set(val_labels):
+                z = Zval[val_labels == other]
+            else:
+                continue
+            shifts.append(z.mean(axis=0) - ctrl_latent[feats.ctx(other)])
+        return np.mean(shifts, axis=0) if shifts else None
+
+    def predict(conds):
+        deltas, bases = [], []
+        for cond in conds:
+            base = feats.base(cond, CONFIG["baseline"])
+            shift = latent_shift(cond)
+            zc = Z[is_ctrl & (contexts == feats.ctx(cond))]
+            if shift is None or not len(zc):
+                deltas.append(base)
+            else:
+                with torch.no_grad():
+                    zt = torch.tensor(zc, dtype=torch.float32)
+                    moved = model.ae.decoder(zt + torch.tensor(shift, dtype=torch.float32)).numpy().mean(axis=0)
+                    still = model.ae.decoder(zt).numpy().mean(axis=0)
+                deltas.append(moved - still)
+            bases.append(base)
+        return np.stack(deltas), np.stack(bases)
+
+    return predict, epochs

@@ -1,0 +1,58 @@
+"""cellforge generated training + inference script (template: gene_gnn).
+
+Model (GEARS-like, Roohani et al. Nat. Biotechnol. 2024, with a graph from the data): a
+graph network over genes. The gene-gene graph links each gene to its strongest
+|correlation| partners in the control cells (CONFIG["n_neighbours"]). Each gene's input is
+[is it a target of the perturbation, its gene-PCA embedding, a learned gene embedding];
+two rounds of message passing over the graph carry the perturbation from its targets to
+the genes they co-vary with; a per-gene readout (zero-initialised) gives the residual on
+top of the reference delta (usually ``on_target``: training mean plus the knock-down of
+the target).
+
+Shapes: inputs (n_conditions, n_genes) target indicators; graph (n_genes, n_genes); hidden
+(n_conditions, n_genes, hidden_dim); output (n_conditions, n_genes) deltas.
+
+Sandbox contract
+----------------
+inputs   data/train.h5ad, data/val.h5ad, task.json
+outputs  outputs/predictions.h5ad, outputs/val_metrics.json, outputs/model.ckpt
+usage    python train.py [--predict-only]
+"""
+
+
+def inputs(feats, cond):
+    return feats.target_indicator(cond)
+
+
+def net_extra(feats):
+    return {"graph": feats.coexpression_graph(CONFIG.get("n_neighbours", 10)), "gene_emb": feats.gene_emb.astype(np.float32)}
+
+
+class GeneGNN(nn.Module):
+    """Message passing over the gene graph: (n, n_genes) target indicators -> (n, n_genes) residual."""
+
+    def __init__(self, n_genes, graph, gene_emb, hidden, dropout):
+        super().__init__()
+        self.register_buffer("graph", torch.tensor(graph))
+        self.register_buffer("gene_emb", torch.tensor(gene_emb))
+        self.learned = nn.Parameter(torch.zeros(n_genes, 4))
+        d_in = 1 + gene_emb.shape[1] + 4
+        self.layer1 = nn.Linear(d_in, hidden)
+        self.layer2 = nn.Linear(hidden, hidden)
+        self.drop = nn.Dropout(dropout)
+        self.readout = nn.Linear(hidden, 1)
+        nn.init.zeros_(self.readout.weight)
+        nn.init.zeros_(self.readout.bias)
+
+    def forward(self, x):
+        n = x.shape[0]
+        static = torch.cat([self.gene_emb, self.learned], dim=1).expand(n, -1, -1)
+        h = torch.cat([x.unsqueeze(-1), static], dim=-1)  # (n, n_genes, d_in)
+        h = torch.nn.functional.gelu(self.layer1(self.graph @ h))
+        h = self.drop(h)
+        h = torch.nn.functional.gelu(self.layer2(self.graph @ h))
+        return self.readout(h).squeeze(-1)
+
+
+def build_net(n_inputs, n_genes, config, extra):
+    return GeneGNN(n_genes, extra["graph"], extra["gene_emb"], config["hidden_dim"], config["dropout"])

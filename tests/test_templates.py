@@ -1,0 +1,146 @@
+"""The model template library: reference predictors on hand-made data, every template on small real data."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+
+from cellforge.data.splits import make_split
+from cellforge.errors import ConfigError
+from cellforge.execution import contract
+from cellforge.execution.codegen import get_config, render, templates
+
+
+@pytest.fixture(scope="module")
+def lib():
+    """The library's shared code (templates/_common.py) as a module."""
+    path = Path(__file__).resolve().parent.parent / "cellforge" / "execution" / "templates" / "_common.py"
+    spec = importlib.util.spec_from_file_location("template_common", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.CONFIG = {"member_ridge": 1e-6}
+    return module
+
+
+def _features(lib, deltas: dict[str, np.ndarray], controls: dict[str, np.ndarray], conds: dict[str, tuple[str, str]]):
+    """Features over hand-made condition deltas (no noise): one control cell per context."""
+    genes = [f"G{i}" for i in range(len(next(iter(controls.values()))))]
+    X = np.stack(list(controls.values()))
+    obs = pd.DataFrame(
+        {"condition": [f"{c}:ctrl" for c in controls], "context": list(controls), "is_control": True, "perturbation": "ctrl"}
+    )
+    obs.index = obs.index.astype(str)
+    train = ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=genes))
+    table = {c: {"perturbation": p, "context": x} for c, (p, x) in conds.items()}
+    feats = lib.Features(train, table, k=2)
+    feats.set_seen(pd.DataFrame({c: controls[conds[c][1]] + d for c, d in deltas.items()}, index=genes).T)
+    return feats
+
+
+def test_on_target_moves_the_target_gene_by_the_mean_knockdown(lib):
+    shared = np.array([0, 0, 0, 0, 0, 1.0])
+    deltas = {}
+    for i, gene in enumerate(["G1", "G2", "G3"]):
+        d = shared.copy()
+        d[i + 1] = -2.0 - i  # knock-downs of -2, -3, -4
+        deltas[gene] = d
+    conds = {g: (g, "all") for g in [*deltas, "G4"]}
+    feats = _features(lib, deltas, {"all": np.ones(6)}, conds)
+    pred = feats.base("G4", "on_target")
+    # the target gets the mean knock-down; other genes the mean over conditions not targeting them
+    np.testing.assert_allclose(pred, [0, 0, 0, 0, -3.0, 1.0])
+    np.testing.assert_allclose(feats.base("G4", "training_mean"), [0, -2 / 3, -1, -4 / 3, 0, 1.0])
+
+
+def test_member_additive_learns_members_seen_only_in_combinations(lib):
+    rng = np.random.default_rng(0)
+    effect = {m: rng.normal(size=8) for m in "ABCD"}
+    effect["B"] = -effect["A"]  # the singles average to b, the model's intercept
+    b = rng.normal(size=8) * 0.1
+    conds = {"A": "A", "B": "B", "A+C": "A+C", "B+D": "B+D", "C+D": "C+D"}
+    singles = ["A", "B"]
+    # singles carry b; combinations carry b once plus their members' effects
+    deltas = {c: b + sum(effect[m] for m in p.split("+")) for c, p in conds.items()}
+    feats = _features(lib, deltas, {"all": np.zeros(8)}, {c: (p, "all") for c, p in conds.items()})
+    assert set(singles) <= set(feats.seen)
+    # leave C+D out: C is known only from A+C, D only from B+D
+    np.testing.assert_allclose(feats.base("C+D", "member_additive"), deltas["C+D"], atol=1e-4)
+    # the plain additive baseline cannot see C or D at all
+    assert np.abs(feats.base("C+D", "additive")).sum() == 0
+
+
+def test_context_regression_recovers_the_control_dependence(lib):
+    rng = np.random.default_rng(1)
+    common, beta = rng.normal(size=10), -0.4
+    controls = {f"P{i}": rng.normal(size=10) for i in range(5)}
+    deltas = {f"P{i}:drug": common + beta * (controls[f"P{i}"] - np.mean(list(controls.values()), axis=0)) for i in range(5)}
+    conds = {f"P{i}:drug": ("drug", f"P{i}") for i in range(5)}
+    feats = _features(lib, {k: v for k, v in deltas.items() if k != "P4:drug"}, controls, conds)
+    pred = feats.base("P4:drug", "context_regression")
+    shift = feats.base("P4:drug", "context_shift")
+    np.testing.assert_allclose(pred, deltas["P4:drug"], atol=1e-8)  # exact: the data follow the model
+    assert np.abs(shift - deltas["P4:drug"]).mean() > 0.1
+
+
+def test_unknown_reference_and_template_name_the_choices(lib):
+    feats = _features(lib, {"A": np.ones(3)}, {"all": np.zeros(3)}, {"A": ("A", "all"), "B": ("B", "all")})
+    with pytest.raises(ValueError, match="valid: training_mean"):
+        feats.base("B", "mean_of_everything")
+    with pytest.raises(ConfigError, match="available: .*gene_gnn"):
+        render("transformer", {})
+
+
+def test_rendered_scripts_are_standalone_and_carry_their_config():
+    assert {"pert_mlp", "latent_linear", "gene_gnn", "combo_additive", "cond_autoencoder"} <= set(templates())
+    for name in templates():
+        script = render(name, {"hidden_dim": 8})
+        assert script.startswith('"""cellforge generated') and f"template: {name}" in script.splitlines()[0]
+        assert get_config(script) == {"template": name, "hidden_dim": 8}
+        compile(script, name, "exec")
+        assert "import cellforge" not in script and "from cellforge" not in script
+
+
+SMALL = {"dropout": 0.0, "learning_rate": 3e-3, "weight_decay": 0.01, "de_weight": 1.0, "max_epochs": 4,
+         "batch_size": 8, "patience": 2, "n_components": 4, "seed": 0, "threads": 1, "train_on": "all"}  # fmt: skip
+
+#: template -> (data set, split strategy and options, CONFIG updates)
+CASES = {
+    "pert_mlp": ("adamson_subset", ("kfold", {"n_folds": 3, "fold": 0}), {"baseline": "on_target", "hidden_dim": 8}),
+    "latent_linear": ("adamson_subset", ("kfold", {"n_folds": 3, "fold": 1}), {"baseline": "on_target", "hidden_dim": 4}),
+    "gene_gnn": ("adamson_subset", ("kfold", {"n_folds": 3, "fold": 2}), {"baseline": "on_target", "hidden_dim": 4, "n_neighbours": 5}),
+    "combo_additive": ("norman_subset", ("combination", {}), {"baseline": "single_mean", "hidden_dim": 8, "learning_rate": 1e-2}),
+    "cond_autoencoder": (
+        "glioblastoma_subset",
+        ("new_context", {"test_contexts": ["PW030"]}),
+        {"baseline": "context_regression", "hidden_dim": 16, "latent_dim": 4, "batch_size": 256, "max_epochs": 2},
+    ),
+}
+
+
+@pytest.mark.parametrize("template", sorted(CASES))
+def test_template_trains_and_predicts_on_real_data(template, load, tmp_path):
+    dataset, (strategy, options), updates = CASES[template]
+    adata = load(dataset)
+    manifest = make_split(adata, strategy, seed=0, **options)
+    contract.prepare_inputs(adata, manifest, tmp_path, task={"type": strategy, "description": "test"})
+    (tmp_path / "train.py").write_text(render(template, {**SMALL, **updates}))
+    done = subprocess.run([sys.executable, "train.py"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    pred = contract.read_predictions(tmp_path / contract.PREDICTIONS, test=manifest.test, genes=[str(g) for g in adata.var_names])
+    assert pred.shape == (len(manifest.test), adata.n_vars) and np.isfinite(pred.to_numpy()).all()
+    metrics = json.loads((tmp_path / contract.VAL_METRICS).read_text())
+    assert {"val_mse_top20", "val_baseline_mse_top20", "val_pearson_delta_top20", "epochs_run"} <= set(metrics)
+    if template == "gene_gnn":  # the checkpoint alone reproduces the predictions
+        first = pred.to_numpy().copy()
+        again = subprocess.run([sys.executable, "train.py", "--predict-only"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        assert again.returncode == 0, again.stderr[-3000:]
+        redo = contract.read_predictions(tmp_path / contract.PREDICTIONS, test=manifest.test, genes=[str(g) for g in adata.var_names])
+        np.testing.assert_allclose(redo.to_numpy(), first, rtol=1e-5, atol=1e-6)
