@@ -6,7 +6,7 @@ standard deviation over folds of the headline metrics for the model and each bas
 plainly whether the model beats the best baseline, and gives the wall time per task. Results
 go to ``benchmarks/results/tasks.json`` and ``tasks.md``.
 
-Usage: ``python benchmarks/tasks.py [--task NAME ...] [--folds 3] [--pilots 0] [--refine-rounds 1]``.
+Usage: ``python benchmarks/tasks.py [--task NAME ...] [--folds N] [--pilots 0] [--refine-rounds 3]``.
 """
 
 from __future__ import annotations
@@ -25,13 +25,15 @@ ROOT = Path(__file__).resolve().parent.parent
 METRICS = ["pearson_delta", "pearson_delta_de20", "mse_de20", "overlap_at_N", "discrimination_score_l1_common"]
 HIGHER = {"pearson_delta", "pearson_delta_de20", "overlap_at_N", "discrimination_score_l1_common"}
 
-#: Task -> (data set, split strategy, options per fold index).
-TASKS: dict[str, tuple[str, str, object]] = {
-    "norman_combinations": ("norman_subset", "combination", lambda f: {"seed": f}),
-    "papalexi_unseen_knockouts": ("papalexi_subset", "kfold", lambda f: {"seed": 0, "n_folds": 3, "fold": f}),
-    "adamson_unseen_knockdowns": ("adamson_subset", "kfold", lambda f: {"seed": 0, "n_folds": 3, "fold": f}),
-    "kang_heldout_cell_type": ("kang_subset", "new_context", lambda f: {"seed": f, "test_contexts": [["CD4T", "B", "NK"][f % 3]]}),
-    "glioblastoma_heldout_patient": ("glioblastoma_subset", "new_context", lambda f: {"seed": f, "test_contexts": [["PW030", "PW032", "PW034", "PW036", "PW040"][f % 5]]}),
+#: Task -> (data set, split strategy, options per fold index, number of folds).
+TASKS: dict[str, tuple[str, str, object, int]] = {
+    "norman_combinations": ("norman_subset", "combination", lambda f: {"seed": f}, 5),
+    "papalexi_unseen_knockouts": ("papalexi_subset", "kfold", lambda f: {"seed": 0, "n_folds": 3, "fold": f}, 3),
+    "adamson_unseen_knockdowns": ("adamson_subset", "kfold", lambda f: {"seed": 0, "n_folds": 3, "fold": f}, 3),
+    "kang_heldout_cell_type": ("kang_subset", "new_context", lambda f: {"seed": f, "test_contexts": [["CD4T", "B", "NK"][f % 3]]}, 3),
+    "glioblastoma_heldout_patient": (
+        "glioblastoma_subset", "new_context", lambda f: {"seed": f, "test_contexts": [["PW030", "PW032", "PW034", "PW036", "PW040"][f % 5]]}, 5,
+    ),
 }
 
 
@@ -39,9 +41,10 @@ def run_fold(task: str, fold: int, *, runs: Path, pilots: int, refine_rounds: in
     """One fold: make the split, run the pipeline offline, return its metrics."""
     from cellforge.data import load_dataset
     from cellforge.data.splits import make_split
+    from cellforge.execution.codegen import get_config
     from cellforge.pipeline import Run, RunConfig, run_pipeline
 
-    dataset, strategy, options = TASKS[task]
+    dataset, strategy, options, _ = TASKS[task]
     opts = dict(options(fold))  # type: ignore[operator]
     seed = int(opts.pop("seed", 0))
     adata = load_dataset(dataset, show_progress=False)
@@ -56,7 +59,12 @@ def run_fold(task: str, fold: int, *, runs: Path, pilots: int, refine_rounds: in
     start = time.monotonic()
     run_pipeline(run, echo=lambda _: None)
     metrics = json.loads(run.path("metrics.json").read_text())
-    return {"fold": fold, "run_dir": str(run.dir), "wall_s": round(time.monotonic() - start, 1), "methods": metrics["methods"], "n_test": len(manifest.test)}
+    kept = get_config(run.path("code/final_train.py").read_text())
+    return {
+        "fold": fold, "run_dir": str(run.dir), "wall_s": round(time.monotonic() - start, 1), "methods": metrics["methods"],
+        "n_test": len(manifest.test), "model": f"{kept.get('template')} over {kept.get('baseline')}",
+        "attempts": len(metrics["attempts"]),
+    }
 
 
 def summarise(folds: list[dict]) -> pd.DataFrame:
@@ -89,16 +97,18 @@ def markdown(results: dict) -> str:
             cells = [f"{row[m]:.4f} ± {row[m + '_sd']:.4f}" for m in METRICS]
             label = f"**{method}**" if method == "cellforge_model" else method
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
-        lines += ["", f"- pearson_delta_de20: the model {entry['verdict']['pearson_delta_de20']}", f"- mse_de20: the model {entry['verdict']['mse_de20']}", ""]
+        lines += ["", f"- pearson_delta_de20: the model {entry['verdict']['pearson_delta_de20']}", f"- mse_de20: the model {entry['verdict']['mse_de20']}"]
+        chosen = ", ".join(f"fold {f['fold']}: {f.get('model', '?')} ({f.get('attempts', '?')} attempts)" for f in entry["folds"])
+        lines += [f"- model kept by validation: {chosen}", ""]
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", action="append", choices=sorted(TASKS), help="Tasks to run (default: all).")
-    parser.add_argument("--folds", type=int, default=3)
+    parser.add_argument("--folds", type=int, default=None, help="Folds per task (default: each task's own, 3 to 5).")
     parser.add_argument("--pilots", type=int, default=0)
-    parser.add_argument("--refine-rounds", type=int, default=1)
+    parser.add_argument("--refine-rounds", type=int, default=3)
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "tasks")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args()
@@ -112,9 +122,9 @@ def main() -> None:
     }
     for task in args.task or sorted(TASKS):
         start = time.monotonic()
-        folds = [run_fold(task, f, runs=args.runs, pilots=args.pilots, refine_rounds=args.refine_rounds) for f in range(args.folds)]
+        dataset, strategy, _, n_folds = TASKS[task]
+        folds = [run_fold(task, f, runs=args.runs, pilots=args.pilots, refine_rounds=args.refine_rounds) for f in range(args.folds or n_folds)]
         table = summarise(folds)
-        dataset, strategy, _ = TASKS[task]
         results["tasks"][task] = {
             "dataset": dataset,
             "strategy": strategy,

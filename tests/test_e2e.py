@@ -50,11 +50,12 @@ def test_run_writes_report_and_metrics(run_dir):
     assert set(metrics["stage_wall_s"]) == {"data", "profile", "analysis", "design", "codegen", "execute", "evaluate"}
     report = (run_dir / "report.md").read_text()
     assert "cellforge_model" in report and "training_mean" in report and "isolation" in report
-    # refinement ran after the clean draft and the kept attempt is the best by validation metric
+    # refinement ran after the clean draft and the kept attempt is the best by validation metric,
     stages = [a["stage"] for a in metrics["attempts"]]
     assert stages[0] == "draft" and "refine" in stages and metrics["refinement"]
     vals = {a["index"]: a["val_mse_top20"] for a in metrics["attempts"] if a["val_mse_top20"] is not None}
-    assert vals[metrics["best_attempt"]] == min(vals.values()) and "(kept)" in report
+    # only a change that beats the best by more than the 1% tolerance replaces it
+    assert min(vals.values()) >= vals[metrics["best_attempt"]] * 0.99 - 1e-12 and "(kept)" in report
     assert metrics["llm"]["by_stage"]["design"]["calls"] >= 1 and metrics["llm"]["cost_usd"] == 0
 
 

@@ -9,6 +9,7 @@ from pydantic import BaseModel
 
 from cellforge.design.plan import Patch, ResearchPlan
 from cellforge.errors import LLMError
+from cellforge.execution.codegen import templates
 from cellforge.llm.client import LLMClient, model_for
 from cellforge.llm.specs import AgentSpec, all_specs, load_spec
 
@@ -34,13 +35,20 @@ def test_role_models_come_from_environment(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    ("task_type", "baseline"),
-    [("combination", "additive"), ("new_context", "context_shift"), ("unseen_perturbation", "training_mean")],
+    ("task_type", "template", "baseline"),
+    [
+        ("combination", "combo_additive", "single_mean"),
+        ("new_context", "pert_mlp", "context_regression"),
+        ("unseen_perturbation", "gene_gnn", "on_target"),
+    ],
 )
-def test_offline_plan_follows_the_task(tmp_path, task_type, baseline):
+def test_offline_plan_follows_the_task(tmp_path, task_type, template, baseline):
     client = LLMClient(tmp_path, stage="design")
     plan = client.ask(load_spec("method_designer"), _context(task_type, n_combo=6), ResearchPlan)
-    assert plan.baseline == baseline
+    assert (plan.template, plan.baseline) == (template, baseline)
+    # model selection on validation has at least one other template to compare
+    assert plan.candidates and all(c.get("template", template) in templates() for c in plan.candidates)
+    assert any(c.get("template") != template for c in plan.candidates)
     record = json.loads((tmp_path / "llm_calls.jsonl").read_text().splitlines()[0])
     assert record["backend"].startswith("offline-planner") and record["agent"] == "method_designer"
 
@@ -119,3 +127,21 @@ def test_offline_refiner_proposes_untried_changes_then_stops(tmp_path):
             break
         seen.append({"config": {**config, **proposal.config_updates}, "failure": None, "val_metrics": {}})
     assert proposal.stop and len(seen) == 5  # four planned changes, each once
+
+
+def test_offline_refiner_compares_candidate_models_first(tmp_path):
+    from cellforge.design.plan import Refinement
+
+    config = {"template": "gene_gnn", "baseline": "on_target", "learning_rate": 0.001, "hidden_dim": 16}
+    history = [{"config": config, "failure": None, "val_metrics": {"val_mse_top20": 0.3, "val_baseline_mse_top20": 0.4}}]
+    candidates = [{"template": "pert_mlp", "hidden_dim": 64}, {"template": "latent_linear", "hidden_dim": 8}]
+    ctx = {"config": config, "history": history, "metric": "val_mse_top20", "lower_is_better": True, "candidates": candidates}
+    client = LLMClient(tmp_path, stage="execute")
+    first = client.ask(load_spec("refiner"), ctx, Refinement)
+    assert first.config_updates == candidates[0]
+    history.append({"config": {**config, **candidates[0]}, "failure": None, "val_metrics": {"val_mse_top20": 0.35}})
+    second = client.ask(load_spec("refiner"), {**ctx, "history": history}, Refinement)
+    assert second.config_updates == candidates[1]
+    history.append({"config": {**config, **candidates[1]}, "failure": None, "val_metrics": {"val_mse_top20": 0.5}})
+    third = client.ask(load_spec("refiner"), {**ctx, "history": history}, Refinement)
+    assert "template" not in third.config_updates and not third.stop  # then hyperparameters of the best

@@ -317,8 +317,9 @@ def refine_until_settled(
     template of the library with the merged configuration.
     A round counts as progress when it beats the best validation metric by more than
     ``tolerance`` (relative); refinement stops after ``patience`` rounds in a row without
-    progress, when the refiner proposes nothing new, or after ``max_rounds``. The best
-    attempt by the validation metric is kept: its outputs are restored into the sandbox.
+    progress, when the refiner proposes nothing new, or after ``max_rounds``. Only progress
+    replaces the best attempt, so a near-tie on a small validation set keeps the plan's
+    model. The best attempt is kept: its outputs are restored into the sandbox.
 
     Returns
     -------
@@ -364,7 +365,7 @@ def refine_until_settled(
         attempt = executor.run(candidate, stage="refine", parent=best.index, patch={"diagnosis": proposal.get("diagnosis", ""), "config_updates": updates})
         new, old = _score(attempt, settings), _score(best, settings)
         progress = new is not None and old is not None and new < old - settings.tolerance * abs(old)
-        if new is not None and old is not None and new < old:
+        if progress:  # a change replaces the best only when it beats it by more than the tolerance
             best, best_script = attempt, candidate
         stale = 0 if progress else stale + 1
         if stale >= settings.patience:

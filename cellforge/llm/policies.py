@@ -10,6 +10,8 @@ from cellforge.llm.offline import handles
 
 #: Each debate baseline -> the library's stronger reference predictor of the same family.
 REFERENCE_OF = {"training_mean": "on_target", "additive": "member_additive", "context_shift": "context_regression"}
+#: Templates whose hidden state is per gene (n_genes x width): the consensus width does not apply.
+PER_GENE_STATE = {"gene_gnn"}
 
 
 @handles("method_designer")
@@ -27,8 +29,7 @@ def design_plan(ctx: dict[str, Any]) -> dict[str, Any]:
         template, baseline = "combo_additive", "single_mean"
         n_combo_train = int(ctx["split"].get("n_train_combinations", 0))
         train_on = "all"
-        extra["learning_rate"] = 1e-2
-        candidates = [{"template": "pert_mlp", "baseline": "member_additive", "learning_rate": 1e-3}]
+        candidates = [{"template": "pert_mlp", "baseline": "member_additive"}]
         pert_enc = "a learned effect vector per perturbation member (embedding), summed over the members"
         rationale.append(
             "Additive predictions are the bar for combinations (Ahlmann-Eltze et al. 2025; Norman et al. 2019). The "
@@ -54,7 +55,7 @@ def design_plan(ctx: dict[str, Any]) -> dict[str, Any]:
         rationale.append("Drug-dose task: doses enter as monotone log and sigmoid features (CPA's dose encoder idea).")
     else:
         template, baseline, train_on = "gene_gnn", "on_target", "all"
-        extra["hidden_dim"] = 16
+        extra["hidden_dim"] = 8 if small else 16
         candidates = [
             {"template": "pert_mlp", "baseline": "on_target", "hidden_dim": hidden},
             {"template": "latent_linear", "baseline": "on_target", "hidden_dim": 8},
@@ -102,6 +103,9 @@ def design_plan(ctx: dict[str, Any]) -> dict[str, Any]:
             )
         if consensus.get("cited"):
             rationale.append(f"Evidence cited in the consensus: {', '.join(consensus['cited'])}.")
+        if template in PER_GENE_STATE and hyperparameters["hidden_dim"] > extra["hidden_dim"]:
+            hyperparameters["hidden_dim"] = extra["hidden_dim"]
+            rationale.append(f"{template} keeps a hidden state per gene: its width stays at {extra['hidden_dim']}.")
     return {
         "task_type": task_type,
         "template": template,
