@@ -90,6 +90,19 @@ def test_context_regression_recovers_the_control_dependence(lib):
     assert np.abs(shift - deltas["P4:drug"]).mean() > 0.1
 
 
+def test_dose_encoder_adds_monotone_dose_features(lib, monkeypatch):
+    conds = {f"drug:{d}": ("drug", "all") for d in (0.1, 1.0, 10.0)}
+    feats = _features(lib, {"drug:0.1": np.ones(3)}, {"all": np.zeros(3)}, conds)
+    for d in (0.1, 1.0, 10.0):
+        feats.conditions[f"drug:{d}"]["dose"] = d
+    plain = feats.vector("drug:1.0")
+    monkeypatch.setattr(lib, "CONFIG", {"dose_encoder": "log_sigmoid"})
+    encoded = np.stack([feats.vector(f"drug:{d}")[-2:] for d in (0.1, 1.0, 10.0)])
+    assert len(feats.vector("drug:1.0")) == len(plain) + 2
+    assert (np.diff(encoded, axis=0) > 0).all()  # both features grow with dose
+    np.testing.assert_allclose(encoded[1], [np.log10(2.0), 0.5])
+
+
 def test_unknown_reference_and_template_name_the_choices(lib):
     feats = _features(lib, {"A": np.ones(3)}, {"all": np.zeros(3)}, {"A": ("A", "all"), "B": ("B", "all")})
     with pytest.raises(ValueError, match="valid: training_mean"):
@@ -144,3 +157,14 @@ def test_template_trains_and_predicts_on_real_data(template, load, tmp_path):
         assert again.returncode == 0, again.stderr[-3000:]
         redo = contract.read_predictions(tmp_path / contract.PREDICTIONS, test=manifest.test, genes=[str(g) for g in adata.var_names])
         np.testing.assert_allclose(redo.to_numpy(), first, rtol=1e-5, atol=1e-6)
+
+
+def test_task_json_carries_numeric_doses(load, tmp_path):
+    adata = load("norman_subset")
+    manifest = make_split(adata, "combination", seed=0)
+    contract.prepare_inputs(adata, manifest, tmp_path, task={"type": "combination", "description": "test"})
+    conditions = {c["condition"]: c for c in json.loads((tmp_path / "task.json").read_text())["conditions"]}
+    singles = [c for c in conditions.values() if "+" not in c["perturbation"] and c["condition"] in manifest.train]
+    assert singles and all(c["dose"] == 1.0 for c in singles)
+    # "1+1" (a dose per member) is not one number: no dose rather than a wrong one
+    assert all("dose" not in c for c in conditions.values() if "+" in c["perturbation"])

@@ -40,10 +40,11 @@ def prepare_inputs(adata: ad.AnnData, manifest: SplitManifest, work_dir: Path, *
         ad.AnnData(X=part.X.copy(), obs=part.obs[keep].copy(), var=part.var[[]].copy()).write_h5ad(data / f"{name}.h5ad")
     table = condition_table(adata)
     names = [*manifest.train, *manifest.val, *manifest.test, *table.index[table["is_control"]]]
+    dose = _condition_doses(adata)
     payload = {
         **task,
         "conditions": [
-            {"condition": c, "perturbation": table.loc[c, "perturbation"], "context": table.loc[c, "context"]}
+            {"condition": c, "perturbation": table.loc[c, "perturbation"], "context": table.loc[c, "context"], **({"dose": dose[c]} if c in dose else {})}
             for c in names
         ],
         "train_conditions": list(manifest.train),
@@ -52,6 +53,15 @@ def prepare_inputs(adata: ad.AnnData, manifest: SplitManifest, work_dir: Path, *
         "genes": [str(g) for g in adata.var_names],
     }
     (work_dir / "task.json").write_text(json.dumps(payload, indent=1))
+
+
+def _condition_doses(adata: ad.AnnData) -> dict[str, float]:
+    """Numeric dose of each condition from ``obs["dose"]`` (first value; none when absent or not numeric)."""
+    if "dose" not in adata.obs:
+        return {}
+    dose = pd.to_numeric(adata.obs["dose"].astype(str), errors="coerce")
+    first = dose.groupby(adata.obs["condition"].astype(str).to_numpy()).first().dropna()
+    return {str(c): float(v) for c, v in first.items()}
 
 
 #: Largest value a log1p-normalised profile can plausibly reach (log1p(1e4 * 1e3) ~ 16).
