@@ -23,6 +23,8 @@ import pandas as pd
 
 ROOT = Path(__file__).resolve().parent.parent
 METRICS = ["pearson_delta", "pearson_delta_de20", "mse_de20", "overlap_at_N", "discrimination_score_l1_common"]
+#: Compute budget of one task's full run (all folds) on 2 CPU cores, seconds.
+BUDGET_S = 900
 HIGHER = {"pearson_delta", "pearson_delta_de20", "overlap_at_N", "discrimination_score_l1_common"}
 
 #: Task -> (data set, split strategy, options per fold index, number of folds).
@@ -99,7 +101,8 @@ def markdown(results: dict) -> str:
             lines.append(f"| {label} | " + " | ".join(cells) + " |")
         lines += ["", f"- pearson_delta_de20: the model {entry['verdict']['pearson_delta_de20']}", f"- mse_de20: the model {entry['verdict']['mse_de20']}"]
         chosen = ", ".join(f"fold {f['fold']}: {f.get('model', '?')} ({f.get('attempts', '?')} attempts)" for f in entry["folds"])
-        lines += [f"- model kept by validation: {chosen}", ""]
+        within = "within" if entry["wall_s"] <= BUDGET_S else "OVER"
+        lines += [f"- model kept by validation: {chosen}", f"- compute: {entry['wall_s']} s for all folds, {within} the {BUDGET_S} s budget", ""]
     return "\n".join(lines)
 
 
@@ -111,7 +114,11 @@ def main() -> None:
     parser.add_argument("--refine-rounds", type=int, default=3)
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "tasks")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--render-only", action="store_true", help="Rewrite tasks.md from the saved tasks.json.")
     args = parser.parse_args()
+    if args.render_only:
+        (args.out / "tasks.md").write_text(markdown(json.loads((args.out / "tasks.json").read_text())))
+        return
     os.environ.setdefault("CELLFORGE_DATA_MIRROR", str(ROOT.parent / "shared" / "data"))
     args.runs.mkdir(parents=True, exist_ok=True)
     results = {
@@ -135,6 +142,11 @@ def main() -> None:
         }
         print(f"{task}: {results['tasks'][task]['verdict']} in {results['tasks'][task]['wall_s']} s", flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
+    previous = args.out / "tasks.json"
+    if args.task and previous.exists():  # a partial rerun updates its tasks and keeps the others
+        merged = json.loads(previous.read_text())
+        merged["tasks"].update(results["tasks"])
+        results = {**results, "tasks": dict(sorted(merged["tasks"].items()))}
     (args.out / "tasks.json").write_text(json.dumps(results, indent=1, default=float))
     (args.out / "tasks.md").write_text(markdown(results))
     print(args.out / "tasks.md")

@@ -219,7 +219,8 @@ import json, pathlib
 x = CONFIG["x"]
 out = pathlib.Path("outputs")
 out.mkdir(exist_ok=True)
-(out / "val_metrics.json").write_text(json.dumps({"val_mse_top20": (x - 3) ** 2 + 1}))
+# pearson falls once x passes 2: x = 3 has a better MSE but a worse pearson than x = 2
+(out / "val_metrics.json").write_text(json.dumps({"val_mse_top20": (x - 3) ** 2 + 1, "val_pearson_delta_top20": 0.9 if x <= 2 else 0.5}))
 (out / "predictions.txt").write_text(str(x))
 """
 
@@ -250,7 +251,7 @@ def _refine(tmp_path: Path, **settings):  # noqa: ANN003, ANN202
 
 
 def test_refinement_runs_until_the_validation_metric_settles_and_keeps_the_best(tmp_path):
-    (journal, script), sandbox = _refine(tmp_path, max_rounds=10, patience=2, tolerance=0.01)
+    (journal, script), sandbox = _refine(tmp_path, max_rounds=10, patience=2, tolerance=0.01, guard_metric=None)
     xs = [a.val_metrics["val_mse_top20"] for a in journal.attempts]
     assert xs == [10, 5, 2, 1, 2, 145]  # x = 0, 1, 2, 3, then 4 and 15 fail to improve
     assert [a.stage for a in journal.attempts] == ["draft"] + ["refine"] * 5
@@ -266,3 +267,10 @@ def test_refinement_stops_at_its_round_budget(tmp_path):
     assert len(journal.attempts) == 3 and journal.best_attempt == 2
     assert "budget of 2 rounds" in journal.refine_stop_reason
     assert (sandbox.work_dir / "outputs" / "predictions.txt").read_text() == "2"
+
+
+def test_refinement_keeps_a_change_only_if_it_does_not_lower_the_guard_metric(tmp_path):
+    (journal, script), _ = _refine(tmp_path, max_rounds=10, patience=2, tolerance=0.01)
+    # x = 3 halves the MSE of x = 2 but drops validation pearson from 0.9 to 0.5: x = 2 is kept
+    assert [a.val_metrics["val_mse_top20"] for a in journal.attempts][:4] == [10, 5, 2, 1]
+    assert journal.best_attempt == 2 and get_config(script) == {"x": 2}

@@ -25,6 +25,9 @@ class Hyperparameters(BaseModel):
     n_neighbours: int = Field(10, ge=1, le=200, description="Co-expression partners per gene in gene_gnn's graph.")
     member_ridge: float = Field(0.1, ge=0.0, description="Ridge penalty of the member_additive reference.")
     dose_encoder: Literal["none", "log_sigmoid"] = Field("none", description="Dose features of pert_mlp (drugs).")
+    cv_folds: int = Field(
+        4, ge=0, le=20, description="Folds of the cross-validation over training + validation conditions that gives val_* (0: the split's validation set)."
+    )
     seed: int = 0
 
 

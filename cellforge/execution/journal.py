@@ -286,6 +286,10 @@ class RefineSettings(BaseModel):
     tolerance: float = Field(0.01, ge=0.0, description="Relative improvement of the metric that counts as progress.")
     metric: str = Field("val_mse_top20", description="Validation metric of record (from outputs/val_metrics.json).")
     lower_is_better: bool = True
+    guard_metric: str | None = Field(
+        "val_pearson_delta_top20",
+        description="Second validation metric (higher is better) a change must not lower by more than the tolerance.",
+    )
 
 
 def _score(attempt: Attempt, settings: RefineSettings) -> float | None:
@@ -293,6 +297,16 @@ def _score(attempt: Attempt, settings: RefineSettings) -> float | None:
     if attempt.failure is not None or not isinstance(value, int | float):
         return None
     return float(value) if settings.lower_is_better else -float(value)
+
+
+def _guarded(new: Attempt, old: Attempt, settings: RefineSettings) -> bool:
+    """True unless the change lowers the guard metric by more than the tolerance (missing values pass)."""
+    if settings.guard_metric is None:
+        return True
+    a, b = new.val_metrics.get(settings.guard_metric), old.val_metrics.get(settings.guard_metric)
+    if not isinstance(a, int | float) or not isinstance(b, int | float):
+        return True
+    return a >= b - settings.tolerance * abs(b)
 
 
 def refine_until_settled(
@@ -319,7 +333,8 @@ def refine_until_settled(
     ``tolerance`` (relative); refinement stops after ``patience`` rounds in a row without
     progress, when the refiner proposes nothing new, or after ``max_rounds``. Only progress
     replaces the best attempt, so a near-tie on a small validation set keeps the plan's
-    model. The best attempt is kept: its outputs are restored into the sandbox.
+    model; progress must also keep ``guard_metric`` (validation pearson_delta on the top-20
+    genes) within the tolerance, because models are judged on both. The best attempt is kept: its outputs are restored into the sandbox.
 
     Returns
     -------
@@ -364,7 +379,7 @@ def refine_until_settled(
             candidate = set_config(best_script, config)
         attempt = executor.run(candidate, stage="refine", parent=best.index, patch={"diagnosis": proposal.get("diagnosis", ""), "config_updates": updates})
         new, old = _score(attempt, settings), _score(best, settings)
-        progress = new is not None and old is not None and new < old - settings.tolerance * abs(old)
+        progress = new is not None and old is not None and new < old - settings.tolerance * abs(old) and _guarded(attempt, best, settings)
         if progress:  # a change replaces the best only when it beats it by more than the tolerance
             best, best_script = attempt, candidate
         stale = 0 if progress else stale + 1

@@ -71,7 +71,8 @@ def design_plan(ctx: dict[str, Any]) -> dict[str, Any]:
     weight_decay = 0.1 if small else 0.01
     rationale.append(
         f"{n_train} training conditions and {n_genes} genes: hidden width {hidden}, weight decay {weight_decay}, "
-        "early stopping on validation loss so the model stays at its reference unless validation improves."
+        "early stopping on validation loss so the model stays at its reference unless validation improves. With so few "
+        "validation conditions, models are compared by 4-fold cross-validation over training + validation groups."
     )
     hyperparameters = {
         "hidden_dim": hidden,
@@ -83,6 +84,7 @@ def design_plan(ctx: dict[str, Any]) -> dict[str, Any]:
         "batch_size": max(1, min(16, n_train)),
         "patience": 30,
         "n_components": min(16, max(2, n_train)),
+        "cv_folds": 4,
         "seed": 0,
         **extra,
     }

@@ -312,13 +312,13 @@ def make_tensors(feats, conds, profiles, mu, sd):
     return as_t(x), as_t(base), as_t(target)
 
 
-def fit_conditions(feats, train_conds, val_conds, train_profiles, val_profiles, predict_only):
+def fit_conditions(feats, train_conds, val_conds, train_profiles, val_profiles, predict_only, ckpt=None):
     """Train (or load) the condition-level model; returns predict(conds) -> (deltas, reference deltas)."""
     import lightning as L
 
     Module = build_module_class()
     n_genes = len(feats.genes)
-    ckpt = OUT / "model.ckpt"
+    ckpt = ckpt or OUT / "model.ckpt"
     feats.set_seen(train_profiles)
     x_tr = np.stack([inputs(feats, c) for c in train_conds])
     mu, sd = x_tr.mean(axis=0), x_tr.std(axis=0)
@@ -339,7 +339,8 @@ def fit_conditions(feats, train_conds, val_conds, train_profiles, val_profiles, 
             ]
         model = Module(x_tr.shape[1], n_genes, CONFIG, extra)
         trainer = L.Trainer(
-            max_epochs=CONFIG["max_epochs"], accelerator="auto", devices=1, logger=False, enable_progress_bar=False,
+            # Without validation conditions there is no early stopping: train briefly from the reference.
+            max_epochs=CONFIG["max_epochs"] if val_conds else min(CONFIG["max_epochs"], CONFIG.get("epochs_without_val", 20)), accelerator="auto", devices=1, logger=False, enable_progress_bar=False,
             enable_model_summary=False, callbacks=callbacks, enable_checkpointing=bool(val_conds), deterministic=True,
         )
         trainer.fit(model, loader, val_loader)
@@ -360,6 +361,39 @@ def fit_conditions(feats, train_conds, val_conds, train_profiles, val_profiles, 
             return model(x, base).numpy(), base.numpy()
 
     return predict, epochs
+
+
+def cross_validate(feats, pool, profiles, task_type, n_folds):
+    """Validation metrics averaged over folds of the training + validation conditions.
+
+    With a handful of validation conditions one split is a noisy judge of a model; here
+    whole groups (perturbations, or contexts for new-context tasks) are held out in turn
+    (``min(n_folds, n_groups)`` folds), the model is trained on the rest with early stopping
+    on the held-out group, and the held-out metrics are averaged. For combination tasks only
+    combinations are held out; single perturbations always train. Test conditions are never
+    involved. Returns (metrics, description).
+    """
+    key = feats.ctx if task_type == "new_context" else feats.pert
+    movable = [c for c in pool if task_type != "combination" or COMBO in feats.pert(c)]
+    groups = sorted({key(c) for c in movable})
+    rng = np.random.default_rng(CONFIG.get("seed", 0))
+    rng.shuffle(groups)
+    k = min(n_folds, len(groups))
+    if k < 2:
+        return None, "too few groups to cross-validate"
+    fit = fit_cells if CELL_LEVEL else fit_conditions
+    folds = []
+    for i, held_groups in enumerate(np.array_split(np.array(groups, dtype=object), k)):
+        held = [c for c in movable if key(c) in set(held_groups)]
+        rest = [c for c in pool if c not in held]
+        predict, _ = fit(feats, rest, held, profiles.loc[rest], profiles, False, ckpt=OUT / f"cv{i}.ckpt")
+        (OUT / f"cv{i}.ckpt").unlink(missing_ok=True)
+        feats.set_seen(profiles.loc[rest])
+        pred, base = predict(held)
+        target = np.stack([profiles.loc[c].to_numpy() - feats.control.loc[feats.ctx(c)].to_numpy() for c in held])
+        folds.append(validation_metrics(pred, base, target))
+    mean = {name: float(np.mean([f[name] for f in folds])) for name in folds[0]}
+    return mean, f"{k}-fold cross-validation over {len(groups)} {'contexts' if task_type == 'new_context' else 'perturbations'}"
 
 
 def net_extra(feats):
@@ -396,6 +430,14 @@ def main():
             pred, base = predict(val_conds)
             target = np.stack([val_profiles.loc[c].to_numpy() - feats.control.loc[feats.ctx(c)].to_numpy() for c in val_conds])
             metrics.update(validation_metrics(pred, base, target))
+            metrics["val_scheme"] = f"the {len(val_conds)} validation conditions"
+        if CONFIG.get("cv_folds", 0) >= 2:
+            # Model selection reads val_*: replace the single split by cross-validation when it can be done.
+            cv, scheme = cross_validate(feats, train_conds + val_conds, pd.concat([train_profiles, val_profiles]), task.get("type", ""), CONFIG["cv_folds"])
+            if cv is not None:
+                metrics.update({f"split_{k}": v for k, v in metrics.items() if k.startswith("val_") and k != "val_scheme"})
+                metrics.update(cv)
+                metrics["val_scheme"] = scheme
         (OUT / "val_metrics.json").write_text(json.dumps(metrics, indent=2))
     # Test predictions: features may use every seen condition (training + validation).
     feats.set_seen(pd.concat([train_profiles, val_profiles]))
@@ -411,7 +453,7 @@ def main():
 CELL_LEVEL = False
 
 
-def fit_cells(*_args):
+def fit_cells(*_args, **_kwargs):
     raise NotImplementedError("this template is condition-level")
 
 

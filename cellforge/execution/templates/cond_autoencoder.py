@@ -61,38 +61,39 @@ def build_cell_module():
 
 
 def _cells():
+    """Training and validation cells in one AnnData (conditions say which is which)."""
     train = ad.read_h5ad(HERE / "data" / "train.h5ad")
     val = ad.read_h5ad(HERE / "data" / "val.h5ad")
-    return train, val
+    return ad.concat([train, val]) if val.n_obs else train
 
 
-def fit_cells(feats, train_conds, val_conds, train_profiles, val_profiles, predict_only):
+def fit_cells(feats, train_conds, val_conds, train_profiles, val_profiles, predict_only, ckpt=None):
     import lightning as L
 
-    train, val = _cells()
-    X = dense(train.X).astype(np.float32)
-    obs = train.obs
-    labels = obs["condition"].astype(str).to_numpy()
-    is_ctrl = obs["is_control"].to_numpy()
-    contexts = obs["context"].astype(str).to_numpy()
+    cells = _cells()
+    X = dense(cells.X).astype(np.float32)
+    labels = cells.obs["condition"].astype(str).to_numpy()
+    is_ctrl = cells.obs["is_control"].to_numpy().astype(bool)
+    contexts = cells.obs["context"].astype(str).to_numpy()
     Module = build_cell_module()
-    ckpt = OUT / "model.ckpt"
+    ckpt = ckpt or OUT / "model.ckpt"
     epochs = 0
     if not predict_only:
         keep = is_ctrl | np.isin(labels, train_conds)
         loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.tensor(X[keep])), batch_size=CONFIG["batch_size"], shuffle=True)
+        held = np.isin(labels, val_conds)
         val_loader, callbacks = None, []
-        if val.n_obs:
-            Xv = torch.tensor(dense(val.X).astype(np.float32))
-            val_loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(Xv), batch_size=4096)
+        if held.any():
+            val_loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.tensor(X[held])), batch_size=4096)
             callbacks = [
                 L.pytorch.callbacks.EarlyStopping("val_loss", patience=CONFIG["patience"]),
                 L.pytorch.callbacks.ModelCheckpoint(dirpath=OUT, filename="best", monitor="val_loss"),
             ]
         model = Module(X.shape[1], CONFIG)
         trainer = L.Trainer(
-            max_epochs=CONFIG["max_epochs"], accelerator="auto", devices=1, logger=False, enable_progress_bar=False,
-            enable_model_summary=False, callbacks=callbacks, enable_checkpointing=bool(val.n_obs), deterministic=True,
+            max_epochs=CONFIG["max_epochs"] if held.any() else min(CONFIG["max_epochs"], CONFIG.get("epochs_without_val", 20)),
+            accelerator="auto", devices=1, logger=False, enable_progress_bar=False,
+            enable_model_summary=False, callbacks=callbacks, enable_checkpointing=bool(held.any()), deterministic=True,
         )
         trainer.fit(model, loader, val_loader)
         epochs = int(trainer.current_epoch)
@@ -105,10 +106,6 @@ def fit_cells(feats, train_conds, val_conds, train_profiles, val_profiles, predi
     model.eval()
     with torch.no_grad():
         Z = model.ae.encoder(torch.tensor(X)).numpy()
-    Xval = dense(val.X).astype(np.float32) if val.n_obs else np.zeros((0, X.shape[1]), np.float32)
-    with torch.no_grad():
-        Zval = model.ae.encoder(torch.tensor(Xval)).numpy() if len(Xval) else np.zeros((0, Z.shape[1]))
-    val_labels = val.obs["condition"].astype(str).to_numpy() if val.n_obs else np.array([])
     ctrl_latent = {c: Z[is_ctrl & (contexts == c)].mean(axis=0) for c in np.unique(contexts[is_ctrl])}
 
     def latent_shift(cond):
@@ -117,13 +114,9 @@ def fit_cells(feats, train_conds, val_conds, train_profiles, val_profiles, predi
         for other in feats.seen:
             if other == cond or feats.pert(other) != feats.pert(cond) or feats.ctx(other) == feats.ctx(cond):
                 continue
-            if other in set(labels):
-                z = Z[labels == other]
-            elif other in set(val_labels):
-                z = Zval[val_labels == other]
-            else:
-                continue
-            shifts.append(z.mean(axis=0) - ctrl_latent[feats.ctx(other)])
+            z = Z[labels == other]
+            if len(z):
+                shifts.append(z.mean(axis=0) - ctrl_latent[feats.ctx(other)])
         return np.mean(shifts, axis=0) if shifts else None
 
     def predict(conds):
