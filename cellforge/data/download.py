@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from pathlib import Path
 
 from cellforge.data.registry import DatasetCard
@@ -17,13 +18,45 @@ from cellforge.paths import cache_dir, mirror_dirs
 _CHUNK = 1 << 20
 
 
-def md5sum(path: Path) -> str:
-    """Hex md5 of a file, read in 1 MiB chunks."""
-    digest = hashlib.md5()  # noqa: S324 - md5 is the upstream checksum, not security
+def md5sum(path: Path, algorithm: str = "md5") -> str:
+    """Hex digest (md5 by default, or sha256) of a file, read in 1 MiB chunks."""
+    digest = hashlib.new(algorithm)
     with path.open("rb") as fh:
         for chunk in iter(lambda: fh.read(_CHUNK), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def expected_checksum(card: DatasetCard, path: Path) -> tuple[str, str] | None:
+    """(algorithm, hex digest) a file of ``card`` must have: the card's md5, else its sha256,
+    else the md5 recorded beside ``path`` on first download (``<file>.md5``), else ``None``."""
+    if card.md5:
+        return "md5", card.md5
+    if card.sha256:
+        return "sha256", card.sha256
+    sidecar = path.with_name(path.name + ".md5")
+    return ("md5", sidecar.read_text().strip()) if sidecar.is_file() else None
+
+
+def check_file(card: DatasetCard, path: Path) -> None:
+    """Verify a local copy of ``card``'s file.
+
+    Raises
+    ------
+    ChecksumError
+        Wrong md5 / sha256; the message names the file, both digests and what to do.
+    """
+    expected = expected_checksum(card, path)
+    if expected is None:
+        return
+    algorithm, digest = expected
+    actual = md5sum(path, algorithm)
+    if actual != digest:
+        msg = (
+            f"{path} has {algorithm} {actual}, but the registry card {card.name!r} expects {digest}; "
+            "delete or replace the file"
+        )
+        raise ChecksumError(msg)
 
 
 def _offline() -> bool:
@@ -49,13 +82,7 @@ def fetch(card: DatasetCard, *, show_progress: bool = True) -> Path:
     for candidate in [cached, *(m / card.filename for m in mirror_dirs())]:
         tried.append(str(candidate))
         if candidate.is_file():
-            actual = md5sum(candidate)
-            if actual != card.md5:
-                msg = (
-                    f"{candidate} has md5 {actual}, but the registry card {card.name!r} expects {card.md5}; "
-                    "delete or replace the file"
-                )
-                raise ChecksumError(msg)
+            check_file(card, candidate)
             return candidate
     if _offline():
         msg = (
@@ -65,7 +92,12 @@ def fetch(card: DatasetCard, *, show_progress: bool = True) -> Path:
         )
         raise DatasetError(msg)
     try:
-        return download(card.url, cached, md5=card.md5, size_hint=card.size_bytes, show_progress=show_progress)
+        got = download(card.url, cached, md5=card.md5, sha256=card.sha256, size_hint=card.size_bytes, show_progress=show_progress)
+        if not card.md5 and not card.sha256:
+            # No published checksum: record the first download's md5 so later copies are checked against it.
+            warnings.warn(f"data set {card.name!r} has no published checksum; recorded md5 of the first download", stacklevel=2)
+            got.with_name(got.name + ".md5").write_text(md5sum(got))
+        return got
     except ChecksumError:
         raise
     except DatasetError as exc:
@@ -78,6 +110,7 @@ def download(
     dest: Path,
     *,
     md5: str | None = None,
+    sha256: str | None = None,
     size_hint: int | None = None,
     show_progress: bool = True,
     timeout_s: float = 60.0,
@@ -90,8 +123,8 @@ def download(
         HTTP(S) address.
     dest
         Final path; the partial download lives at ``dest`` + ``.part`` until verified.
-    md5
-        Expected hex md5; on mismatch the partial file is removed.
+    md5, sha256
+        Expected hex digests (either or both); on mismatch the partial file is removed.
     size_hint
         Total size in bytes for the progress bar when the server does not send it.
 
@@ -140,11 +173,13 @@ def download(
     except httpx.HTTPError as exc:
         msg = f"download of {url} failed: {exc!r} (a partial file is kept at {part} and will be resumed)"
         raise DatasetError(msg) from exc
-    if md5 is not None:
-        actual = md5sum(part)
-        if actual != md5:
+    for algorithm, expected in (("md5", md5), ("sha256", sha256)):
+        if expected is None:
+            continue
+        actual = md5sum(part, algorithm)
+        if actual != expected:
             part.unlink()
-            msg = f"download of {url} has md5 {actual}, expected {md5}; the corrupt file was removed"
+            msg = f"download of {url} has {algorithm} {actual}, expected {expected}; the corrupt file was removed"
             raise ChecksumError(msg)
     part.replace(dest)
     return dest

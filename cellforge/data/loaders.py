@@ -6,7 +6,9 @@ Each loader takes the local file path and the card's ``loader_options`` and retu
 
 from __future__ import annotations
 
+import tempfile
 import warnings
+import zipfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -16,7 +18,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from cellforge.data.canonical import standardise
+from cellforge.data.canonical import COMBO_DELIMITER, standardise
 from cellforge.errors import DatasetError
 
 
@@ -154,8 +156,208 @@ def load_sce_rda(
     )
 
 
+def _relabel_combinations(labels: pd.Series, delimiter: str, controls: list[str]) -> pd.Series:
+    """``A<delimiter>B`` -> ``A+B`` for perturbed cells; control labels are left alone."""
+    out = labels.astype(str)
+    perturbed = ~out.isin(controls)
+    out[perturbed] = out[perturbed].str.replace(delimiter, COMBO_DELIMITER, regex=False)
+    return out
+
+
+def load_scperturb_h5ad(
+    path: Path,
+    *,
+    dataset: str,
+    perturbation_key: str = "perturbation",
+    control_labels: list[str] | None = None,
+    context_key: str | None = None,
+    dose_key: str | None = None,
+    combo_delimiter: str | None = None,
+    perturbation_type: str = "unknown",
+) -> ad.AnnData:
+    """An scPerturb release file (Peidli et al., Nat. Methods 2024): raw counts, harmonised ``obs``.
+
+    scPerturb writes ``obs["perturbation"]`` with ``"control"`` for controls and joins the
+    members of a combination with ``combo_delimiter`` (``"_"`` in Norman 2019); they become
+    ``"A+B"``. With ``dose_key`` each (perturbation, dose) is its own condition, written
+    ``"drug@dose"``, and the dose is kept in ``obs["dose"]``.
+
+    Raises
+    ------
+    DatasetError
+        Missing columns or no control cells (the message names what is there).
+    """
+    controls = control_labels or ["control"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        adata = ad.read_h5ad(path)
+    if perturbation_key not in adata.obs:
+        msg = f"column {perturbation_key!r} not in obs of {path}; available: {list(adata.obs.columns)}"
+        raise DatasetError(msg)
+    labels = adata.obs[perturbation_key].astype(str)
+    if combo_delimiter:
+        labels = _relabel_combinations(labels, combo_delimiter, controls)
+    if dose_key:
+        if dose_key not in adata.obs:
+            msg = f"dose column {dose_key!r} not in obs of {path}; available: {list(adata.obs.columns)}"
+            raise DatasetError(msg)
+        dose = adata.obs[dose_key].astype(str)
+        labels = labels.where(labels.isin(controls), labels + "@" + dose)
+    adata.obs["cellforge_perturbation"] = labels.to_numpy()
+    return standardise(
+        adata,
+        dataset=dataset,
+        perturbation_key="cellforge_perturbation",
+        control_labels=controls,
+        context_key=context_key,
+        dose_key=dose_key,
+        perturbation_type=perturbation_type,
+        log_normalised=False,
+    )
+
+
+def clr(counts: sp.spmatrix | np.ndarray) -> np.ndarray:
+    """Centred log-ratio per cell: ``log1p(x) - mean(log1p(x))`` over the cell's features.
+
+    The normalisation of CITE-seq / ECCITE-seq antibody counts (Stoeckius et al., Nat. Methods
+    2017; Seurat ``NormalizeData(method="CLR", margin=2)``). ``(n_cells, n_proteins)`` in and out.
+    """
+    logged = np.log1p(np.asarray(counts.todense() if sp.issparse(counts) else counts, dtype=np.float64))
+    return (logged - logged.mean(axis=1, keepdims=True)).astype(np.float32)
+
+
+def load_scperturb_protein(
+    path: Path,
+    *,
+    dataset: str,
+    perturbation_key: str = "perturbation",
+    control_labels: list[str] | None = None,
+    perturbation_type: str = "unknown",
+) -> ad.AnnData:
+    """An scPerturb protein (ADT) file: counts in ``X`` -> CLR-normalised ``X``, counts in ``layers``.
+
+    The prediction target is the CLR value of each protein; deltas are CLR differences.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        adata = ad.read_h5ad(path)
+    counts = adata.X.copy()
+    adata.X = clr(counts)
+    out = standardise(
+        adata,
+        dataset=dataset,
+        perturbation_key=perturbation_key,
+        control_labels=control_labels or ["control"],
+        perturbation_type=perturbation_type,
+        modality="protein",
+        log_normalised=True,
+    )
+    out.layers["counts"] = sp.csr_matrix(counts, dtype=np.float32)
+    out.uns["cellforge"]["normalisation"] = "CLR per cell: log1p(x) - mean over proteins (Stoeckius et al. 2017)"
+    out.uns["cellforge"]["has_counts"] = True
+    return out
+
+
+def _zip_member(archive: zipfile.ZipFile, suffix: str) -> str:
+    names = [n for n in archive.namelist() if n.endswith(suffix)]
+    if not names:
+        msg = f"no member ending in {suffix!r} in {archive.filename}; members: {archive.namelist()[:20]}"
+        raise DatasetError(msg)
+    return sorted(names, key=len)[0]
+
+
+def load_scperturb_atac_zip(
+    path: Path,
+    *,
+    dataset: str,
+    feature_set: str = "gene_scores",
+    perturbation_key: str = "perturbation",
+    control_labels: list[str] | None = None,
+    perturbation_type: str = "unknown",
+) -> ad.AnnData:
+    """An scPerturb ATAC archive (ArchR exports): ``<feature_set>/{obs.csv,var.csv,counts.mtx.gz}``.
+
+    ``feature_set`` is ``gene_scores`` (gene activity, one feature per gene, the default) or
+    ``peak_bc`` (peaks). The matrix may be stored features x cells (ArchR) or cells x
+    features; it is oriented by the lengths of ``obs.csv`` and ``var.csv``. Values are
+    depth-normalised and log1p-transformed like RNA counts.
+
+    Raises
+    ------
+    DatasetError
+        A missing member or a matrix that fits neither orientation.
+    """
+    import gzip
+
+    import scipy.io
+
+    with zipfile.ZipFile(path) as archive:
+        obs_name = _zip_member(archive, f"{feature_set}/obs.csv")
+        var_name = _zip_member(archive, f"{feature_set}/var.csv")
+        mtx_name = _zip_member(archive, f"{feature_set}/counts.mtx.gz")
+        obs = pd.read_csv(archive.open(obs_name), index_col=0)
+        var = pd.read_csv(archive.open(var_name), index_col=0)
+        with gzip.open(archive.open(mtx_name)) as fh:
+            matrix = sp.csr_matrix(scipy.io.mmread(fh))
+    if matrix.shape == (len(var), len(obs)) and len(var) != len(obs):
+        matrix = matrix.T.tocsr()
+    if matrix.shape != (len(obs), len(var)):
+        msg = f"{mtx_name} has shape {matrix.shape}; obs.csv has {len(obs)} rows and var.csv {len(var)}"
+        raise DatasetError(msg)
+    obs.index = obs.index.astype(str)
+    adata = ad.AnnData(X=matrix.astype(np.float32), obs=obs, var=pd.DataFrame(index=var.index.astype(str)))
+    return standardise(
+        adata,
+        dataset=dataset,
+        perturbation_key=perturbation_key,
+        control_labels=control_labels or ["control"],
+        perturbation_type=perturbation_type,
+        modality="chromatin",
+        log_normalised=False,
+    )
+
+
+def load_gears_zip(path: Path, *, dataset: str, perturbation_type: str = "unknown") -> ad.AnnData:
+    """A GEARS data archive (Roohani et al. 2024): ``<name>/perturb_processed.h5ad`` inside a zip.
+
+    GEARS writes conditions as ``"A+ctrl"`` (single), ``"A+B"`` (pair) and ``"ctrl"``; the
+    ``ctrl`` members are dropped, so they become ``"A"``, ``"A+B"`` and the control. ``X``
+    is GEARS's log-normalised expression; gene symbols come from ``var["gene_name"]``.
+    """
+    with zipfile.ZipFile(path) as archive:
+        member = _zip_member(archive, "perturb_processed.h5ad")
+        with tempfile.TemporaryDirectory() as tmp:
+            archive.extract(member, tmp)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                adata = ad.read_h5ad(Path(tmp) / member)
+    if "condition" not in adata.obs:
+        msg = f"{member} has no obs['condition']; available: {list(adata.obs.columns)}"
+        raise DatasetError(msg)
+
+    def members(label: str) -> str:
+        kept = [m for m in str(label).split(COMBO_DELIMITER) if m != "ctrl"]
+        return COMBO_DELIMITER.join(kept) if kept else "ctrl"
+
+    adata.obs["cellforge_perturbation"] = [members(c) for c in adata.obs["condition"]]
+    if "gene_name" in adata.var:
+        adata.var_names = adata.var["gene_name"].astype(str).to_numpy()
+    return standardise(
+        adata,
+        dataset=dataset,
+        perturbation_key="cellforge_perturbation",
+        control_labels=["ctrl"],
+        perturbation_type=perturbation_type,
+        log_normalised=True,
+    )
+
+
 LOADERS: dict[str, Callable[..., ad.AnnData]] = {
     "h5ad": load_h5ad,
     "sceptre_lowmoi": load_sceptre_lowmoi,
     "sce_rda": load_sce_rda,
+    "scperturb_h5ad": load_scperturb_h5ad,
+    "scperturb_protein": load_scperturb_protein,
+    "scperturb_atac_zip": load_scperturb_atac_zip,
+    "gears_zip": load_gears_zip,
 }
