@@ -461,8 +461,8 @@ def collect_metrics(run: Run) -> dict[str, Any]:
         "baselines": summary["baselines"],
         "best_baseline": best,
         "model_beats_best_baseline": {
-            "pearson_delta_de20": table.loc["cellforge_model", "pearson_delta_de20"] > table.loc[best["pearson_delta_de20"], "pearson_delta_de20"],
-            "mse_de20": table.loc["cellforge_model", "mse_de20"] < table.loc[best["mse_de20"], "mse_de20"],
+            "pearson_delta_de20": bool(table.loc["cellforge_model", "pearson_delta_de20"] > table.loc[best["pearson_delta_de20"], "pearson_delta_de20"]),
+            "mse_de20": bool(table.loc["cellforge_model", "mse_de20"] < table.loc[best["mse_de20"], "mse_de20"]),
         },
         "averaged_over": f"{len(split['test'])} held-out conditions",
         "llm": {

@@ -150,3 +150,58 @@ def test_replay_with_a_missing_answer_fails_clearly(run_dir, tmp_path):
     (failed,) = (tmp_path / "runs").iterdir()
     assert (failed / "split.json").exists() and (failed / "profile.json").exists()
     assert not (failed / "plan.json").exists()
+
+
+def test_html_report_is_self_contained_with_every_figure(run_dir):
+    import base64
+    import re
+
+    page = (run_dir / "report.html").read_text()
+    sources = re.findall(r'<img src="([^"]+)"', page)
+    assert len(sources) >= 4  # model vs baselines, deltas on DE genes, attempts, debate convergence
+    for src in sources:
+        assert src.startswith("data:image/png;base64,"), src[:60]
+        assert base64.b64decode(src.split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "<table>" in page and "cellforge_model" in page
+    # the Markdown report names the same figures, which sit beside it
+    for name in re.findall(r"!\[[^\]]*\]\(([^)]+\.png)\)", (run_dir / "report.md").read_text()):
+        assert (run_dir / name).stat().st_size > 1000
+
+
+def test_verdicts_are_booleans_that_match_the_table(run_dir):
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    methods, best = metrics["methods"], metrics["best_baseline"]
+    verdict = metrics["model_beats_best_baseline"]
+    assert verdict["pearson_delta_de20"] is (methods["cellforge_model"]["pearson_delta_de20"] > methods[best["pearson_delta_de20"]]["pearson_delta_de20"])
+    assert verdict["mse_de20"] is (methods["cellforge_model"]["mse_de20"] < methods[best["mse_de20"]]["mse_de20"])
+
+
+def _paper_module():  # noqa: ANN202
+    import importlib.util
+
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "paper.py"
+    spec = importlib.util.spec_from_file_location("paper", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_paper_report_tables_and_embeds_every_run(run_dir, tmp_path):
+    import re
+
+    paper = _paper_module()
+    html = paper.write_report(tmp_path, {"adamson_subset": paper._record(run_dir)}, {"date": "today", "settings": {"pilots": 0}})
+    text = (tmp_path / "report.md").read_text()
+    assert re.search(r"^\| adamson_subset \| unseen_perturbation \| \d+ \| ", text, re.MULTILINE)
+    images = re.findall(r'<img src="([^"]+)"', html.read_text())
+    assert len(images) >= 5 and all(i.startswith("data:image/png;base64,") for i in images)  # summary + 4 per run
+
+
+@pytest.mark.slow
+def test_make_paper_replay_reproduces_every_metric(tmp_path):
+    """`make paper` on one data set, then its replay: the same numbers (slow: two full runs)."""
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "paper.py"
+    first = subprocess.run([sys.executable, str(script), "--dataset", "adamson_subset", "--out", str(tmp_path / "a")], capture_output=True, text=True, timeout=1200)
+    assert first.returncode == 0, first.stderr[-2000:]
+    again = subprocess.run([sys.executable, str(script), "--replay", str(tmp_path / "a"), "--out", str(tmp_path / "b")], capture_output=True, text=True, timeout=1200)
+    assert again.returncode == 0 and "every metric reproduced" in again.stdout, again.stdout[-2000:] + again.stderr[-2000:]

@@ -88,8 +88,59 @@ Final confidences: {', '.join(f'{k} {v:.2f}' for k, v in final.items())}
 {pilot_table}"""
 
 
+def _delta_points(run: Any, metrics: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+    """Observed and predicted deltas on each test condition's top-20 DE genes: the model and the
+    best baseline on pearson_delta_de20."""
+    import numpy as np
+
+    from cellforge.data.splits import SplitManifest
+    from cellforge.evaluation.de import top_de_genes
+    from cellforge.evaluation.harness import baseline_inputs, run_baselines
+    from cellforge.execution.contract import read_predictions
+
+    adata = run.adata()
+    manifest = SplitManifest.load(run.path("split.json"))
+    genes = [str(g) for g in adata.var_names]
+    inp = baseline_inputs(adata, manifest)
+    best = metrics["best_baseline"]["pearson_delta_de20"]
+    preds = {"cellforge_model": read_predictions(run.path("predictions.h5ad"), test=manifest.test, genes=genes)}
+    preds.update(run_baselines(inp, [best]))
+    de = top_de_genes(adata, list(manifest.test), n_genes=20, method="t-test")
+    ctrl = pd.DataFrame(inp.test_controls(), index=inp.test, columns=inp.seen.columns)
+    mask = adata.obs["condition"].astype(str).isin(manifest.test).to_numpy()
+    from cellforge.evaluation.pseudobulk import pseudobulk
+
+    real = pseudobulk(adata, mask=mask)
+    observed, predicted = [], {name: [] for name in preds}
+    for cond in manifest.test:
+        top = list(de[cond])
+        observed.append((real.loc[cond, top] - ctrl.loc[cond, top]).to_numpy())
+        for name, frame in preds.items():
+            predicted[name].append((frame.loc[cond, top] - ctrl.loc[cond, top]).to_numpy())
+    return np.concatenate(observed), {k: np.concatenate(v) for k, v in predicted.items()}
+
+
+def _figures(run: Any, metrics: dict[str, Any]) -> str:
+    """Draw the run's figures into its directory; return their Markdown."""
+    from cellforge.report.figures import attempts_plot, delta_scatter, metric_bars
+
+    metric_bars(metrics["methods"], run.path("metrics_vs_baselines.png"), title=f"{metrics['dataset']}: model vs baselines")
+    lines = ["## Figures", "", "![model vs baselines](metrics_vs_baselines.png)", ""]
+    try:
+        observed, predicted = _delta_points(run, metrics)
+        delta_scatter(observed, predicted, run.path("deltas_top_de.png"), title="deltas on each test condition's top-20 DE genes")
+        lines += ["![predicted vs observed deltas on top DE genes](deltas_top_de.png)", ""]
+    except (KeyError, ValueError) as exc:  # a figure must not sink the report: say why it is missing
+        lines += [f"(predicted vs observed deltas not drawn: {exc})", ""]
+    attempts_plot(metrics["attempts"], run.path("attempts.png"), best=metrics.get("best_attempt"), cost_usd=metrics["llm"]["cost_usd"])
+    lines += ["![attempts](attempts.png)", ""]
+    return "\n".join(lines)
+
+
 def write_report(run: Any, metrics: dict[str, Any]) -> None:
-    """Write ``report.md`` into the run directory."""
+    """Write ``report.md`` and ``report.html`` (figures embedded) into the run directory."""
+    from cellforge.report.html import write_html
+
     plan = run.read_json("plan.json")
     task = metrics["task"]
     beats = metrics["model_beats_best_baseline"]
@@ -120,6 +171,7 @@ source is in `evaluation/scores.json`.
 
 {chr(10).join(verdict)}
 
+{_figures(run, metrics)}
 ## Plan
 
 {plan['architecture']}
@@ -127,6 +179,7 @@ source is in `evaluation/scores.json`.
 - perturbation encoder: {plan['perturbation_encoder']}
 - context encoder: {plan['context_encoder']}
 - loss: {plan['loss']}
+- template: `{plan['template']}` over the `{plan['baseline']}` reference; candidates compared on validation: `{plan.get('candidates', [])}`
 - hyperparameters: `{plan['hyperparameters']}`
 
 Rationale:
@@ -151,3 +204,4 @@ Refinement: {metrics.get('refinement') or 'not run'}
 - environment: {', '.join(f'{k} {v}' for k, v in metrics['environment'].items())}
 """
     run.path("report.md").write_text(text)
+    write_html(run.path("report.md"), title=f"cellforge run: {metrics['dataset']}")
