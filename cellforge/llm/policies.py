@@ -39,7 +39,7 @@ def design_plan(ctx: dict[str, Any]) -> dict[str, Any]:
         )
     elif task_type == "new_context":
         template, baseline, train_on = "pert_mlp", "context_regression", "all"
-        candidates = [{"template": "cond_autoencoder", "baseline": "context_regression", "batch_size": 128, "max_epochs": 60, "patience": 8}]
+        candidates = [{"template": "cond_autoencoder", "baseline": "context_regression", "batch_size": 256, "max_epochs": 20, "patience": 4}]
         pert_enc = "seen deltas of the perturbation in other contexts, in PCA space"
         rationale.append(
             f"Held-out contexts {ctx['split'].get('test_contexts')}: the reference is the perturbation's mean delta in "
