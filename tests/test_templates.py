@@ -168,3 +168,32 @@ def test_task_json_carries_numeric_doses(load, tmp_path):
     assert singles and all(c["dose"] == 1.0 for c in singles)
     # "1+1" (a dose per member) is not one number: no dose rather than a wrong one
     assert all("dose" not in c for c in conditions.values() if "+" in c["perturbation"])
+
+
+def test_protein_readout_runs_through_the_library(tmp_path):
+    """SYNTHETIC ADT counts (CLR-normalised by the protein loader): knocking out a protein's gene lowers it."""
+    from cellforge.data.loaders import load_scperturb_protein
+
+    rng = np.random.default_rng(3)
+    proteins = [f"P{i}" for i in range(8)]
+    labels = ["control"] * 120 + [p for p in proteins[:6] for _ in range(40)]
+    rates = np.full((len(labels), 8), 80.0)
+    for row, label in enumerate(labels):
+        if label != "control":
+            rates[row, proteins.index(label)] = 10.0  # the knocked-out protein falls
+    obs = pd.DataFrame({"perturbation": labels, "fixture": "SYNTHETIC"}, index=[f"c{i}" for i in range(len(labels))])
+    path = tmp_path / "adt.h5ad"
+    ad.AnnData(X=rng.poisson(rates).astype(np.float32), obs=obs, var=pd.DataFrame(index=proteins)).write_h5ad(path)
+    adata = load_scperturb_protein(path, dataset="synthetic_adt")
+    manifest = make_split(adata, "kfold", seed=0, n_folds=3, fold=0)
+    work = tmp_path / "work"
+    contract.prepare_inputs(adata, manifest, work, task={"type": "unseen_perturbation", "description": "test"})
+    (work / "train.py").write_text(render("pert_mlp", {**SMALL, "baseline": "on_target", "hidden_dim": 8, "n_components": 2}))
+    done = subprocess.run([sys.executable, "train.py"], cwd=work, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    pred = contract.read_predictions(work / contract.PREDICTIONS, test=manifest.test, genes=proteins)
+    control = np.asarray(adata[adata.obs["is_control"].to_numpy()].X.mean(axis=0)).ravel()
+    for cond in manifest.test:
+        delta = pred.loc[cond].to_numpy() - control
+        assert delta[proteins.index(cond)] < -1.0  # the target protein is predicted down (CLR units)
+        assert np.abs(np.delete(delta, proteins.index(cond))).max() < abs(delta[proteins.index(cond)])
