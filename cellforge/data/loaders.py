@@ -22,6 +22,13 @@ from cellforge.data.canonical import COMBO_DELIMITER, standardise
 from cellforge.errors import DatasetError
 
 
+def _read_h5ad(path: Path) -> ad.AnnData:
+    """``anndata.read_h5ad`` without the FutureWarnings of files written by older anndata."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return ad.read_h5ad(path)
+
+
 def load_h5ad(
     path: Path,
     *,
@@ -39,9 +46,7 @@ def load_h5ad(
     ``subset`` keeps cells whose ``obs[column] == value`` for each item (for files that hold
     several data sets, such as PerturBench's ``devel.h5ad``).
     """
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        adata = ad.read_h5ad(path)
+    adata = _read_h5ad(path)
     for column, value in (subset or {}).items():
         if column not in adata.obs:
             msg = f"subset column {column!r} not in obs of {path}; available: {list(adata.obs.columns)}"
@@ -188,9 +193,7 @@ def load_scperturb_h5ad(
         Missing columns or no control cells (the message names what is there).
     """
     controls = control_labels or ["control"]
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        adata = ad.read_h5ad(path)
+    adata = _read_h5ad(path)
     if perturbation_key not in adata.obs:
         msg = f"column {perturbation_key!r} not in obs of {path}; available: {list(adata.obs.columns)}"
         raise DatasetError(msg)
@@ -238,9 +241,7 @@ def load_scperturb_protein(
 
     The prediction target is the CLR value of each protein; deltas are CLR differences.
     """
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        adata = ad.read_h5ad(path)
+    adata = _read_h5ad(path)
     counts = adata.X.copy()
     adata.X = clr(counts)
     out = standardise(
@@ -328,9 +329,7 @@ def load_gears_zip(path: Path, *, dataset: str, perturbation_type: str = "unknow
         member = _zip_member(archive, "perturb_processed.h5ad")
         with tempfile.TemporaryDirectory() as tmp:
             archive.extract(member, tmp)
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", FutureWarning)
-                adata = ad.read_h5ad(Path(tmp) / member)
+            adata = _read_h5ad(Path(tmp) / member)
     if "condition" not in adata.obs:
         msg = f"{member} has no obs['condition']; available: {list(adata.obs.columns)}"
         raise DatasetError(msg)
