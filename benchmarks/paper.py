@@ -156,7 +156,7 @@ def main() -> None:
             entry = recorded["datasets"][name]
             os.environ["CELLFORGE_LLM_MODE"] = "replay"
             os.environ["CELLFORGE_LLM_REPLAY"] = entry["run_dir"]
-            run_dir = run_one(name, out / "runs", pilots=recorded["settings"]["pilots"], split_file=str(Path(entry["run_dir"]) / "split.json"), seed=entry["seed"])
+            run_dir = run_one(name, out / "runs", pilots=recorded["settings"]["pilots"], split_file=entry["split"], seed=entry["seed"])
         else:
             run_dir = run_one(name, out / "runs", pilots=args.pilots)
         records[name] = _record(run_dir)
@@ -179,14 +179,12 @@ def main() -> None:
         print(verdict)
     paper = {
         **settings,
-        "pilots": settings["settings"]["pilots"],
         "environment": environment(),
         "datasets": {
             name: {"run_dir": rec["run_dir"], "seed": rec["metrics"]["split"]["seed"], "split": str(Path(rec["run_dir"]) / "split.json"), "methods": rec["metrics"]["methods"]}
             for name, rec in records.items()
         },
     }
-    paper["settings"] = {"pilots": paper.pop("pilots")}
     (out / "paper.json").write_text(json.dumps(paper, indent=1, default=float))
     html = write_report(out, records, settings, replay)
     print(html)

@@ -96,6 +96,7 @@ def _delta_points(run: Any, metrics: dict[str, Any]) -> tuple[Any, dict[str, Any
     from cellforge.data.splits import SplitManifest
     from cellforge.evaluation.de import top_de_genes
     from cellforge.evaluation.harness import baseline_inputs, run_baselines
+    from cellforge.evaluation.pseudobulk import pseudobulk
     from cellforge.execution.contract import read_predictions
 
     adata = run.adata()
@@ -108,8 +109,6 @@ def _delta_points(run: Any, metrics: dict[str, Any]) -> tuple[Any, dict[str, Any
     de = top_de_genes(adata, list(manifest.test), n_genes=20, method="t-test")
     ctrl = pd.DataFrame(inp.test_controls(), index=inp.test, columns=inp.seen.columns)
     mask = adata.obs["condition"].astype(str).isin(manifest.test).to_numpy()
-    from cellforge.evaluation.pseudobulk import pseudobulk
-
     real = pseudobulk(adata, mask=mask)
     observed, predicted = [], {name: [] for name in preds}
     for cond in manifest.test:

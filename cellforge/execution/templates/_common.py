@@ -102,7 +102,8 @@ class Features:
         self.seen = {c: profiles.loc[c].to_numpy() - self.control.loc[self.ctx(c)].to_numpy() for c in profiles.index}
         self._cache = {}
 
-    def _others(self, cond):
+    def others(self, cond):
+        """Seen conditions other than ``cond``."""
         return [c for c in self.seen if c != cond]
 
     # -- reference predictors (all leave ``cond`` out)
@@ -113,7 +114,7 @@ class Features:
         return self._cache[key]
 
     def _base(self, cond, kind):
-        others = self._others(cond)
+        others = self.others(cond)
         n = len(self.genes)
         if not others:
             return np.zeros(n)
@@ -209,7 +210,7 @@ class Features:
             if member in self.gene_pos.index:
                 emb += self.gene_emb[self.gene_pos[member]]
                 measured += 1
-            hits = [self.seen[c] for c in self._others(cond) if self.pert(c) == member]
+            hits = [self.seen[c] for c in self.others(cond) if self.pert(c) == member]
             if hits:
                 single += self.expr_pcs @ np.mean(hits, axis=0)
                 seen += 1
