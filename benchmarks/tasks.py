@@ -61,12 +61,26 @@ def run_fold(task: str, fold: int, *, runs: Path, pilots: int, refine_rounds: in
     start = time.monotonic()
     run_pipeline(run, echo=lambda _: None)
     metrics = json.loads(run.path("metrics.json").read_text())
-    kept = get_config(run.path("code/final_train.py").read_text())
     return {
         "fold": fold, "run_dir": str(run.dir), "wall_s": round(time.monotonic() - start, 1), "methods": metrics["methods"],
-        "n_test": len(manifest.test), "model": f"{kept.get('template')} over {kept.get('baseline')}",
+        "n_test": len(manifest.test), "model": kept_model(run.dir),
         "attempts": len(metrics["attempts"]),
     }
+
+
+def kept_model(run_dir: Path) -> str:
+    """The model whose predictions were scored: one attempt's template and reference, or the weighted average."""
+    from cellforge.execution.codegen import get_config
+
+    def name(index: int) -> str:
+        config = get_config((run_dir / "attempts" / f"attempt-{index:03d}" / "train.py").read_text())
+        return f"{config.get('template')} over {config.get('baseline')}"
+
+    journal = json.loads((run_dir / "journal.json").read_text())
+    ensemble = journal.get("ensemble")
+    if ensemble:
+        return "average of " + " + ".join(f"{w:.2f} {name(int(i))}" for i, w in ensemble["weights"].items())
+    return name(journal["best_attempt"] if journal.get("best_attempt") is not None else journal["attempts"][-1]["index"])
 
 
 def summarise(folds: list[dict]) -> pd.DataFrame:

@@ -407,6 +407,12 @@ def stage_execute(run: Run, *, echo: Echo) -> None:
         raise RuntimeError(msg)
     if journal.best_attempt is not None:
         echo(f"  kept attempt {journal.best_attempt} (best {settings.metric}); refinement stopped: {journal.refine_stop_reason}")
+    if journal.ensemble is not None:
+        weights = ", ".join(f"attempt {i}: {w:.2f}" for i, w in journal.ensemble.weights.items())
+        echo(
+            f"  predictions averaged over attempts ({weights}): validation mse_top20 {journal.ensemble.val_metrics['val_mse_top20']:.5f} "
+            f"vs {journal.ensemble.best_single_val_metrics['val_mse_top20']:.5f} for the best attempt alone"
+        )
     (run.path("code") / "final_train.py").write_text(script)
     shutil.copy2(work / contract.PREDICTIONS, run.path("predictions.h5ad"))
 
@@ -480,6 +486,7 @@ def collect_metrics(run: Run) -> dict[str, Any]:
             for a in journal["attempts"]
         ],
         "best_attempt": journal.get("best_attempt"),
+        "ensemble": journal.get("ensemble"),
         "refinement": journal.get("refine_stop_reason", ""),
         "stage_wall_s": times,
         "total_wall_s": round(sum(times.values()), 3),

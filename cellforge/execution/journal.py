@@ -59,6 +59,15 @@ class Attempt(BaseModel):
     isolation: str = ""
 
 
+class EnsembleRecord(BaseModel):
+    """Attempts whose test predictions were averaged, chosen on held-out validation predictions."""
+
+    weights: dict[int, float] = Field(description="Attempt index -> weight (sums to 1).")
+    val_metrics: dict[str, float] = Field(description="Validation scores of the average (same conditions as the attempts').")
+    best_single_val_metrics: dict[str, float] = Field(description="The same scores for the best single attempt.")
+    method: str = "greedy forward selection with replacement (Caruana et al. 2004) on out-of-fold validation predictions"
+
+
 class Journal(BaseModel):
     """All attempts of an execution stage, in order."""
 
@@ -67,6 +76,9 @@ class Journal(BaseModel):
     stop_reason: str = ""
     best_attempt: int | None = Field(default=None, description="Attempt whose outputs are kept (best validation metric).")
     refine_stop_reason: str = ""
+    ensemble: EnsembleRecord | None = Field(
+        default=None, description="Attempts averaged into the kept predictions, when averaging beat the best attempt on validation."
+    )
 
     def save(self, path: Path) -> None:
         """Write as JSON (rewritten after every attempt)."""
@@ -290,6 +302,9 @@ class RefineSettings(BaseModel):
         "val_pearson_delta_top20",
         description="Second validation metric (higher is better) a change must not lower by more than the tolerance.",
     )
+    ensemble_steps: int = Field(
+        10, ge=0, description="Most additions of greedy ensemble selection over the clean attempts (0: keep the best attempt alone)."
+    )
 
 
 def _score(attempt: Attempt, settings: RefineSettings) -> float | None:
@@ -297,6 +312,10 @@ def _score(attempt: Attempt, settings: RefineSettings) -> float | None:
     if attempt.failure is not None or not isinstance(value, int | float):
         return None
     return float(value) if settings.lower_is_better else -float(value)
+
+
+#: CONFIG keys whose change is model selection rather than tuning.
+MODEL_KEYS = {"template", "baseline"}
 
 
 def _guarded(new: Attempt, old: Attempt, settings: RefineSettings) -> bool:
@@ -334,7 +353,11 @@ def refine_until_settled(
     progress, when the refiner proposes nothing new, or after ``max_rounds``. Only progress
     replaces the best attempt, so a near-tie on a small validation set keeps the plan's
     model; progress must also keep ``guard_metric`` (validation pearson_delta on the top-20
-    genes) within the tolerance, because models are judged on both. The best attempt is kept: its outputs are restored into the sandbox.
+    genes) within the tolerance, because models are judged on both. Trying the plan's
+    candidate models (a ``template`` or ``baseline`` update) is model selection and uses
+    neither rounds nor patience. The best attempt is kept: its outputs are restored into the
+    sandbox; then, when averaging clean attempts beats it on their held-out validation
+    predictions, the average's predictions replace its own (``journal.ensemble``).
 
     Returns
     -------
@@ -357,9 +380,9 @@ def refine_until_settled(
         journal.save(journal_path)
         return journal, script
     tried = [get_config(script)]
-    stale = 0
+    stale = rounds = 0
     reason = f"refinement budget of {settings.max_rounds} rounds used"
-    for _ in range(settings.max_rounds):
+    while rounds < settings.max_rounds:
         history = [
             {"attempt": a.index, "stage": a.stage, "config": get_config((attempts_dir / f"attempt-{a.index:03d}" / "train.py").read_text()),
              "val_metrics": a.val_metrics, "failure": a.failure.value if a.failure else None}
@@ -372,6 +395,9 @@ def refine_until_settled(
             reason = f"the refiner proposed no new change: {proposal.get('diagnosis', '')}"
             break
         tried.append(config)
+        # Model selection (another template or reference predictor of the plan's candidates) is
+        # not a tuning round: it counts towards neither the round budget nor the patience.
+        selection = bool(MODEL_KEYS & updates.keys())
         if config.get("template") and config["template"] != get_config(best_script).get("template"):
             # Model selection: another template of the library, same CONFIG keys where they apply.
             candidate = render(config["template"], {k: v for k, v in config.items() if k != "template"})
@@ -382,11 +408,52 @@ def refine_until_settled(
         progress = new is not None and old is not None and new < old - settings.tolerance * abs(old) and _guarded(attempt, best, settings)
         if progress:  # a change replaces the best only when it beats it by more than the tolerance
             best, best_script = attempt, candidate
+        if selection:
+            continue
+        rounds += 1
         stale = 0 if progress else stale + 1
         if stale >= settings.patience:
             reason = f"{settings.metric} settled: no improvement above {settings.tolerance:.1%} in {stale} rounds"
             break
     executor.restore(best.index)
     journal.best_attempt, journal.refine_stop_reason = best.index, reason
+    try:
+        journal.ensemble = _ensemble(journal, best, attempts_dir, settings, sandbox.work_dir / "outputs", check_outputs)
+    except PredictionError:
+        executor.restore(best.index)  # an average that breaks the contract is dropped; the best attempt stays
+        journal.ensemble = None
     journal.save(journal_path)
     return journal, best_script
+
+
+def _ensemble(
+    journal: Journal, best: Attempt, attempts_dir: Path, settings: RefineSettings, outputs: Path, check_outputs: Any
+) -> EnsembleRecord | None:
+    """Average attempts when that beats the best attempt on validation; write the average into ``outputs``.
+
+    Only attempts with held-out validation predictions on the best attempt's conditions take
+    part. The average replaces the kept predictions when its validation MSE (top-20 genes) is
+    lower than the best attempt's by more than the tolerance; the guard metric may not fall by
+    more than the tolerance (see :func:`cellforge.execution.ensemble.select_ensemble`).
+    """
+    from cellforge.execution.ensemble import VAL_PREDICTIONS, ValPredictions, average_predictions, select_ensemble
+
+    if settings.ensemble_steps == 0 or settings.metric != "val_mse_top20":
+        return None
+    members = {}
+    for a in journal.attempts:
+        path = attempts_dir / f"attempt-{a.index:03d}" / "outputs" / VAL_PREDICTIONS
+        if a.failure is None and path.exists():
+            members[a.index] = ValPredictions.load(path)
+    if best.index not in members or len(members) < 2:  # noqa: PLR2004
+        return None
+    choice = select_ensemble(members, best.index, max_steps=settings.ensemble_steps, tolerance=settings.tolerance)
+    old, new = choice.single["val_mse_top20"], choice.scores["val_mse_top20"]
+    if len(choice.weights) < 2 or not new < old - settings.tolerance * abs(old):  # noqa: PLR2004
+        return None
+    paths = {i: attempts_dir / f"attempt-{i:03d}" / "outputs" / "predictions.h5ad" for i in choice.weights}
+    average_predictions(paths, choice.weights).write_h5ad(outputs / "predictions.h5ad")
+    record = EnsembleRecord(weights=choice.weights, val_metrics=choice.scores, best_single_val_metrics=choice.single)
+    (outputs / "ensemble.json").write_text(record.model_dump_json(indent=2))
+    check_outputs()
+    return record

@@ -39,13 +39,16 @@ def design_plan(ctx: dict[str, Any]) -> dict[str, Any]:
         )
     elif task_type == "new_context":
         template, baseline, train_on = "pert_mlp", "context_regression", "all"
-        candidates = [{"template": "cond_autoencoder", "baseline": "context_regression", "batch_size": 256, "max_epochs": 20, "patience": 4}]
+        candidates = [
+            {"template": "cond_autoencoder", "baseline": "context_regression", "batch_size": 256, "max_epochs": 20, "patience": 4},
+            {"template": "latent_linear", "baseline": "context_regression", "hidden_dim": 8},
+        ]
         pert_enc = "seen deltas of the perturbation in other contexts, in PCA space"
         rationale.append(
             f"Held-out contexts {ctx['split'].get('test_contexts')}: the reference is the perturbation's mean delta in "
             "the seen contexts plus a slope on how far this context's control profile sits from theirs, fitted leaving "
             "one context out; an MLP on the context's control shift learns what remains. A cell-level conditional "
-            "autoencoder (scGen / CPA latent shift) is the candidate compared on validation."
+            "autoencoder (scGen / CPA latent shift) and a latent-linear model are the candidates compared on validation."
         )
     elif task_type == "drug_dose":
         template, baseline, train_on = "pert_mlp", "on_target", "all"
@@ -59,6 +62,7 @@ def design_plan(ctx: dict[str, Any]) -> dict[str, Any]:
         candidates = [
             {"template": "pert_mlp", "baseline": "on_target", "hidden_dim": hidden},
             {"template": "latent_linear", "baseline": "on_target", "hidden_dim": 8},
+            {"template": "gene_gnn", "baseline": "linear", "hidden_dim": extra["hidden_dim"]},
         ]
         pert_enc = "gene-PCA embedding of the target gene (zero when the target is not measured)"
         rationale.append(
@@ -66,7 +70,8 @@ def design_plan(ctx: dict[str, Any]) -> dict[str, Any]:
             "reference is the training mean with each measured target gene moved by the mean on-target change seen in "
             "training (a knock-down lowers its own target); a GNN over the data's co-expression graph (GEARS-like) carries "
             "the perturbation from its target to the genes that co-vary with it. A residual MLP on the target's expression "
-            "embedding and a latent-linear model are compared on validation."
+            "embedding, a latent-linear model, and the GNN over the linear model of Ahlmann-Eltze et al. as reference "
+            "are compared on cross-validated held-out predictions, and averaged where that helps."
         )
     weight_decay = 0.1 if small else 0.01
     rationale.append(

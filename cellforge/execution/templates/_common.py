@@ -135,6 +135,8 @@ class Features:
             return total
         if kind == "member_additive":
             return self._member_additive(cond, others, D)
+        if kind == "linear":
+            return self._linear(cond, others, D)
         if kind in ("context_shift", "context_regression"):
             same = [c for c in others if self.pert(c) == self.pert(cond) and self.ctx(c) != self.ctx(cond)]
             if not same:
@@ -145,7 +147,7 @@ class Features:
             return self._context_regression(cond, same, Ds)
         raise ValueError(
             f"unknown reference predictor {kind!r}; valid: training_mean, single_mean, on_target, additive, member_additive, "
-            "context_shift, context_regression"
+            "linear, context_shift, context_regression"
         )
 
     def _on_target(self, cond, others, D):
@@ -172,6 +174,27 @@ class Features:
         b, effects = ridge_members(D, lists, members, CONFIG.get("member_ridge", 0.1))
         idx = {m: i for i, m in enumerate(members)}
         return b + sum((effects[idx[m]] for m in self.members(cond) if m in idx), np.zeros(len(self.genes)))
+
+    def _linear(self, cond, others, D, k=10, lam=0.1):
+        """Linear model of Ahlmann-Eltze, Huber & Anders (Nat. Methods 2025) on the other seen deltas.
+
+        Y (n_genes, n_seen) ~ G W P^T + b: G = top-k left singular vectors of the centred Y, a
+        perturbation's embedding is the sum of its measured target genes' rows of G, W is the
+        ridge solution and b the mean delta. The harness's ``linear`` baseline, leaving ``cond`` out.
+        """
+        Y = D.T
+        b = Y.mean(axis=1)
+        k = max(1, min(k, Y.shape[1] - 1, Y.shape[0]))
+        G = np.linalg.svd(Y - b[:, None], full_matrices=False)[0][:, :k]
+
+        def embed(c):
+            rows = self.targets(c)
+            return G[rows].sum(axis=0) if rows else np.zeros(k)
+
+        P = np.stack([embed(c) for c in others])
+        eye = np.eye(k)
+        W = np.linalg.solve(G.T @ G + lam * eye, G.T @ (Y - b[:, None])) @ P @ np.linalg.inv(P.T @ P + lam * eye)
+        return G @ W @ embed(cond) + b
 
     def _context_regression(self, cond, same, Ds):
         """Context shift plus beta * (this context's control - the seen contexts' mean control).
@@ -364,16 +387,21 @@ def fit_conditions(feats, train_conds, val_conds, train_profiles, val_profiles, 
     return predict, epochs
 
 
-def cross_validate(feats, pool, profiles, task_type, n_folds):
+def cross_validate(train, conditions, pool, profiles, task_type, n_folds):
     """Validation metrics averaged over folds of the training + validation conditions.
 
     With a handful of validation conditions one split is a noisy judge of a model; here
     whole groups (perturbations, or contexts for new-context tasks) are held out in turn
     (``min(n_folds, n_groups)`` folds), the model is trained on the rest with early stopping
     on the held-out group, and the held-out metrics are averaged. For combination tasks only
-    combinations are held out; single perturbations always train. Test conditions are never
-    involved. Returns (metrics, description).
+    combinations are held out; single perturbations always train. Each fold builds its
+    features (expression PCs, gene embeddings) from the training cells without the held-out
+    conditions' cells, as test conditions' cells are absent when the final model is built;
+    otherwise the held-out cells would shape the PCs their own prediction uses and
+    cross-validation would favour models that read them. Test conditions are never involved.
+    Held-out predictions go to ``outputs/val_predictions.npz``. Returns (metrics, description).
     """
+    feats = Features(train, conditions, CONFIG["n_components"])
     key = feats.ctx if task_type == "new_context" else feats.pert
     movable = [c for c in pool if task_type != "combination" or COMBO in feats.pert(c)]
     groups = sorted({key(c) for c in movable})
@@ -383,18 +411,37 @@ def cross_validate(feats, pool, profiles, task_type, n_folds):
     if k < 2:
         return None, "too few groups to cross-validate"
     fit = fit_cells if CELL_LEVEL else fit_conditions
-    folds = []
+    labels = train.obs["condition"].astype(str).to_numpy()
+    folds, kept = [], []
     for i, held_groups in enumerate(np.array_split(np.array(groups, dtype=object), k)):
         held = [c for c in movable if key(c) in set(held_groups)]
         rest = [c for c in pool if c not in held]
+        feats = Features(train[~np.isin(labels, held)], conditions, CONFIG["n_components"])
         predict, _ = fit(feats, rest, held, profiles.loc[rest], profiles, False, ckpt=OUT / f"cv{i}.ckpt")
         (OUT / f"cv{i}.ckpt").unlink(missing_ok=True)
         feats.set_seen(profiles.loc[rest])
         pred, base = predict(held)
         target = np.stack([profiles.loc[c].to_numpy() - feats.control.loc[feats.ctx(c)].to_numpy() for c in held])
         folds.append(validation_metrics(pred, base, target))
+        kept.append((held, pred, base, target))
     mean = {name: float(np.mean([f[name] for f in folds])) for name in folds[0]}
+    save_val_predictions(*(sum((list(part[j]) for part in kept), []) for j in range(4)))
     return mean, f"{k}-fold cross-validation over {len(groups)} {'contexts' if task_type == 'new_context' else 'perturbations'}"
+
+
+def save_val_predictions(conds, pred, base, target):
+    """Write outputs/val_predictions.npz: held-out deltas (n_val, n_genes) predicted, reference, observed.
+
+    Every validation prediction was made by a model that did not train on that condition
+    (out-of-fold under cross-validation), so attempts can be compared, or averaged, on them.
+    """
+    np.savez_compressed(
+        OUT / "val_predictions.npz", conditions=np.array(conds, dtype=str), genes=np.array(FEATURE_GENES, dtype=str),
+        pred=np.asarray(pred, dtype=np.float32), reference=np.asarray(base, dtype=np.float32), target=np.asarray(target, dtype=np.float32),
+    )
+
+
+FEATURE_GENES = []
 
 
 def net_extra(feats):
@@ -416,6 +463,7 @@ def main():
     val = ad.read_h5ad(HERE / "data" / "val.h5ad")
     conditions = {c["condition"]: c for c in task["conditions"]}
     feats = Features(train, conditions, CONFIG["n_components"])
+    FEATURE_GENES[:] = list(feats.genes)
     train_profiles = group_means(train[~train.obs["is_control"].to_numpy()])
     val_profiles = group_means(val) if val.n_obs else train_profiles.iloc[:0]
     train_conds = [c for c in task["train_conditions"] if CONFIG.get("train_on", "all") == "all" or COMBO in feats.pert(c)]
@@ -432,9 +480,10 @@ def main():
             target = np.stack([val_profiles.loc[c].to_numpy() - feats.control.loc[feats.ctx(c)].to_numpy() for c in val_conds])
             metrics.update(validation_metrics(pred, base, target))
             metrics["val_scheme"] = f"the {len(val_conds)} validation conditions"
+            save_val_predictions(val_conds, pred, base, target)
         if CONFIG.get("cv_folds", 0) >= 2:
             # Model selection reads val_*: replace the single split by cross-validation when it can be done.
-            cv, scheme = cross_validate(feats, train_conds + val_conds, pd.concat([train_profiles, val_profiles]), task.get("type", ""), CONFIG["cv_folds"])
+            cv, scheme = cross_validate(train, conditions, train_conds + val_conds, pd.concat([train_profiles, val_profiles]), task.get("type", ""), CONFIG["cv_folds"])
             if cv is not None:
                 metrics.update({f"split_{k}": v for k, v in metrics.items() if k.startswith("val_") and k != "val_scheme"})
                 metrics.update(cv)

@@ -1,0 +1,165 @@
+"""Ensembles of refinement attempts, selected on held-out validation predictions only.
+
+Every clean attempt writes ``outputs/val_predictions.npz``: its predicted and observed deltas
+for validation conditions it did not train on (out-of-fold under the templates'
+cross-validation). Attempts that share the same validation conditions can therefore be
+averaged and the average scored on the same footing. :func:`select_ensemble` runs greedy
+forward selection with replacement (Caruana, Niculescu-Mizil, Crew & Ksikes, "Ensemble
+selection from libraries of models", ICML 2004): start from the best single attempt and keep
+adding the attempt whose inclusion lowers the validation MSE on each condition's top-20
+genes most, while the validation Pearson delta on those genes may not fall by more than the
+tolerance. Averaging models that err differently lowers variance, which is what a handful of
+training perturbations leaves most of. Test conditions are never read here.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+
+#: Name of the per-attempt file of held-out validation predictions (written by the templates).
+VAL_PREDICTIONS = "val_predictions.npz"
+TOP_GENES = 20
+
+
+@dataclass(frozen=True)
+class ValPredictions:
+    """Held-out validation deltas of one attempt: ``pred`` and ``target`` are ``(n_val, n_genes)``."""
+
+    conditions: tuple[str, ...]
+    pred: np.ndarray
+    target: np.ndarray
+
+    @classmethod
+    def load(cls, path: Path) -> ValPredictions:
+        """Read ``val_predictions.npz``.
+
+        Raises
+        ------
+        ValueError
+            The arrays' shapes disagree with each other or with the condition list.
+        """
+        with np.load(path) as data:
+            conditions = tuple(str(c) for c in data["conditions"])
+            pred, target = data["pred"].astype(np.float64), data["target"].astype(np.float64)
+        if pred.shape != target.shape or pred.shape[0] != len(conditions):
+            msg = f"{path}: pred {pred.shape}, target {target.shape} and {len(conditions)} conditions disagree"
+            raise ValueError(msg)
+        return cls(conditions, pred, target)
+
+
+def top_gene_scores(pred: np.ndarray, target: np.ndarray, k: int = TOP_GENES) -> dict[str, float]:
+    """Mean over conditions of MSE and Pearson on each condition's ``k`` largest observed |delta| genes.
+
+    The same definitions as the templates' ``val_mse_top20`` and ``val_pearson_delta_top20``
+    (a Pearson of a constant vector counts as 0).
+
+    Parameters
+    ----------
+    pred, target
+        ``(n_conditions, n_genes)`` predicted and observed deltas.
+    """
+    top = np.argsort(-np.abs(target), axis=1)[:, :k]
+    p = np.take_along_axis(pred, top, axis=1)
+    t = np.take_along_axis(target, top, axis=1)
+    pc, tc = p - p.mean(axis=1, keepdims=True), t - t.mean(axis=1, keepdims=True)
+    denom = np.sqrt((pc**2).sum(axis=1) * (tc**2).sum(axis=1))
+    r = np.where(denom > 0, (pc * tc).sum(axis=1) / np.where(denom > 0, denom, 1.0), 0.0)
+    return {"val_mse_top20": float(np.mean((p - t) ** 2)), "val_pearson_delta_top20": float(np.mean(r))}
+
+
+@dataclass(frozen=True)
+class Selection:
+    """Result of :func:`select_ensemble`: attempt -> weight (weights sum to 1) and validation scores."""
+
+    weights: dict[int, float]
+    scores: dict[str, float]
+    single: dict[str, float]
+    steps: int
+
+
+def select_ensemble(
+    members: dict[int, ValPredictions], start: int, *, max_steps: int = 10, tolerance: float = 0.01
+) -> Selection:
+    """Greedy forward ensemble selection with replacement (Caruana et al. 2004).
+
+    Parameters
+    ----------
+    members
+        Attempt index -> its held-out validation predictions; all must share ``start``'s
+        condition order (others are ignored).
+    start
+        The best single attempt; the ensemble starts as this attempt alone.
+    max_steps
+        Most additions (so at most ``max_steps + 1`` votes in all).
+    tolerance
+        Relative fall of the validation Pearson delta (top-20 genes) below the starting
+        attempt's that an addition may not cause.
+
+    Returns
+    -------
+    Selection
+        Weights proportional to how often each attempt was picked; a single attempt (weight 1)
+        when no addition lowers the validation MSE.
+
+    Raises
+    ------
+    KeyError
+        ``start`` is not among ``members``.
+    """
+    base = members[start]
+    pool = {i: m for i, m in members.items() if m.conditions == base.conditions and m.pred.shape == base.pred.shape}
+    target = base.target
+    single = top_gene_scores(base.pred, target)
+    floor = single["val_pearson_delta_top20"] - tolerance * abs(single["val_pearson_delta_top20"])
+    votes: Counter[int] = Counter({start: 1})
+    total = base.pred.copy()
+    current = single
+    steps = 0
+    for _ in range(max_steps):
+        n = sum(votes.values())
+        best_i, best_scores = None, current
+        for i, m in sorted(pool.items()):
+            scores = top_gene_scores((total + m.pred) / (n + 1), target)
+            if scores["val_mse_top20"] < best_scores["val_mse_top20"] and scores["val_pearson_delta_top20"] >= floor:
+                best_i, best_scores = i, scores
+        if best_i is None:
+            break
+        votes[best_i] += 1
+        total += pool[best_i].pred
+        current = best_scores
+        steps += 1
+    n = sum(votes.values())
+    return Selection({i: votes[i] / n for i in sorted(votes)}, current, single, steps)
+
+
+def average_predictions(paths: dict[int, Path], weights: dict[int, float]) -> ad.AnnData:
+    """Weighted mean of attempts' ``predictions.h5ad`` (same test conditions and genes, any order).
+
+    The mean of ``control + delta`` over attempts is ``control + mean delta``: every attempt
+    adds its deltas to the same context control means.
+
+    Raises
+    ------
+    ValueError
+        The attempts predict different conditions or genes.
+    """
+    first = None
+    total = None
+    for i, w in weights.items():
+        pred = ad.read_h5ad(paths[i])
+        if first is None:
+            first, total = pred, np.zeros(pred.shape, dtype=np.float64)
+        if set(pred.obs_names) != set(first.obs_names) or list(pred.var_names) != list(first.var_names):
+            msg = f"attempt {i}'s predictions cover other conditions or genes than attempt {next(iter(weights))}'s"
+            raise ValueError(msg)
+        X = pred[first.obs_names].X  # noqa: N806
+        total += w * np.asarray(X.toarray() if hasattr(X, "toarray") else X, dtype=np.float64)
+    out = first.copy()
+    out.X = total.astype(np.float32)
+    out.uns["ensemble_weights"] = {str(i): float(w) for i, w in weights.items()}
+    return out
