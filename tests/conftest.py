@@ -40,6 +40,19 @@ def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.Temp
             monkeypatch.delenv(key, raising=False)
 
 
+@pytest.fixture
+def lib():  # noqa: ANN201
+    """The template library's shared code (templates/_common.py) as a fresh module."""
+    import importlib.util
+
+    path = ROOT / "cellforge" / "execution" / "templates" / "_common.py"
+    spec = importlib.util.spec_from_file_location("template_common", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.CONFIG = {"member_ridge": 1e-6}
+    return module
+
+
 @functools.cache
 def _load(name: str):  # noqa: ANN202
     from cellforge.data import load_dataset

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import sys
 from pathlib import Path
@@ -274,3 +275,23 @@ def test_refinement_keeps_a_change_only_if_it_does_not_lower_the_guard_metric(tm
     # x = 3 halves the MSE of x = 2 but drops validation pearson from 0.9 to 0.5: x = 2 is kept
     assert [a.val_metrics["val_mse_top20"] for a in journal.attempts][:4] == [10, 5, 2, 1]
     assert journal.best_attempt == 2 and get_config(script) == {"x": 2}
+
+
+def test_trying_candidate_models_uses_no_refinement_rounds(tmp_path):
+    from cellforge.execution.journal import RefineSettings, refine_until_settled
+
+    sandbox = LocalSandbox(tmp_path / "work")
+    common = {
+        "sandbox": sandbox, "attempts_dir": tmp_path / "attempts", "journal_path": tmp_path / "journal.json",
+        "check_outputs": lambda: json.loads((sandbox.work_dir / "outputs" / "val_metrics.json").read_text()), "timeout_s": 30,
+    }
+    proposals = iter([{"baseline": "linear"}, {"baseline": "on_target"}, {"x": 3}, {"x": 4}])
+
+    def refiner(config, history, _settings):  # noqa: ANN001, ANN202
+        return {"diagnosis": "next", "config_updates": next(proposals)}
+
+    journal, script = run_attempts(_REFINE_SCRIPT, debugger=None, **common)
+    journal, _ = refine_until_settled(journal, script, refiner=refiner, settings=RefineSettings(max_rounds=1, guard_metric=None), **common)
+    # two candidate models, then the one tuning round the budget allows
+    assert [a.patch["config_updates"] for a in journal.attempts[1:]] == [{"baseline": "linear"}, {"baseline": "on_target"}, {"x": 3}]
+    assert "budget of 1 rounds" in journal.refine_stop_reason

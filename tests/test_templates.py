@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import anndata as ad
 import numpy as np
@@ -17,17 +15,6 @@ from cellforge.data.splits import make_split
 from cellforge.errors import ConfigError
 from cellforge.execution import contract
 from cellforge.execution.codegen import get_config, render, templates
-
-
-@pytest.fixture(scope="module")
-def lib():
-    """The library's shared code (templates/_common.py) as a module."""
-    path = Path(__file__).resolve().parent.parent / "cellforge" / "execution" / "templates" / "_common.py"
-    spec = importlib.util.spec_from_file_location("template_common", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    module.CONFIG = {"member_ridge": 1e-6}
-    return module
 
 
 def _features(lib, deltas: dict[str, np.ndarray], controls: dict[str, np.ndarray], conds: dict[str, tuple[str, str]]):
@@ -197,3 +184,59 @@ def test_protein_readout_runs_through_the_library(tmp_path):
         delta = pred.loc[cond].to_numpy() - control
         assert delta[proteins.index(cond)] < -1.0  # the target protein is predicted down (CLR units)
         assert np.abs(np.delete(delta, proteins.index(cond))).max() < abs(delta[proteins.index(cond)])
+
+
+def test_linear_reference_is_the_harness_linear_baseline_leaving_the_condition_out(lib):
+    from cellforge.evaluation.baselines import BaselineInputs, linear
+
+    rng = np.random.default_rng(4)
+    genes = [f"G{i}" for i in range(12)]
+    control = rng.normal(size=12)
+    seen = {g: rng.normal(size=12) for g in genes[:7]}  # knock-downs of G0..G6, each a random delta
+    conds = {g: (g, "all") for g in [*seen, "G9"]}
+    feats = _features(lib, seen, {"all": control}, conds)
+    inputs = BaselineInputs(
+        seen=pd.DataFrame({g: control + d for g, d in seen.items()}, index=genes).T,
+        controls=pd.DataFrame([control], index=["all"], columns=genes),
+        conditions=pd.DataFrame({"perturbation": [p for p, _ in conds.values()], "context": "all"}, index=list(conds)),
+        test=["G9"],
+    )
+    np.testing.assert_allclose(feats.base("G9", "linear"), linear(inputs).loc["G9"].to_numpy() - control, atol=1e-10)
+    # a seen condition's reference is fitted without it: it differs from its own delta
+    assert not np.allclose(feats.base("G3", "linear"), seen["G3"], atol=1e-3)
+
+
+def _cells(n_genes: int = 12) -> tuple[ad.AnnData, dict]:
+    """Control cells plus four perturbed conditions; condition A's cells are far from the rest."""
+    rng = np.random.default_rng(5)
+    labels = ["ctrl"] * 40 + [c for c in "ABCD" for _ in range(10)]
+    X = rng.normal(size=(len(labels), n_genes))
+    X[np.array(labels) == "A", :3] += 8.0
+    obs = pd.DataFrame({"condition": labels, "context": "all", "is_control": [lab == "ctrl" for lab in labels]}, index=[f"c{i}" for i in range(len(labels))])
+    conditions = {c: {"perturbation": c if c != "ctrl" else "ctrl", "context": "all"} for c in ["ctrl", *"ABCD"]}
+    return ad.AnnData(X=X.astype(np.float32), obs=obs, var=pd.DataFrame(index=[f"G{i}" for i in range(n_genes)])), conditions
+
+
+def test_cross_validation_folds_build_features_without_the_held_out_cells(lib, monkeypatch, tmp_path):
+    train, conditions = _cells()
+    monkeypatch.setattr(lib, "CONFIG", {"n_components": 3, "seed": 0, "baseline": "training_mean"})
+    monkeypatch.setattr(lib, "OUT", tmp_path)
+    seen: list[tuple[list[str], object]] = []
+
+    def fit(feats, rest, held, *_args, **_kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        seen.append((held, feats))
+        return (lambda conds: (np.zeros((len(conds), train.n_vars)), np.zeros((len(conds), train.n_vars)))), 0
+
+    monkeypatch.setattr(lib, "fit_conditions", fit)
+    labels = train.obs["condition"].to_numpy()
+    profiles = lib.group_means(train[labels != "ctrl"])
+    metrics, scheme = lib.cross_validate(train, conditions, list("ABCD"), profiles, "unseen_perturbation", 2)
+    assert scheme.startswith("2-fold") and "val_mse_top20" in metrics
+    full = lib.Features(train, conditions, 3)
+    for held, feats in seen:
+        alone = lib.Features(train[~np.isin(labels, held)], conditions, 3)
+        np.testing.assert_allclose(np.abs(feats.expr_pcs), np.abs(alone.expr_pcs), atol=1e-6)
+        if "A" in held:  # A's cells dominate the full PCA; its own fold must not see them
+            assert not np.allclose(np.abs(feats.expr_pcs[0]), np.abs(full.expr_pcs[0]), atol=1e-2)
+    saved = np.load(tmp_path / "val_predictions.npz")
+    assert sorted(saved["conditions"]) == list("ABCD") and saved["pred"].shape == (4, train.n_vars)
