@@ -20,7 +20,7 @@ PY312 := $(shell \
 # uv from PATH, else installed from PyPI into .tools/.
 UV := $(shell command -v uv 2>/dev/null || echo .tools/bin/uv)
 
-.PHONY: help install test test-all test-docker benchmark bench bench-perf bench-tasks paper docker-build clean
+.PHONY: help install test test-all test-docker benchmark bench bench-perf bench-tasks bench-heldback paper docker-build clean
 
 help: ## Show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-14s %s\n", $$1, $$2}'
@@ -55,6 +55,9 @@ bench-perf: $(VENV)/.installed ## Performance benchmarks (scoring, sandbox overh
 
 bench-tasks: $(VENV)/.installed ## The real tasks over folds: model vs every baseline, written to benchmarks/results/tasks.md
 	$(PY) benchmarks/tasks.py
+
+bench-heldback: $(VENV)/.installed ## The tasks on splits held back from development, via cellforge benchmark --split
+	$(PY) benchmarks/heldback.py
 
 paper: $(VENV)/.installed ## Paper runs on every available data set, one HTML report: make paper [REPLAY=runs/paper-...]
 	$(PY) benchmarks/paper.py $(if $(REPLAY),--replay $(REPLAY))

@@ -101,9 +101,9 @@ def verdict(table: pd.DataFrame, metric: str) -> str:
     return f"{'beats' if wins else 'does NOT beat'} {best} ({model:.4f} vs {other:.4f})"
 
 
-def markdown(results: dict) -> str:
+def markdown(results: dict, *, title: str = "Task benchmark") -> str:
     """The results as a markdown table per task."""
-    lines = [f"# Task benchmark ({results['date']}, {results['machine']})", "", f"Settings: {results['settings']}", ""]
+    lines = [f"# {title} ({results['date']}, {results['machine']})", "", f"Settings: {results['settings']}", ""]
     for task, entry in results["tasks"].items():
         table = pd.DataFrame.from_dict(entry["summary"], orient="index")
         lines += [f"## {task} ({entry['dataset']}, {entry['strategy']}, {len(entry['folds'])} folds, {entry['wall_s']} s)", ""]

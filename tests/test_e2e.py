@@ -205,3 +205,31 @@ def test_make_paper_replay_reproduces_every_metric(tmp_path):
     assert first.returncode == 0, first.stderr[-2000:]
     again = subprocess.run([sys.executable, str(script), "--replay", str(tmp_path / "a"), "--out", str(tmp_path / "b")], capture_output=True, text=True, timeout=1200)
     assert again.returncode == 0 and "every metric reproduced" in again.stdout, again.stdout[-2000:] + again.stderr[-2000:]
+
+
+def test_heldback_splits_are_not_the_development_folds(load):
+    """Every held-back split's test set differs from each development fold's of the same task."""
+    import importlib.util
+
+    from cellforge.data.splits import make_split
+
+    bench = Path(__file__).resolve().parent.parent / "benchmarks"
+    sys.path.insert(0, str(bench))
+    try:
+        spec = importlib.util.spec_from_file_location("heldback", bench / "heldback.py")
+        heldback = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(heldback)
+        import tasks
+    finally:
+        sys.path.remove(str(bench))
+    assert set(heldback.HELDBACK) == set(tasks.TASKS)
+    for task, (dataset, strategy, folds) in heldback.HELDBACK.items():
+        adata = load(dataset)
+        name, dev_strategy, options, n_folds = tasks.TASKS[task]
+        dev = []
+        for f in range(n_folds):
+            opts = dict(options(f))
+            dev.append(set(make_split(adata, dev_strategy, seed=opts.pop("seed", 0), **opts).test))
+        for seed, opts in folds:
+            test = set(make_split(adata, strategy, seed=seed, **opts).test)
+            assert test and test not in dev, f"{task}: held-back split (seed {seed}, {opts}) repeats a development fold"
