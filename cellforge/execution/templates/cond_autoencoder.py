@@ -5,10 +5,13 @@ CPA's additive perturbation embedding in latent space, Lotfollahi et al. Mol. Sy
 2023): an autoencoder over single cells of every context. A perturbation's embedding is
 its latent shift, the mean over training contexts of (mean latent code of its cells - mean
 latent code of that context's control cells). For a held-out context the control cells
-are encoded, shifted by the embedding and decoded; the predicted delta is the mean of the
+are encoded, shifted by the embedding and decoded; the decoded response is the mean of the
 decoded shifted cells minus the mean of the decoded unshifted cells, so the decoder's
-reconstruction bias cancels. The response depends on each cell's state through the
-non-linear decoder, which is what a context shift alone cannot do.
+reconstruction bias cancels. The predicted delta is the reference (the seen contexts' mean
+response, or its context regression) plus the held-out context's decoded response minus
+the seen contexts' mean decoded response: the autoencoder supplies only how this context's
+cells respond differently, through the non-linear decoder, which is what a context shift
+alone cannot do.
 
 Shapes: cells (n_cells, n_genes) -> latent (n_cells, latent_dim) -> (n_cells, n_genes);
 perturbation embedding (latent_dim,); output (n_conditions, n_genes) deltas.
@@ -119,20 +122,28 @@ def fit_cells(feats, train_conds, val_conds, train_profiles, val_profiles, predi
                 shifts.append(z.mean(axis=0) - ctrl_latent[feats.ctx(other)])
         return np.mean(shifts, axis=0) if shifts else None
 
+    def decoded_response(shift, ctx):
+        """Mean over ``ctx``'s control cells of decode(z + shift) - decode(z): (n_genes,) or None."""
+        zc = Z[is_ctrl & (contexts == ctx)]
+        if not len(zc):
+            return None
+        with torch.no_grad():
+            zt = torch.tensor(zc, dtype=torch.float32)
+            moved = model.ae.decoder(zt + torch.tensor(shift, dtype=torch.float32)).numpy().mean(axis=0)
+            still = model.ae.decoder(zt).numpy().mean(axis=0)
+        return moved - still
+
     def predict(conds):
         deltas, bases = [], []
         for cond in conds:
             base = feats.base(cond, CONFIG["baseline"])
             shift = latent_shift(cond)
-            zc = Z[is_ctrl & (contexts == feats.ctx(cond))]
-            if shift is None or not len(zc):
-                deltas.append(base)
-            else:
-                with torch.no_grad():
-                    zt = torch.tensor(zc, dtype=torch.float32)
-                    moved = model.ae.decoder(zt + torch.tensor(shift, dtype=torch.float32)).numpy().mean(axis=0)
-                    still = model.ae.decoder(zt).numpy().mean(axis=0)
-                deltas.append(moved - still)
+            here = decoded_response(shift, feats.ctx(cond)) if shift is not None else None
+            seen_ctx = {feats.ctx(o) for o in feats.seen if o != cond and feats.pert(o) == feats.pert(cond) and feats.ctx(o) != feats.ctx(cond)}
+            there = [r for r in (decoded_response(shift, c) for c in sorted(seen_ctx)) if r is not None] if here is not None else []
+            # The reference carries the mean response of the seen contexts; the decoder adds how
+            # this context's cells respond differently from theirs (its own bias cancels).
+            deltas.append(base + here - np.mean(there, axis=0) if there else base)
             bases.append(base)
         return np.stack(deltas), np.stack(bases)
 
