@@ -240,3 +240,14 @@ def test_cross_validation_folds_build_features_without_the_held_out_cells(lib, m
             assert not np.allclose(np.abs(feats.expr_pcs[0]), np.abs(full.expr_pcs[0]), atol=1e-2)
     saved = np.load(tmp_path / "val_predictions.npz")
     assert sorted(saved["conditions"]) == list("ABCD") and saved["pred"].shape == (4, train.n_vars)
+
+
+def test_top_components_match_the_full_svd(lib):
+    rng = np.random.default_rng(6)
+    X = rng.normal(size=(300, 5)) @ rng.normal(size=(5, 400)) * 3 + rng.normal(size=(300, 400)) * 0.1
+    X -= X.mean(axis=0)
+    s, vt = lib.top_components(X, 5)
+    _, s_full, vt_full = np.linalg.svd(X, full_matrices=False)
+    np.testing.assert_allclose(s, s_full[:5], rtol=1e-6)
+    np.testing.assert_allclose(np.abs(np.sum(vt * vt_full[:5], axis=1)), 1.0, atol=1e-6)  # same directions up to sign
+    assert lib.top_components(X[:8], 5)[1].shape == (5, 400)  # small matrices take the exact route

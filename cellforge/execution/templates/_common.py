@@ -73,7 +73,7 @@ class Features:
         self.control = pd.DataFrame(means.to_numpy(), index=[ctx_of[c] for c in means.index], columns=self.genes)
         X = dense(train.X).astype(np.float64)
         Xc = X - X.mean(axis=0)
-        _, s, vt = np.linalg.svd(Xc[:: max(1, len(Xc) // 3000)], full_matrices=False)
+        s, vt = top_components(Xc[:: max(1, len(Xc) // 3000)], k)
         k = min(k, vt.shape[0])
         self.expr_pcs = vt[:k]  # (k, n_genes)
         self.gene_emb = (vt[:k] * s[:k, None]).T / np.sqrt(len(Xc))  # (n_genes, k)
@@ -258,6 +258,24 @@ class Features:
         return (A / A.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
+def top_components(X, k, oversample=10, n_iter=4):
+    """Top-k singular values (k,) and right singular vectors (k, n_genes) of a centred X.
+
+    Randomised SVD with power iterations (Halko, Martinsson & Tropp, SIAM Rev. 2011), seeded:
+    a full SVD of thousands of cells x genes costs tens of seconds, this a fraction of one.
+    """
+    k = min(k, *X.shape)
+    if k + oversample >= min(X.shape):
+        _, s, vt = np.linalg.svd(X, full_matrices=False)
+        return s[:k], vt[:k]
+    rng = np.random.default_rng(0)
+    Q = np.linalg.qr(X @ rng.normal(size=(X.shape[1], k + oversample)))[0]
+    for _ in range(n_iter):
+        Q = np.linalg.qr(X @ (X.T @ Q))[0]
+    _, s, vt = np.linalg.svd(Q.T @ X, full_matrices=False)
+    return s[:k], vt[:k]
+
+
 def dose_encoding(dose):
     """[log10(1 + dose), sigmoid(log10 dose)]: monotone dose features (CPA's log-sigmoid idea)."""
     if CONFIG.get("dose_encoder", "none") == "none":
@@ -322,6 +340,24 @@ def build_module_class():
     return PerturbationModel
 
 
+def best_weights():
+    """Lightning callback keeping, in memory, the weights of the epoch with the lowest val_loss."""
+    import copy
+
+    import lightning as L
+
+    class BestWeights(L.Callback):
+        def __init__(self):
+            self.best, self.state = float("inf"), None
+
+        def on_validation_end(self, trainer, module):
+            loss = trainer.callback_metrics.get("val_loss")
+            if loss is not None and not trainer.sanity_checking and float(loss) < self.best:
+                self.best, self.state = float(loss), copy.deepcopy(module.state_dict())
+
+    return BestWeights()
+
+
 def make_tensors(feats, conds, profiles, mu, sd):
     """Inputs, reference deltas and (if profiles) observed deltas of ``conds`` as float32 tensors."""
     x = np.stack([inputs(feats, c) for c in conds])
@@ -357,22 +393,17 @@ def fit_conditions(feats, train_conds, val_conds, train_profiles, val_profiles, 
         if val_conds:
             va = make_tensors(feats, val_conds, val_profiles, mu, sd)
             val_loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*va), batch_size=len(val_conds))
-            callbacks = [
-                L.pytorch.callbacks.EarlyStopping("val_loss", patience=CONFIG["patience"]),
-                L.pytorch.callbacks.ModelCheckpoint(dirpath=OUT, filename="best", monitor="val_loss"),
-            ]
+            callbacks = [L.pytorch.callbacks.EarlyStopping("val_loss", patience=CONFIG["patience"]), best_weights()]
         model = Module(x_tr.shape[1], n_genes, CONFIG, extra)
         trainer = L.Trainer(
             # Without validation conditions there is no early stopping: train briefly from the reference.
             max_epochs=CONFIG["max_epochs"] if val_conds else min(CONFIG["max_epochs"], CONFIG.get("epochs_without_val", 20)), accelerator="auto", devices=1, logger=False, enable_progress_bar=False,
-            enable_model_summary=False, callbacks=callbacks, enable_checkpointing=bool(val_conds), deterministic=True,
+            enable_model_summary=False, callbacks=callbacks, enable_checkpointing=False, deterministic=True,
         )
         trainer.fit(model, loader, val_loader)
         epochs = int(trainer.current_epoch)
-        if val_conds and callbacks[1].best_model_path:
-            state = torch.load(callbacks[1].best_model_path, weights_only=False)["state_dict"]
-            model.load_state_dict(state)
-            Path(callbacks[1].best_model_path).unlink()
+        if val_conds and callbacks[1].state is not None:
+            model.load_state_dict(callbacks[1].state)
         torch.save({"state_dict": model.state_dict(), "mu": mu, "sd": sd, "n_inputs": x_tr.shape[1]}, ckpt)
     state = torch.load(ckpt, weights_only=False)
     model = Module(state["n_inputs"], n_genes, CONFIG, extra)

@@ -88,21 +88,17 @@ def fit_cells(feats, train_conds, val_conds, train_profiles, val_profiles, predi
         val_loader, callbacks = None, []
         if held.any():
             val_loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.tensor(X[held])), batch_size=4096)
-            callbacks = [
-                L.pytorch.callbacks.EarlyStopping("val_loss", patience=CONFIG["patience"]),
-                L.pytorch.callbacks.ModelCheckpoint(dirpath=OUT, filename="best", monitor="val_loss"),
-            ]
+            callbacks = [L.pytorch.callbacks.EarlyStopping("val_loss", patience=CONFIG["patience"]), best_weights()]
         model = Module(X.shape[1], CONFIG)
         trainer = L.Trainer(
             max_epochs=CONFIG["max_epochs"] if held.any() else min(CONFIG["max_epochs"], CONFIG.get("epochs_without_val", 20)),
             accelerator="auto", devices=1, logger=False, enable_progress_bar=False,
-            enable_model_summary=False, callbacks=callbacks, enable_checkpointing=bool(held.any()), deterministic=True,
+            enable_model_summary=False, callbacks=callbacks, enable_checkpointing=False, deterministic=True,
         )
         trainer.fit(model, loader, val_loader)
         epochs = int(trainer.current_epoch)
-        if callbacks and callbacks[1].best_model_path:
-            model.load_state_dict(torch.load(callbacks[1].best_model_path, weights_only=False)["state_dict"])
-            Path(callbacks[1].best_model_path).unlink()
+        if callbacks and callbacks[1].state is not None:
+            model.load_state_dict(callbacks[1].state)
         torch.save({"state_dict": model.state_dict()}, ckpt)
     model = Module(X.shape[1], CONFIG)
     model.load_state_dict(torch.load(ckpt, weights_only=False)["state_dict"])
