@@ -67,14 +67,26 @@ def test_held_out_truth_never_enters_the_sandbox(run_dir):
 
 
 def test_generated_script_reruns_and_reproduces_predictions(run_dir, tmp_path):
-    copy = tmp_path / "rerun"
-    shutil.copytree(run_dir / "sandbox", copy, ignore=shutil.ignore_patterns("outputs", "logs"))
-    done = subprocess.run([sys.executable, "train.py"], cwd=copy, capture_output=True, text=True, timeout=600, check=False)
-    assert done.returncode == 0, done.stderr[-2000:]
+    from cellforge.execution.ensemble import average_predictions
+
+    ensemble = json.loads((run_dir / "journal.json").read_text())["ensemble"]
+    # the scored predictions: the kept script's, or the weighted average of the ensemble's attempts' scripts
+    members = {int(i): float(w) for i, w in ensemble["weights"].items()} if ensemble else {None: 1.0}
+    outputs = {}
+    for index in members:
+        copy = tmp_path / f"rerun-{index}"
+        shutil.copytree(run_dir / "sandbox", copy, ignore=shutil.ignore_patterns("outputs", "logs"))
+        if index is not None:
+            shutil.copy2(run_dir / "attempts" / f"attempt-{index:03d}" / "train.py", copy / "train.py")
+        done = subprocess.run([sys.executable, "train.py"], cwd=copy, capture_output=True, text=True, timeout=600, check=False)
+        assert done.returncode == 0, done.stderr[-2000:]
+        outputs[index] = copy / "outputs" / "predictions.h5ad"
     before = ad.read_h5ad(run_dir / "predictions.h5ad")
+    after = average_predictions(outputs, members)
+    assert set(before.obs_names) == set(after.obs_names)
+    np.testing.assert_allclose(before[after.obs_names].X, after.X, atol=1e-5)
+    copy = outputs[next(iter(members))].parent.parent
     after = ad.read_h5ad(copy / "outputs" / "predictions.h5ad")
-    assert list(before.obs_names) == list(after.obs_names)
-    np.testing.assert_allclose(before.X, after.X, atol=1e-5)
     # The inference entry point alone gives the same predictions from the checkpoint.
     again = subprocess.run([sys.executable, "train.py", "--predict-only"], cwd=copy, capture_output=True, text=True, timeout=600, check=False)
     assert again.returncode == 0, again.stderr[-2000:]

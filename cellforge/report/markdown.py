@@ -32,6 +32,18 @@ def _attempt_row(a: dict[str, Any], best: int | None) -> str:
     return f"| {label} | {a['stage']} | {a['exit_code']} | {a['failure'] or 'ok'} | {'' if val is None else f'{val:.5f}'} | {a['duration_s']} |"
 
 
+def _ensemble_line(ensemble: dict[str, Any] | None) -> str:
+    """Which predictions were scored: the kept attempt's, or an average of attempts."""
+    if not ensemble:
+        return "Scored predictions: the kept attempt's."
+    weights = ", ".join(f"attempt {i} ({float(w):.2f})" for i, w in ensemble["weights"].items())
+    return (
+        f"Scored predictions: the weighted average of {weights}, chosen by {ensemble['method']}: validation "
+        f"val_mse_top20 {ensemble['val_metrics']['val_mse_top20']:.5f} vs {ensemble['best_single_val_metrics']['val_mse_top20']:.5f} "
+        "for the kept attempt alone."
+    )
+
+
 def _usage_table(by_stage: dict[str, dict[str, Any]]) -> str:
     lines = ["| stage | calls | prompt tokens | completion tokens | cost (USD) |", "|---|---|---|---|---|"]
     for stage, row in by_stage.items():
@@ -191,6 +203,8 @@ Rationale:
 {attempts}
 
 Refinement: {metrics.get('refinement') or 'not run'}
+
+{_ensemble_line(metrics.get('ensemble'))}
 
 ## Provenance
 
