@@ -444,7 +444,10 @@ def _ensemble(
     for a in journal.attempts:
         path = attempts_dir / f"attempt-{a.index:03d}" / "outputs" / VAL_PREDICTIONS
         if a.failure is None and path.exists():
-            members[a.index] = ValPredictions.load(path)
+            try:
+                members[a.index] = ValPredictions.load(path)
+            except (ValueError, KeyError, OSError):
+                continue  # a malformed file (e.g. from hand-written code) leaves that attempt out
     if best.index not in members or len(members) < 2:  # noqa: PLR2004
         return None
     choice = select_ensemble(members, best.index, max_steps=settings.ensemble_steps, tolerance=settings.tolerance)
