@@ -38,6 +38,11 @@ def metric_bars(methods: dict[str, dict[str, float]], path: Path, *, title: str 
         ax.set_xticks(range(len(order)), [n.replace("_", " ") for n in order], rotation=60, ha="right", fontsize=7)
         ax.set_title(f"{metric}\n({BAR_METRICS[metric]})", fontsize=8)
         ax.tick_params(axis="y", labelsize=7)
+    return _save(fig, path, title)
+
+
+def _save(fig, path: Path, title: str = "") -> Path:  # noqa: ANN001 - matplotlib Figure
+    """Title, lay out, write a PNG at 110 dpi and close the figure."""
     if title:
         fig.suptitle(title, fontsize=9)
     fig.tight_layout()
@@ -62,12 +67,7 @@ def delta_scatter(observed: np.ndarray, predicted: dict[str, np.ndarray], path: 
         ax.set_xlabel("observed delta", fontsize=7)
         ax.set_ylabel("predicted delta", fontsize=7)
         ax.tick_params(labelsize=7)
-    if title:
-        fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path, title)
 
 
 def attempts_plot(attempts: list[dict[str, Any]], path: Path, *, best: int | None = None, cost_usd: float = 0.0) -> Path:
@@ -83,7 +83,4 @@ def attempts_plot(attempts: list[dict[str, Any]], path: Path, *, best: int | Non
     for ax in (ax1, ax2):
         ax.set_xlabel("attempt", fontsize=7)
         ax.tick_params(labelsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
