@@ -117,7 +117,7 @@ def test_offline_panel_plans_follow_the_task_and_cite_evidence(designed):
     baselines = {name: plan["baseline"] for name, (plan, _, _) in designed.items()}
     models = {name: plan["template"] for name, (plan, _, _) in designed.items()}
     assert (models["norman_subset"], baselines["norman_subset"]) == ("combo_additive", "single_mean")
-    assert baselines["kang_subset"] == baselines["mcfaline_subset"] == baselines["glioblastoma_subset"] == "context_regression"
+    assert baselines["kang_subset"] == baselines["mcfaline_subset"] == baselines["glioblastoma_subset"] == "context_adaptive"
     assert baselines["adamson_subset"] == baselines["papalexi_subset"] == "on_target"
     assert models["adamson_subset"] == models["papalexi_subset"] == "gene_gnn"
     # model size follows the number of training conditions
@@ -125,7 +125,7 @@ def test_offline_panel_plans_follow_the_task_and_cite_evidence(designed):
     for name, (plan, debate, run) in designed.items():
         assert len(debate["experts"]) == 6 and "critic" not in debate["experts"]
         domain = debate["experts"][-1]
-        assert domain == ("expert_cell_state" if baselines[name] == "context_regression" else "expert_gene_regulation"), name
+        assert domain == ("expert_cell_state" if baselines[name] == "context_adaptive" else "expert_gene_regulation"), name
         assert debate["converged"], (name, debate["stop_reason"])
         assert debate["calls"] == len(debate["rounds"]) * 7
         text = " ".join(plan["rationale"])

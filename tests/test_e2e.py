@@ -220,7 +220,8 @@ def test_make_paper_replay_reproduces_every_metric(tmp_path):
 
 
 def test_heldback_splits_are_not_the_development_folds(load):
-    """Every held-back split's test set differs from each development fold's of the same task."""
+    """Every held-back split's test set differs from each development fold's of the same task, and
+    each round's from every earlier round's (a round used in development is no longer held back)."""
     import importlib.util
 
     from cellforge.data.splits import make_split
@@ -234,14 +235,17 @@ def test_heldback_splits_are_not_the_development_folds(load):
         import tasks
     finally:
         sys.path.remove(str(bench))
-    assert set(heldback.HELDBACK) == set(tasks.TASKS)
-    for task, (dataset, strategy, folds) in heldback.HELDBACK.items():
-        adata = load(dataset)
-        name, dev_strategy, options, n_folds = tasks.TASKS[task]
-        dev = []
+    assert heldback.CURRENT == sorted(heldback.ROUNDS)[-1]
+    for task, (name, dev_strategy, options, n_folds) in tasks.TASKS.items():
+        adata = load(name)
+        used = []
         for f in range(n_folds):
             opts = dict(options(f))
-            dev.append(set(make_split(adata, dev_strategy, seed=opts.pop("seed", 0), **opts).test))
-        for seed, opts in folds:
-            test = set(make_split(adata, strategy, seed=seed, **opts).test)
-            assert test and test not in dev, f"{task}: held-back split (seed {seed}, {opts}) repeats a development fold"
+            used.append(set(make_split(adata, dev_strategy, seed=opts.pop("seed", 0), **opts).test))
+        for round_name in sorted(heldback.ROUNDS):
+            dataset, strategy, folds = heldback.ROUNDS[round_name][task]
+            assert dataset == name
+            tests = [set(make_split(adata, strategy, seed=seed, **opts).test) for seed, opts in folds]
+            for test, (seed, opts) in zip(tests, folds, strict=True):
+                assert test and test not in used, f"{task}: {round_name} split (seed {seed}, {opts}) repeats an earlier test set"
+            used += tests

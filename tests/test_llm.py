@@ -38,7 +38,7 @@ def test_role_models_come_from_environment(monkeypatch):
     ("task_type", "template", "baseline"),
     [
         ("combination", "combo_additive", "single_mean"),
-        ("new_context", "pert_mlp", "context_regression"),
+        ("new_context", "pert_mlp", "context_adaptive"),
         ("unseen_perturbation", "gene_gnn", "on_target"),
     ],
 )

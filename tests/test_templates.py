@@ -77,6 +77,49 @@ def test_context_regression_recovers_the_control_dependence(lib):
     assert np.abs(shift - deltas["P4:drug"]).mean() > 0.1
 
 
+def _two_lineages(rng, n_genes=12):
+    """Six contexts in two lineages (controls near two centres) whose responses differ by lineage."""
+    centres = {"myeloid": rng.normal(size=n_genes) * 3, "lymphoid": rng.normal(size=n_genes) * 3}
+    response = {"myeloid": rng.normal(size=n_genes) * 2, "lymphoid": rng.normal(size=n_genes) * 0.5}
+    controls, deltas = {}, {}
+    for lineage in centres:
+        for i in range(3):
+            ctx = f"{lineage}{i}"
+            controls[ctx] = centres[lineage] + rng.normal(size=n_genes) * 0.1
+            deltas[f"{ctx}:stim"] = response[lineage] + rng.normal(size=n_genes) * 0.05
+    return controls, deltas
+
+
+def test_context_kernel_transfers_the_response_of_similar_contexts(lib):
+    controls, deltas = _two_lineages(np.random.default_rng(2))
+    conds = {c: ("stim", c.split(":")[0]) for c in deltas}
+    feats = _features(lib, {k: v for k, v in deltas.items() if k != "myeloid2:stim"}, controls, conds)
+    kernel = feats.base("myeloid2:stim", "context_kernel")
+    myeloid = np.mean([deltas["myeloid0:stim"], deltas["myeloid1:stim"]], axis=0)
+    shift = feats.base("myeloid2:stim", "context_shift")
+    truth = deltas["myeloid2:stim"]
+    # the two seen myeloid contexts carry nearly all the weight; the plain mean mixes in lymphoid cells
+    np.testing.assert_allclose(kernel, myeloid, atol=0.05)
+    assert np.abs(kernel - truth).mean() < 0.2 * np.abs(shift - truth).mean()
+    # the adaptive reference picks the kernel here (it predicts each seen context best when left out)
+    np.testing.assert_allclose(feats.base("myeloid2:stim", "context_adaptive"), kernel)
+
+
+def test_context_adaptive_picks_the_regression_when_responses_follow_the_control(lib):
+    rng = np.random.default_rng(3)
+    common, beta = rng.normal(size=10), -0.5
+    controls = {f"P{i}": rng.normal(size=10) for i in range(5)}
+    centre = np.mean(list(controls.values()), axis=0)
+    deltas = {f"P{i}:drug": common + beta * (controls[f"P{i}"] - centre) for i in range(5)}
+    conds = {f"P{i}:drug": ("drug", f"P{i}") for i in range(5)}
+    feats = _features(lib, {k: v for k, v in deltas.items() if k != "P4:drug"}, controls, conds)
+    np.testing.assert_allclose(feats.base("P4:drug", "context_adaptive"), feats.base("P4:drug", "context_regression"))
+    # with a single seen context every context reference is that context's delta
+    few = _features(lib, {"P0:drug": deltas["P0:drug"]}, controls, conds)
+    for kind in ("context_regression", "context_kernel", "context_adaptive"):
+        np.testing.assert_allclose(few.base("P4:drug", kind), deltas["P0:drug"])
+
+
 def test_dose_encoder_adds_monotone_dose_features(lib, monkeypatch):
     conds = {f"drug:{d}": ("drug", "all") for d in (0.1, 1.0, 10.0)}
     feats = _features(lib, {"drug:0.1": np.ones(3)}, {"all": np.zeros(3)}, conds)

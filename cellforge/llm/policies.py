@@ -9,7 +9,7 @@ from cellforge.llm.offline import handles
 
 
 #: Each debate baseline -> the library's stronger reference predictor of the same family.
-REFERENCE_OF = {"training_mean": "on_target", "additive": "member_additive", "context_shift": "context_regression"}
+REFERENCE_OF = {"training_mean": "on_target", "additive": "member_additive", "context_shift": "context_adaptive"}
 #: Templates whose hidden state is per gene (n_genes x width): the consensus width does not apply.
 PER_GENE_STATE = {"gene_gnn"}
 
@@ -29,7 +29,11 @@ def design_plan(ctx: dict[str, Any]) -> dict[str, Any]:
         template, baseline = "combo_additive", "single_mean"
         n_combo_train = int(ctx["split"].get("n_train_combinations", 0))
         train_on = "all"
-        candidates = [{"template": "pert_mlp", "baseline": "member_additive"}]
+        candidates = [
+            {"template": "combo_additive", "member_ridge": 1.0},
+            {"template": "pert_mlp", "baseline": "member_additive", "train_on": "combinations"},
+            {"template": "pert_mlp", "baseline": "member_additive"},
+        ]
         pert_enc = "a learned effect vector per perturbation member (embedding), summed over the members"
         rationale.append(
             "Additive predictions are the bar for combinations (Ahlmann-Eltze et al. 2025; Norman et al. 2019). The "
@@ -38,16 +42,17 @@ def design_plan(ctx: dict[str, Any]) -> dict[str, Any]:
             f"{n_combo_train} training combinations, starts at zero."
         )
     elif task_type == "new_context":
-        template, baseline, train_on = "pert_mlp", "context_regression", "all"
+        template, baseline, train_on = "pert_mlp", "context_adaptive", "all"
         candidates = [
-            {"template": "cond_autoencoder", "baseline": "context_regression", "batch_size": 256, "max_epochs": 20, "patience": 4},
-            {"template": "latent_linear", "baseline": "context_regression", "hidden_dim": 8},
+            {"template": "cond_autoencoder", "baseline": "context_adaptive", "batch_size": 256, "max_epochs": 20, "patience": 4},
+            {"template": "latent_linear", "baseline": "context_adaptive", "hidden_dim": 8},
         ]
         pert_enc = "seen deltas of the perturbation in other contexts, in PCA space"
         rationale.append(
-            f"Held-out contexts {ctx['split'].get('test_contexts')}: the reference is the perturbation's mean delta in "
-            "the seen contexts plus a slope on how far this context's control profile sits from theirs, fitted leaving "
-            "one context out; an MLP on the context's control shift learns what remains. A cell-level conditional "
+            f"Held-out contexts {ctx['split'].get('test_contexts')}: the reference transfers the perturbation's deltas "
+            "from the seen contexts, either weighted by how alike the contexts' control profiles are (cell types that "
+            "cluster respond alike) or shifted by a slope on this context's control deviation, whichever predicts each "
+            "seen context best when it is left out; an MLP on the context's control shift learns what remains. A cell-level conditional "
             "autoencoder (scGen / CPA latent shift) and a latent-linear model are the candidates compared on validation."
         )
     elif task_type == "drug_dose":

@@ -137,17 +137,16 @@ class Features:
             return self._member_additive(cond, others, D)
         if kind == "linear":
             return self._linear(cond, others, D)
-        if kind in ("context_shift", "context_regression"):
+        if kind in CONTEXT_REFERENCES:
             same = [c for c in others if self.pert(c) == self.pert(cond) and self.ctx(c) != self.ctx(cond)]
             if not same:
                 return D.mean(axis=0)
+            C = np.stack([self.control.loc[self.ctx(c)].to_numpy() for c in same])
             Ds = np.stack([self.seen[c] for c in same])
-            if kind == "context_shift" or len(same) < 3:
-                return Ds.mean(axis=0)
-            return self._context_regression(cond, same, Ds)
+            return context_transfer(kind, C, Ds, self.control.loc[self.ctx(cond)].to_numpy())
         raise ValueError(
             f"unknown reference predictor {kind!r}; valid: training_mean, single_mean, on_target, additive, member_additive, "
-            "linear, context_shift, context_regression"
+            f"linear, {', '.join(CONTEXT_REFERENCES)}"
         )
 
     def _on_target(self, cond, others, D):
@@ -196,24 +195,6 @@ class Features:
         W = np.linalg.solve(G.T @ G + lam * eye, G.T @ (Y - b[:, None])) @ P @ np.linalg.inv(P.T @ P + lam * eye)
         return G @ W @ embed(cond) + b
 
-    def _context_regression(self, cond, same, Ds):
-        """Context shift plus beta * (this context's control - the seen contexts' mean control).
-
-        beta is one number fitted leave-one-context-out over the seen contexts: how much of a
-        context's own control deviation its response gives back (beta < 0: responses regress
-        towards a common treated state).
-        """
-        C = np.stack([self.control.loc[self.ctx(c)].to_numpy() for c in same])
-        xs, ys = [], []
-        for j in range(len(same)):
-            rest = [i for i in range(len(same)) if i != j]
-            xs.append(C[j] - C[rest].mean(axis=0))
-            ys.append(Ds[j] - Ds[rest].mean(axis=0))
-        xs, ys = np.stack(xs), np.stack(ys)
-        beta = float((xs * ys).sum() / max((xs * xs).sum(), 1e-12))
-        beta = float(np.clip(beta, -1.0, 1.0))
-        return Ds.mean(axis=0) + beta * (self.control.loc[self.ctx(cond)].to_numpy() - C.mean(axis=0))
-
     # -- feature vectors
     def target_indicator(self, cond):
         x = np.zeros(len(self.genes))
@@ -256,6 +237,73 @@ class Features:
             A[rows, nb.ravel()] = corr[rows, nb.ravel()]
         A = np.maximum(A, A.T) + np.eye(len(A))
         return (A / A.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+CONTEXT_REFERENCES = ("context_shift", "context_regression", "context_kernel", "context_adaptive")
+#: Kernel widths tried by ``context_kernel``, as fractions of the median squared distance (inf: plain mean).
+KERNEL_WIDTHS = (0.03, 0.1, 0.3, 1.0, 3.0, np.inf)
+
+
+def _top20_mse(pred, target):
+    top = np.argsort(-np.abs(target))[:20]
+    return float(np.mean((pred - target)[top] ** 2))
+
+
+def _leave_one_out_error(predict, C, Ds):
+    """Summed top-20 mse of ``predict(C_rest, Ds_rest, c_j)`` over each seen context j left out."""
+    total = 0.0
+    for j in range(len(C)):
+        rest = np.arange(len(C)) != j
+        total += _top20_mse(predict(C[rest], Ds[rest], C[j]), Ds[j])
+    return total
+
+
+def _kernel_weights(dist, width):
+    if not np.isfinite(width):
+        return np.full(len(dist), 1.0 / len(dist))
+    w = np.exp(-(dist - dist.min()) / (width * max(float(np.median(dist)), 1e-12)))
+    return w / w.sum()
+
+
+def context_transfer(kind, C, Ds, c0):
+    """A perturbation's delta in a new context from its deltas in the seen contexts.
+
+    C (n_seen, n_genes) control means of the seen contexts, Ds (n_seen, n_genes) the
+    perturbation's deltas there, c0 (n_genes,) the new context's control mean; returns (n_genes,).
+
+    - ``context_shift``: the mean of Ds (the harness baseline of the same name).
+    - ``context_regression``: the mean plus beta * (c0 - mean control); one beta, fitted leaving
+      one seen context out: how much of a context's own control deviation its response gives
+      back (beta < 0: responses regress towards a common treated state).
+    - ``context_kernel``: Ds weighted by exp(-||C_j - c0||^2 / (width * median distance)): a new
+      cell type responds like the seen ones whose unperturbed profiles resemble its own
+      (monocytes like monocytes), the kernel-regression reading of scGen's premise
+      (Lotfollahi et al., Nat. Methods 2019). The width is chosen leaving one seen context
+      out; an infinite width is the plain mean, so the choice can fall back to it.
+    - ``context_adaptive``: whichever of the three has the lowest leave-one-seen-context-out
+      error (mse on each left-out context's 20 largest changes); cell types that cluster
+      favour the kernel, patients whose responses scale with their baseline the regression.
+
+    With fewer than 2 seen contexts every kind is the plain mean.
+    """
+    if kind == "context_shift" or len(C) < 2:
+        return Ds.mean(axis=0)
+    if kind == "context_regression":
+        xs = np.stack([C[j] - np.delete(C, j, axis=0).mean(axis=0) for j in range(len(C))])
+        ys = np.stack([Ds[j] - np.delete(Ds, j, axis=0).mean(axis=0) for j in range(len(C))])
+        beta = float(np.clip((xs * ys).sum() / max((xs * xs).sum(), 1e-12), -1.0, 1.0))
+        return Ds.mean(axis=0) + beta * (c0 - C.mean(axis=0))
+    if kind == "context_kernel":
+        def predict(Cr, Dr, c, width):
+            return _kernel_weights(((Cr - c) ** 2).sum(axis=1), width) @ Dr
+
+        errors = [_leave_one_out_error(lambda Cr, Dr, c, w=w: predict(Cr, Dr, c, w), C, Ds) for w in KERNEL_WIDTHS]
+        return predict(C, Ds, c0, KERNEL_WIDTHS[int(np.argmin(errors))])
+    if kind == "context_adaptive":
+        kinds = CONTEXT_REFERENCES[:3]
+        errors = [_leave_one_out_error(lambda Cr, Dr, c, k=k: context_transfer(k, Cr, Dr, c), C, Ds) for k in kinds]
+        return context_transfer(kinds[int(np.argmin(errors))], C, Ds, c0)
+    raise ValueError(f"unknown context reference {kind!r}; valid: {', '.join(CONTEXT_REFERENCES)}")
 
 
 def top_components(X, k, oversample=10, n_iter=4):
@@ -447,10 +495,12 @@ def cross_validate(train, conditions, pool, profiles, task_type, n_folds):
     for i, held_groups in enumerate(np.array_split(np.array(groups, dtype=object), k)):
         held = [c for c in movable if key(c) in set(held_groups)]
         rest = [c for c in pool if c not in held]
+        # Every condition but the held-out ones stays seen (singles too when only combinations train).
+        seen = profiles.drop(index=held)
         feats = Features(train[~np.isin(labels, held)], conditions, CONFIG["n_components"])
-        predict, _ = fit(feats, rest, held, profiles.loc[rest], profiles, False, ckpt=OUT / f"cv{i}.ckpt")
+        predict, _ = fit(feats, rest, held, seen, profiles, False, ckpt=OUT / f"cv{i}.ckpt")
         (OUT / f"cv{i}.ckpt").unlink(missing_ok=True)
-        feats.set_seen(profiles.loc[rest])
+        feats.set_seen(seen)
         pred, base = predict(held)
         target = np.stack([profiles.loc[c].to_numpy() - feats.control.loc[feats.ctx(c)].to_numpy() for c in held])
         folds.append(validation_metrics(pred, base, target))
