@@ -116,7 +116,8 @@ def markdown(results: dict, *, title: str = "Task benchmark") -> str:
         lines += ["", f"- pearson_delta_de20: the model {entry['verdict']['pearson_delta_de20']}", f"- mse_de20: the model {entry['verdict']['mse_de20']}"]
         chosen = ", ".join(f"fold {f['fold']}: {f.get('model', '?')} ({f.get('attempts', '?')} attempts)" for f in entry["folds"])
         within = "within" if entry["wall_s"] <= BUDGET_S else "OVER"
-        lines += [f"- model kept by validation: {chosen}", f"- compute: {entry['wall_s']} s for all folds, {within} the {BUDGET_S} s budget", ""]
+        lines += [f"- model kept by validation: {chosen}", f"- compute: {entry['wall_s']} s for all folds, {within} the {BUDGET_S} s budget"]
+        lines += [f"- run: {entry['note']}", ""] if entry.get("note") else [""]
     return "\n".join(lines)
 
 
