@@ -65,9 +65,27 @@ ROUNDS: dict[str, Splits] = {
             [(201, {"test_contexts": list(p)}) for p in (("PW030", "PW032"), ("PW034", "PW040"), ("PW036", "PW040"))],
         ),
     },
+    "v3": {
+        # the two pairs of Adamson's five knock-downs that no earlier split held out, and three held out at once
+        "adamson_unseen_knockdowns": (
+            "adamson_subset", "unseen_perturbation", [(305, {}), (307, {}), (300, {"test_fraction": 0.6})],
+        ),
+        "papalexi_unseen_knockouts": ("papalexi_subset", "unseen_perturbation", [(s, {}) for s in (301, 302, 303)]),
+        "norman_combinations": ("norman_subset", "combination", [(s, {}) for s in (301, 302, 303)]),
+        # pairs of cell types not held out before, both monocyte types together among them
+        "kang_heldout_cell_type": (
+            "kang_subset", "new_context",
+            [(301, {"test_contexts": list(p)}) for p in (("CD4T", "Dendritic"), ("CD14+Mono", "FCGR3A+Mono"), ("B", "NK"))],
+        ),
+        # pairs of patients that neither v1 nor v2 held out
+        "glioblastoma_heldout_patient": (
+            "glioblastoma_subset", "new_context",
+            [(301, {"test_contexts": list(p)}) for p in (("PW030", "PW034"), ("PW030", "PW040"), ("PW032", "PW034"))],
+        ),
+    },
 }
 #: The round that is still held back (the others have been used in development).
-CURRENT = "v2"
+CURRENT = "v3"
 
 
 def run_split(task: str, index: int, *, splits: Path, runs: Path, heldback: Splits) -> dict:

@@ -64,17 +64,39 @@ def test_member_additive_learns_members_seen_only_in_combinations(lib):
     assert np.abs(feats.base("C+D", "additive")).sum() == 0
 
 
-def test_context_regression_recovers_the_control_dependence(lib):
+def test_observed_additive_prefers_observed_singles_and_falls_back_to_the_member_model(lib):
+    rng = np.random.default_rng(4)
+    effect = {m: rng.normal(size=8) for m in "ABCDE"}
+    conds = {"A": "A", "B": "B", "A+C": "A+C", "B+D": "B+D", "C+D": "C+D", "A+B": "A+B", "A+E": "A+E", "C+E": "C+E"}
+    deltas = {c: sum(effect[m] for m in p.split("+")) + (0.5 if "+" in p else 0.0) for c, p in conds.items()}
+    held = {"A+B", "A+E", "C+D"}
+    feats = _features(lib, {c: d for c, d in deltas.items() if c not in held}, {"all": np.zeros(8)}, {c: (p, "all") for c, p in conds.items()})
+    # both members seen alone: the sum of their observed deltas (the additive baseline)
+    np.testing.assert_allclose(feats.base("A+B", "observed_additive"), deltas["A"] + deltas["B"])
+    # one member seen alone: only its observed delta, even though E is known from C+E
+    np.testing.assert_allclose(feats.base("A+E", "observed_additive"), deltas["A"])
+    # no member seen alone: the ridge member model learned from the other combinations
+    np.testing.assert_allclose(feats.base("C+D", "observed_additive"), feats.base("C+D", "member_additive"))
+    assert np.abs(feats.base("C+D", "observed_additive")).sum() > 0
+
+
+def test_context_regression_recovers_the_control_dependence(lib, monkeypatch):
     rng = np.random.default_rng(1)
     common, beta = rng.normal(size=10), -0.4
     controls = {f"P{i}": rng.normal(size=10) for i in range(5)}
     deltas = {f"P{i}:drug": common + beta * (controls[f"P{i}"] - np.mean(list(controls.values()), axis=0)) for i in range(5)}
     conds = {f"P{i}:drug": ("drug", f"P{i}") for i in range(5)}
     feats = _features(lib, {k: v for k, v in deltas.items() if k != "P4:drug"}, controls, conds)
-    pred = feats.base("P4:drug", "context_regression")
-    shift = feats.base("P4:drug", "context_shift")
-    np.testing.assert_allclose(pred, deltas["P4:drug"], atol=1e-8)  # exact: the data follow the model
-    assert np.abs(shift - deltas["P4:drug"]).mean() > 0.1
+    truth, shift = deltas["P4:drug"], feats.base("P4:drug", "context_shift")
+    assert np.abs(shift - truth).mean() > 0.1
+    # the fitted slope is exact here (the data follow the model); the reference moves the shift
+    # REGRESSION_SHRINKAGE of the way towards it
+    s = lib.REGRESSION_SHRINKAGE
+    assert 0 < s <= 1
+    np.testing.assert_allclose(feats.base("P4:drug", "context_regression"), shift + s * (truth - shift), atol=1e-8)
+    monkeypatch.setattr(lib, "REGRESSION_SHRINKAGE", 1.0)
+    feats.set_seen(pd.DataFrame({c: controls[conds[c][1]] + d for c, d in deltas.items() if c != "P4:drug"}, index=feats.genes).T)
+    np.testing.assert_allclose(feats.base("P4:drug", "context_regression"), truth, atol=1e-8)
 
 
 def _two_lineages(rng, n_genes=12):

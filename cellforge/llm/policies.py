@@ -9,7 +9,7 @@ from cellforge.llm.offline import handles
 
 
 #: Each debate baseline -> the library's stronger reference predictor of the same family.
-REFERENCE_OF = {"training_mean": "on_target", "additive": "member_additive", "context_shift": "context_adaptive"}
+REFERENCE_OF = {"training_mean": "on_target", "additive": "observed_additive", "context_shift": "context_adaptive"}
 #: Templates whose hidden state is per gene (n_genes x width): the consensus width does not apply.
 PER_GENE_STATE = {"gene_gnn"}
 
@@ -31,13 +31,15 @@ def design_plan(ctx: dict[str, Any]) -> dict[str, Any]:
         train_on = "all"
         # The MLP trains on combinations only: on singles its leave-one-out reference knows nothing of the
         # member, unlike on test combinations, and learning that residual hurt held-out combinations.
-        candidates = [{"template": "pert_mlp", "baseline": "member_additive", "train_on": "combinations"}]
+        candidates = [{"template": "pert_mlp", "baseline": "observed_additive", "train_on": "combinations"}]
         pert_enc = "a learned effect vector per perturbation member (embedding), summed over the members"
         rationale.append(
             "Additive predictions are the bar for combinations (Ahlmann-Eltze et al. 2025; Norman et al. 2019). The "
             "model learns one effect per perturbation member from every training single and combination, so a member "
             f"seen only inside other combinations still counts, and an interaction MLP of the additive effect, trained on "
-            f"{n_combo_train} training combinations, starts at zero."
+            f"{n_combo_train} training combinations, starts at zero. The candidate is a residual MLP, trained on the "
+            "training combinations, over the sum of the members' observed single effects (the member model where no "
+            "member was seen alone)."
         )
     elif task_type == "new_context":
         template, baseline, train_on = "pert_mlp", "context_adaptive", "all"
