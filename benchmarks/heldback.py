@@ -11,10 +11,12 @@ then tabulates the model against every baseline like ``tasks.py``. Results go to
 Held-back splits stop being held back once their results have shaped the code. Each set is
 therefore a *round*: ``v1`` was run once at the end of session 4, and its losses on Kang
 and Norman were studied in session 5 (so it is development data now); ``v2`` was made
-after that and run once, after the last code change it reports on. A new round is added
-rather than an old one rerun when the code changes because of a round's results.
+after that and run once at the end of session 5; its glioblastoma and Norman losses were
+studied in session 6, and ``v3`` was made then, to be run once after the last code change it
+reports on. A new round is added rather than an old one rerun when the code changes because
+of a round's results.
 
-Usage: ``python benchmarks/heldback.py [--round v2] [--task NAME ...]``.
+Usage: ``python benchmarks/heldback.py [--round v3] [--task NAME ...]``.
 """
 
 from __future__ import annotations

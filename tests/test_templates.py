@@ -316,3 +316,38 @@ def test_top_components_match_the_full_svd(lib):
     np.testing.assert_allclose(s, s_full[:5], rtol=1e-6)
     np.testing.assert_allclose(np.abs(np.sum(vt * vt_full[:5], axis=1)), 1.0, atol=1e-6)  # same directions up to sign
     assert lib.top_components(X[:8], 5)[1].shape == (5, 400)  # small matrices take the exact route
+
+
+def test_early_stopping_keeps_the_reference_when_no_epoch_beats_it_on_validation(lib):
+    """The untrained model (the reference) is epoch 0 of the best-weights choice."""
+    import lightning as L
+    import torch
+
+    class Residual(L.LightningModule):
+        # training pulls the residual towards +1, validation wants -1: every epoch is worse than none
+        def __init__(self):
+            super().__init__()
+            self.residual = torch.nn.Parameter(torch.zeros(1))
+
+        def _loss(self, batch):
+            (target,) = batch
+            return ((self.residual - target) ** 2).mean()
+
+        def training_step(self, batch, _):
+            return self._loss(batch)
+
+        def validation_step(self, batch, _):
+            self.log("val_loss", self._loss(batch))
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def loader(value):
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.full((4, 1), value)), batch_size=4)
+
+    keep = lib.best_weights()
+    module = Residual()
+    trainer = L.Trainer(max_epochs=5, logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, callbacks=[keep])
+    trainer.fit(module, loader(1.0), loader(-1.0))
+    assert float(module.residual) > 0.5  # training moved away ...
+    assert float(keep.state["residual"]) == 0.0 and keep.best == 1.0  # ... but the reference is what is kept

@@ -412,7 +412,12 @@ def build_module_class():
 
 
 def best_weights():
-    """Lightning callback keeping, in memory, the weights of the epoch with the lowest val_loss."""
+    """Lightning callback keeping, in memory, the weights of the epoch with the lowest val_loss.
+
+    For the condition-level models the untrained model counts as epoch 0: its output layer
+    starts at zero (or at a ridge fit), so it is the reference predictor, and training only
+    moves away from it when some epoch beats it on the validation conditions.
+    """
     import copy
 
     import lightning as L
@@ -420,6 +425,17 @@ def best_weights():
     class BestWeights(L.Callback):
         def __init__(self):
             self.best, self.state = float("inf"), None
+
+        def on_train_start(self, trainer, module):
+            loaders = trainer.val_dataloaders
+            if not loaders or not hasattr(module, "_loss"):  # the cell-level autoencoder starts untrained
+                return
+            was_training = module.training
+            module.eval()
+            with torch.no_grad():
+                losses = [float(module._loss([t.to(module.device) for t in batch])) for batch in loaders]
+            module.train(was_training)
+            self.best, self.state = float(np.mean(losses)), copy.deepcopy(module.state_dict())
 
         def on_validation_end(self, trainer, module):
             loss = trainer.callback_metrics.get("val_loss")
