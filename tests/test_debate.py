@@ -116,7 +116,8 @@ def designed(tmp_path_factory):
 def test_offline_panel_plans_follow_the_task_and_cite_evidence(designed):
     baselines = {name: plan["baseline"] for name, (plan, _, _) in designed.items()}
     models = {name: plan["template"] for name, (plan, _, _) in designed.items()}
-    assert (models["norman_subset"], baselines["norman_subset"]) == ("combo_additive", "single_mean")
+    assert (models["norman_subset"], baselines["norman_subset"]) == ("pert_mlp", "observed_additive")
+    assert designed["norman_subset"][0]["train_on"] == "combinations"
     assert baselines["kang_subset"] == baselines["mcfaline_subset"] == baselines["glioblastoma_subset"] == "context_adaptive"
     assert baselines["adamson_subset"] == baselines["papalexi_subset"] == "on_target"
     assert models["adamson_subset"] == models["papalexi_subset"] == "gene_gnn"

@@ -37,7 +37,7 @@ def test_role_models_come_from_environment(monkeypatch):
 @pytest.mark.parametrize(
     ("task_type", "template", "baseline"),
     [
-        ("combination", "combo_additive", "single_mean"),
+        ("combination", "pert_mlp", "observed_additive"),
         ("new_context", "pert_mlp", "context_adaptive"),
         ("unseen_perturbation", "gene_gnn", "on_target"),
     ],

@@ -75,9 +75,11 @@ def test_observed_additive_prefers_observed_singles_and_falls_back_to_the_member
     np.testing.assert_allclose(feats.base("A+B", "observed_additive"), deltas["A"] + deltas["B"])
     # one member seen alone: only its observed delta, even though E is known from C+E
     np.testing.assert_allclose(feats.base("A+E", "observed_additive"), deltas["A"])
-    # no member seen alone: the ridge member model learned from the other combinations
-    np.testing.assert_allclose(feats.base("C+D", "observed_additive"), feats.base("C+D", "member_additive"))
-    assert np.abs(feats.base("C+D", "observed_additive")).sum() > 0
+    # no member seen alone: the ridge member model learned from the other combinations, shrunk
+    # halfway towards the training mean
+    member, mean = feats.base("C+D", "member_additive"), feats.base("C+D", "training_mean")
+    assert np.abs(member - mean).sum() > 0
+    np.testing.assert_allclose(feats.base("C+D", "observed_additive"), 0.5 * (member + mean))
 
 
 def test_context_regression_recovers_the_control_dependence(lib, monkeypatch):
@@ -288,13 +290,22 @@ def test_cross_validation_folds_build_features_without_the_held_out_cells(lib, m
     monkeypatch.setattr(lib, "OUT", tmp_path)
     seen: list[tuple[list[str], object]] = []
 
-    def fit(feats, rest, held, *_args, **_kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+    stops: list[tuple[list[str], list[str], list[str]]] = []
+
+    def fit(feats, rest, stop, *_args, **_kwargs):  # noqa: ANN001, ANN002, ANN003, ANN202
+        held = [c for c in "ABCD" if c not in rest and c not in stop]
         seen.append((held, feats))
+        stops.append((held, stop, rest))
         return (lambda conds: (np.zeros((len(conds), train.n_vars)), np.zeros((len(conds), train.n_vars)))), 0
 
     monkeypatch.setattr(lib, "fit_conditions", fit)
     labels = train.obs["condition"].to_numpy()
     profiles = lib.group_means(train[labels != "ctrl"])
+    # early stopping never watches the scored fold: with 4 folds it watches the next one
+    lib.cross_validate(train, conditions, list("ABCD"), profiles, "unseen_perturbation", 4)
+    assert [len(h) for h, _, _ in stops] == [1, 1, 1, 1] and all(len(s) == 1 and len(r) == 2 for _, s, r in stops)
+    assert [h[0] for h, _, _ in stops] == [s[0] for _, s, _ in stops[-1:] + stops[:-1]]
+    seen.clear()
     metrics, scheme = lib.cross_validate(train, conditions, list("ABCD"), profiles, "unseen_perturbation", 2)
     assert scheme.startswith("2-fold") and "val_mse_top20" in metrics
     full = lib.Features(train, conditions, 3)

@@ -26,20 +26,20 @@ def design_plan(ctx: dict[str, Any]) -> dict[str, Any]:
     hidden = 32 if small else (64 if n_train < 40 else 128)  # noqa: PLR2004
     extra: dict[str, Any] = {}
     if task_type == "combination":
-        template, baseline = "combo_additive", "single_mean"
+        template, baseline = "pert_mlp", "observed_additive"
         n_combo_train = int(ctx["split"].get("n_train_combinations", 0))
-        train_on = "all"
-        # The MLP trains on combinations only: on singles its leave-one-out reference knows nothing of the
-        # member, unlike on test combinations, and learning that residual hurt held-out combinations.
-        candidates = [{"template": "pert_mlp", "baseline": "observed_additive", "train_on": "combinations"}]
-        pert_enc = "a learned effect vector per perturbation member (embedding), summed over the members"
+        # The residual trains on combinations only: on a single, its leave-one-out reference has to fall
+        # back on the member model, unlike on test combinations with a member seen alone.
+        train_on = "combinations" if n_combo_train >= 4 else "all"  # noqa: PLR2004
+        candidates = [{"template": "combo_additive", "baseline": "single_mean", "train_on": "all"}]
+        pert_enc = "the members' observed single effects (the reference) and their gene-PCA embeddings"
         rationale.append(
             "Additive predictions are the bar for combinations (Ahlmann-Eltze et al. 2025; Norman et al. 2019). The "
-            "model learns one effect per perturbation member from every training single and combination, so a member "
-            f"seen only inside other combinations still counts, and an interaction MLP of the additive effect, trained on "
-            f"{n_combo_train} training combinations, starts at zero. The candidate is a residual MLP, trained on the "
-            "training combinations, over the sum of the members' observed single effects (the member model where no "
-            "member was seen alone)."
+            "reference sums the members' observed single effects; where no member was seen alone it averages a ridge "
+            "member model (one effect per member, learned from every training single and combination) with the "
+            f"training mean. A residual MLP, trained on {n_combo_train} training combinations, starts at that reference "
+            "and leaves it only where cross-validation says it helps. The candidate learns the member effects itself "
+            "(combo_additive: ridge-initialised member embeddings and an interaction MLP of the additive effect)."
         )
     elif task_type == "new_context":
         template, baseline, train_on = "pert_mlp", "context_adaptive", "all"
@@ -106,7 +106,10 @@ def design_plan(ctx: dict[str, Any]) -> dict[str, Any]:
         if reference != baseline:
             rationale.append(f"The debate's consensus baseline {consensus['baseline']!r} is taken as reference {reference!r}.")
             baseline = reference
-        train_on = consensus["train_on"]
+        if task_type != "combination" or template != "pert_mlp":
+            train_on = consensus["train_on"]
+        elif consensus["train_on"] != train_on:
+            rationale.append(f"The residual over observed singles keeps train_on={train_on!r} (the consensus said {consensus['train_on']!r}).")
         hyperparameters.update({k: (int(v) if k in {"hidden_dim", "max_epochs", "patience"} else v) for k, v in consensus["hyperparameters"].items()})
         rationale.append(f"Expert debate: {debate['stop_reason']}; the plan takes the consensus design ({consensus['baseline']}, {train_on}).")
         for name, pilot in debate.get("pilots", {}).items():

@@ -177,11 +177,13 @@ class Features:
         return b + sum((effects[idx[m]] for m in self.members(cond) if m in idx), np.zeros(len(self.genes)))
 
     def _observed_additive(self, cond, others, D):
-        """Sum of the members' observed single deltas; the member model when no member was seen alone.
+        """Sum of the members' observed single deltas; when no member was seen alone, the average
+        of the member model and the training mean.
 
         A member's own single-perturbation profile is direct evidence, while an effect learned from
         combinations mixes it with its partners', so the learned effects (``member_additive``) only
-        stand in when no member of the combination was observed alone.
+        stand in when no member of the combination was observed alone, and then shrunk halfway
+        towards the training mean (the field's bar, Ahlmann-Eltze et al. 2025).
         """
         observed = []
         for member in self.members(cond):
@@ -190,7 +192,7 @@ class Features:
                 observed.append(np.mean(hits, axis=0))
         if observed:
             return np.sum(observed, axis=0)
-        return self._member_additive(cond, others, D)
+        return 0.5 * (self._member_additive(cond, others, D) + D.mean(axis=0))
 
     def _linear(self, cond, others, D, k=10, lam=0.1):
         """Linear model of Ahlmann-Eltze, Huber & Anders (Nat. Methods 2025) on the other seen deltas.
@@ -511,7 +513,8 @@ def cross_validate(train, conditions, pool, profiles, task_type, n_folds):
     With a handful of validation conditions one split is a noisy judge of a model; here
     whole groups (perturbations, or contexts for new-context tasks) are held out in turn
     (``min(n_folds, n_groups)`` folds), the model is trained on the rest with early stopping
-    on the held-out group, and the held-out metrics are averaged. For combination tasks only
+    on the next fold's group (with 2 folds: a short fixed training from the reference), and the
+    held-out metrics are averaged. For combination tasks only
     combinations are held out; single perturbations always train. Each fold builds its
     features (expression PCs, gene embeddings) from the training cells without the held-out
     conditions' cells, as test conditions' cells are absent when the final model is built;
@@ -531,13 +534,17 @@ def cross_validate(train, conditions, pool, profiles, task_type, n_folds):
     fit = fit_cells if CELL_LEVEL else fit_conditions
     labels = train.obs["condition"].astype(str).to_numpy()
     folds, kept = [], []
-    for i, held_groups in enumerate(np.array_split(np.array(groups, dtype=object), k)):
-        held = [c for c in movable if key(c) in set(held_groups)]
-        rest = [c for c in pool if c not in held]
+    parts = [set(part) for part in np.array_split(np.array(groups, dtype=object), k)]
+    for i, held_groups in enumerate(parts):
+        held = [c for c in movable if key(c) in held_groups]
+        # Early stopping watches the next fold, never the scored one: stopping on the fold that is
+        # scored would pick each model's luckiest epoch and favour learned models over references.
+        stop = [c for c in movable if key(c) in parts[(i + 1) % k]] if k >= 3 else []  # noqa: PLR2004
+        rest = [c for c in pool if c not in held and c not in stop]
         # Every condition but the held-out ones stays seen (singles too when only combinations train).
         seen = profiles.drop(index=held)
         feats = Features(train[~np.isin(labels, held)], conditions, CONFIG["n_components"])
-        predict, _ = fit(feats, rest, held, seen, profiles, False, ckpt=OUT / f"cv{i}.ckpt")
+        predict, _ = fit(feats, rest, stop, seen.drop(index=stop), profiles, False, ckpt=OUT / f"cv{i}.ckpt")
         (OUT / f"cv{i}.ckpt").unlink(missing_ok=True)
         feats.set_seen(seen)
         pred, base = predict(held)
