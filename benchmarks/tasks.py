@@ -73,8 +73,11 @@ def kept_model(run_dir: Path) -> str:
     from cellforge.execution.codegen import get_config
 
     def name(index: int) -> str:
-        config = get_config((run_dir / "attempts" / f"attempt-{index:03d}" / "train.py").read_text())
-        return f"{config.get('template')} over {config.get('baseline')}"
+        attempt = run_dir / "attempts" / f"attempt-{index:03d}"
+        config = get_config((attempt / "train.py").read_text())
+        metrics = attempt / "outputs" / "val_metrics.json"
+        dropped = metrics.exists() and json.loads(metrics.read_text()).get("residual") == "dropped"
+        return f"{config.get('baseline')} (the {config.get('template')} residual dropped by CV)" if dropped else f"{config.get('template')} over {config.get('baseline')}"
 
     journal = json.loads((run_dir / "journal.json").read_text())
     ensemble = journal.get("ensemble")

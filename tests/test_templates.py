@@ -362,3 +362,20 @@ def test_early_stopping_keeps_the_reference_when_no_epoch_beats_it_on_validation
     trainer.fit(module, loader(1.0), loader(-1.0))
     assert float(module.residual) > 0.5  # training moved away ...
     assert float(keep.state["residual"]) == 0.0 and keep.best == 1.0  # ... but the reference is what is kept
+
+
+def test_a_residual_that_does_not_help_in_cross_validation_is_dropped(lib, monkeypatch, tmp_path):
+    monkeypatch.setattr(lib, "OUT", tmp_path)
+    ref = np.ones((2, 3), dtype=np.float32)
+    np.savez_compressed(tmp_path / "val_predictions.npz", conditions=np.array(["A", "B"]), genes=np.array(["x", "y", "z"]), pred=ref * 2, reference=ref, target=ref)
+    worse = {"val_mse_top20": 0.3, "val_baseline_mse_top20": 0.2, "val_pearson_delta_top20": 0.9, "val_baseline_pearson_delta_top20": 0.8}
+    lib.keep_or_drop_residual(worse)
+    # a higher pearson does not make up for a higher mse: the model becomes its reference, val_* metrics included
+    assert worse["residual"] == "dropped" and worse["val_mse_top20"] == 0.2 and worse["val_pearson_delta_top20"] == 0.8
+    np.testing.assert_array_equal(np.load(tmp_path / "val_predictions.npz")["pred"], ref)
+    better = {"val_mse_top20": 0.1, "val_baseline_mse_top20": 0.2, "val_pearson_delta_top20": 0.8, "val_baseline_pearson_delta_top20": 0.8}
+    lib.keep_or_drop_residual(better)
+    assert better["residual"] == "kept" and better["val_mse_top20"] == 0.1
+    lower_pd = {"val_mse_top20": 0.1, "val_baseline_mse_top20": 0.2, "val_pearson_delta_top20": 0.7, "val_baseline_pearson_delta_top20": 0.8}
+    lib.keep_or_drop_residual(lower_pd)
+    assert lower_pd["residual"] == "dropped"

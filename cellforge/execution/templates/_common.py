@@ -571,6 +571,29 @@ def save_val_predictions(conds, pred, base, target):
 FEATURE_GENES = []
 
 
+def keep_or_drop_residual(metrics):
+    """Fall back to the reference when cross-validation says the learned residual does not help.
+
+    The residual is kept only if its out-of-fold predictions lower ``val_mse_top20`` below the
+    reference's without lowering ``val_pearson_delta_top20`` (the refiner's own acceptance
+    rule). Otherwise the model predicts its reference: ``metrics["residual"] = "dropped"``, the
+    ``val_*`` metrics and ``outputs/val_predictions.npz`` become the reference's, and the
+    test predictions are the reference deltas.
+    """
+    if "val_baseline_mse_top20" not in metrics:
+        return
+    helps = (metrics["val_mse_top20"] < metrics["val_baseline_mse_top20"]
+             and metrics["val_pearson_delta_top20"] >= metrics["val_baseline_pearson_delta_top20"])
+    metrics["residual"] = "kept" if helps else "dropped"
+    if helps:
+        return
+    for key in [k for k in metrics if k.startswith("val_baseline_")]:
+        metrics["val_" + key[len("val_baseline_"):]] = metrics[key]
+    saved = dict(np.load(OUT / "val_predictions.npz"))
+    saved["pred"] = saved["reference"]
+    np.savez_compressed(OUT / "val_predictions.npz", **saved)
+
+
 def net_extra(feats):
     """Data-derived constants a template's network needs (default: none)."""
     return {}
@@ -615,11 +638,18 @@ def main():
                 metrics.update({f"split_{k}": v for k, v in metrics.items() if k.startswith("val_") and k != "val_scheme"})
                 metrics.update(cv)
                 metrics["val_scheme"] = scheme
+                keep_or_drop_residual(metrics)
         (OUT / "val_metrics.json").write_text(json.dumps(metrics, indent=2))
+    elif (OUT / "val_metrics.json").exists():
+        metrics = json.loads((OUT / "val_metrics.json").read_text())
+    else:
+        metrics = {}
     # Test predictions: features may use every seen condition (training + validation).
     feats.set_seen(pd.concat([train_profiles, val_profiles]))
     test = [c["condition"] for c in task["conditions"] if c["condition"] in set(task["test_conditions"])]
-    delta, _ = predict(test)
+    delta, base = predict(test)
+    if metrics.get("residual") == "dropped":
+        delta = base
     control = np.stack([feats.control.loc[feats.ctx(c)].to_numpy() for c in test])
     obs = pd.DataFrame({"condition": test, "perturbation": [feats.pert(c) for c in test], "context": [feats.ctx(c) for c in test]}, index=test)
     pred = ad.AnnData(X=(control + delta).astype(np.float32), obs=obs, var=pd.DataFrame(index=train.var_names))
