@@ -127,12 +127,8 @@ class Features:
         if kind == "on_target":
             return self._on_target(cond, others, D)
         if kind == "additive":
-            total = np.zeros(n)
-            for member in self.members(cond):
-                hits = [self.seen[c] for c in others if self.pert(c) == member]
-                if hits:
-                    total += np.mean(hits, axis=0)
-            return total
+            observed = self._observed_singles(cond, others)
+            return np.sum(observed, axis=0) if observed else np.zeros(n)
         if kind == "member_additive":
             return self._member_additive(cond, others, D)
         if kind == "observed_additive":
@@ -185,14 +181,19 @@ class Features:
         stand in when no member of the combination was observed alone, and then shrunk halfway
         towards the training mean (the field's bar, Ahlmann-Eltze et al. 2025).
         """
+        observed = self._observed_singles(cond, others)
+        if observed:
+            return np.sum(observed, axis=0)
+        return 0.5 * (self._member_additive(cond, others, D) + D.mean(axis=0))
+
+    def _observed_singles(self, cond, others):
+        """Mean seen delta of each member of ``cond`` observed alone among ``others`` (a list of (n_genes,))."""
         observed = []
         for member in self.members(cond):
             hits = [self.seen[c] for c in others if self.pert(c) == member]
             if hits:
                 observed.append(np.mean(hits, axis=0))
-        if observed:
-            return np.sum(observed, axis=0)
-        return 0.5 * (self._member_additive(cond, others, D) + D.mean(axis=0))
+        return observed
 
     def _linear(self, cond, others, D, k=10, lam=0.1):
         """Linear model of Ahlmann-Eltze, Huber & Anders (Nat. Methods 2025) on the other seen deltas.
