@@ -41,7 +41,7 @@ def benchmark(
     pilots: Annotated[int, typer.Option(help="Pilot runs the debate may ask for (0: none).")] = 2,
     refine_rounds: Annotated[int, typer.Option(help="Refinement rounds after the first clean run (0: none).")] = 3,
     refine_patience: Annotated[int, typer.Option(help="Stop refining after this many rounds without improvement.")] = 2,
-    refine_tolerance: Annotated[float, typer.Option(help="Relative validation improvement that counts as progress.")] = 0.01,
+    refine_tolerance: Annotated[float, typer.Option(help="Relative validation improvement that counts as progress where the one-standard-error rule cannot apply (no per-condition validation predictions), and the allowed fall of validation pearson.")] = 0.01,
     resume: Annotated[Path | None, typer.Option("--resume", help="Resume this run directory.")] = None,
     runs: Annotated[Path | None, typer.Option(help="Parent folder of run directories (default ./runs).")] = None,
 ) -> None:

@@ -10,7 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cellforge.execution.ensemble import ValPredictions, average_predictions, select_ensemble, top_gene_scores
+from cellforge.execution.ensemble import (
+    ValPredictions, average_predictions, beats_by_one_se, select_ensemble, top_gene_errors, top_gene_scores,
+)
 
 CONDS = ("A", "B", "C", "D")
 
@@ -31,6 +33,24 @@ def test_scores_match_the_templates_validation_metrics(lib, target):
     theirs = lib.validation_metrics(pred, pred, target)
     assert ours["val_mse_top20"] == pytest.approx(theirs["val_mse_top20"])
     assert ours["val_pearson_delta_top20"] == pytest.approx(theirs["val_pearson_delta_top20"])
+
+
+def test_per_condition_errors_average_to_the_validation_mse(target):
+    pred = target + np.random.default_rng(6).normal(size=target.shape)
+    errors = top_gene_errors(pred, target)
+    assert errors.shape == (4,) and errors.mean() == pytest.approx(top_gene_scores(pred, target)["val_mse_top20"])
+
+
+def test_one_standard_error_rule():
+    old = np.array([1.0, 1.0, 1.0, 1.0])
+    # lower on every condition: the gain exceeds its standard error
+    assert beats_by_one_se(np.array([0.5, 0.6, 0.5, 0.6]), old)
+    # a lower mean (0.9) carried by one condition: within one standard error, so the simpler model stays
+    assert not beats_by_one_se(np.array([0.0, 0.0, 0.0, 3.6]), old)
+    assert not beats_by_one_se(old, old)
+    assert not beats_by_one_se(np.array([0.1]), np.array([1.0]))  # one condition gives no standard error
+    with pytest.raises(ValueError, match="different lengths"):
+        beats_by_one_se(np.ones(3), np.ones(4))
 
 
 def test_models_that_err_in_opposite_directions_are_averaged(target):
@@ -123,3 +143,40 @@ def test_refinement_keeps_the_average_when_it_beats_the_best_attempt_on_validati
     )
     assert journal2.ensemble is None
     np.testing.assert_allclose(ad.read_h5ad(outputs / "predictions.h5ad").X, 1.0)
+
+
+_NOISY = """CONFIG = {"x": 1}
+import json, pathlib
+import numpy as np, pandas as pd, anndata as ad
+x = CONFIG["x"]
+out = pathlib.Path("outputs")
+out.mkdir(exist_ok=True)
+target = np.zeros((4, 20))
+# x = 1: error 1 on each condition; x = 2: a lower mean error (0.9) carried by one lucky condition
+errors = [1.0, 1.0, 1.0, 1.0] if x == 1 else [0.0, 0.0, 0.0, 3.6]
+pred = target + np.sqrt(np.array(errors))[:, None]
+(out / "val_metrics.json").write_text(json.dumps({"val_mse_top20": float(np.mean(errors))}))
+np.savez(out / "val_predictions.npz", conditions=np.array(list("abcd")), pred=pred, reference=pred, target=target)
+ad.AnnData(X=np.full((2, 3), float(x), dtype=np.float32), obs=pd.DataFrame(index=["t1", "t2"])).write_h5ad(out / "predictions.h5ad")
+"""
+
+
+@pytest.mark.parametrize(("rule", "kept"), [("one_se", 0), ("tolerance", 1)])
+def test_a_change_within_one_standard_error_does_not_replace_the_best_attempt(tmp_path: Path, rule: str, kept: int):
+    from runtime.local import LocalSandbox
+
+    from cellforge.execution.journal import RefineSettings, refine_until_settled, run_attempts
+
+    sandbox = LocalSandbox(tmp_path / "work")
+    common = {
+        "sandbox": sandbox, "attempts_dir": tmp_path / "attempts", "journal_path": tmp_path / "journal.json",
+        "check_outputs": lambda: json.loads((sandbox.work_dir / "outputs" / "val_metrics.json").read_text()), "timeout_s": 60,
+    }
+    journal, script = run_attempts(_NOISY, debugger=None, **common)
+    journal, _ = refine_until_settled(
+        journal, script, refiner=lambda *_: {"diagnosis": "try", "config_updates": {"x": 2}},
+        settings=RefineSettings(max_rounds=1, guard_metric=None, rule=rule), **common,
+    )
+    # 0.9 < 1.0 beats the 1% tolerance, but not the one-standard-error rule (0.9 + 0.9 > 1.0)
+    assert journal.best_attempt == kept
+    assert journal.ensemble is None or rule == "tolerance"

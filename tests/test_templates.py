@@ -366,16 +366,25 @@ def test_early_stopping_keeps_the_reference_when_no_epoch_beats_it_on_validation
 
 def test_a_residual_that_does_not_help_in_cross_validation_is_dropped(lib, monkeypatch, tmp_path):
     monkeypatch.setattr(lib, "OUT", tmp_path)
-    ref = np.ones((2, 3), dtype=np.float32)
-    np.savez_compressed(tmp_path / "val_predictions.npz", conditions=np.array(["A", "B"]), genes=np.array(["x", "y", "z"]), pred=ref * 2, reference=ref, target=ref)
-    worse = {"val_mse_top20": 0.3, "val_baseline_mse_top20": 0.2, "val_pearson_delta_top20": 0.9, "val_baseline_pearson_delta_top20": 0.8}
-    lib.keep_or_drop_residual(worse)
-    # a higher pearson does not make up for a higher mse: the model becomes its reference, val_* metrics included
-    assert worse["residual"] == "dropped" and worse["val_mse_top20"] == 0.2 and worse["val_pearson_delta_top20"] == 0.8
-    np.testing.assert_array_equal(np.load(tmp_path / "val_predictions.npz")["pred"], ref)
-    better = {"val_mse_top20": 0.1, "val_baseline_mse_top20": 0.2, "val_pearson_delta_top20": 0.8, "val_baseline_pearson_delta_top20": 0.8}
-    lib.keep_or_drop_residual(better)
-    assert better["residual"] == "kept" and better["val_mse_top20"] == 0.1
-    lower_pd = {"val_mse_top20": 0.1, "val_baseline_mse_top20": 0.2, "val_pearson_delta_top20": 0.7, "val_baseline_pearson_delta_top20": 0.8}
-    lib.keep_or_drop_residual(lower_pd)
-    assert lower_pd["residual"] == "dropped"
+    target = np.zeros((4, 3), dtype=np.float32)
+    reference = target + 1.0  # error 1 on every condition
+
+    def check(pred, pd_model=0.8, pd_ref=0.8):
+        np.savez_compressed(tmp_path / "val_predictions.npz", conditions=np.array(list("ABCD")), genes=np.array(["x", "y", "z"]),
+                            pred=pred, reference=reference, target=target)
+        errors = lib.top20_errors(pred, target)
+        metrics = {"val_mse_top20": float(errors.mean()), "val_baseline_mse_top20": 1.0,
+                   "val_pearson_delta_top20": pd_model, "val_baseline_pearson_delta_top20": pd_ref}
+        lib.keep_or_drop_residual(metrics)
+        return metrics
+
+    # half the error on every condition: beyond one standard error, kept
+    better = check(target + np.sqrt(0.5))
+    assert better["residual"] == "kept" and better["val_mse_top20"] == pytest.approx(0.5)
+    # a lower mean error carried by one condition (errors 0, 0, 0, 3.6): within one standard error, dropped
+    lucky = check(target + np.array([[0.0], [0.0], [0.0], [np.sqrt(3.6)]], dtype=np.float32))
+    assert lucky["val_residual_mse_top20"] == pytest.approx(0.9)  # lower than the reference's 1.0 ...
+    assert lucky["residual"] == "dropped" and lucky["val_mse_top20"] == 1.0  # ... yet dropped: and lucky["val_pearson_delta_top20"] == 0.8
+    np.testing.assert_array_equal(np.load(tmp_path / "val_predictions.npz")["pred"], reference)  # the model becomes its reference
+    # a clearly lower error does not make up for a lower pearson
+    assert check(target + np.sqrt(0.5), pd_model=0.7)["residual"] == "dropped"

@@ -16,7 +16,7 @@ import shutil
 import sys
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -305,6 +305,15 @@ class RefineSettings(BaseModel):
     ensemble_steps: int = Field(
         10, ge=0, description="Most additions of greedy ensemble selection over the clean attempts (0: keep the best attempt alone)."
     )
+    rule: Literal["one_se", "tolerance"] = Field(
+        "one_se",
+        description=(
+            "When a change or an average replaces the best attempt: 'one_se', when its mean per-condition validation "
+            "MSE (top-20 genes) plus one standard error is below the best's (read from outputs/val_predictions.npz; "
+            "attempts without that file fall back to 'tolerance'); 'tolerance', when the metric improves by more "
+            "than the relative tolerance. Either way the guard metric must hold."
+        ),
+    )
 
 
 def _score(attempt: Attempt, settings: RefineSettings) -> float | None:
@@ -328,6 +337,34 @@ def _guarded(new: Attempt, old: Attempt, settings: RefineSettings) -> bool:
     return a >= b - settings.tolerance * abs(b)
 
 
+def _val_errors(attempts_dir: Path, attempt: Attempt) -> tuple[tuple[str, ...], Any] | None:
+    """The attempt's per-condition validation errors (top-20 genes) and their conditions, if it saved predictions."""
+    from cellforge.execution.ensemble import VAL_PREDICTIONS, ValPredictions, top_gene_errors
+
+    path = attempts_dir / f"attempt-{attempt.index:03d}" / "outputs" / VAL_PREDICTIONS
+    if attempt.failure is not None or not path.exists():
+        return None
+    try:
+        saved = ValPredictions.load(path)
+    except (ValueError, KeyError, OSError):
+        return None
+    return saved.conditions, top_gene_errors(saved.pred, saved.target)
+
+
+def _progress(new: Attempt, old: Attempt, settings: RefineSettings, attempts_dir: Path) -> bool:
+    """Does ``new`` replace the best attempt ``old``? (``settings.rule``, then the guard metric)."""
+    from cellforge.execution.ensemble import beats_by_one_se
+
+    a, b = _score(new, settings), _score(old, settings)
+    if a is None or b is None or not _guarded(new, old, settings):
+        return False
+    if settings.rule == "one_se" and settings.metric == "val_mse_top20":
+        errors_new, errors_old = _val_errors(attempts_dir, new), _val_errors(attempts_dir, old)
+        if errors_new is not None and errors_old is not None and errors_new[0] == errors_old[0]:
+            return beats_by_one_se(errors_new[1], errors_old[1])
+    return a < b - settings.tolerance * abs(b)
+
+
 def refine_until_settled(
     journal: Journal,
     script: str,
@@ -348,8 +385,10 @@ def refine_until_settled(
     "stop"}`` for a change to the best configuration so far and runs it (stage ``refine``).
     An update of ``template`` is model selection: the script is rendered afresh from that
     template of the library with the merged configuration.
-    A round counts as progress when it beats the best validation metric by more than
-    ``tolerance`` (relative); refinement stops after ``patience`` rounds in a row without
+    A round counts as progress when it beats the best validation metric beyond the noise of
+    the validation conditions: by the one-standard-error rule on per-condition errors
+    (``settings.rule``, :func:`cellforge.execution.ensemble.beats_by_one_se`), or by more than
+    ``tolerance`` (relative) for attempts without saved validation predictions; refinement stops after ``patience`` rounds in a row without
     progress, when the refiner proposes nothing new, or after ``max_rounds``. Only progress
     replaces the best attempt, so a near-tie on a small validation set keeps the plan's
     model; progress must also keep ``guard_metric`` (validation pearson_delta on the top-20
@@ -404,9 +443,8 @@ def refine_until_settled(
         else:
             candidate = set_config(best_script, config)
         attempt = executor.run(candidate, stage="refine", parent=best.index, patch={"diagnosis": proposal.get("diagnosis", ""), "config_updates": updates})
-        new, old = _score(attempt, settings), _score(best, settings)
-        progress = new is not None and old is not None and new < old - settings.tolerance * abs(old) and _guarded(attempt, best, settings)
-        if progress:  # a change replaces the best only when it beats it by more than the tolerance
+        progress = _progress(attempt, best, settings, attempts_dir)
+        if progress:  # a change replaces the best only when it beats it beyond the noise (settings.rule)
             best, best_script = attempt, candidate
         if selection:
             continue
@@ -432,11 +470,13 @@ def _ensemble(
     """Average attempts when that beats the best attempt on validation; write the average into ``outputs``.
 
     Only attempts with held-out validation predictions on the best attempt's conditions take
-    part. The average replaces the kept predictions when its validation MSE (top-20 genes) is
-    lower than the best attempt's by more than the tolerance; the guard metric may not fall by
+    part. The average replaces the kept predictions when its validation MSE (top-20 genes) beats
+    the best attempt's by ``settings.rule`` (one standard error, or the tolerance); the guard metric may not fall by
     more than the tolerance (see :func:`cellforge.execution.ensemble.select_ensemble`).
     """
-    from cellforge.execution.ensemble import VAL_PREDICTIONS, ValPredictions, average_predictions, select_ensemble
+    from cellforge.execution.ensemble import (
+        VAL_PREDICTIONS, ValPredictions, average_predictions, beats_by_one_se, select_ensemble, top_gene_errors,
+    )
 
     if settings.ensemble_steps == 0 or settings.metric != "val_mse_top20":
         return None
@@ -452,7 +492,12 @@ def _ensemble(
         return None
     choice = select_ensemble(members, best.index, max_steps=settings.ensemble_steps, tolerance=settings.tolerance)
     old, new = choice.single["val_mse_top20"], choice.scores["val_mse_top20"]
-    if len(choice.weights) < 2 or not new < old - settings.tolerance * abs(old):  # noqa: PLR2004
+    target = members[best.index].target
+    if settings.rule == "one_se":
+        better = beats_by_one_se(top_gene_errors(choice.pred, target), top_gene_errors(members[best.index].pred, target))
+    else:
+        better = new < old - settings.tolerance * abs(old)
+    if len(choice.weights) < 2 or not better:  # noqa: PLR2004
         return None
     paths = {i: attempts_dir / f"attempt-{i:03d}" / "outputs" / "predictions.h5ad" for i in choice.weights}
     average_predictions(paths, choice.weights).write_h5ad(outputs / "predictions.h5ad")
