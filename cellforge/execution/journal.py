@@ -388,9 +388,9 @@ def refine_until_settled(
     A round counts as progress when it beats the best validation metric beyond the noise of
     the validation conditions: by the one-standard-error rule on per-condition errors
     (``settings.rule``, :func:`cellforge.execution.ensemble.beats_by_one_se`), or by more than
-    ``tolerance`` (relative) for attempts without saved validation predictions; refinement stops after ``patience`` rounds in a row without
-    progress, when the refiner proposes nothing new, or after ``max_rounds``. Only progress
-    replaces the best attempt, so a near-tie on a small validation set keeps the plan's
+    ``tolerance`` (relative) for attempts without saved validation predictions; refinement
+    stops after ``patience`` rounds in a row without progress, when the refiner proposes
+    nothing new, or after ``max_rounds``. Only progress replaces the best attempt, so a near-tie on a small validation set keeps the plan's
     model; progress must also keep ``guard_metric`` (validation pearson_delta on the top-20
     genes) within the tolerance, because models are judged on both. Trying the plan's
     candidate models (a ``template`` or ``baseline`` update) is model selection and uses
@@ -471,8 +471,8 @@ def _ensemble(
 
     Only attempts with held-out validation predictions on the best attempt's conditions take
     part. The average replaces the kept predictions when its validation MSE (top-20 genes) beats
-    the best attempt's by ``settings.rule`` (one standard error, or the tolerance); the guard metric may not fall by
-    more than the tolerance (see :func:`cellforge.execution.ensemble.select_ensemble`).
+    the best attempt's by ``settings.rule`` (one standard error, or the tolerance); the guard
+    metric may not fall by more than the tolerance (see :func:`cellforge.execution.ensemble.select_ensemble`).
     """
     from cellforge.execution.ensemble import (
         VAL_PREDICTIONS, ValPredictions, average_predictions, beats_by_one_se, select_ensemble, top_gene_errors,
