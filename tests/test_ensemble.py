@@ -33,6 +33,8 @@ def test_scores_match_the_templates_validation_metrics(lib, target):
     theirs = lib.validation_metrics(pred, pred, target)
     assert ours["val_mse_top20"] == pytest.approx(theirs["val_mse_top20"])
     assert ours["val_pearson_delta_top20"] == pytest.approx(theirs["val_pearson_delta_top20"])
+    # the per-condition errors behind the one-standard-error rule agree too (sandbox and host)
+    np.testing.assert_allclose(top_gene_errors(pred, target), lib.top20_errors(pred, target))
 
 
 def test_per_condition_errors_average_to_the_validation_mse(target):

@@ -337,31 +337,30 @@ def _guarded(new: Attempt, old: Attempt, settings: RefineSettings) -> bool:
     return a >= b - settings.tolerance * abs(b)
 
 
-def _val_errors(attempts_dir: Path, attempt: Attempt) -> tuple[tuple[str, ...], Any] | None:
-    """The attempt's per-condition validation errors (top-20 genes) and their conditions, if it saved predictions."""
-    from cellforge.execution.ensemble import VAL_PREDICTIONS, ValPredictions, top_gene_errors
+def _val_predictions(attempts_dir: Path, attempt: Attempt) -> Any:
+    """The attempt's held-out validation predictions (``ValPredictions``), or None if it failed or saved none readable."""
+    from cellforge.execution.ensemble import VAL_PREDICTIONS, ValPredictions
 
     path = attempts_dir / f"attempt-{attempt.index:03d}" / "outputs" / VAL_PREDICTIONS
     if attempt.failure is not None or not path.exists():
         return None
     try:
-        saved = ValPredictions.load(path)
+        return ValPredictions.load(path)
     except (ValueError, KeyError, OSError):
-        return None
-    return saved.conditions, top_gene_errors(saved.pred, saved.target)
+        return None  # a malformed file (e.g. from hand-written code) leaves that attempt out
 
 
 def _progress(new: Attempt, old: Attempt, settings: RefineSettings, attempts_dir: Path) -> bool:
     """Does ``new`` replace the best attempt ``old``? (``settings.rule``, then the guard metric)."""
-    from cellforge.execution.ensemble import beats_by_one_se
+    from cellforge.execution.ensemble import beats_by_one_se, top_gene_errors
 
     a, b = _score(new, settings), _score(old, settings)
     if a is None or b is None or not _guarded(new, old, settings):
         return False
     if settings.rule == "one_se" and settings.metric == "val_mse_top20":
-        errors_new, errors_old = _val_errors(attempts_dir, new), _val_errors(attempts_dir, old)
-        if errors_new is not None and errors_old is not None and errors_new[0] == errors_old[0]:
-            return beats_by_one_se(errors_new[1], errors_old[1])
+        saved_new, saved_old = _val_predictions(attempts_dir, new), _val_predictions(attempts_dir, old)
+        if saved_new is not None and saved_old is not None and saved_new.conditions == saved_old.conditions:
+            return beats_by_one_se(top_gene_errors(saved_new.pred, saved_new.target), top_gene_errors(saved_old.pred, saved_old.target))
     return a < b - settings.tolerance * abs(b)
 
 
@@ -474,20 +473,11 @@ def _ensemble(
     the best attempt's by ``settings.rule`` (one standard error, or the tolerance); the guard
     metric may not fall by more than the tolerance (see :func:`cellforge.execution.ensemble.select_ensemble`).
     """
-    from cellforge.execution.ensemble import (
-        VAL_PREDICTIONS, ValPredictions, average_predictions, beats_by_one_se, select_ensemble, top_gene_errors,
-    )
+    from cellforge.execution.ensemble import average_predictions, beats_by_one_se, select_ensemble, top_gene_errors
 
     if settings.ensemble_steps == 0 or settings.metric != "val_mse_top20":
         return None
-    members = {}
-    for a in journal.attempts:
-        path = attempts_dir / f"attempt-{a.index:03d}" / "outputs" / VAL_PREDICTIONS
-        if a.failure is None and path.exists():
-            try:
-                members[a.index] = ValPredictions.load(path)
-            except (ValueError, KeyError, OSError):
-                continue  # a malformed file (e.g. from hand-written code) leaves that attempt out
+    members = {a.index: saved for a in journal.attempts if (saved := _val_predictions(attempts_dir, a)) is not None}
     if best.index not in members or len(members) < 2:  # noqa: PLR2004
         return None
     choice = select_ensemble(members, best.index, max_steps=settings.ensemble_steps, tolerance=settings.tolerance)
