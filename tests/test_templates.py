@@ -144,6 +144,22 @@ def test_context_adaptive_picks_the_regression_when_responses_follow_the_control
         np.testing.assert_allclose(few.base("P4:drug", kind), deltas["P0:drug"])
 
 
+def test_two_seen_contexts_fall_back_to_the_references_that_need_no_selection(lib):
+    # With two seen contexts every leave-one-out fit sees a single context, where all kernel
+    # widths and all context references give the same prediction: nothing can be selected.
+    rng = np.random.default_rng(5)
+    controls = {f"P{i}": rng.normal(size=10) for i in range(3)}
+    deltas = {f"P{i}:drug": rng.normal(size=10) for i in range(3)}
+    conds = {f"P{i}:drug": ("drug", f"P{i}") for i in range(3)}
+    feats = _features(lib, {k: v for k, v in deltas.items() if k != "P2:drug"}, controls, conds)
+    shift, regression = feats.base("P2:drug", "context_shift"), feats.base("P2:drug", "context_regression")
+    # the kernel's tie resolves to the widest width, the plain mean, not to the nearest context
+    np.testing.assert_allclose(feats.base("P2:drug", "context_kernel"), shift)
+    # the adaptive reference takes the shrunk regression, whose one slope two contexts do fix
+    assert np.abs(regression - shift).sum() > 0
+    np.testing.assert_allclose(feats.base("P2:drug", "context_adaptive"), regression)
+
+
 def test_dose_encoder_adds_monotone_dose_features(lib, monkeypatch):
     conds = {f"drug:{d}": ("drug", "all") for d in (0.1, 1.0, 10.0)}
     feats = _features(lib, {"drug:0.1": np.ones(3)}, {"all": np.zeros(3)}, conds)
