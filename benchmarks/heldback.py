@@ -20,7 +20,10 @@ development splits on which the context references were scored), and ``v5`` was 
 to be run once after the last code change it reports on. A new round is added rather than an old one rerun when the code changes because
 of a round's results.
 
-Usage: ``python benchmarks/heldback.py [--round v5] [--task NAME ...]``.
+Every round's verdicts side by side go to ``benchmarks/results/heldback-summary.md``.
+
+Usage: ``python benchmarks/heldback.py [--round v5] [--task NAME ...]``; ``--summary`` only
+rewrites the side-by-side table.
 """
 
 from __future__ import annotations
@@ -35,7 +38,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from tasks import ROOT, kept_model, markdown, summarise, verdict  # noqa: E402
+import pandas as pd  # noqa: E402
+from tasks import HIGHER, ROOT, kept_model, markdown, summarise, verdict  # noqa: E402
 
 CLI = [str(Path(sys.executable).parent / "cellforge")]
 Splits = dict[str, tuple[str, str, list[tuple[int, dict]]]]
@@ -128,6 +132,71 @@ ROUNDS: dict[str, Splits] = {
 }
 #: The round that is still held back (the others have been used in development).
 CURRENT = "v5"
+#: The code each round ran with: a round is run once, after the last code change it reports on.
+ROUND_CODE = {"v1": "session 4", "v2": "session 5", "v3": "session 6", "v4": "session 7", "v5": "session 8"}
+CHECKED = ("pearson_delta_de20", "mse_de20")
+
+
+def round_margins(results: dict) -> dict[str, dict[str, tuple[float, float, str]]]:
+    """Task -> checked metric -> (model, best baseline, its name), from one round's results JSON."""
+    out = {}
+    for task, entry in results["tasks"].items():
+        table = pd.DataFrame.from_dict(entry["summary"], orient="index")
+        baselines = table.drop(index="cellforge_model")
+        out[task] = {}
+        for metric in CHECKED:
+            best = baselines[metric].idxmax() if metric in HIGHER else baselines[metric].idxmin()
+            out[task][metric] = (float(table.loc["cellforge_model", metric]), float(baselines.loc[best, metric]), str(best))
+    return out
+
+
+def wins(model: float, other: float, metric: str) -> bool:
+    return model > other if metric in HIGHER else model < other
+
+
+def summary(results_dir: Path) -> str:
+    """Every round's verdicts side by side (``heldback-summary.md``).
+
+    One table per checked metric: a row per task, a column per round, each cell the model's mean
+    over the round's splits against the best baseline's (a mark says which is better), and the
+    number of rounds in which the model beats the best baseline on both checked metrics.
+    Rounds without a results file (not run yet) are left out.
+    """
+    rounds = [r for r in sorted(ROUNDS) if (results_dir / f"heldback-{r}.json").exists()]
+    margins = {r: round_margins(json.loads((results_dir / f"heldback-{r}.json").read_text())) for r in rounds}
+    tasks = sorted({t for r in rounds for t in margins[r]})
+    status = {r: "held back" if r == CURRENT else "development" for r in rounds}
+    lines = [
+        "# Held-back rounds side by side",
+        "",
+        "Each round was run once, with the code of the session named; a round whose results were then studied",
+        "became development data. Cells: the model's mean over the round's splits vs the best baseline's",
+        "(✓ the model is better, ✗ it is not). Written by `python benchmarks/heldback.py --summary`.",
+        "",
+        "| round | " + " | ".join(rounds) + " |",
+        "|---|" + "---|" * len(rounds),
+        "| code | " + " | ".join(ROUND_CODE.get(r, "?") for r in rounds) + " |",
+        "| status | " + " | ".join(status[r] for r in rounds) + " |",
+        "",
+    ]
+    for metric in CHECKED:
+        lines += [f"## {metric}", "", "| task | " + " | ".join(rounds) + " |", "|---|" + "---|" * len(rounds)]
+        for task in tasks:
+            cells = []
+            for r in rounds:
+                if task not in margins[r]:
+                    cells.append("")
+                    continue
+                model, other, name = margins[r][task][metric]
+                cells.append(f"{model:.4f} vs {other:.4f} {name} {'✓' if wins(model, other, metric) else '✗'}")
+            lines.append(f"| {task} | " + " | ".join(cells) + " |")
+        lines.append("")
+    lines += ["## Rounds won on both checked metrics", "", "| task | won | of |", "|---|---|---|"]
+    for task in tasks:
+        ran = [r for r in rounds if task in margins[r]]
+        won = [r for r in ran if all(wins(*margins[r][task][m][:2], m) for m in CHECKED)]
+        lines.append(f"| {task} | {len(won)} ({', '.join(won) or 'none'}) | {len(ran)} |")
+    return "\n".join(lines) + "\n"
 
 
 def run_split(task: str, index: int, *, splits: Path, runs: Path, heldback: Splits) -> dict:
@@ -154,7 +223,12 @@ def main() -> None:
     parser.add_argument("--task", action="append", choices=sorted(ROUNDS[CURRENT]), help="Tasks to run (default: all).")
     parser.add_argument("--runs", type=Path, default=ROOT / "runs" / "heldback")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--summary", action="store_true", help="Only rewrite heldback-summary.md from the saved rounds.")
     args = parser.parse_args()
+    if args.summary:
+        (args.out / "heldback-summary.md").write_text(summary(args.out))
+        print(args.out / "heldback-summary.md")
+        return
     os.environ.setdefault("CELLFORGE_DATA_MIRROR", str(ROOT.parent / "shared" / "data"))
     heldback = ROUNDS[args.round]
     splits = ROOT / "benchmarks" / "splits" / "heldback" / args.round
@@ -185,6 +259,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{stem}.json").write_text(json.dumps(results, indent=1, default=float))
     (args.out / f"{stem}.md").write_text(markdown(results, title=f"Held-back splits, round {args.round}"))
+    (args.out / "heldback-summary.md").write_text(summary(args.out))
     print(args.out / f"{stem}.md")
 
 

@@ -219,12 +219,8 @@ def test_make_paper_replay_reproduces_every_metric(tmp_path):
     assert again.returncode == 0 and "every metric reproduced" in again.stdout, again.stdout[-2000:] + again.stderr[-2000:]
 
 
-def test_heldback_splits_are_not_the_development_folds(load):
-    """Every held-back split's test set differs from each development fold's of the same task, and
-    each round's from every earlier round's (a round used in development is no longer held back)."""
+def _heldback_modules():  # noqa: ANN202
     import importlib.util
-
-    from cellforge.data.splits import make_split
 
     bench = Path(__file__).resolve().parent.parent / "benchmarks"
     sys.path.insert(0, str(bench))
@@ -235,7 +231,39 @@ def test_heldback_splits_are_not_the_development_folds(load):
         import tasks
     finally:
         sys.path.remove(str(bench))
+    return heldback, tasks
+
+
+def test_heldback_summary_puts_every_round_side_by_side(tmp_path):
+    heldback, _ = _heldback_modules()
+
+    def round_json(name, model_mse):
+        summary = {
+            "cellforge_model": {"pearson_delta_de20": 0.6, "mse_de20": model_mse},
+            "training_mean": {"pearson_delta_de20": 0.5, "mse_de20": 0.30},
+            "linear": {"pearson_delta_de20": 0.55, "mse_de20": 0.25},
+        }
+        results = {"tasks": {"papalexi_unseen_knockouts": {"summary": summary}}}
+        (tmp_path / f"heldback-{name}.json").write_text(json.dumps(results))
+
+    round_json("v1", 0.20)
+    round_json("v2", 0.27)
+    text = heldback.summary(tmp_path)
+    # the best baseline is chosen per metric: linear has the highest pearson and the lowest mse
+    assert "0.6000 vs 0.5500 linear ✓" in text
+    assert "0.2000 vs 0.2500 linear ✓" in text and "0.2700 vs 0.2500 linear ✗" in text
+    assert "| papalexi_unseen_knockouts | 1 (v1) | 2 |" in text
+    assert "| round | v1 | v2 |" in text  # rounds not run yet are left out
+
+
+def test_heldback_splits_are_not_the_development_folds(load):
+    """Every held-back split's test set differs from each development fold's of the same task, and
+    each round's from every earlier round's (a round used in development is no longer held back)."""
+    from cellforge.data.splits import make_split
+
+    heldback, tasks = _heldback_modules()
     assert heldback.CURRENT == sorted(heldback.ROUNDS)[-1]
+    assert set(heldback.ROUND_CODE) == set(heldback.ROUNDS)  # every round names the code it ran with
     for task, (name, dev_strategy, options, n_folds) in tasks.TASKS.items():
         adata = load(name)
         used = []
