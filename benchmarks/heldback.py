@@ -38,6 +38,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 from tasks import HIGHER, ROOT, kept_model, markdown, summarise, verdict  # noqa: E402
 
@@ -154,13 +155,49 @@ def wins(model: float, other: float, metric: str) -> bool:
     return model > other if metric in HIGHER else model < other
 
 
+def margin_figure(rounds: list[str], tasks: list[str], margins: dict, path: Path) -> Path:
+    """Per task, the model's margin over the best baseline in each round (above zero: the model wins).
+
+    Left: pearson_delta_de20, model minus best baseline. Right: mse_de20, the best baseline's
+    minus the model's, in percent of the best baseline's.
+    """
+    import matplotlib as mpl
+
+    mpl.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.3))
+    x = np.arange(len(rounds))
+    for task in tasks:
+        for ax, metric in zip(axes, CHECKED, strict=True):
+            ys = []
+            for r in rounds:
+                if task not in margins[r]:
+                    ys.append(np.nan)
+                    continue
+                model, other, _ = margins[r][task][metric]
+                ys.append(model - other if metric in HIGHER else 100 * (other - model) / other)
+            ax.plot(x, ys, marker="o", label=task)
+    for ax, label in zip(axes, ["pearson_delta_de20: model - best baseline", "mse_de20: % below the best baseline"], strict=True):
+        ax.axhline(0, color="black", lw=0.8)
+        ax.set_xticks(x, [f"{r}\n({ROUND_CODE.get(r, '?')})" for r in rounds])
+        ax.set_title(label, fontsize=10)
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=3, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def summary(results_dir: Path) -> str:
     """Every round's verdicts side by side (``heldback-summary.md``).
 
     One table per checked metric: a row per task, a column per round, each cell the model's mean
     over the round's splits against the best baseline's (a mark says which is better), and the
     number of rounds in which the model beats the best baseline on both checked metrics.
-    Rounds without a results file (not run yet) are left out.
+    Rounds without a results file (not run yet) are left out. The margins are also drawn in
+    ``heldback-summary.png`` beside it.
     """
     rounds = [r for r in sorted(ROUNDS) if (results_dir / f"heldback-{r}.json").exists()]
     margins = {r: round_margins(json.loads((results_dir / f"heldback-{r}.json").read_text())) for r in rounds}
@@ -191,6 +228,9 @@ def summary(results_dir: Path) -> str:
                 cells.append(f"{model:.4f} vs {other:.4f} {name} {'✓' if wins(model, other, metric) else '✗'}")
             lines.append(f"| {task} | " + " | ".join(cells) + " |")
         lines.append("")
+    if rounds:
+        margin_figure(rounds, tasks, margins, results_dir / "heldback-summary.png")
+        lines += ["![The model's margin over the best baseline per round](heldback-summary.png)", ""]
     lines += ["## Rounds won on both checked metrics", "", "| task | won | of |", "|---|---|---|"]
     for task in tasks:
         ran = [r for r in rounds if task in margins[r]]

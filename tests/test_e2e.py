@@ -254,6 +254,7 @@ def test_heldback_summary_puts_every_round_side_by_side(tmp_path):
     assert "0.2000 vs 0.2500 linear ✓" in text and "0.2700 vs 0.2500 linear ✗" in text
     assert "| papalexi_unseen_knockouts | 1 (v1) | 2 |" in text
     assert "| round | v1 | v2 |" in text  # rounds not run yet are left out
+    assert (tmp_path / "heldback-summary.png").stat().st_size > 0
 
 
 def test_heldback_splits_are_not_the_development_folds(load):
