@@ -40,7 +40,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
-from tasks import HIGHER, ROOT, kept_model, markdown, summarise, verdict  # noqa: E402
+from tasks import HIGHER, ROOT, best_baseline, kept_model, markdown, summarise, verdict, wins  # noqa: E402
 
 CLI = [str(Path(sys.executable).parent / "cellforge")]
 Splits = dict[str, tuple[str, str, list[tuple[int, dict]]]]
@@ -140,19 +140,8 @@ CHECKED = ("pearson_delta_de20", "mse_de20")
 
 def round_margins(results: dict) -> dict[str, dict[str, tuple[float, float, str]]]:
     """Task -> checked metric -> (model, best baseline, its name), from one round's results JSON."""
-    out = {}
-    for task, entry in results["tasks"].items():
-        table = pd.DataFrame.from_dict(entry["summary"], orient="index")
-        baselines = table.drop(index="cellforge_model")
-        out[task] = {}
-        for metric in CHECKED:
-            best = baselines[metric].idxmax() if metric in HIGHER else baselines[metric].idxmin()
-            out[task][metric] = (float(table.loc["cellforge_model", metric]), float(baselines.loc[best, metric]), str(best))
-    return out
-
-
-def wins(model: float, other: float, metric: str) -> bool:
-    return model > other if metric in HIGHER else model < other
+    tables = {task: pd.DataFrame.from_dict(entry["summary"], orient="index") for task, entry in results["tasks"].items()}
+    return {task: {metric: best_baseline(table, metric) for metric in CHECKED} for task, table in tables.items()}
 
 
 def margin_figure(rounds: list[str], tasks: list[str], margins: dict, path: Path) -> Path:

@@ -95,13 +95,22 @@ def summarise(folds: list[dict]) -> pd.DataFrame:
     return pd.concat([mean, sd], axis=1)
 
 
-def verdict(table: pd.DataFrame, metric: str) -> str:
-    """Does the model beat the best baseline on ``metric`` (mean over folds)?"""
+def best_baseline(table: pd.DataFrame, metric: str) -> tuple[float, float, str]:
+    """(model's value, best baseline's value, its name) on ``metric``; rows of ``table`` are methods."""
     baselines = table.drop(index="cellforge_model")
     best = baselines[metric].idxmax() if metric in HIGHER else baselines[metric].idxmin()
-    model, other = table.loc["cellforge_model", metric], baselines.loc[best, metric]
-    wins = model > other if metric in HIGHER else model < other
-    return f"{'beats' if wins else 'does NOT beat'} {best} ({model:.4f} vs {other:.4f})"
+    return float(table.loc["cellforge_model", metric]), float(baselines.loc[best, metric]), str(best)
+
+
+def wins(model: float, other: float, metric: str) -> bool:
+    """Is ``model`` better than ``other`` on ``metric`` (higher or lower is better by metric)?"""
+    return model > other if metric in HIGHER else model < other
+
+
+def verdict(table: pd.DataFrame, metric: str) -> str:
+    """Does the model beat the best baseline on ``metric`` (mean over folds)?"""
+    model, other, best = best_baseline(table, metric)
+    return f"{'beats' if wins(model, other, metric) else 'does NOT beat'} {best} ({model:.4f} vs {other:.4f})"
 
 
 def markdown(results: dict, *, title: str = "Task benchmark") -> str:
