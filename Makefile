@@ -20,7 +20,7 @@ PY312 := $(shell \
 # uv from PATH, else installed from PyPI into .tools/.
 UV := $(shell command -v uv 2>/dev/null || echo .tools/bin/uv)
 
-.PHONY: help install test test-all test-docker benchmark bench bench-perf bench-tasks bench-heldback paper docker-build clean
+.PHONY: help install test test-all test-docker benchmark bench bench-perf bench-tasks bench-heldback paper docker-engine docker-build clean
 
 help: ## Show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-14s %s\n", $$1, $$2}'
@@ -42,7 +42,7 @@ test: $(VENV)/.installed ## Run the test suite (includes one small end-to-end ru
 test-all: $(VENV)/.installed ## Run every test, slow end-to-end runs included
 	$(PY) -m pytest -q -m "not docker" tests
 
-test-docker: $(VENV)/.installed ## Run the Docker sandbox for real (needs a Docker engine and `make docker-build`)
+test-docker: $(VENV)/.installed docker-engine docker-build ## Run the Docker sandbox for real (starts an engine and builds the image when needed)
 	$(PY) -m pytest -q -m docker tests --run-docker
 
 benchmark: $(VENV)/.installed ## Run the main job: make benchmark DATASET=<name>
@@ -62,8 +62,11 @@ bench-heldback: $(VENV)/.installed ## The tasks on splits held back from develop
 paper: $(VENV)/.installed ## Paper runs on every available data set, one HTML report: make paper [REPLAY=runs/paper-...]
 	$(PY) benchmarks/paper.py $(if $(REPLAY),--replay $(REPLAY))
 
-docker-build: ## Build the sandbox image (OpenHands agent server + training stack)
-	docker build -t cellforge-sandbox:latest -f docker/Dockerfile .
+docker-engine: ## Start a Docker engine if none answers (docker/start-engine.sh; as root, no iptables changes)
+	docker/start-engine.sh
+
+docker-build: docker-engine ## Build the sandbox image cellforge-sandbox:latest (base from Debian packages when no registry answers)
+	docker/build-image.sh
 
 clean: ## Remove the virtual environment and caches
 	rm -rf $(VENV) .tools .pytest_cache
