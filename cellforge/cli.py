@@ -220,7 +220,8 @@ def doctor() -> None:
     from cellforge.llm.client import ROLES, backend_label, llm_mode, model_for
     from cellforge.paths import cache_dir, mirror_dirs
     from runtime.docker import docker_engine_available
-    from runtime.factory import resolve_backend
+    from runtime.errors import SandboxUnavailableError
+    from runtime.factory import choose_backend, resolve_backend
     from runtime.local import bwrap_available
 
     try:
@@ -236,6 +237,11 @@ def doctor() -> None:
     typer.echo("llm limits: " + ", ".join(f"{k.lower()}={v or 'default'}" for k, v in limits.items()))
     backend, strict = resolve_backend()
     typer.echo(f"sandbox requested: {backend}{' (strict)' if strict else ''}; docker engine: {docker_engine_available()}; bwrap: {bwrap_available()}")
+    try:
+        chosen, why = choose_backend()
+        typer.echo(f"sandbox used: {chosen} ({why})")
+    except SandboxUnavailableError as exc:
+        typer.echo(f"sandbox used: none ({exc})")
     typer.echo(f"data cache: {cache_dir()}; mirrors: {[str(m) for m in mirror_dirs()] or 'none'}")
     typer.echo(f"python: {sys.version.split()[0]}")
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -189,14 +188,13 @@ def _pilot_runner(run: Run, echo: Echo) -> Callable[[str, Any], dict[str, Any]]:
         hp["max_epochs"] = min(int(hp.get("max_epochs", 60)), 60)
         hp["patience"] = min(int(hp.get("patience", 10)), 10)
         config = {**hp, "baseline": proposal.baseline, "train_on": proposal.train_on, "threads": run.config.threads, "seed": 0}
-        (work / "train.py").write_text(render("pert_mlp", config))
         sandbox = open_sandbox(work, requested=run.config.sandbox)
         try:
-            result = sandbox.run([sys.executable, "train.py"], timeout_s=min(run.config.timeout_s, 600), memory_mb=run.config.memory_mb, log_name="pilot.log")
+            sandbox.write_text("train.py", render("pert_mlp", config))
+            result = sandbox.run([sandbox.python, "train.py"], timeout_s=min(run.config.timeout_s, 600), memory_mb=run.config.memory_mb, log_name="pilot.log")
+            metrics = contract.sandbox_val_metrics(sandbox) if result.exit_code == 0 else {}
         finally:
             sandbox.close()
-        metrics_path = work / contract.VAL_METRICS
-        metrics = json.loads(metrics_path.read_text()) if result.exit_code == 0 and metrics_path.exists() else {}
         out = {k: metrics.get(k) for k in ("val_mse_top20", "val_baseline_mse_top20", "val_pearson_delta", "epochs_run")}
         out.update({"exit_code": result.exit_code, "duration_s": result.duration_s, "backend": result.backend, "isolation": result.isolation})
         if result.exit_code != 0:
@@ -293,13 +291,13 @@ class _LiveTail:
 
         self.console = Console(stderr=True)
         self.enabled = self.console.is_terminal
-        self.log: Path | None = None
+        self.log: tuple[Path, str] | None = None
         self.title = ""
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def start(self, attempt: Any, log: Path) -> None:
-        self.log, self.title = log, f"attempt {attempt.index} ({attempt.stage})"
+    def start(self, attempt: Any, root: Path, rel: str) -> None:
+        self.log, self.title = (root, rel), f"attempt {attempt.index} ({attempt.stage})"
         if self.enabled and self._thread is None:
             self._thread = threading.Thread(target=self._loop, daemon=True)
             self._thread.start()
@@ -312,7 +310,7 @@ class _LiveTail:
 
         with Live(console=self.console, refresh_per_second=2, transient=True) as live:
             while not self._stop.wait(0.5):
-                text = tail(self.log, n_lines=8) if self.log else ""
+                text = tail(*self.log, n_lines=8) if self.log else ""
                 live.update(Panel(text or "(starting)", title=self.title))
 
     def stop(self) -> None:
@@ -344,10 +342,9 @@ def stage_execute(run: Run, *, echo: Echo) -> None:
     genes = [str(g) for g in adata.var_names]
     client = LLMClient(run.dir, stage="execute")
 
-    def check_outputs() -> dict[str, Any]:
-        contract.read_predictions(work / contract.PREDICTIONS, test=manifest.test, genes=genes)
-        path = work / contract.VAL_METRICS
-        return json.loads(path.read_text()) if path.exists() else {}
+    def check_outputs(outputs: Path) -> dict[str, Any]:
+        contract.read_predictions(outputs / Path(contract.PREDICTIONS).name, test=manifest.test, genes=genes)
+        return contract.read_val_metrics(outputs)
 
     def debugger(script: str, log_tail: str, failure: Any) -> dict[str, Any]:
         ctx = {"script": script, "log_tail": log_tail, "failure": failure.value, "config": get_config(script)}
@@ -366,6 +363,7 @@ def stage_execute(run: Run, *, echo: Echo) -> None:
 
     live = _LiveTail()
     sandbox = open_sandbox(work, requested=run.config.sandbox)
+    echo(f"  sandbox: {sandbox.backend} ({sandbox.isolation})")
     try:
         journal, script = run_attempts(
             run.path("code/train.py").read_text(),
@@ -414,7 +412,10 @@ def stage_execute(run: Run, *, echo: Echo) -> None:
             f"vs {journal.ensemble.best_single_val_metrics['val_mse_top20']:.5f} for the best attempt alone"
         )
     (run.path("code") / "final_train.py").write_text(script)
-    shutil.copy2(work / contract.PREDICTIONS, run.path("predictions.h5ad"))
+    from runtime import hostio
+
+    # the kept predictions, read without following links (the sandbox is hostile until proven otherwise)
+    run.path("predictions.h5ad").write_bytes(hostio.read_bytes(work, contract.PREDICTIONS, max_bytes=4 * 1024**3))
 
 
 # ---------------------------------------------------------------------------- 6. evaluate

@@ -4,10 +4,16 @@ from __future__ import annotations
 
 import abc
 import os
+import re
+import shutil
+import threading
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
+
+from runtime import hostio
 
 Isolation = Literal["docker+no-network", "docker", "bubblewrap+rlimits", "rlimits", "none"]
 
@@ -26,28 +32,70 @@ class RunResult(BaseModel):
     backend: str = Field(description="Sandbox backend that ran the command: 'docker' or 'local'.")
     isolation: Isolation = Field(description="Isolation actually in force.")
     memory_limit_mb: int | None = Field(default=None, description="Address-space / container memory limit.")
+    limit_hit: Literal["timeout", "disk"] | None = Field(
+        default=None, description="A limit the sandbox enforced by stopping the command ('disk': the work folder passed its size limit)."
+    )
 
 
 class Sandbox(abc.ABC):
     """A work folder in which commands run under limits.
 
-    Paths given to :meth:`put` and :meth:`get` are relative to the work folder.
+    Paths given to :meth:`put`, :meth:`get` and :meth:`read` are relative to the work folder.
+    The host treats the work folder as hostile after the first command ran: every transfer
+    goes through :mod:`runtime.hostio` (no link followed, sizes checked), and every text
+    printed in the sandbox is redacted (:func:`redact`) before it is stored or shown.
+
+    Attributes
+    ----------
+    python
+        The Python interpreter to name in commands; it resolves inside the sandbox.
+    limits
+        Process, file, disk and tmpfs bounds (:class:`Limits`).
     """
 
     backend: str = "abstract"
     isolation: Isolation = "none"
+    python: str = "python3"
 
-    def __init__(self, work_dir: Path) -> None:
+    def __init__(self, work_dir: Path, *, limits: Limits | None = None) -> None:
         self.work_dir = Path(work_dir).resolve()
         self.work_dir.mkdir(parents=True, exist_ok=True)
+        self.limits = limits or Limits()
 
-    @abc.abstractmethod
+    #: Largest file :meth:`get` and :meth:`read` accept by default, bytes.
+    MAX_GET_BYTES = 4 * 1024**3
+
     def put(self, source: Path, dest: str) -> None:
-        """Copy a host file into the work folder at ``dest``."""
+        """Copy the host file ``source`` into the work folder at ``dest`` (replacing what is there)."""
+        self.write_text(dest, Path(source).read_bytes())
 
-    @abc.abstractmethod
-    def get(self, source: str, dest: Path) -> None:
-        """Copy ``source`` from the work folder to the host path ``dest``."""
+    def write_text(self, dest: str, data: str | bytes) -> None:
+        """Write ``data`` to ``dest`` in the work folder as a new file (never through a link)."""
+        hostio.write_bytes(self.work_dir, dest, data.encode() if isinstance(data, str) else data)
+
+    def read(self, source: str, *, max_bytes: int | None = None) -> bytes:
+        """Bytes of the regular file ``source`` (no link followed; at most ``max_bytes``).
+
+        Raises
+        ------
+        FileNotFoundError
+            No such file.
+        runtime.errors.UntrustedFileError
+            A link, a special file, or too big.
+        """
+        return hostio.read_bytes(self.work_dir, source, max_bytes=max_bytes or self.MAX_GET_BYTES)
+
+    def get(self, source: str, dest: Path, *, max_bytes: int | None = None) -> None:
+        """Copy the regular file ``source`` out of the work folder to the host path ``dest``."""
+        Path(dest).write_bytes(self.read(source, max_bytes=max_bytes))
+
+    def get_tree(self, source: str, dest: Path, *, max_bytes: int | None = None) -> list[str]:
+        """Copy the folder ``source`` out (regular files and folders only); returns what was skipped."""
+        return hostio.copy_tree_out(self.work_dir, source, dest, max_bytes=max_bytes or self.MAX_GET_BYTES)
+
+    def remove(self, rel: str) -> None:
+        """Remove ``rel`` from the work folder (a link is removed, never followed)."""
+        hostio.remove(self.work_dir, rel)
 
     @abc.abstractmethod
     def run(
@@ -59,7 +107,11 @@ class Sandbox(abc.ABC):
         log_name: str = "run.log",
         env: dict[str, str] | None = None,
     ) -> RunResult:
-        """Run ``command`` in the work folder; stdout and stderr go to ``logs/<log_name>``."""
+        """Run ``command`` in the work folder; stdout and stderr go to ``logs/<log_name>``.
+
+        ``env`` adds to the sandbox's fixed environment (:func:`sandbox_env`); nothing else
+        of the host's environment is passed.
+        """
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release resources (containers, servers)."""
@@ -75,21 +127,139 @@ class Sandbox(abc.ABC):
         return {"backend": self.backend, "isolation": self.isolation}
 
 
-def limits_prefix(timeout_s: float, memory_mb: int | None) -> list[str]:
-    """``timeout`` (TERM, then KILL 5 s later; exit code 124) and ``prlimit --as`` before a command."""
-    prefix = ["timeout", "-s", "TERM", "-k", "5", f"{timeout_s:.0f}"]
-    if memory_mb:
-        prefix += ["prlimit", f"--as={int(memory_mb) * 1024 * 1024}", "--"]
-    return prefix
+class Limits(BaseModel):
+    """Bounds on what a command in the sandbox may use (besides wall-clock and memory, set per run).
+
+    Defaults suit one training script on a workstation; every backend enforces all of them.
+    """
+
+    model_config = ConfigDict(frozen=True)
+
+    processes: int = Field(512, ge=8, description="Processes and threads of the sandbox user (RLIMIT_NPROC / pids limit).")
+    file_size_mb: int = Field(4096, ge=1, description="Largest single file the command may write (RLIMIT_FSIZE), MiB.")
+    disk_mb: int = Field(16384, ge=1, description="Total size of the work folder; the command is stopped past it, MiB.")
+    shm_mb: int = Field(256, ge=1, description="Size of /dev/shm (a private tmpfs), MiB.")
+    tmp_mb: int = Field(256, ge=1, description="Size of /tmp (a private tmpfs), MiB.")
+    open_files: int = Field(4096, ge=64, description="Open file descriptors (RLIMIT_NOFILE); Docker here refuses more than 20000.")
 
 
-def tail(path: Path, *, n_lines: int = 40, max_chars: int = 4000) -> str:
-    """Last ``n_lines`` of a text file (at most ``max_chars``), empty if missing."""
-    if not path.exists():
-        return ""
-    with path.open("rb") as fh:
-        fh.seek(0, os.SEEK_END)
-        size = fh.tell()
-        fh.seek(max(0, size - 64 * 1024))
-        text = fh.read().decode("utf-8", errors="replace")
-    return "\n".join(text.splitlines()[-n_lines:])[-max_chars:]
+#: Host environment variables passed into a sandbox when set (nothing else of the host's is).
+ENV_ALLOWLIST = ("LANG", "LC_ALL", "TZ", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "PYTHONHASHSEED", "CUBLAS_WORKSPACE_CONFIG")
+
+#: Names of variables a caller may not pass in: they usually hold credentials.
+_SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSW|CREDENTIAL|AUTH|COOKIE|SESSION", re.I)
+
+
+def sandbox_env(work_dir: Path, extra: Mapping[str, str] | None = None, *, host: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The whole environment of a sandboxed command: fixed entries, allowlisted host values, ``extra``.
+
+    Nothing else of the host's environment enters, so API keys cannot leak by inheritance.
+
+    Raises
+    ------
+    ValueError
+        ``extra`` names a variable that looks like a credential (``*KEY*``, ``*TOKEN*``, ...).
+    """
+    host = os.environ if host is None else host
+    work = str(work_dir)
+    env = {
+        "PATH": "/usr/local/bin:/usr/bin:/bin",
+        "HOME": work,
+        "USER": "sandbox",
+        "LOGNAME": "sandbox",
+        "LANG": "C.UTF-8",
+        "TMPDIR": f"{work}/.tmp",
+        "MPLCONFIGDIR": f"{work}/.cache/matplotlib",
+        "NUMBA_CACHE_DIR": f"{work}/.cache/numba",
+        "XDG_CACHE_HOME": f"{work}/.cache",
+        "PYTHONUNBUFFERED": "1",
+        "PYTHONDONTWRITEBYTECODE": "1",
+        "CUDA_VISIBLE_DEVICES": host.get("CUDA_VISIBLE_DEVICES", ""),
+        "HF_HUB_OFFLINE": "1",
+    }
+    env.update({k: host[k] for k in ENV_ALLOWLIST if k in host})
+    for key, value in (extra or {}).items():
+        if _SECRET_NAME.search(key):
+            msg = f"environment variable {key!r} looks like a credential; secrets are never passed into the sandbox"
+            raise ValueError(msg)
+        env[key] = str(value)
+    return env
+
+
+_SECRET_PATTERNS = [
+    re.compile(r"\bsk-[A-Za-z0-9_\-]{16,}"),  # OpenAI / Anthropic style
+    re.compile(r"\bgh[pousr]_[A-Za-z0-9]{20,}"),  # GitHub
+    re.compile(r"\bhf_[A-Za-z0-9]{20,}"),  # Hugging Face
+    re.compile(r"\bAKIA[0-9A-Z]{16}\b"),  # AWS access key id
+    re.compile(r"\bxox[abpr]-[A-Za-z0-9\-]{10,}"),  # Slack
+]
+
+
+def host_secrets(host: Mapping[str, str] | None = None) -> list[str]:
+    """Values of the host's credential-like environment variables (8 characters or longer)."""
+    host = os.environ if host is None else host
+    return sorted({v for k, v in host.items() if _SECRET_NAME.search(k) and len(v) >= 8}, key=len, reverse=True)  # noqa: PLR2004
+
+
+def redact(text: str, *, host: Mapping[str, str] | None = None) -> str:
+    """``text`` with every host secret value and every token-shaped string replaced by ``[REDACTED]``.
+
+    Applied to everything printed in a sandbox before the host stores or shows it.
+    """
+    for value in host_secrets(host):
+        text = text.replace(value, "[REDACTED]")
+    for pattern in _SECRET_PATTERNS:
+        text = pattern.sub("[REDACTED]", text)
+    return text
+
+
+def tail(root: Path, rel: str, *, n_lines: int = 40, max_chars: int = 4000) -> str:
+    """Last ``n_lines`` of the text file ``root/rel`` (at most ``max_chars``), redacted.
+
+    Read without following links (see :mod:`runtime.hostio`); empty when missing or not a
+    regular file.
+    """
+    text = hostio.read_tail(Path(root), rel).decode("utf-8", errors="replace")
+    return redact("\n".join(text.splitlines()[-n_lines:])[-max_chars:])
+
+
+class DiskWatch:
+    """Polls the size of a work folder while a command runs; calls ``on_exceed`` once past the limit.
+
+    Polling means a fast writer can pass the limit by what it writes in one interval
+    (``interval_s``); single files are also capped by RLIMIT_FSIZE.
+    """
+
+    def __init__(self, root: Path, *, limit_mb: int, on_exceed: object, interval_s: float = 0.1) -> None:
+        self.root, self.limit, self.on_exceed, self.interval = root, limit_mb * 1024 * 1024, on_exceed, interval_s
+        self.exceeded = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            if hostio.tree_size(self.root) > self.limit:
+                self.exceeded = True
+                self.on_exceed()  # type: ignore[operator]
+                return
+
+    def __enter__(self) -> DiskWatch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
+def prepare_work_dir(work_dir: Path, owner: tuple[int, int] | None) -> None:
+    """Scratch folders the command expects (``.tmp``, ``.cache``, ``logs``), owned by the sandbox user."""
+    for rel in (".tmp", ".cache", "logs"):
+        hostio.make_dir(work_dir, rel, owner=owner)
+    if owner is not None and os.geteuid() == 0:
+        hostio.chown_tree(work_dir, owner)
+
+
+def which(name: str) -> str | None:
+    """Full path of an executable on PATH (``shutil.which``)."""
+    return shutil.which(name)

@@ -1,103 +1,52 @@
-"""Docker backend: OpenHands ``DockerWorkspace`` running the image built from ``docker/``.
+"""Docker backend: an OpenHands agent server in a locked-down container, reached over a Unix socket.
 
-The container runs the OpenHands agent server plus the training stack; only the run's work
-folder is mounted (at the same path, so paths in logs match the host). Limits: the
-container's memory and CPUs are set with ``docker update`` once it is up, and every command
-runs under ``timeout`` and ``prlimit`` inside it. GPUs are passed through on request.
+The container (image ``cellforge-sandbox:latest``, built from ``docker/`` by ``make
+docker-build``) holds only an operating system and a non-root user; the Python interpreter
+and the project's virtual environment are bind-mounted read-only at their host paths, so the
+local and Docker backends run the very same bytes (and give the same numbers). The
+OpenHands agent server runs from that environment inside the container and listens on a Unix
+socket in a private control folder; the host drives it with OpenHands' ``RemoteWorkspace``
+over that socket.
 
-No outbound network: by default the container joins an *internal* Docker network
-(``docker network create --internal``), whose containers cannot reach anything outside it.
-Docker does not publish ports on such networks, so the host talks to the agent server at
-the container's own address on that network (reachable from a Linux host; Docker >= 25.0.4
-restored host access to internal bridges). ``CELLFORGE_DOCKER_NETWORK=bridge`` gives the
-container ordinary network access instead, and the run records isolation ``docker``.
+Containment:
+
+- ``--network none``: the container has no interface but ``lo``, so it reaches no address
+  outside (no internet, no host service, not the bridge gateway);
+- ``--read-only`` root, private size-limited ``/tmp`` and ``/dev/shm``; writable only the work
+  folder (mounted at its host path) and the control folder;
+- a non-root user (the caller's uid, or ``CELLFORGE_SANDBOX_UID`` when cellforge is root), so
+  the host can remove what the container wrote; ``--cap-drop ALL``, ``no-new-privileges``;
+- ``--pids-limit``, ``--memory`` = ``--memory-swap``, ``--cpus``, ``--ulimit`` for file size,
+  open files (within what these VMs allow) and core files; the work folder's total size is
+  polled by the host (:class:`runtime.base.DiskWatch`);
+- the environment is the allowlist of :func:`runtime.base.sandbox_env` only;
+- the whole container dies when cellforge dies (a watchdog process holding a pipe from
+  cellforge removes it on EOF) and a new sandbox on the same work folder removes containers
+  an earlier run left (label ``cellforge.work``); after every command, every process but the
+  agent server is killed, so nothing of one attempt outlives it into the next.
 """
 
 from __future__ import annotations
 
+import os
+import secrets
 import shlex
 import shutil
 import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from runtime.base import Isolation, RunResult, Sandbox, limits_prefix, tail
-from runtime.errors import SandboxInfraError
+from runtime.base import DiskWatch, Isolation, Limits, RunResult, Sandbox, prepare_work_dir, sandbox_env, tail
+from runtime.errors import SandboxInfraError, SandboxUnavailableError
 
 DEFAULT_IMAGE = "cellforge-sandbox:latest"
-INTERNAL_NETWORK = "cellforge-sandbox"
-AGENT_PORT = 8000
-
-
-def network_mode() -> str:
-    """``internal`` (no outbound network, the default) or ``bridge`` from ``CELLFORGE_DOCKER_NETWORK``."""
-    import os
-
-    mode = os.environ.get("CELLFORGE_DOCKER_NETWORK", "internal").strip().lower() or "internal"
-    if mode not in {"internal", "bridge"}:
-        msg = f"CELLFORGE_DOCKER_NETWORK={mode!r}; valid: internal, bridge"
-        raise ValueError(msg)
-    return mode
-
-
-def ensure_internal_network(name: str = INTERNAL_NETWORK, *, runner: Any = subprocess.run) -> None:
-    """Create the internal Docker network ``name`` unless it exists; refuse a non-internal one.
-
-    Raises
-    ------
-    SandboxInfraError
-        The network exists without ``--internal``, or cannot be created.
-    """
-    probe = runner(["docker", "network", "inspect", "--format", "{{.Internal}}", name], capture_output=True, text=True, check=False)
-    if probe.returncode == 0:
-        if str(probe.stdout).strip() != "true":
-            msg = f"Docker network {name!r} exists but is not internal (it would let training code reach the network); remove it with `docker network rm {name}`"
-            raise SandboxInfraError(msg)
-        return
-    done = runner(["docker", "network", "create", "--internal", "--label", "cellforge=sandbox", name], capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        msg = f"could not create the internal Docker network {name!r}: {done.stderr!r}"
-        raise SandboxInfraError(msg)
-
-
-def container_address(container_id: str, network: str, *, runner: Any = subprocess.run) -> str:
-    """The container's IP address on ``network`` (``docker inspect``).
-
-    Raises
-    ------
-    SandboxInfraError
-        No address on that network.
-    """
-    template = "{{(index .NetworkSettings.Networks \"" + network + "\").IPAddress}}"
-    done = runner(["docker", "inspect", "--format", template, container_id], capture_output=True, text=True, check=False)
-    address = str(done.stdout).strip()
-    if done.returncode != 0 or not address or address == "<no value>":
-        msg = f"container {container_id} has no address on network {network!r}: {done.stderr!r}"
-        raise SandboxInfraError(msg)
-    return address
-
-
-class ReachByAddress:
-    """Mixin for OpenHands ``DockerWorkspace`` on an internal network.
-
-    ``DockerWorkspace`` sets its URL to the published port on 127.0.0.1, which does not exist
-    on an internal network; before its health check, point it at the container's address.
-    """
-
-    address_runner: Any = subprocess.run
-
-    def _wait_for_health(self, *, timeout: float) -> None:
-        address = container_address(self._container_id, self.network, runner=type(self).address_runner)  # type: ignore[attr-defined]
-        object.__setattr__(self, "host", f"http://{address}:{AGENT_PORT}")
-        super()._wait_for_health(timeout=timeout)  # type: ignore[misc]
-
-
-def internal_workspace_class() -> type:
-    """OpenHands ``DockerWorkspace`` reached by the container's address (see :class:`ReachByAddress`)."""
-    from openhands.workspace import DockerWorkspace
-
-    return type("InternalNetworkDockerWorkspace", (ReachByAddress, DockerWorkspace), {})
+#: Where the control folder (the agent server's socket) is mounted in the container.
+CONTROL_MOUNT = "/ctl"
+SOCKET_NAME = "agent.sock"
+HEALTH_TIMEOUT_S = 120.0
 
 
 def docker_engine_available() -> bool:
@@ -112,55 +61,131 @@ def docker_engine_available() -> bool:
     return probe.returncode == 0
 
 
-def workspace_options(
-    work_dir: Path, *, image: str = DEFAULT_IMAGE, enable_gpu: bool = False, network: str | None = None
-) -> dict[str, Any]:
-    """Keyword arguments for OpenHands ``DockerWorkspace``: image, mount, GPU, network.
-
-    Only ``work_dir`` is mounted, read-write, at the same path inside the container.
-    """
-    work = str(Path(work_dir).resolve())
-    options: dict[str, Any] = {
-        "server_image": image,
-        "working_dir": work,
-        "volumes": [f"{work}:{work}:rw"],
-        "enable_gpu": enable_gpu,
-        "forward_env": [],
-        "detach_logs": False,
-    }
-    if network:
-        options["network"] = network
-    return options
+def image_present(image: str = DEFAULT_IMAGE, *, runner: Any = subprocess.run) -> bool:
+    """True when the engine has ``image`` locally (``docker image inspect``)."""
+    try:
+        done = runner(["docker", "image", "inspect", "--format", "{{.Id}}", image], capture_output=True, text=True, check=False, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return done.returncode == 0
 
 
-def update_command(container_id: str, *, memory_mb: int, cpus: float) -> list[str]:
-    """``docker update`` command that caps a running container's memory (no swap) and CPUs."""
-    return [
-        "docker",
-        "update",
-        f"--memory={memory_mb}m",
-        f"--memory-swap={memory_mb}m",
-        f"--cpus={cpus}",
-        container_id,
-    ]
+def container_user() -> tuple[int, int]:
+    """(uid, gid) of the container's processes: the caller's, or the sandbox uid when cellforge is root."""
+    from runtime.local import sandbox_owner
+
+    return sandbox_owner() or (os.getuid(), os.getgid())
+
+
+def python_mounts() -> list[str]:
+    """Host folders holding the interpreter and the virtual environment (mounted read-only)."""
+    return sorted({os.path.realpath(sys.base_prefix), os.path.realpath(sys.prefix)})
+
+
+def server_command(python: str) -> list[str]:
+    """The agent server's start command inside the container: uvicorn on the control socket."""
+    code = (
+        "import uvicorn; from openhands.agent_server.api import create_app; "
+        f"uvicorn.run(create_app(), uds={CONTROL_MOUNT + '/' + SOCKET_NAME!r}, log_level='warning')"
+    )
+    return [python, "-c", code]
+
+
+def run_command(
+    work_dir: Path,
+    control_dir: Path,
+    *,
+    image: str,
+    name: str,
+    env: dict[str, str],
+    memory_mb: int,
+    cpus: float,
+    limits: Limits,
+    user: tuple[int, int],
+    enable_gpu: bool = False,
+) -> list[str]:
+    """The ``docker run`` command line of a sandbox container (see the module docstring for each flag)."""
+    work = str(work_dir)
+    cmd = [
+        "docker", "run", "-d", "--rm", "--name", name,
+        "--label", "cellforge.sandbox=1", "--label", f"cellforge.work={work}",
+        "--network", "none", "--read-only",
+        "--tmpfs", f"/tmp:rw,nosuid,nodev,size={limits.tmp_mb}m,mode=1777",
+        "--shm-size", f"{limits.shm_mb}m",
+        "--user", f"{user[0]}:{user[1]}",
+        "--cap-drop", "ALL", "--security-opt", "no-new-privileges",
+        "--pids-limit", str(limits.processes),
+        "--ulimit", f"nofile={limits.open_files}:{limits.open_files}",
+        "--ulimit", f"fsize={limits.file_size_mb * 1024 * 1024}",
+        "--ulimit", "core=0",
+        "--memory", f"{memory_mb}m", "--memory-swap", f"{memory_mb}m", "--cpus", str(cpus),
+        "--workdir", work,
+    ]  # fmt: skip
+    for folder in python_mounts():
+        cmd += ["--mount", f"type=bind,source={folder},target={folder},readonly"]
+    cmd += ["--mount", f"type=bind,source={control_dir},target={CONTROL_MOUNT}"]
+    cmd += ["--mount", f"type=bind,source={work},target={work}"]
+    for key, value in env.items():
+        cmd += ["--env", f"{key}={value}"]
+    if enable_gpu:
+        cmd += ["--gpus", "all"]
+    return [*cmd, image, *server_command(sys.executable)]
+
+
+def unix_socket_workspace(socket_path: Path, working_dir: str) -> Any:
+    """An OpenHands ``RemoteWorkspace`` whose HTTP client talks to the agent server over ``socket_path``."""
+    import httpx
+    from openhands.sdk.workspace import RemoteWorkspace
+
+    class UnixSocketWorkspace(RemoteWorkspace):
+        @property
+        def client(self) -> httpx.Client:
+            if self._client is None:
+                self._client = httpx.Client(
+                    base_url=self.host,
+                    transport=httpx.HTTPTransport(uds=str(socket_path)),
+                    timeout=httpx.Timeout(connect=10.0, read=self.read_timeout, write=30.0, pool=10.0),
+                    headers=self._headers,
+                )
+            return self._client
+
+    return UnixSocketWorkspace(host="http://sandbox", working_dir=working_dir)
+
+
+def remove_containers(work_dir: Path, *, runner: Any = subprocess.run) -> list[str]:
+    """Remove every container labelled with ``work_dir`` (left by a killed run); returns their ids."""
+    done = runner(
+        ["docker", "ps", "-aq", "--filter", f"label=cellforge.work={Path(work_dir).resolve()}"], capture_output=True, text=True, check=False
+    )
+    ids = str(done.stdout).split()
+    if ids:
+        runner(["docker", "rm", "-f", *ids], capture_output=True, check=False)
+    return ids
 
 
 class DockerSandbox(Sandbox):
-    """Run commands in an OpenHands agent-server container.
+    """Run commands through an OpenHands agent server in a locked-down container.
 
     Parameters
     ----------
     work_dir
-        Host folder mounted into the container; the only one shared.
+        Host folder mounted read-write at the same path; the only host folder the command
+        can write, and with the Python install the only one it can see.
     image
         Image built by ``make docker-build`` (``docker/Dockerfile``).
     memory_mb, cpus
-        Container-wide limits.
+        Container-wide memory (no swap) and CPU limits.
     enable_gpu
         Pass ``--gpus all``.
-    network
-        ``internal`` (no outbound network) or ``bridge``; default from
-        ``CELLFORGE_DOCKER_NETWORK`` (see :func:`network_mode`).
+    limits
+        Process, file, disk and tmpfs bounds (:class:`runtime.base.Limits`).
+
+    Raises
+    ------
+    SandboxUnavailableError
+        The image is not present (build it with ``make docker-build``).
+    SandboxInfraError
+        The container or its agent server did not start.
     """
 
     backend = "docker"
@@ -173,48 +198,101 @@ class DockerSandbox(Sandbox):
         memory_mb: int = 8192,
         cpus: float = 2.0,
         enable_gpu: bool = False,
-        network: str | None = None,
-        workspace_factory: Any = None,
+        limits: Limits | None = None,
         runner: Any = subprocess.run,
     ) -> None:
-        super().__init__(work_dir)
-        self.network = network or network_mode()
-        internal = self.network == "internal"
-        self.isolation: Isolation = "docker+no-network" if internal else "docker"
-        self.options = workspace_options(self.work_dir, image=image, enable_gpu=enable_gpu, network=INTERNAL_NETWORK if internal else None)
-        self.memory_mb, self.cpus = memory_mb, cpus
+        super().__init__(work_dir, limits=limits)
+        self.isolation: Isolation = "docker+no-network"
+        self.python = sys.executable
+        self.image, self.memory_mb, self.cpus, self.enable_gpu = image, memory_mb, cpus, enable_gpu
         self._runner = runner
-        if internal:
-            ensure_internal_network(INTERNAL_NETWORK, runner=runner)
-        if workspace_factory is None:
-            from openhands.workspace import DockerWorkspace
+        self.user = container_user()
+        if not image_present(image, runner=runner):
+            msg = f"Docker image {image!r} is not present; build it with `make docker-build` (see docker/README.md)"
+            raise SandboxUnavailableError(msg)
+        left = remove_containers(self.work_dir, runner=runner)
+        if left:
+            print(f"[sandbox] removed {len(left)} container(s) left by an earlier run in {self.work_dir}", file=sys.stderr)
+        self._container: str | None = None
+        self._watchdog: subprocess.Popen[bytes] | None = None
+        self._workspace: Any = None
+        self._control = Path(tempfile.mkdtemp(prefix="cellforge-ctl-"))
+        self._start()
 
-            workspace_factory = internal_workspace_class() if internal else DockerWorkspace
-        try:
-            self._workspace = workspace_factory(**self.options)
-        except Exception as exc:
-            msg = f"could not start the Docker sandbox from image {image!r}: {exc} (build it with `make docker-build`)"
-            raise SandboxInfraError(msg) from exc
-        container = getattr(self._workspace, "_container_id", None)
-        if container:
-            done = self._runner(update_command(container, memory_mb=memory_mb, cpus=cpus), capture_output=True, check=False)
-            if done.returncode != 0:
-                msg = f"docker update of container {container} failed: {done.stderr!r}"
-                raise SandboxInfraError(msg)
+    # ------------------------------------------------------------------ container lifecycle
+    def _start(self) -> None:
+        prepare_work_dir(self.work_dir, self.user)
+        os.chown(self._control, *self.user) if os.geteuid() == 0 else None
+        socket_path = self._control / SOCKET_NAME
+        socket_path.unlink(missing_ok=True)
+        name = f"cellforge-sandbox-{secrets.token_hex(6)}"
+        cmd = run_command(
+            self.work_dir, self._control, image=self.image, name=name, env=sandbox_env(self.work_dir),
+            memory_mb=self.memory_mb, cpus=self.cpus, limits=self.limits, user=self.user, enable_gpu=self.enable_gpu,
+        )  # fmt: skip
+        done = self._runner(cmd, capture_output=True, text=True, check=False)
+        if done.returncode != 0:
+            msg = f"could not start the Docker sandbox from image {self.image!r}: {str(done.stderr).strip()[-1500:]}"
+            raise SandboxInfraError(msg)
+        self._container = str(done.stdout).strip()
+        # The container dies with cellforge: this process waits for EOF on a pipe only we hold.
+        self._watchdog = subprocess.Popen(  # noqa: S603
+            ["/bin/sh", "-c", f"read _ignored; docker rm -f {shlex.quote(self._container)} >/dev/null 2>&1"],
+            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        )  # fmt: skip
+        self._workspace = unix_socket_workspace(socket_path, str(self.work_dir))
+        self._wait_healthy(socket_path)
 
-    def put(self, source: Path, dest: str) -> None:
-        """Copy into the mounted work folder."""
-        target = self.work_dir / dest
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(source, target)
+    def _wait_healthy(self, socket_path: Path) -> None:
+        deadline = time.monotonic() + HEALTH_TIMEOUT_S
+        last = ""
+        while time.monotonic() < deadline:
+            if socket_path.is_socket():
+                try:
+                    if self._workspace.client.get("/health", timeout=2.0).status_code < 300:  # noqa: PLR2004
+                        return
+                except Exception as exc:  # noqa: BLE001 - still starting
+                    last = str(exc)
+            if not self._running():
+                break
+            time.sleep(0.5)
+        logs = self._runner(["docker", "logs", "--tail", "30", str(self._container)], capture_output=True, text=True, check=False)
+        self._remove()
+        msg = f"the agent server in the Docker sandbox did not become healthy ({last}); container log:\n{str(logs.stdout)[-1500:]}{str(logs.stderr)[-1500:]}"
+        raise SandboxInfraError(msg)
 
-    def get(self, source: str, dest: Path) -> None:
-        """Copy out of the mounted work folder."""
-        shutil.copy2(self.work_dir / source, dest)
+    def _running(self) -> bool:
+        done = self._runner(["docker", "inspect", "-f", "{{.State.Running}}", str(self._container)], capture_output=True, text=True, check=False)
+        return str(done.stdout).strip() == "true"
 
-    def container_command(self, command: list[str], *, timeout_s: float, memory_mb: int | None) -> list[str]:
-        """The command line run inside the container: ``timeout`` and ``prlimit`` around ``command``."""
-        return limits_prefix(timeout_s, memory_mb) + command
+    def _remove(self) -> None:
+        if self._container:
+            self._runner(["docker", "rm", "-f", self._container], capture_output=True, check=False)
+            self._container = None
+        if self._workspace is not None:
+            self._workspace.reset_client()
+            self._workspace = None
+        if self._watchdog is not None:
+            self._watchdog.stdin.close()  # type: ignore[union-attr]
+            self._watchdog.wait(timeout=30)
+            self._watchdog = None
+
+    def _kill_strays(self) -> None:
+        """Kill every process in the container but the agent server (PID 1): ``kill -9 -1`` as the sandbox user."""
+        if self._container:
+            self._runner(
+                ["docker", "exec", "--user", f"{self.user[0]}:{self.user[1]}", self._container, "/bin/kill", "-9", "-1"],
+                capture_output=True, check=False, timeout=30,
+            )  # fmt: skip
+
+    # ------------------------------------------------------------------ the interface
+    def container_command(self, command: list[str], *, timeout_s: float, memory_mb: int | None, log_name: str, env: dict[str, str]) -> str:
+        """The shell line the agent server runs: per-run environment, ``timeout``, ``prlimit``, the log redirect."""
+        limit = ["timeout", "-s", "TERM", "-k", "5", f"{timeout_s:.0f}"]
+        if memory_mb:
+            limit += ["prlimit", f"--as={int(memory_mb) * 1024 * 1024}", "--"]
+        inner = ["env", *(f"{k}={v}" for k, v in env.items()), *limit, "/bin/sh", "-c", f'exec "$@" > logs/{shlex.quote(log_name)} 2>&1', "sh", *command]
+        return f"cd {shlex.quote(str(self.work_dir))} && {shlex.join(inner)}"
 
     def run(
         self,
@@ -225,34 +303,58 @@ class DockerSandbox(Sandbox):
         log_name: str = "run.log",
         env: dict[str, str] | None = None,
     ) -> RunResult:
-        """Run ``command`` in the container; output goes to ``logs/<log_name>``."""
-        logs = self.work_dir / "logs"
-        logs.mkdir(exist_ok=True)
-        log_path = logs / log_name
-        exports = " ".join(f"{k}={shlex.quote(v)}" for k, v in (env or {}).items())
-        inner = shlex.join(self.container_command(command, timeout_s=timeout_s, memory_mb=memory_mb))
-        shell = f"cd {shlex.quote(str(self.work_dir))} && {('env ' + exports + ' ') if exports else ''}{inner} > {shlex.quote(str(log_path))} 2>&1"
+        """Run ``command`` in the container; output goes to ``logs/<log_name>`` (written inside the container)."""
+        if "/" in log_name or log_name.startswith("."):
+            msg = f"log_name {log_name!r} must be a plain file name"
+            raise ValueError(msg)
+        sandbox_env(self.work_dir, env)  # refuses credential-like names
+        extra = dict(env or {})
+        if self._container is None or not self._running():
+            self._start()
+        prepare_work_dir(self.work_dir, self.user)
+        shell = self.container_command(command, timeout_s=timeout_s, memory_mb=memory_mb, log_name=log_name, env=extra)
         start = time.monotonic()
-        try:
-            result = self._workspace.execute_command(shell, timeout=timeout_s + 60)
-        except Exception as exc:
-            msg = f"the Docker sandbox did not answer: {exc}"
-            raise SandboxInfraError(msg) from exc
-        exit_code = 124 if result.timeout_occurred else result.exit_code
+        limit_hit = None
+        with DiskWatch(self.work_dir, limit_mb=self.limits.disk_mb, on_exceed=self._remove) as watch:
+            try:
+                result = self._workspace.execute_command(shell, timeout=timeout_s + 30)
+                exit_code = 124 if result.timeout_occurred else int(result.exit_code)
+            except Exception as exc:  # noqa: BLE001
+                if watch.exceeded:
+                    exit_code = 137
+                else:
+                    self._remove()
+                    msg = f"the Docker sandbox did not answer: {exc}"
+                    raise SandboxInfraError(msg) from exc
+        if watch.exceeded:
+            limit_hit = "disk"
+        elif exit_code == 124:  # noqa: PLR2004 - timeout's status
+            limit_hit = "timeout"
+        if limit_hit == "timeout" and time.monotonic() - start > timeout_s + 20:
+            self._remove()  # the in-container timeout was defeated: the container goes
+        else:
+            self._kill_strays()
+        log_tail = tail(self.work_dir, f"logs/{log_name}")
+        if limit_hit == "disk":
+            log_tail += f"\n[sandbox] stopped: the work folder passed its limit of {self.limits.disk_mb} MiB"
         return RunResult(
             command=command,
             exit_code=exit_code,
-            timed_out=exit_code == 124,  # noqa: PLR2004
+            timed_out=limit_hit == "timeout",
             duration_s=round(time.monotonic() - start, 3),
-            log_tail=tail(log_path),
-            log_path=str(log_path.relative_to(self.work_dir)),
+            log_tail=log_tail,
+            log_path=f"logs/{log_name}",
             backend=self.backend,
             isolation=self.isolation,
             memory_limit_mb=memory_mb or self.memory_mb,
+            limit_hit=limit_hit,
         )
 
     def close(self) -> None:
-        """Stop and remove the container."""
-        cleanup = getattr(self._workspace, "cleanup", None)
-        if cleanup:
-            cleanup()
+        """Stop and remove the container and the control folder."""
+        self._remove()
+        shutil.rmtree(self._control, ignore_errors=True)
+
+    def describe(self) -> dict[str, str]:
+        """Backend, isolation and image, for run records."""
+        return {**super().describe(), "image": self.image}

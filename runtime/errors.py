@@ -9,3 +9,7 @@ class SandboxInfraError(RuntimeError):
 
 class SandboxUnavailableError(SandboxInfraError):
     """A strictly requested backend is not available here."""
+
+
+class UntrustedFileError(RuntimeError):
+    """A file the sandbox made is a link, a special file or too big: the host will not use it."""

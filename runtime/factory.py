@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 from runtime.base import Sandbox
 from runtime.errors import SandboxUnavailableError
+
+logger = logging.getLogger(__name__)
 
 CHOICES = ("auto", "docker", "local")
 
@@ -14,9 +17,10 @@ CHOICES = ("auto", "docker", "local")
 def resolve_backend(requested: str | None = None) -> tuple[str, bool]:
     """Backend name and strictness from the argument or ``CELLFORGE_SANDBOX``.
 
-    ``auto`` takes Docker where an engine answers, else local. ``docker`` or ``local``
-    alone prefer that backend and fall back; ``CELLFORGE_SANDBOX_STRICT=1`` (or a
-    ``strict:`` prefix such as ``strict:docker``) refuses to fall back.
+    ``auto`` takes Docker where an engine answers *and* the sandbox image is present, else
+    local. ``docker`` or ``local`` alone prefer that backend and fall back;
+    ``CELLFORGE_SANDBOX_STRICT=1`` (or a ``strict:`` prefix such as ``strict:docker``)
+    refuses to fall back (and, for ``local``, requires bubblewrap).
 
     Raises
     ------
@@ -33,22 +37,46 @@ def resolve_backend(requested: str | None = None) -> tuple[str, bool]:
     return raw, strict
 
 
-def open_sandbox(work_dir: Path, *, requested: str | None = None, **options: object) -> Sandbox:
-    """A sandbox on ``work_dir`` with the requested or best available backend.
+def choose_backend(requested: str | None = None) -> tuple[str, str]:
+    """The backend :func:`open_sandbox` will use, and why (one sentence for logs and ``cellforge doctor``).
 
     Raises
     ------
     SandboxUnavailableError
-        Strict Docker was asked for and no engine answers.
+        Strict Docker was asked for and no engine answers or the image is missing.
     """
-    from runtime.docker import DockerSandbox, docker_engine_available
-    from runtime.local import LocalSandbox
+    from runtime.docker import DEFAULT_IMAGE, docker_engine_available, image_present
 
     backend, strict = resolve_backend(requested)
-    if backend in {"auto", "docker"}:
-        if docker_engine_available():
-            return DockerSandbox(work_dir, **options)  # type: ignore[arg-type]
-        if backend == "docker" and strict:
-            msg = "CELLFORGE_SANDBOX=docker is strict but no Docker engine answers `docker info`"
-            raise SandboxUnavailableError(msg)
-    return LocalSandbox(work_dir, use_bwrap=True if strict else None)
+    if backend == "local":
+        return "local", "local backend requested"
+    engine = docker_engine_available()
+    image = engine and image_present(DEFAULT_IMAGE)
+    if engine and image:
+        return "docker", f"a Docker engine answers and image {DEFAULT_IMAGE} is present"
+    why = "no Docker engine answers `docker info`" if not engine else f"the image {DEFAULT_IMAGE} is missing (build it with `make docker-build`)"
+    if backend == "docker" and strict:
+        msg = f"CELLFORGE_SANDBOX=strict:docker but {why}"
+        raise SandboxUnavailableError(msg)
+    return "local", f"{why}; using the local backend"
+
+
+def open_sandbox(work_dir: Path, *, requested: str | None = None, **options: object) -> Sandbox:
+    """A sandbox on ``work_dir`` with the requested or best available backend.
+
+    The choice and its reason are logged (logger ``runtime.factory``).
+
+    Raises
+    ------
+    SandboxUnavailableError
+        A strict backend is not available here.
+    """
+    from runtime.docker import DockerSandbox
+    from runtime.local import LocalSandbox
+
+    backend, why = choose_backend(requested)
+    _, strict = resolve_backend(requested)
+    logger.info("sandbox backend %s: %s", backend, why)
+    if backend == "docker":
+        return DockerSandbox(work_dir, **options)  # type: ignore[arg-type]
+    return LocalSandbox(work_dir, use_bwrap=True if strict else None, **options)  # type: ignore[arg-type]

@@ -1,98 +1,313 @@
-"""Local backend: OpenHands ``LocalWorkspace``, isolated with bubblewrap and rlimits.
+"""Local backend: a bubblewrap sandbox that holds hostile code, with rlimits as a loud fallback.
 
-With ``bwrap`` on PATH the command sees a read-only root (``/tmp`` included), a writable work
-folder (with ``TMPDIR`` inside it), no network (``--unshare-net``) and its own PID namespace; ``prlimit`` caps its
-address space. Without ``bwrap`` only the rlimits apply, and the result says so.
+With ``bwrap`` the command sees a new root made of read-only binds of what a run needs (the
+system's ``/usr`` and library folders, the loader cache, the Python interpreter and its
+virtual environment) and one writable bind, the work folder; ``/tmp`` and ``/dev/shm`` are
+private size-limited tmpfs; ``/proc`` shows only the sandbox's processes; no ``/run``, no
+home folders, no caches, no data mirror, no run directory, no host socket. Every namespace
+but the user's is unshared (network: only ``lo``). When cellforge runs as root, the command
+runs as an unprivileged uid (``CELLFORGE_SANDBOX_UID``, default 61000) with no capabilities
+and ``no_new_privs``; otherwise as the calling user in a user namespace.
+
+Limits: RLIMIT_AS (memory), RLIMIT_NPROC, RLIMIT_FSIZE, RLIMIT_NOFILE, no core files, the
+work folder's total size (polled, see :class:`runtime.base.DiskWatch`), the tmpfs sizes.
+The environment is cleared and rebuilt from an allowlist (:func:`runtime.base.sandbox_env`).
+
+Process tree: the launcher gets ``PR_SET_PDEATHSIG`` (``setpriv --pdeathsig``) and bwrap
+``--die-with-parent``, so the sandbox's PID namespace, with every process in it (``setsid``
+or not), dies when cellforge dies, and on a timeout the host kills bwrap's process group.
+A state file beside the work folder lets a resumed run kill what a killed run left.
+
+Without bubblewrap (``isolation='rlimits'``) the command still runs under the rlimits and
+the cleared environment (as the caller's uid: as root, RLIMIT_NPROC does not bind), its whole tree is killed on timeout (process
+group, descendants and every process carrying the sandbox's marker), and a warning says it
+is not isolated. This is not a security boundary.
+
+The launcher is our own ``subprocess`` call rather than OpenHands' ``LocalWorkspace``,
+whose ``execute_command`` cannot set a parent-death signal or kill a process tree.
 """
 
 from __future__ import annotations
 
+import json
+import logging
 import os
+import secrets
 import shlex
-import shutil
+import signal
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 
-from runtime.base import Isolation, RunResult, Sandbox, limits_prefix, tail
+from runtime.base import DiskWatch, Isolation, Limits, RunResult, Sandbox, prepare_work_dir, sandbox_env, tail, which
 
-os.environ.setdefault("OPENHANDS_SUPPRESS_BANNER", "1")
+logger = logging.getLogger(__name__)
+
+#: Default uid/gid of sandboxed commands when cellforge runs as root.
+DEFAULT_SANDBOX_UID = 61000
+
+#: Exit status reported when the wall-clock limit stopped the command (as coreutils ``timeout``).
+TIMEOUT_EXIT = 124
+
+
+def sandbox_owner() -> tuple[int, int] | None:
+    """(uid, gid) the command runs as when cellforge is root (``CELLFORGE_SANDBOX_UID``); ``None`` otherwise.
+
+    Raises
+    ------
+    ValueError
+        ``CELLFORGE_SANDBOX_UID`` is not a positive integer.
+    """
+    if os.geteuid() != 0:
+        return None
+    raw = os.environ.get("CELLFORGE_SANDBOX_UID", str(DEFAULT_SANDBOX_UID))
+    if not raw.isdigit() or int(raw) == 0:
+        msg = f"CELLFORGE_SANDBOX_UID={raw!r}; expected a positive integer (an unprivileged uid)"
+        raise ValueError(msg)
+    return int(raw), int(raw)
 
 
 def bwrap_available() -> bool:
-    """True when bubblewrap exists and can create namespaces here."""
-    exe = shutil.which("bwrap")
+    """True when bubblewrap exists and can create the namespaces the sandbox uses."""
+    exe = which("bwrap")
     if not exe:
         return False
-    import subprocess
+    probe = [exe, "--ro-bind", "/", "/", "--unshare-net", "--unshare-pid", "--unshare-ipc", "--dev", "/dev", "true"]
+    if os.geteuid() != 0:
+        probe[1:1] = ["--unshare-user"]
+    done = subprocess.run(probe, capture_output=True, check=False)  # noqa: S603
+    return done.returncode == 0
 
-    probe = subprocess.run(  # noqa: S603
-        [exe, "--ro-bind", "/", "/", "--unshare-net", "--unshare-pid", "--dev", "/dev", "true"],
-        capture_output=True,
-        check=False,
-    )
-    return probe.returncode == 0
+
+def _python_roots() -> list[str]:
+    """Folders holding the interpreter and its packages (base install and virtual environment)."""
+    roots = {os.path.realpath(sys.base_prefix), os.path.realpath(sys.prefix)}
+    return sorted(roots)
+
+
+def _system_binds() -> list[str]:
+    """Read-only binds of the system's programs and libraries (``/usr`` and its merged-/usr links)."""
+    args = ["--ro-bind", "/usr", "/usr"]
+    for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
+        if os.path.islink(top):
+            args += ["--symlink", os.readlink(top), top]
+        elif os.path.isdir(top):
+            args += ["--ro-bind", top, top]
+    for etc in ("/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/ld.so.conf.d", "/etc/alternatives", "/etc/localtime"):
+        if os.path.exists(etc):
+            args += ["--ro-bind", etc, etc]
+    return args
+
+
+def _parents(paths: list[str]) -> list[str]:
+    """``--dir`` for every ancestor of ``paths`` (bubblewrap would create them mode 0700 as root)."""
+    seen: list[str] = []
+    for path in paths:
+        parts = Path(path).parts
+        for i in range(2, len(parts)):
+            parent = str(Path(*parts[:i]))
+            if parent not in seen and parent not in paths and parent not in ("/tmp", "/dev"):
+                seen.append(parent)
+    out: list[str] = []
+    for parent in sorted(seen, key=lambda p: p.count("/")):
+        out += ["--perms", "0755", "--dir", parent]
+    return out
+
+
+def _process_table() -> dict[int, tuple[int, int]]:
+    """pid -> (parent pid, start time in clock ticks) of every process (``/proc``)."""
+    table = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            stat = Path(f"/proc/{entry}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        table[int(entry)] = (int(fields[1]), int(fields[19]))
+    return table
+
+
+def _descendants(pid: int) -> list[int]:
+    table = _process_table()
+    out, frontier = [], [pid]
+    while frontier:
+        parent = frontier.pop()
+        children = [p for p, (pp, _) in table.items() if pp == parent]
+        out += children
+        frontier += children
+    return out
+
+
+def _marked(marker: str) -> list[int]:
+    """Processes whose environment carries ``CELLFORGE_SANDBOX_ID=<marker>``."""
+    needle = f"CELLFORGE_SANDBOX_ID={marker}".encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                if needle in Path(f"/proc/{entry}/environ").read_bytes().split(b"\0"):
+                    found.append(int(entry))
+            except OSError:
+                continue
+    return found
+
+
+def _kill(pids: list[int]) -> None:
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            continue
+
+
+def kill_tree(pid: int, marker: str | None = None) -> None:
+    """SIGKILL the process group led by ``pid``, its descendants and every process marked ``marker``."""
+    victims = _descendants(pid) + ([] if marker is None else _marked(marker))
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+    _kill(victims)
+    if marker is None:
+        return
+    deadline = time.monotonic() + 10  # SIGKILL is asynchronous: wait until the tree is gone
+    while (left := _marked(marker)) and time.monotonic() < deadline:
+        _kill(left)  # also anything forked in between
+        time.sleep(0.02)
 
 
 class LocalSandbox(Sandbox):
-    """Run commands on this machine through OpenHands' ``LocalWorkspace``.
+    """Run commands on this machine inside bubblewrap (rlimits only where it is missing).
 
     Parameters
     ----------
     work_dir
-        The only folder the command may write to.
+        The only folder the command sees writable; also the only host folder it sees that
+        is not part of the Python install or the system's programs.
     use_bwrap
-        ``None``: use bubblewrap when it works here; ``False``: rlimits only.
+        ``None``: bubblewrap when it works here; ``True``: require it; ``False``: rlimits only.
     network
-        Allow network access inside bubblewrap (off by default).
+        Keep the host's network namespace (off by default: the sandbox has only ``lo``).
+    limits
+        Process, file, disk and tmpfs bounds (:class:`runtime.base.Limits`).
+
+    Raises
+    ------
+    runtime.errors.SandboxUnavailableError
+        ``use_bwrap=True`` and bubblewrap does not work here.
     """
 
     backend = "local"
 
-    def __init__(self, work_dir: Path, *, use_bwrap: bool | None = None, network: bool = False) -> None:
-        super().__init__(work_dir)
-        from openhands.sdk.workspace import LocalWorkspace
+    def __init__(self, work_dir: Path, *, use_bwrap: bool | None = None, network: bool = False, limits: Limits | None = None) -> None:
+        super().__init__(work_dir, limits=limits)
+        works = bwrap_available()
+        if use_bwrap and not works:
+            from runtime.errors import SandboxUnavailableError
 
-        import logging
-
-        logging.getLogger("openhands").setLevel(logging.WARNING)
-        self._workspace = LocalWorkspace(working_dir=str(self.work_dir))
-        self.use_bwrap = bwrap_available() if use_bwrap is None else use_bwrap
+            msg = "bubblewrap (bwrap) was required but does not work here; install the Debian package 'bubblewrap'"
+            raise SandboxUnavailableError(msg)
+        self.use_bwrap = works if use_bwrap is None else use_bwrap
         self.network = network
         self.isolation: Isolation = "bubblewrap+rlimits" if self.use_bwrap else "rlimits"
+        self.python = sys.executable
+        self.owner = sandbox_owner()
+        self.state_path = self.work_dir.parent / f".{self.work_dir.name}.sandbox.json"
+        self._etc = Path(tempfile.mkdtemp(prefix="cellforge-etc-"))
+        self._write_identity()
+        if not self.use_bwrap:
+            logger.warning(
+                "bubblewrap is not available: sandboxed code runs with rlimits only, NOT isolated from this machine's "
+                "files, sockets or network; install the Debian package 'bubblewrap'"
+            )
+        self.reap_leftovers()
 
-    def put(self, source: Path, dest: str) -> None:
-        """Copy ``source`` into the work folder (OpenHands ``file_upload``)."""
-        result = self._workspace.file_upload(str(source), str(self.work_dir / dest))
-        if not result.success:
-            from runtime.errors import SandboxInfraError
+    def _write_identity(self) -> None:
+        uid, gid = self.owner or (os.getuid(), os.getgid())
+        (self._etc / "passwd").write_text(f"sandbox:x:{uid}:{gid}:sandbox:{self.work_dir}:/usr/sbin/nologin\n")
+        (self._etc / "group").write_text(f"sandbox:x:{gid}:\n")
+        (self._etc / "hosts").write_text("127.0.0.1 localhost sandbox\n::1 localhost\n")
 
-            raise SandboxInfraError(f"upload of {source} failed: {result.error}")
-
-    def get(self, source: str, dest: Path) -> None:
-        """Copy ``source`` out of the work folder (OpenHands ``file_download``)."""
-        result = self._workspace.file_download(str(self.work_dir / source), str(dest))
-        if not result.success:
-            from runtime.errors import SandboxInfraError
-
-            raise SandboxInfraError(f"download of {source} failed: {result.error}")
-
-    def wrap(self, command: list[str], *, timeout_s: float, memory_mb: int | None, env: dict[str, str]) -> list[str]:
-        """The full host command line: timeout, prlimit, bubblewrap, then ``command``."""
-        wrapped = limits_prefix(timeout_s, memory_mb)
-        if self.use_bwrap:
-            work = str(self.work_dir)
-            # The whole root read-only (``/tmp`` included: the interpreter may live there);
-            # scratch space is TMPDIR inside the work folder.
-            wrapped += ["bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc"]
-            wrapped += ["--bind", work, work, "--chdir", work, "--unshare-pid", "--die-with-parent"]
-            if not self.network:
-                wrapped += ["--unshare-net"]
-            for key, value in env.items():
-                wrapped += ["--setenv", key, value]
-            wrapped += ["--"]
+    def reap_leftovers(self) -> list[int]:
+        """Kill what an earlier, killed cellforge left running in this work folder; returns the pids killed."""
+        try:
+            state = json.loads(self.state_path.read_text())
+        except (OSError, ValueError):
+            return []
+        pid, marker = int(state.get("pid") or 0), str(state.get("marker") or "-")
+        killed = _marked(marker)
+        if pid and _process_table().get(pid, (0, None))[1] == state.get("start"):
+            killed = sorted({pid, *_descendants(pid), *killed})
+            kill_tree(pid, marker)
         else:
-            wrapped += ["env", *(f"{k}={v}" for k, v in env.items())]
-        return wrapped + command
+            _kill(killed)
+        self.state_path.unlink(missing_ok=True)
+        if killed:
+            logger.warning("killed %d process(es) left by an earlier run in %s", len(killed), self.work_dir)
+        return killed
+
+    def _limit_args(self, memory_mb: int | None) -> list[str]:
+        lim = self.limits
+        args = [
+            "prlimit",
+            f"--nproc={lim.processes}",
+            f"--fsize={lim.file_size_mb * 1024 * 1024}",
+            f"--nofile={lim.open_files}",
+            "--core=0",
+        ]
+        if memory_mb:
+            args.append(f"--as={int(memory_mb) * 1024 * 1024}")
+        return [*args, "--", "setpriv", "--pdeathsig", "KILL", "--"]
+
+    def _drop_args(self) -> list[str]:
+        """``setpriv`` to the unprivileged uid with no capabilities (only when cellforge is root)."""
+        if self.owner is None or not self.use_bwrap:
+            # Without bubblewrap the interpreter may sit where the sandbox uid cannot reach (/root/.pyenv):
+            # the fallback keeps the caller's uid, which is one more reason it is no isolation.
+            return ["setpriv", "--no-new-privs", "--"]
+        uid, gid = self.owner
+        return [
+            "setpriv", f"--reuid={uid}", f"--regid={gid}", "--clear-groups", "--no-new-privs",
+            "--inh-caps=-all", "--bounding-set=-all", "--",
+        ]  # fmt: skip
+
+    def wrap(self, command: list[str], *, memory_mb: int | None, env: dict[str, str], log_name: str) -> list[str]:
+        """The full host command line: rlimits, parent-death signal, bubblewrap, uid drop, then ``command``."""
+        redirect = ["/bin/sh", "-c", f'exec "$@" > logs/{shlex.quote(log_name)} 2>&1', "sh"]
+        inner = self._drop_args() + redirect + command
+        if not self.use_bwrap:
+            return self._limit_args(memory_mb) + ["env", "-i", *(f"{k}={v}" for k, v in env.items())] + inner
+        work = str(self.work_dir)
+        lim = self.limits
+        args = ["bwrap", "--die-with-parent", "--new-session", "--unshare-ipc", "--unshare-pid", "--unshare-uts", "--unshare-cgroup-try"]
+        if os.geteuid() != 0:
+            args += ["--unshare-user"]
+        if not self.network:
+            args += ["--unshare-net"]
+        args += ["--hostname", "sandbox", "--clearenv"]
+        for key, value in env.items():
+            args += ["--setenv", key, value]
+        # private /dev, /proc and tmpfs first, so that binds below /tmp land inside the new /tmp
+        args += ["--dev", "/dev", "--proc", "/proc"]
+        args += ["--size", str(lim.tmp_mb * 1024 * 1024), "--perms", "1777", "--tmpfs", "/tmp"]
+        args += ["--size", str(lim.shm_mb * 1024 * 1024), "--perms", "1777", "--tmpfs", "/dev/shm"]
+        system = _system_binds()
+        identity = [("--ro-bind", str(self._etc / name), f"/etc/{name}") for name in ("passwd", "group", "hosts")]
+        dests = [system[i + 2] for i in range(0, len(system), 3)] + [d for *_, d in identity] + _python_roots() + [work]
+        args += _parents(dests)
+        args += system
+        for triple in identity:
+            args += list(triple)
+        for root in _python_roots():
+            args += ["--ro-bind", root, root]
+        args += ["--bind", work, work, "--chdir", work]
+        if self.owner is not None:
+            args += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
+        return self._limit_args(memory_mb) + args + ["--"] + inner
 
     def run(
         self,
@@ -103,39 +318,58 @@ class LocalSandbox(Sandbox):
         log_name: str = "run.log",
         env: dict[str, str] | None = None,
     ) -> RunResult:
-        """Run ``command`` under the limits; output goes to ``logs/<log_name>``.
+        """Run ``command`` under the limits; output goes to ``logs/<log_name>`` (written inside the sandbox).
 
-        The exit code is ``timeout``'s: 124 when the wall-clock limit ended the command.
+        The exit code is 124 when the wall-clock limit ended the command; the whole process
+        tree is dead when this returns.
         """
-        logs = self.work_dir / "logs"
-        logs.mkdir(exist_ok=True)
-        log_path = logs / log_name
-        (self.work_dir / ".tmp").mkdir(exist_ok=True)
-        base_env = {
-            "HOME": str(self.work_dir),
-            "MPLCONFIGDIR": str(self.work_dir / ".cache" / "matplotlib"),
-            "PYTHONUNBUFFERED": "1",
-            "PYTHONDONTWRITEBYTECODE": "1",
-            "TMPDIR": str(self.work_dir / ".tmp"),
-            "CUDA_VISIBLE_DEVICES": os.environ.get("CUDA_VISIBLE_DEVICES", ""),
-        }
-        base_env.update(env or {})
-        full = self.wrap(command, timeout_s=timeout_s, memory_mb=memory_mb, env=base_env)
-        shell = f"exec {shlex.join(full)} > {shlex.quote(str(log_path))} 2>&1"
+        if "/" in log_name or log_name.startswith("."):
+            msg = f"log_name {log_name!r} must be a plain file name"
+            raise ValueError(msg)
+        prepare_work_dir(self.work_dir, self.owner if self.use_bwrap else None)
+        marker = secrets.token_hex(8)
+        full_env = {**sandbox_env(self.work_dir, env), "CELLFORGE_SANDBOX_ID": marker}
+        full = self.wrap(command, memory_mb=memory_mb, env=full_env, log_name=log_name)
         start = time.monotonic()
-        result = self._workspace.execute_command(shell, cwd=str(self.work_dir), timeout=timeout_s + 30)
-        duration = time.monotonic() - start
-        exit_code = result.exit_code
-        if result.timeout_occurred:
-            exit_code = 124
+        proc = subprocess.Popen(  # noqa: S603
+            full, cwd=self.work_dir, env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}, stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+        )  # fmt: skip
+        self.state_path.write_text(json.dumps({"pid": proc.pid, "start": _process_table().get(proc.pid, (0, None))[1], "marker": marker}))
+        limit_hit = None
+        with DiskWatch(self.work_dir, limit_mb=self.limits.disk_mb, on_exceed=lambda: kill_tree(proc.pid, marker)) as watch:
+            try:
+                _, launcher_err = proc.communicate(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                kill_tree(proc.pid, marker)
+                _, launcher_err = proc.communicate()
+                limit_hit = "timeout"
+        kill_tree(proc.pid, marker)  # anything that outlived the command (setsid, daemons)
+        self.state_path.unlink(missing_ok=True)
+        if watch.exceeded and limit_hit is None:
+            limit_hit = "disk"
+        exit_code = TIMEOUT_EXIT if limit_hit == "timeout" else proc.returncode
+        log_tail = tail(self.work_dir, f"logs/{log_name}")
+        note = ""
+        if limit_hit == "disk":
+            note = f"\n[sandbox] stopped: the work folder passed its limit of {self.limits.disk_mb} MiB"
+        elif launcher_err and exit_code != 0 and not log_tail:
+            note = "\n[sandbox launcher] " + launcher_err.decode("utf-8", errors="replace")[-1500:]
         return RunResult(
             command=command,
             exit_code=exit_code,
-            timed_out=exit_code == 124,  # noqa: PLR2004 - coreutils timeout's status
-            duration_s=round(duration, 3),
-            log_tail=tail(log_path),
-            log_path=str(log_path.relative_to(self.work_dir)),
+            timed_out=limit_hit == "timeout",
+            duration_s=round(time.monotonic() - start, 3),
+            log_tail=(log_tail + note).strip("\n") if note else log_tail,
+            log_path=f"logs/{log_name}",
             backend=self.backend,
             isolation=self.isolation,
             memory_limit_mb=memory_mb,
+            limit_hit=limit_hit,
         )
+
+    def close(self) -> None:
+        """Remove the host-side identity files."""
+        import shutil
+
+        shutil.rmtree(self._etc, ignore_errors=True)

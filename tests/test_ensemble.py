@@ -124,7 +124,7 @@ def test_refinement_keeps_the_average_when_it_beats_the_best_attempt_on_validati
     outputs = sandbox.work_dir / "outputs"
     common = {
         "sandbox": sandbox, "attempts_dir": tmp_path / "attempts", "journal_path": tmp_path / "journal.json",
-        "check_outputs": lambda: json.loads((outputs / "val_metrics.json").read_text()), "timeout_s": 60,
+        "check_outputs": lambda out: json.loads((out / "val_metrics.json").read_text()), "timeout_s": 60,
     }
     journal, script = run_attempts(_SCRIPT, debugger=None, **common)
     journal, script = refine_until_settled(
@@ -172,7 +172,7 @@ def test_a_change_within_one_standard_error_does_not_replace_the_best_attempt(tm
     sandbox = LocalSandbox(tmp_path / "work")
     common = {
         "sandbox": sandbox, "attempts_dir": tmp_path / "attempts", "journal_path": tmp_path / "journal.json",
-        "check_outputs": lambda: json.loads((sandbox.work_dir / "outputs" / "val_metrics.json").read_text()), "timeout_s": 60,
+        "check_outputs": lambda out: json.loads((out / "val_metrics.json").read_text()), "timeout_s": 60,
     }
     journal, script = run_attempts(_NOISY, debugger=None, **common)
     journal, _ = refine_until_settled(

@@ -11,8 +11,6 @@ import pytest
 
 from cellforge.execution.codegen import get_config
 from cellforge.execution.journal import FailureKind, classify, run_attempts
-from runtime.docker import DockerSandbox, ReachByAddress, update_command, workspace_options
-from runtime.errors import SandboxInfraError
 from runtime.factory import resolve_backend
 from runtime.local import LocalSandbox, bwrap_available
 
@@ -40,24 +38,6 @@ def test_allocation_past_the_memory_limit_is_out_of_memory(tmp_path):
     assert classify(result.exit_code, result.timed_out, result.log_tail) is FailureKind.OOM
 
 
-@pytest.mark.skipif(not bwrap_available(), reason="bubblewrap not available")
-def test_writes_outside_the_work_folder_are_stopped(tmp_path):
-    # A host folder outside the work folder and outside /tmp (which is private inside the sandbox).
-    outside = Path(__file__).resolve().parent / f"escape-{tmp_path.name}.txt"
-    try:
-        result = _run(tmp_path, f"open({str(outside)!r}, 'w').write('escaped')\n")
-        assert result.exit_code != 0 and not outside.exists()
-    finally:
-        outside.unlink(missing_ok=True)
-    assert "Read-only file system" in result.log_tail or "Permission denied" in result.log_tail
-
-
-@pytest.mark.skipif(not bwrap_available(), reason="bubblewrap not available")
-def test_no_network_inside_bubblewrap(tmp_path):
-    code = "import socket\ns = socket.socket()\ns.settimeout(2)\ns.connect(('1.1.1.1', 80))\n"
-    assert _run(tmp_path, code).exit_code != 0
-
-
 def test_shape_error_is_patched_and_succeeds(tmp_path):
     script = (
         "import json, pathlib\nfrom torch import nn\nimport torch\n"
@@ -69,10 +49,10 @@ def test_shape_error_is_patched_and_succeeds(tmp_path):
     )
     sandbox = LocalSandbox(tmp_path / "work")
 
-    def check():  # noqa: ANN202
+    def check(out):  # noqa: ANN001, ANN202
         from cellforge.errors import PredictionError
 
-        path = sandbox.work_dir / "outputs" / "done.json"
+        path = out / "done.json"
         if not path.exists():
             raise PredictionError("no outputs/done.json")
         return {}
@@ -97,7 +77,7 @@ def test_shape_error_is_patched_and_succeeds(tmp_path):
 def test_missing_outputs_are_bad_output(tmp_path):
     sandbox = LocalSandbox(tmp_path / "work")
 
-    def check():  # noqa: ANN202
+    def check(out):  # noqa: ANN001, ANN202
         from cellforge.errors import PredictionError
 
         raise PredictionError("no predictions file")
@@ -119,102 +99,6 @@ def test_backend_choice_and_strictness(monkeypatch):
         resolve_backend("podman")
 
 
-class _FakeDocker:
-    """Stands in for the docker CLI: records commands, answers inspect/update."""
-
-    def __init__(self, *, network_exists: bool = True, internal: bool = True) -> None:
-        self.calls: list[list[str]] = []
-        self.network_exists, self.internal = network_exists, internal
-
-    def __call__(self, cmd, **_):  # noqa: ANN001, ANN003, ANN204
-        self.calls.append(cmd)
-        rc, out = 0, ""
-        if cmd[:3] == ["docker", "network", "inspect"]:
-            rc, out = (0, "true" if self.internal else "false") if self.network_exists else (1, "")
-        elif cmd[:2] == ["docker", "inspect"]:
-            out = "172.30.0.5"
-        return type("Done", (), {"returncode": rc, "stdout": out, "stderr": ""})()
-
-
-class _FakeWorkspace:
-    def __init__(self, **kwargs):  # noqa: ANN003
-        self.kwargs, self._container_id = kwargs, "cid123"
-
-
-def test_docker_container_spec_without_an_engine(tmp_path):
-    opts = workspace_options(tmp_path, image="cellforge-sandbox:test", enable_gpu=True, network="cellforge-sandbox")
-    work = str(tmp_path.resolve())
-    assert opts["volumes"] == [f"{work}:{work}:rw"] and opts["enable_gpu"] is True
-    assert opts["server_image"] == "cellforge-sandbox:test" and opts["forward_env"] == []
-    assert opts["network"] == "cellforge-sandbox"
-    assert update_command("abc", memory_mb=4096, cpus=2) == [
-        "docker", "update", "--memory=4096m", "--memory-swap=4096m", "--cpus=2", "abc",
-    ]
-    docker = _FakeDocker()
-    sandbox = DockerSandbox(tmp_path, memory_mb=2048, cpus=1.5, workspace_factory=_FakeWorkspace, runner=docker)
-    # the internal network is checked, the container joins it and is capped
-    assert docker.calls[0][:3] == ["docker", "network", "inspect"]
-    assert docker.calls[-1] == update_command("cid123", memory_mb=2048, cpus=1.5)
-    assert sandbox._workspace.kwargs["network"] == "cellforge-sandbox"
-    assert sandbox._workspace.kwargs["volumes"] == [f"{work}:{work}:rw"]  # only the work folder
-    inner = sandbox.container_command(["python", "train.py"], timeout_s=60, memory_mb=1024)
-    assert inner[:6] == ["timeout", "-s", "TERM", "-k", "5", "60"] and "--as=1073741824" in inner
-    assert sandbox.describe() == {"backend": "docker", "isolation": "docker+no-network"}
-
-
-def test_docker_internal_network_is_created_or_refused(tmp_path, monkeypatch):
-    docker = _FakeDocker(network_exists=False)
-    DockerSandbox(tmp_path, workspace_factory=_FakeWorkspace, runner=docker)
-    assert ["docker", "network", "create", "--internal", "--label", "cellforge=sandbox", "cellforge-sandbox"] in docker.calls
-    with pytest.raises(SandboxInfraError, match="not internal"):
-        DockerSandbox(tmp_path, workspace_factory=_FakeWorkspace, runner=_FakeDocker(internal=False))
-    monkeypatch.setenv("CELLFORGE_DOCKER_NETWORK", "bridge")
-    docker = _FakeDocker()
-    sandbox = DockerSandbox(tmp_path, workspace_factory=_FakeWorkspace, runner=docker)
-    assert "network" not in sandbox._workspace.kwargs and sandbox.describe()["isolation"] == "docker"
-    assert not any(c[:2] == ["docker", "network"] for c in docker.calls)
-    monkeypatch.setenv("CELLFORGE_DOCKER_NETWORK", "host")
-    with pytest.raises(ValueError, match="valid: internal, bridge"):
-        DockerSandbox(tmp_path, workspace_factory=_FakeWorkspace, runner=docker)
-
-
-def test_workspace_on_internal_network_is_reached_by_container_address():
-    seen = {}
-
-    class Base:
-        def _wait_for_health(self, *, timeout):  # noqa: ANN001, ANN202
-            seen["host"], seen["timeout"] = self.host, timeout
-
-    docker = _FakeDocker()
-    workspace_cls = type("W", (ReachByAddress, Base), {"address_runner": docker})
-    ws = workspace_cls()
-    ws._container_id, ws.network, ws.host = "cid9", "cellforge-sandbox", "http://127.0.0.1:30001"
-    ws._wait_for_health(timeout=5)
-    assert seen == {"host": "http://172.30.0.5:8000", "timeout": 5}
-    assert docker.calls[-1][:2] == ["docker", "inspect"] and docker.calls[-1][-1] == "cid9"
-    assert '"cellforge-sandbox"' in docker.calls[-1][3]
-
-
-@pytest.mark.docker
-def test_docker_sandbox_runs_for_real(tmp_path):
-    if not shutil.which("docker"):
-        pytest.skip("no docker client")
-    with DockerSandbox(tmp_path) as sandbox:
-        (tmp_path / "s.py").write_text("print('in docker')")
-        result = sandbox.run(["python", "s.py"], timeout_s=60)
-    assert result.exit_code == 0 and "in docker" in result.log_tail
-
-
-@pytest.mark.docker
-def test_docker_sandbox_has_no_outbound_network(tmp_path):
-    if not shutil.which("docker"):
-        pytest.skip("no docker client")
-    with DockerSandbox(tmp_path) as sandbox:
-        (tmp_path / "net.py").write_text("import socket\nsocket.create_connection(('1.1.1.1', 53), timeout=5)\n")
-        result = sandbox.run(["python", "net.py"], timeout_s=60)
-    assert result.exit_code != 0 and sandbox.describe()["isolation"] == "docker+no-network"
-
-
 _REFINE_SCRIPT = """CONFIG = {"x": 0}
 import json, pathlib
 x = CONFIG["x"]
@@ -234,8 +118,8 @@ def _refine(tmp_path: Path, **settings):  # noqa: ANN003, ANN202
 
     sandbox = LocalSandbox(tmp_path / "work")
 
-    def check():  # noqa: ANN202
-        path = sandbox.work_dir / "outputs" / "val_metrics.json"
+    def check(out):  # noqa: ANN001, ANN202
+        path = out / "val_metrics.json"
         if not path.exists():
             raise PredictionError("no validation metrics")
         return json.loads(path.read_text())
@@ -283,7 +167,7 @@ def test_trying_candidate_models_uses_no_refinement_rounds(tmp_path):
     sandbox = LocalSandbox(tmp_path / "work")
     common = {
         "sandbox": sandbox, "attempts_dir": tmp_path / "attempts", "journal_path": tmp_path / "journal.json",
-        "check_outputs": lambda: json.loads((sandbox.work_dir / "outputs" / "val_metrics.json").read_text()), "timeout_s": 30,
+        "check_outputs": lambda out: json.loads((out / "val_metrics.json").read_text()), "timeout_s": 30,
     }
     proposals = iter([{"baseline": "linear"}, {"baseline": "on_target"}, {"x": 3}, {"x": 4}])
 

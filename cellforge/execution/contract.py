@@ -64,6 +64,56 @@ def _condition_doses(adata: ad.AnnData) -> dict[str, float]:
     return {str(c): float(v) for c, v in first.items()}
 
 
+#: Largest ``val_metrics.json`` the host reads, bytes.
+MAX_VAL_METRICS_BYTES = 1024 * 1024
+
+
+def parse_val_metrics(data: bytes, source: str) -> dict:
+    """The validation metrics in ``data`` (a JSON object), as written by a training script.
+
+    Raises
+    ------
+    PredictionError
+        Not JSON, or not an object.
+    """
+    try:
+        metrics = json.loads(data)
+    except ValueError as exc:
+        msg = f"{source}: not valid JSON ({exc})"
+        raise PredictionError(msg) from exc
+    if not isinstance(metrics, dict):
+        msg = f"{source}: expected a JSON object of metric -> value, got {type(metrics).__name__}"
+        raise PredictionError(msg)
+    return metrics
+
+
+def read_val_metrics(outputs: Path) -> dict:
+    """Validation metrics from a host-side copy of ``outputs/`` (empty when the script wrote none).
+
+    Raises
+    ------
+    PredictionError
+        The file is too big, not JSON or not an object.
+    """
+    path = Path(outputs) / Path(VAL_METRICS).name
+    if not path.is_file():
+        return {}
+    if path.stat().st_size > MAX_VAL_METRICS_BYTES:
+        msg = f"{path}: over {MAX_VAL_METRICS_BYTES} bytes"
+        raise PredictionError(msg)
+    return parse_val_metrics(path.read_bytes(), str(path))
+
+
+def sandbox_val_metrics(sandbox: object) -> dict:
+    """Validation metrics read straight from a sandbox's work folder (no link followed); empty when unusable."""
+    from runtime.errors import UntrustedFileError
+
+    try:
+        return parse_val_metrics(sandbox.read(VAL_METRICS, max_bytes=MAX_VAL_METRICS_BYTES), VAL_METRICS)  # type: ignore[attr-defined]
+    except (OSError, UntrustedFileError, PredictionError):
+        return {}
+
+
 #: Largest value a log1p-normalised profile can plausibly reach (log1p(1e4 * 1e3) ~ 16).
 LOG_SCALE_MAX = 50.0
 

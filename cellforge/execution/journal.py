@@ -13,7 +13,6 @@ import hashlib
 import json
 import re
 import shutil
-import sys
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
@@ -31,6 +30,7 @@ class FailureKind(StrEnum):
     TIMEOUT = "timeout"
     OOM = "out_of_memory"
     BAD_OUTPUT = "bad_output"
+    DISK_LIMIT = "disk_limit"
     INFRA = "infrastructure"
 
 
@@ -85,10 +85,16 @@ class Journal(BaseModel):
         path.write_text(self.model_dump_json(indent=2))
 
 
-def classify(exit_code: int, timed_out: bool, log_tail: str) -> FailureKind | None:  # noqa: FBT001
-    """Failure class of a finished command (``None`` for a clean exit)."""
+def classify(exit_code: int, timed_out: bool, log_tail: str, *, limit_hit: str | None = None) -> FailureKind | None:  # noqa: FBT001
+    """Failure class of a finished command (``None`` for a clean exit).
+
+    ``limit_hit='disk'`` (the sandbox stopped a command whose work folder passed its size
+    limit) is a :attr:`FailureKind.DISK_LIMIT`.
+    """
     if timed_out:
         return FailureKind.TIMEOUT
+    if limit_hit == "disk":
+        return FailureKind.DISK_LIMIT
     if exit_code == 0:
         return None
     if exit_code in (137, -9) or _OOM.search(log_tail):  # noqa: PLR2004 - SIGKILL, usually the OOM killer
@@ -166,19 +172,19 @@ class _Executor:
         """
         index = len(self.journal.attempts)
         folder = self.attempts_dir / f"attempt-{index:03d}"
-        folder.mkdir(parents=True, exist_ok=True)
+        if folder.exists():
+            shutil.rmtree(folder)  # left by an interrupted run: this attempt starts clean
+        folder.mkdir(parents=True)
         (folder / "train.py").write_text(script)
-        work = self.sandbox.work_dir
-        (work / "train.py").write_text(script)
-        outputs = work / "outputs"
-        if outputs.exists():
-            shutil.rmtree(outputs)  # a run must write its own outputs, not inherit the last one's
-        command = [sys.executable, "train.py"]
+        self.sandbox.remove("outputs")  # a run must write its own outputs, not inherit the last one's
+        self.sandbox.write_text("train.py", script)
+        command = [self.sandbox.python, "train.py"]
+        log_name = f"attempt-{index:03d}.log"
         attempt = Attempt(index=index, parent=parent, stage=stage, script_sha256=sha(script), command=command, patch=patch)
         if self.on_start:
-            self.on_start(attempt, work / "logs" / f"attempt-{index:03d}.log")
+            self.on_start(attempt, self.sandbox.work_dir, f"logs/{log_name}")
         try:
-            result = self.sandbox.run(command, timeout_s=self.timeout_s, memory_mb=self.memory_mb, log_name=f"attempt-{index:03d}.log")
+            result = self.sandbox.run(command, timeout_s=self.timeout_s, memory_mb=self.memory_mb, log_name=log_name)
         except Exception as exc:
             attempt.failure, attempt.failure_detail = FailureKind.INFRA, str(exc)
             self.journal.attempts.append(attempt)
@@ -189,26 +195,47 @@ class _Executor:
         attempt.exit_code, attempt.duration_s, attempt.log_tail = result.exit_code, result.duration_s, result.log_tail
         attempt.backend, attempt.isolation = result.backend, result.isolation
         (folder / "log_tail.txt").write_text(result.log_tail)
-        attempt.failure = classify(result.exit_code, result.timed_out, result.log_tail)
+        attempt.failure = classify(result.exit_code, result.timed_out, result.log_tail, limit_hit=result.limit_hit)
         if attempt.failure is None:
             try:
-                attempt.val_metrics = self.check_outputs()
+                attempt.val_metrics = self.check_outputs(self._collect(folder / "outputs"))
             except PredictionError as exc:
                 attempt.failure, attempt.failure_detail = FailureKind.BAD_OUTPUT, str(exc)
-        if attempt.failure is None and outputs.exists():
-            shutil.copytree(outputs, folder / "outputs", dirs_exist_ok=True)
+        if attempt.failure is not None and (folder / "outputs").exists():
+            shutil.rmtree(folder / "outputs")  # only clean runs keep outputs
         self.journal.attempts.append(attempt)
         self.journal.save(self.journal_path)
         return attempt
 
+    def _collect(self, dest: Path) -> Path:
+        """Copy the sandbox's ``outputs/`` to the host folder ``dest`` (no link followed, sizes bounded).
+
+        Raises
+        ------
+        PredictionError
+            No outputs folder, or it is a link, holds special files only, or is too big.
+        """
+        from runtime.errors import UntrustedFileError
+
+        try:
+            skipped = self.sandbox.get_tree("outputs", dest)
+        except FileNotFoundError as exc:
+            msg = "the script wrote no outputs/ folder"
+            raise PredictionError(msg) from exc
+        except UntrustedFileError as exc:
+            raise PredictionError(str(exc)) from exc
+        if skipped:
+            (dest / "SKIPPED.txt").write_text("not copied (links or special files):\n" + "\n".join(skipped) + "\n")
+        return dest
+
     def restore(self, index: int) -> None:
         """Put attempt ``index``'s script and saved outputs back into the sandbox (``train.py``, ``outputs/``)."""
         folder = self.attempts_dir / f"attempt-{index:03d}"
-        outputs = self.sandbox.work_dir / "outputs"
-        if outputs.exists():
-            shutil.rmtree(outputs)
-        shutil.copytree(folder / "outputs", outputs)
-        shutil.copy2(folder / "train.py", self.sandbox.work_dir / "train.py")
+        self.sandbox.remove("outputs")
+        for path in sorted((folder / "outputs").rglob("*")):
+            if path.is_file() and path.name != "SKIPPED.txt":
+                self.sandbox.write_text(str(Path("outputs") / path.relative_to(folder / "outputs")), path.read_bytes())
+        self.sandbox.write_text("train.py", (folder / "train.py").read_text())
 
 
 def run_attempts(
@@ -233,8 +260,9 @@ def run_attempts(
     sandbox
         A :class:`runtime.base.Sandbox` whose work folder holds the inputs.
     check_outputs
-        Callable raising :class:`PredictionError` when the outputs break the contract;
-        returns the validation metrics dict otherwise.
+        Callable ``(outputs_dir) -> dict`` given a host-side copy of the sandbox's ``outputs/``
+        (made without following links, size-bounded); raises :class:`PredictionError` when
+        the outputs break the contract, returns the validation metrics otherwise.
     debugger
         Callable ``(script, log_tail, failure) -> patch dict``.
 
@@ -493,5 +521,5 @@ def _ensemble(
     average_predictions(paths, choice.weights).write_h5ad(outputs / "predictions.h5ad")
     record = EnsembleRecord(weights=choice.weights, val_metrics=choice.scores, best_single_val_metrics=choice.single)
     (outputs / "ensemble.json").write_text(record.model_dump_json(indent=2))
-    check_outputs()
+    check_outputs(outputs)
     return record

@@ -1,0 +1,263 @@
+"""Host-side access to a sandbox's work folder that never trusts what the sandbox made there.
+
+Code in the sandbox can replace any entry of its work folder with a symbolic link, a hard
+link, a FIFO or a device node, or make a file huge, between two host operations. Every
+function here therefore walks paths one component at a time from a directory descriptor
+with ``O_NOFOLLOW`` (so no link is followed at any depth), checks with ``fstat`` that what
+it opened is a regular file or a directory, checks sizes before reading, and replaces
+entries (unlink, then ``O_CREAT | O_EXCL``) rather than writing through them.
+
+All paths given as ``rel`` are relative to the work folder; absolute paths and ``..`` are
+refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import stat
+from collections.abc import Iterator
+from pathlib import Path, PurePosixPath
+
+from runtime.errors import UntrustedFileError
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_READ_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+
+
+def _parts(rel: str | os.PathLike[str]) -> list[str]:
+    path = PurePosixPath(os.fspath(rel))
+    if path.is_absolute() or any(p == ".." for p in path.parts):
+        msg = f"{rel!s}: paths into the work folder must be relative and stay inside it"
+        raise UntrustedFileError(msg)
+    return [p for p in path.parts if p not in ("", ".")]
+
+
+@contextlib.contextmanager
+def _open_dir(root: Path, parts: list[str], *, create: bool = False, owner: tuple[int, int] | None = None) -> Iterator[int]:
+    """Descriptor of ``root/parts...`` reached without following any link (created on request)."""
+    fd = os.open(root, _DIR_FLAGS)
+    try:
+        for part in parts:
+            try:
+                nxt = os.open(part, _DIR_FLAGS, dir_fd=fd)
+            except FileNotFoundError:
+                if not create:
+                    raise
+                os.mkdir(part, 0o755, dir_fd=fd)
+                nxt = os.open(part, _DIR_FLAGS, dir_fd=fd)
+                if owner is not None:
+                    os.fchown(nxt, *owner)
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                    msg = f"{root}/{'/'.join(parts)}: {part!r} is not a plain directory (a link or a special file made in the sandbox)"
+                    raise UntrustedFileError(msg) from exc
+                raise
+            os.close(fd)
+            fd = nxt
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def read_bytes(root: Path, rel: str | os.PathLike[str], *, max_bytes: int) -> bytes:
+    """Contents of the regular file ``root/rel``, refusing links, special files and big files.
+
+    Raises
+    ------
+    FileNotFoundError
+        No such entry.
+    UntrustedFileError
+        A link or a non-regular file anywhere on the path, or a file over ``max_bytes``.
+    """
+    parts = _parts(rel)
+    if not parts:
+        raise UntrustedFileError(f"{root}: not a file")
+    with _open_dir(root, parts[:-1]) as dfd:
+        try:
+            fd = os.open(parts[-1], _READ_FLAGS, dir_fd=dfd)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise UntrustedFileError(f"{root}/{rel}: is a symbolic link made in the sandbox; not followed") from exc
+            raise
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise UntrustedFileError(f"{root}/{rel}: not a regular file (mode {stat.filemode(info.st_mode)})")
+            if info.st_size > max_bytes:
+                raise UntrustedFileError(f"{root}/{rel}: {info.st_size} bytes, over the limit of {max_bytes}")
+        finally:
+            os.close(fd)
+        return read_at(dfd, parts[-1], max_bytes=max_bytes, shown=f"{root}/{rel}")
+
+
+def read_tail(root: Path, rel: str | os.PathLike[str], *, max_bytes: int = 64 * 1024) -> bytes:
+    """The last ``max_bytes`` of the regular file ``root/rel`` (empty when missing or not a plain file)."""
+    parts = _parts(rel)
+    try:
+        with _open_dir(root, parts[:-1]) as dfd:
+            fd = os.open(parts[-1], _READ_FLAGS, dir_fd=dfd)
+            try:
+                info = os.fstat(fd)
+                if not stat.S_ISREG(info.st_mode):
+                    return b""
+                os.lseek(fd, max(0, info.st_size - max_bytes), os.SEEK_SET)
+                return os.read(fd, max_bytes)
+            finally:
+                os.close(fd)
+    except (OSError, UntrustedFileError):
+        return b""
+
+
+def write_bytes(root: Path, rel: str | os.PathLike[str], data: bytes, *, owner: tuple[int, int] | None = None) -> None:
+    """Write ``data`` to ``root/rel`` as a new file: whatever entry was there is unlinked first.
+
+    Parent folders are created (owned by ``owner`` when given); no link is followed.
+
+    Raises
+    ------
+    UntrustedFileError
+        A parent is a link or special file, or the target is a directory.
+    """
+    parts = _parts(rel)
+    with _open_dir(root, parts[:-1], create=True, owner=owner) as dfd:
+        with contextlib.suppress(FileNotFoundError):
+            info = os.stat(parts[-1], dir_fd=dfd, follow_symlinks=False)
+            if stat.S_ISDIR(info.st_mode):
+                raise UntrustedFileError(f"{root}/{rel}: is a directory; refusing to replace it")
+            os.unlink(parts[-1], dir_fd=dfd)
+        fd = os.open(parts[-1], os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=dfd)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+        finally:
+            os.close(fd)
+
+
+def make_dir(root: Path, rel: str | os.PathLike[str], *, owner: tuple[int, int] | None = None) -> None:
+    """Create ``root/rel`` (and parents) as plain directories; an existing link there is an error."""
+    with _open_dir(root, _parts(rel), create=True, owner=owner):
+        pass
+
+
+def remove(root: Path, rel: str | os.PathLike[str]) -> None:
+    """Remove the entry ``root/rel`` (a file, a link itself, or a whole folder) without following links."""
+    parts = _parts(rel)
+    with _open_dir(root, parts[:-1]) as dfd:
+        try:
+            info = os.stat(parts[-1], dir_fd=dfd, follow_symlinks=False)
+        except FileNotFoundError:
+            return
+        if stat.S_ISDIR(info.st_mode):
+            _rmtree_at(dfd, parts[-1])
+        else:
+            os.unlink(parts[-1], dir_fd=dfd)
+
+
+def _rmtree_at(parent_fd: int, name: str) -> None:
+    fd = os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
+    try:
+        for entry in os.listdir(fd):
+            info = os.stat(entry, dir_fd=fd, follow_symlinks=False)
+            if stat.S_ISDIR(info.st_mode):
+                _rmtree_at(fd, entry)
+            else:
+                os.unlink(entry, dir_fd=fd)
+    finally:
+        os.close(fd)
+    os.rmdir(name, dir_fd=parent_fd)
+
+
+def copy_tree_out(
+    root: Path, rel: str | os.PathLike[str], dest: Path, *, max_bytes: int, max_files: int = 10_000
+) -> list[str]:
+    """Copy the folder ``root/rel`` to the host folder ``dest``: regular files and folders only.
+
+    Links, FIFOs, sockets and devices are skipped and named in the returned list; the host
+    copy never follows a link made in the sandbox.
+
+    Raises
+    ------
+    FileNotFoundError
+        ``root/rel`` does not exist.
+    UntrustedFileError
+        ``root/rel`` is not a plain folder, or the files pass ``max_bytes`` in all or ``max_files``.
+    """
+    skipped: list[str] = []
+    budget = {"bytes": max_bytes, "files": max_files}
+
+    def walk(dfd: int, target: Path, shown: str) -> None:
+        target.mkdir(parents=True, exist_ok=True)
+        for entry in sorted(os.listdir(dfd)):
+            info = os.stat(entry, dir_fd=dfd, follow_symlinks=False)
+            if stat.S_ISDIR(info.st_mode):
+                sub = os.open(entry, _DIR_FLAGS, dir_fd=dfd)
+                try:
+                    walk(sub, target / entry, f"{shown}/{entry}")
+                finally:
+                    os.close(sub)
+            elif stat.S_ISREG(info.st_mode):
+                budget["files"] -= 1
+                budget["bytes"] -= info.st_size
+                if budget["files"] < 0 or budget["bytes"] < 0:
+                    msg = f"{root}/{rel}: more than {max_files} files or {max_bytes} bytes; not copied"
+                    raise UntrustedFileError(msg)
+                data = read_at(dfd, entry, max_bytes=info.st_size, shown=f"{shown}/{entry}")
+                (target / entry).write_bytes(data)
+            else:
+                skipped.append(f"{shown}/{entry} ({stat.filemode(info.st_mode)})")
+
+    with _open_dir(root, _parts(rel)) as fd:
+        walk(fd, Path(dest), str(rel))
+    return skipped
+
+
+def read_at(dfd: int, name: str, *, max_bytes: int, shown: str) -> bytes:
+    """Contents of the regular file ``name`` in the open folder ``dfd`` (no links, at most ``max_bytes``)."""
+    fd = os.open(name, _READ_FLAGS, dir_fd=dfd)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise UntrustedFileError(f"{shown}: not a regular file")
+        chunks, total = [], 0
+        while chunk := os.read(fd, 1 << 20):
+            total += len(chunk)
+            if total > max_bytes:
+                raise UntrustedFileError(f"{shown}: grew past {max_bytes} bytes while read")
+            chunks.append(chunk)
+        return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def tree_size(root: Path) -> int:
+    """Bytes allocated on disk by everything under ``root`` (links not followed; each inode once)."""
+    total, seen = 0, set()
+    stack = [str(root)]
+    while stack:
+        folder = stack.pop()
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            continue
+        for entry in entries:
+            try:
+                info = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if (info.st_dev, info.st_ino) in seen:
+                continue
+            seen.add((info.st_dev, info.st_ino))
+            total += info.st_blocks * 512
+            if stat.S_ISDIR(info.st_mode):
+                stack.append(entry.path)
+    return total
+
+
+def chown_tree(root: Path, owner: tuple[int, int]) -> None:
+    """Give ``root`` and everything under it to ``owner`` (links themselves, never their targets)."""
+    os.chown(root, *owner, follow_symlinks=False)
+    for folder, dirs, files in os.walk(root):
+        for name in dirs + files:
+            os.chown(os.path.join(folder, name), *owner, follow_symlinks=False)
