@@ -47,6 +47,8 @@ DEFAULT_IMAGE = "cellforge-sandbox:latest"
 CONTROL_MOUNT = "/ctl"
 SOCKET_NAME = "agent.sock"
 HEALTH_TIMEOUT_S = 120.0
+#: Exit status reported when the wall-clock limit stopped the command (as coreutils ``timeout``).
+TIMEOUT_EXIT = 124
 
 
 def docker_engine_available() -> bool:
@@ -83,12 +85,38 @@ def python_mounts() -> list[str]:
 
 
 def server_command(python: str) -> list[str]:
-    """The agent server's start command inside the container: uvicorn on the control socket."""
+    """The agent server's start command inside the container: uvicorn on the control socket.
+
+    ``python -m openhands.agent_server`` listens only on TCP; this serves the same ASGI app
+    (``openhands.agent_server.api:api``, with its logging config and ``wsproto``) on a Unix socket.
+    """
     code = (
-        "import uvicorn; from openhands.agent_server.api import create_app; "
-        f"uvicorn.run(create_app(), uds={CONTROL_MOUNT + '/' + SOCKET_NAME!r}, log_level='warning')"
+        "import uvicorn; from openhands.agent_server.logging_config import LOGGING_CONFIG; "
+        f"uvicorn.run('openhands.agent_server.api:api', uds={CONTROL_MOUNT + '/' + SOCKET_NAME!r}, ws='wsproto', log_config=LOGGING_CONFIG)"
     )
     return [python, "-c", code]
+
+
+def server_env(work_dir: Path, api_key: str) -> dict[str, str]:
+    """The agent server's environment in the container (commands get :func:`runtime.base.sandbox_env` instead).
+
+    The server keeps its state under the container's private ``/tmp``; ``api_key`` is a
+    fresh random key of this container, never a host secret.
+    """
+    return {
+        "HOME": "/tmp",
+        "PATH": f"{os.path.realpath(sys.prefix)}/bin:/usr/local/bin:/usr/bin:/bin",
+        "OPENHANDS_SUPPRESS_BANNER": "1",
+        "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+        "OH_SESSION_API_KEYS_0": api_key,
+        "OH_CONVERSATIONS_PATH": "/tmp/oh/conversations",
+        "OH_BASH_EVENTS_DIR": "/tmp/oh/bash_events",
+        "OPENHANDS_AGENT_SERVER_CONFIG_PATH": "/tmp/oh/config.json",
+        "OH_WORKSPACE_PATH": str(work_dir),
+        "OH_ENABLE_VSCODE": "false",
+        "OH_ENABLE_BROWSER": "false",
+        "OH_PRELOAD_TOOLS": "false",
+    }
 
 
 def run_command(
@@ -107,7 +135,7 @@ def run_command(
     """The ``docker run`` command line of a sandbox container (see the module docstring for each flag)."""
     work = str(work_dir)
     cmd = [
-        "docker", "run", "-d", "--rm", "--name", name,
+        "docker", "run", "-d", "--rm", "--init", "--name", name,
         "--label", "cellforge.sandbox=1", "--label", f"cellforge.work={work}",
         "--network", "none", "--read-only",
         "--tmpfs", f"/tmp:rw,nosuid,nodev,size={limits.tmp_mb}m,mode=1777",
@@ -126,13 +154,36 @@ def run_command(
     cmd += ["--mount", f"type=bind,source={control_dir},target={CONTROL_MOUNT}"]
     cmd += ["--mount", f"type=bind,source={work},target={work}"]
     for key, value in env.items():
-        cmd += ["--env", f"{key}={value}"]
+        cmd += ["--env", f"{key}={value}"]  # the server's; commands start from `env -i`
     if enable_gpu:
         cmd += ["--gpus", "all"]
     return [*cmd, image, *server_command(sys.executable)]
 
 
-def unix_socket_workspace(socket_path: Path, working_dir: str) -> Any:
+def pinned_socket(path: Path, *, uid: int) -> int:
+    """An ``O_PATH`` descriptor of the agent server's socket, checked to be a socket owned by ``uid``.
+
+    The control folder is writable from inside the container, so code there could replace the
+    socket's name with a link (to the host's Docker socket, say). The host connects through
+    ``/proc/self/fd/<fd>`` of this descriptor, which keeps pointing at the server's socket.
+
+    Raises
+    ------
+    SandboxInfraError
+        The name is not a socket of the container's user.
+    """
+    import stat
+
+    fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    info = os.fstat(fd)
+    if not stat.S_ISSOCK(info.st_mode) or info.st_uid != uid:
+        os.close(fd)
+        msg = f"{path} is not the agent server's socket (mode {stat.filemode(info.st_mode)}, uid {info.st_uid})"
+        raise SandboxInfraError(msg)
+    return fd
+
+
+def unix_socket_workspace(socket_path: str, working_dir: str, api_key: str) -> Any:
     """An OpenHands ``RemoteWorkspace`` whose HTTP client talks to the agent server over ``socket_path``."""
     import httpx
     from openhands.sdk.workspace import RemoteWorkspace
@@ -143,13 +194,13 @@ def unix_socket_workspace(socket_path: Path, working_dir: str) -> Any:
             if self._client is None:
                 self._client = httpx.Client(
                     base_url=self.host,
-                    transport=httpx.HTTPTransport(uds=str(socket_path)),
+                    transport=httpx.HTTPTransport(uds=socket_path),
                     timeout=httpx.Timeout(connect=10.0, read=self.read_timeout, write=30.0, pool=10.0),
                     headers=self._headers,
                 )
             return self._client
 
-    return UnixSocketWorkspace(host="http://sandbox", working_dir=working_dir)
+    return UnixSocketWorkspace(host="http://sandbox", working_dir=working_dir, api_key=api_key)
 
 
 def remove_containers(work_dir: Path, *, runner: Any = subprocess.run) -> list[str]:
@@ -216,18 +267,23 @@ class DockerSandbox(Sandbox):
         self._container: str | None = None
         self._watchdog: subprocess.Popen[bytes] | None = None
         self._workspace: Any = None
+        self._socket_fd: int | None = None
+        self._server_pids: set[str] = set()
         self._control = Path(tempfile.mkdtemp(prefix="cellforge-ctl-"))
         self._start()
 
     # ------------------------------------------------------------------ container lifecycle
     def _start(self) -> None:
         prepare_work_dir(self.work_dir, self.user)
-        os.chown(self._control, *self.user) if os.geteuid() == 0 else None
+        if os.geteuid() == 0:
+            os.chown(self._control, *self.user)
+        os.chmod(self._control, 0o700)
         socket_path = self._control / SOCKET_NAME
         socket_path.unlink(missing_ok=True)
         name = f"cellforge-sandbox-{secrets.token_hex(6)}"
+        api_key = secrets.token_urlsafe(24)
         cmd = run_command(
-            self.work_dir, self._control, image=self.image, name=name, env=sandbox_env(self.work_dir),
+            self.work_dir, self._control, image=self.image, name=name, env=server_env(self.work_dir, api_key),
             memory_mb=self.memory_mb, cpus=self.cpus, limits=self.limits, user=self.user, enable_gpu=self.enable_gpu,
         )  # fmt: skip
         done = self._runner(cmd, capture_output=True, text=True, check=False)
@@ -240,19 +296,22 @@ class DockerSandbox(Sandbox):
             ["/bin/sh", "-c", f"read _ignored; docker rm -f {shlex.quote(self._container)} >/dev/null 2>&1"],
             stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
         )  # fmt: skip
-        self._workspace = unix_socket_workspace(socket_path, str(self.work_dir))
-        self._wait_healthy(socket_path)
+        self._wait_healthy(socket_path, api_key)
+        self._server_pids = self._container_pids()
 
-    def _wait_healthy(self, socket_path: Path) -> None:
+    def _wait_healthy(self, socket_path: Path, api_key: str) -> None:
         deadline = time.monotonic() + HEALTH_TIMEOUT_S
-        last = ""
+        last = "no socket yet"
         while time.monotonic() < deadline:
-            if socket_path.is_socket():
+            if socket_path.exists():
                 try:
+                    self._socket_fd = pinned_socket(socket_path, uid=self.user[0])
+                    self._workspace = unix_socket_workspace(f"/proc/self/fd/{self._socket_fd}", str(self.work_dir), api_key)
                     if self._workspace.client.get("/health", timeout=2.0).status_code < 300:  # noqa: PLR2004
                         return
                 except Exception as exc:  # noqa: BLE001 - still starting
                     last = str(exc)
+                self._drop_client()
             if not self._running():
                 break
             time.sleep(0.5)
@@ -260,6 +319,23 @@ class DockerSandbox(Sandbox):
         self._remove()
         msg = f"the agent server in the Docker sandbox did not become healthy ({last}); container log:\n{str(logs.stdout)[-1500:]}{str(logs.stderr)[-1500:]}"
         raise SandboxInfraError(msg)
+
+    def _drop_client(self) -> None:
+        if self._workspace is not None:
+            self._workspace.reset_client()
+            self._workspace = None
+        if self._socket_fd is not None:
+            os.close(self._socket_fd)
+            self._socket_fd = None
+
+    def _container_pids(self) -> set[str]:
+        """Process ids inside the container (its PID namespace), without the listing shell itself."""
+        done = self._runner(
+            ["docker", "exec", "--user", f"{self.user[0]}:{self.user[1]}", str(self._container), "/bin/sh", "-c",
+             'for p in /proc/[0-9]*; do [ "${p#/proc/}" = "$$" ] || echo "${p#/proc/}"; done'],
+            capture_output=True, text=True, check=False, timeout=30,
+        )  # fmt: skip
+        return set(str(done.stdout).split())
 
     def _running(self) -> bool:
         done = self._runner(["docker", "inspect", "-f", "{{.State.Running}}", str(self._container)], capture_output=True, text=True, check=False)
@@ -269,30 +345,37 @@ class DockerSandbox(Sandbox):
         if self._container:
             self._runner(["docker", "rm", "-f", self._container], capture_output=True, check=False)
             self._container = None
-        if self._workspace is not None:
-            self._workspace.reset_client()
-            self._workspace = None
+        self._drop_client()
         if self._watchdog is not None:
             self._watchdog.stdin.close()  # type: ignore[union-attr]
             self._watchdog.wait(timeout=30)
             self._watchdog = None
 
     def _kill_strays(self) -> None:
-        """Kill every process in the container but the agent server (PID 1): ``kill -9 -1`` as the sandbox user."""
-        if self._container:
+        """SIGKILL every process in the container that was not there when the agent server became healthy."""
+        if not self._container:
+            return
+        keep = " ".join(sorted(self._server_pids))
+        script = f'for p in /proc/[0-9]*; do p=${{p#/proc/}}; case " {keep} $$ " in *" $p "*) ;; *) kill -9 "$p" 2>/dev/null;; esac; done'
+        for _ in range(3):  # again, for anything forked in between
             self._runner(
-                ["docker", "exec", "--user", f"{self.user[0]}:{self.user[1]}", self._container, "/bin/kill", "-9", "-1"],
+                ["docker", "exec", "--user", f"{self.user[0]}:{self.user[1]}", self._container, "/bin/sh", "-c", script],
                 capture_output=True, check=False, timeout=30,
             )  # fmt: skip
+            if self._container_pids() <= self._server_pids:
+                return
+        self._remove()  # could not clean it: the next run gets a fresh container
 
     # ------------------------------------------------------------------ the interface
     def container_command(self, command: list[str], *, timeout_s: float, memory_mb: int | None, log_name: str, env: dict[str, str]) -> str:
-        """The shell line the agent server runs: per-run environment, ``timeout``, ``prlimit``, the log redirect."""
+        """The shell line the agent server runs: cleared environment, ``timeout``, ``prlimit``, the log redirect."""
         limit = ["timeout", "-s", "TERM", "-k", "5", f"{timeout_s:.0f}"]
         if memory_mb:
             limit += ["prlimit", f"--as={int(memory_mb) * 1024 * 1024}", "--"]
-        inner = ["env", *(f"{k}={v}" for k, v in env.items()), *limit, "/bin/sh", "-c", f'exec "$@" > logs/{shlex.quote(log_name)} 2>&1', "sh", *command]
-        return f"cd {shlex.quote(str(self.work_dir))} && {shlex.join(inner)}"
+        full_env = sandbox_env(self.work_dir, env)
+        inner = ["env", "-i", *(f"{k}={v}" for k, v in full_env.items()), *limit]
+        inner += ["/bin/sh", "-c", f'exec "$@" > logs/{shlex.quote(log_name)} 2>&1', "sh", *command]
+        return f"cd {shlex.quote(str(self.work_dir))} && exec {shlex.join(inner)}"
 
     def run(
         self,
@@ -307,18 +390,17 @@ class DockerSandbox(Sandbox):
         if "/" in log_name or log_name.startswith("."):
             msg = f"log_name {log_name!r} must be a plain file name"
             raise ValueError(msg)
-        sandbox_env(self.work_dir, env)  # refuses credential-like names
-        extra = dict(env or {})
+        sandbox_env(self.work_dir, env)  # refuses credential-like names before anything starts
         if self._container is None or not self._running():
             self._start()
         prepare_work_dir(self.work_dir, self.user)
-        shell = self.container_command(command, timeout_s=timeout_s, memory_mb=memory_mb, log_name=log_name, env=extra)
+        shell = self.container_command(command, timeout_s=timeout_s, memory_mb=memory_mb, log_name=log_name, env=env or {})
         start = time.monotonic()
         limit_hit = None
         with DiskWatch(self.work_dir, limit_mb=self.limits.disk_mb, on_exceed=self._remove) as watch:
             try:
                 result = self._workspace.execute_command(shell, timeout=timeout_s + 30)
-                exit_code = 124 if result.timeout_occurred else int(result.exit_code)
+                exit_code = TIMEOUT_EXIT if result.timeout_occurred else int(result.exit_code)
             except Exception as exc:  # noqa: BLE001
                 if watch.exceeded:
                     exit_code = 137
@@ -326,10 +408,12 @@ class DockerSandbox(Sandbox):
                     self._remove()
                     msg = f"the Docker sandbox did not answer: {exc}"
                     raise SandboxInfraError(msg) from exc
+        elapsed = time.monotonic() - start
         if watch.exceeded:
             limit_hit = "disk"
-        elif exit_code == 124:  # noqa: PLR2004 - timeout's status
-            limit_hit = "timeout"
+        elif exit_code == TIMEOUT_EXIT or (exit_code in (137, -9) and elapsed >= timeout_s):
+            # `timeout` exits 124, or dies by the KILL it sent when TERM was ignored
+            limit_hit, exit_code = "timeout", TIMEOUT_EXIT
         if limit_hit == "timeout" and time.monotonic() - start > timeout_s + 20:
             self._remove()  # the in-container timeout was defeated: the container goes
         else:

@@ -28,6 +28,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("runs")
     mp = pytest.MonkeyPatch()
     mp.setenv("CELLFORGE_DATA_MIRROR", str(MIRROR))
+    mp.setenv("CELLFORGE_SANDBOX", "local")  # the Docker backend's run of the same job: tests/test_docker_sandbox.py
     for name, value in SECRETS.items():  # secrets in the environment must not reach the run directory
         mp.setenv(name, value)
     try:
