@@ -126,11 +126,12 @@ def _sandbox(args: dict, queue: mp.Queue) -> None:
     import subprocess
     import tempfile
 
-    from runtime.docker import DockerSandbox, docker_engine_available
+    from runtime.docker import DockerSandbox, docker_engine_available, image_present
     from runtime.local import LocalSandbox, bwrap_available
 
     repeats = args["repeats"]
     results: dict[str, dict[str, float | str]] = {}
+    docker_ready = docker_engine_available() and image_present()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
 
@@ -143,28 +144,30 @@ def _sandbox(args: dict, queue: mp.Queue) -> None:
         if bwrap_available():
             backends["local (bubblewrap+rlimits)"] = lambda: LocalSandbox(root / "bwrap", use_bwrap=True)
         backends["local (rlimits)"] = lambda: LocalSandbox(root / "plain", use_bwrap=False)
-        if docker_engine_available():
-            backends["docker"] = lambda: DockerSandbox(root / "docker")
+        if docker_ready:
+            backends["docker (no network)"] = lambda: DockerSandbox(root / "docker", memory_mb=4096)
         for name, factory in backends.items():
             times = []
+            t = time.perf_counter()
             sandbox = factory() if factory else None
+            startup = time.perf_counter() - t
             for _ in range(repeats):
                 t = time.perf_counter()
                 if sandbox is None:
                     direct()
                 else:
-                    (sandbox.work_dir / "s.py").write_text(_SHORT_SCRIPT)
-                    result = sandbox.run([sys.executable, "s.py"], timeout_s=120, memory_mb=4096)
+                    sandbox.write_text("s.py", _SHORT_SCRIPT)
+                    result = sandbox.run([sandbox.python, "s.py"], timeout_s=120, memory_mb=4096)
                     if result.exit_code != 0:
                         raise RuntimeError(f"{name}: {result.log_tail}")
                 times.append(time.perf_counter() - t)
             if sandbox is not None:
                 sandbox.close()
-            results[name] = {"mean_s": round(float(np.mean(times)), 4), "min_s": round(float(np.min(times)), 4)}
+            results[name] = {"mean_s": round(float(np.mean(times)), 4), "min_s": round(float(np.min(times)), 4), "startup_s": round(startup, 3)}
     base = results["direct"]["mean_s"]
     for row in results.values():
         row["ratio_to_direct"] = round(float(row["mean_s"]) / float(base), 2)
-    queue.put({"repeats": repeats, "backends": results, "docker_engine": docker_engine_available()})
+    queue.put({"repeats": repeats, "backends": results, "docker_engine": docker_engine_available(), "docker_image": docker_ready})
 
 
 def _profiling(args: dict, queue: mp.Queue) -> None:

@@ -1,10 +1,11 @@
-"""Sandbox executor for generated code, built on OpenHands SDK workspaces.
+"""Sandbox executor for generated (hostile until proven otherwise) code.
 
 One interface (:class:`runtime.base.Sandbox`): put files, run a command with a wall-clock
-and a memory limit, get files back, close. Backends: OpenHands ``DockerWorkspace``
-(:mod:`runtime.docker`) and OpenHands ``LocalWorkspace`` wrapped in bubblewrap and rlimits
-(:mod:`runtime.local`). :func:`runtime.factory.open_sandbox` picks one from
-``CELLFORGE_SANDBOX``.
+and a memory limit, get files back, close. Backends: an OpenHands agent server in a
+locked-down Docker container, driven through OpenHands' ``RemoteWorkspace`` over a Unix
+socket (:mod:`runtime.docker`), and bubblewrap with rlimits (:mod:`runtime.local`). The host
+reads the work folder only through :mod:`runtime.hostio`. :func:`runtime.factory.open_sandbox`
+picks a backend from ``CELLFORGE_SANDBOX``.
 """
 
 import os

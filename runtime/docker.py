@@ -20,7 +20,8 @@ Containment:
   open files (within what these VMs allow) and core files; the work folder's total size is
   polled by the host (:class:`runtime.base.DiskWatch`);
 - the environment is the allowlist of :func:`runtime.base.sandbox_env` only;
-- the whole container dies when cellforge dies (a watchdog process holding a pipe from
+- the container is removed by the host (not ``--rm``, so a failed start keeps its log for the error
+  message); it dies when cellforge dies (a watchdog process holding a pipe from
   cellforge removes it on EOF) and a new sandbox on the same work folder removes containers
   an earlier run left (label ``cellforge.work``); after every command, every process but the
   agent server is killed, so nothing of one attempt outlives it into the next.
@@ -135,7 +136,7 @@ def run_command(
     """The ``docker run`` command line of a sandbox container (see the module docstring for each flag)."""
     work = str(work_dir)
     cmd = [
-        "docker", "run", "-d", "--rm", "--init", "--name", name,
+        "docker", "run", "-d", "--init", "--name", name,
         "--label", "cellforge.sandbox=1", "--label", f"cellforge.work={work}",
         "--network", "none", "--read-only",
         "--tmpfs", f"/tmp:rw,nosuid,nodev,size={limits.tmp_mb}m,mode=1777",
