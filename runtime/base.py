@@ -14,6 +14,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from runtime import hostio
+from runtime.redaction import SECRET_NAME, redact
 
 Isolation = Literal["docker+no-network", "docker", "bubblewrap+rlimits", "rlimits", "none"]
 
@@ -146,10 +147,6 @@ class Limits(BaseModel):
 #: Host environment variables passed into a sandbox when set (nothing else of the host's is).
 ENV_ALLOWLIST = ("LANG", "LC_ALL", "TZ", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "PYTHONHASHSEED", "CUBLAS_WORKSPACE_CONFIG")
 
-#: Names of variables a caller may not pass in: they usually hold credentials.
-_SECRET_NAME = re.compile(r"KEY|TOKEN|SECRET|PASSW|CREDENTIAL|AUTH|COOKIE|SESSION", re.I)
-
-
 def sandbox_env(work_dir: Path, extra: Mapping[str, str] | None = None, *, host: Mapping[str, str] | None = None) -> dict[str, str]:
     """The whole environment of a sandboxed command: fixed entries, allowlisted host values, ``extra``.
 
@@ -179,38 +176,11 @@ def sandbox_env(work_dir: Path, extra: Mapping[str, str] | None = None, *, host:
     }
     env.update({k: host[k] for k in ENV_ALLOWLIST if k in host})
     for key, value in (extra or {}).items():
-        if _SECRET_NAME.search(key):
+        if SECRET_NAME.search(key):
             msg = f"environment variable {key!r} looks like a credential; secrets are never passed into the sandbox"
             raise ValueError(msg)
         env[key] = str(value)
     return env
-
-
-_SECRET_PATTERNS = [
-    re.compile(r"\bsk-[A-Za-z0-9_\-]{16,}"),  # OpenAI / Anthropic style
-    re.compile(r"\bgh[pousr]_[A-Za-z0-9]{20,}"),  # GitHub
-    re.compile(r"\bhf_[A-Za-z0-9]{20,}"),  # Hugging Face
-    re.compile(r"\bAKIA[0-9A-Z]{16}\b"),  # AWS access key id
-    re.compile(r"\bxox[abpr]-[A-Za-z0-9\-]{10,}"),  # Slack
-]
-
-
-def host_secrets(host: Mapping[str, str] | None = None) -> list[str]:
-    """Values of the host's credential-like environment variables (8 characters or longer)."""
-    host = os.environ if host is None else host
-    return sorted({v for k, v in host.items() if _SECRET_NAME.search(k) and len(v) >= 8}, key=len, reverse=True)  # noqa: PLR2004
-
-
-def redact(text: str, *, host: Mapping[str, str] | None = None) -> str:
-    """``text`` with every host secret value and every token-shaped string replaced by ``[REDACTED]``.
-
-    Applied to everything printed in a sandbox before the host stores or shows it.
-    """
-    for value in host_secrets(host):
-        text = text.replace(value, "[REDACTED]")
-    for pattern in _SECRET_PATTERNS:
-        text = pattern.sub("[REDACTED]", text)
-    return text
 
 
 def tail(root: Path, rel: str, *, n_lines: int = 40, max_chars: int = 4000) -> str:

@@ -33,6 +33,7 @@ from pydantic import BaseModel, ValidationError
 
 from cellforge.errors import ConfigError, LLMAuthError, LLMBudgetError, LLMError, LLMReplayError
 from cellforge.llm.specs import AgentSpec
+from runtime.redaction import redact
 
 OFFLINE_MODEL = "cellforge-offline/planner"
 ROLES = ["analyst", "expert", "critic", "planner", "coder", "debugger"]
@@ -53,8 +54,6 @@ KEY_VARIABLES = {
     "hosted_vllm": "HOSTED_VLLM_API_KEY and CELLFORGE_LLM_API_BASE",
     "ollama": "CELLFORGE_LLM_API_BASE (the Ollama server URL)",
 }
-_SECRET_PATTERNS = [re.compile(r"sk-[A-Za-z0-9_\-]{16,}"), re.compile(r"(?i)bearer\s+[A-Za-z0-9_\-.]{16,}")]
-_SECRET_ENV_HINTS = ("KEY", "TOKEN", "SECRET", "PASSWORD")
 
 
 def model_for(role: str) -> str:
@@ -88,16 +87,6 @@ def key_variable(model: str) -> str:
     """The environment variable a model's provider reads its key from."""
     provider = model.split("/", 1)[0] if "/" in model else "openai"
     return KEY_VARIABLES.get(provider, f"{provider.upper()}_API_KEY (see LiteLLM's provider docs)")
-
-
-def redact(text: str) -> str:
-    """Remove API keys: values of secret-looking environment variables and key patterns."""
-    for key, value in os.environ.items():
-        if value and len(value) >= 8 and any(h in key.upper() for h in _SECRET_ENV_HINTS):  # noqa: PLR2004
-            text = text.replace(value, "[REDACTED]")
-    for pattern in _SECRET_PATTERNS:
-        text = pattern.sub("[REDACTED]", text)
-    return text
 
 
 _litellm_ready = False
