@@ -232,7 +232,10 @@ def doctor() -> None:
     for role in ROLES:
         live = f" (live: {backend_label(model_for(role)) if mode == 'live' else model_for(role)})" if mode == "replay" else ""
         typer.echo(f"llm[{role}]: {backend_label(model_for(role))}{live}")
-    typer.echo(f"llm api base: {'set' if os.environ.get('CELLFORGE_LLM_API_BASE') else 'not set'}")
+    from cellforge.llm.client import role_setting
+
+    bases = {role: "set" if role_setting(role, "API_BASE") else "not set" for role in ROLES}
+    typer.echo("llm api base: " + ", ".join(f"{role}={value}" for role, value in bases.items()))
     limits = {k: os.environ.get(f"CELLFORGE_LLM_{k}") for k in ["TIMEOUT", "RETRIES", "BUDGET_USD", "MAX_TOKENS"]}
     typer.echo("llm limits: " + ", ".join(f"{k.lower()}={v or 'default'}" for k, v in limits.items()))
     backend, strict = resolve_backend()

@@ -284,34 +284,39 @@ def stage_codegen(run: Run, *, echo: Echo) -> None:
 
 # ---------------------------------------------------------------------------- 5. execute
 class _LiveTail:
-    """Show the running attempt's log tail on a terminal (rich); silent elsewhere."""
+    """Show the running attempt's streamed output on a terminal (rich); silent elsewhere."""
 
     def __init__(self) -> None:
+        from collections import deque
+
         from rich.console import Console
 
         self.console = Console(stderr=True)
         self.enabled = self.console.is_terminal
-        self.log: tuple[Path, str] | None = None
+        self.lines: deque[str] = deque(maxlen=8)
         self.title = ""
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    def start(self, attempt: Any, root: Path, rel: str) -> None:
-        self.log, self.title = (root, rel), f"attempt {attempt.index} ({attempt.stage})"
+    def start(self, attempt: Any) -> Callable[[Any], None]:
+        """Called before an attempt; returns the callback that receives its output events."""
+        self.title = f"attempt {attempt.index} ({attempt.stage})"
+        self.lines.clear()
         if self.enabled and self._thread is None:
             self._thread = threading.Thread(target=self._loop, daemon=True)
             self._thread.start()
+        return self.feed
+
+    def feed(self, event: Any) -> None:
+        self.lines.extend(line for line in event.text.splitlines() if line.strip())
 
     def _loop(self) -> None:
         from rich.live import Live
         from rich.panel import Panel
 
-        from runtime.base import tail
-
         with Live(console=self.console, refresh_per_second=2, transient=True) as live:
             while not self._stop.wait(0.5):
-                text = tail(*self.log, n_lines=8) if self.log else ""
-                live.update(Panel(text or "(starting)", title=self.title))
+                live.update(Panel("\n".join(self.lines) or "(starting)", title=self.title))
 
     def stop(self) -> None:
         self._stop.set()

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import abc
 import os
-import re
 import shutil
 import threading
-from collections.abc import Mapping
+import time
+from collections import deque
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -17,6 +18,61 @@ from runtime import hostio
 from runtime.redaction import SECRET_NAME, redact
 
 Isolation = Literal["docker+no-network", "docker", "bubblewrap+rlimits", "rlimits", "none"]
+
+
+class CommandEvent(BaseModel):
+    """One chunk of a running command's output, as the runtime streamed it (redacted)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    t: float = Field(description="Seconds since the command started.")
+    text: str = Field(description="Output text (stdout and stderr interleaved), secrets redacted.")
+
+
+class OutputCapture:
+    """Bounded, redacted copy of a command's streamed output; calls ``on_event`` per chunk.
+
+    Keeps the first ``head_chars`` and the last ``tail_chars`` characters (a flood of output
+    cannot fill the host's memory) and the last ``max_events`` events.
+    """
+
+    def __init__(self, on_event: Callable[[CommandEvent], None] | None = None, *, head_chars: int = 256_000, tail_chars: int = 2_000_000, max_events: int = 200) -> None:
+        self.on_event, self.head_chars, self.tail_chars, self.max_events = on_event, head_chars, tail_chars, max_events
+        self.head, self.tail_parts, self.tail_len, self.dropped = "", deque(), 0, 0
+        self.events: deque[CommandEvent] = deque(maxlen=max_events)
+        self.start = time.monotonic()
+        self._lock = threading.Lock()
+
+    def feed(self, text: str) -> None:
+        """Add a chunk of output."""
+        if not text:
+            return
+        event = CommandEvent(t=round(time.monotonic() - self.start, 3), text=redact(text))
+        with self._lock:
+            self.events.append(event)
+            room = self.head_chars - len(self.head)
+            if room > 0:
+                self.head += text[:room]
+                text = text[room:]
+            if text:
+                self.tail_parts.append(text)
+                self.tail_len += len(text)
+                while self.tail_len - len(self.tail_parts[0]) >= self.tail_chars:
+                    gone = self.tail_parts.popleft()
+                    self.tail_len -= len(gone)
+                    self.dropped += len(gone)
+        if self.on_event is not None:
+            self.on_event(event)
+
+    def text(self) -> str:
+        """Everything kept, redacted, with a note where the middle was dropped."""
+        with self._lock:
+            middle = f"\n[... {self.dropped} characters of output not kept ...]\n" if self.dropped else ""
+            return redact(self.head + middle + "".join(self.tail_parts))
+
+    def tail(self, *, n_lines: int = 40, max_chars: int = 4000) -> str:
+        """Last ``n_lines`` of the output (at most ``max_chars``), redacted."""
+        return "\n".join(self.text().splitlines()[-n_lines:])[-max_chars:]
 
 
 class RunResult(BaseModel):
@@ -29,10 +85,11 @@ class RunResult(BaseModel):
     timed_out: bool = Field(description="True when the wall-clock limit ended the command.")
     duration_s: float = Field(description="Wall-clock seconds.")
     log_tail: str = Field(description="Last lines of combined stdout and stderr.")
-    log_path: str = Field(description="Full log, relative to the sandbox's work folder.")
+    log_path: str = Field(description="Full log (as the host kept it), relative to the sandbox's work folder.")
     backend: str = Field(description="Sandbox backend that ran the command: 'docker' or 'local'.")
     isolation: Isolation = Field(description="Isolation actually in force.")
     memory_limit_mb: int | None = Field(default=None, description="Address-space / container memory limit.")
+    events: list[CommandEvent] = Field(default_factory=list, description="The last output events streamed from the runtime (redacted).")
     limit_hit: Literal["timeout", "disk"] | None = Field(
         default=None, description="A limit the sandbox enforced by stopping the command ('disk': the work folder passed its size limit)."
     )
@@ -107,9 +164,13 @@ class Sandbox(abc.ABC):
         memory_mb: int | None = None,
         log_name: str = "run.log",
         env: dict[str, str] | None = None,
+        on_event: Callable[[CommandEvent], None] | None = None,
     ) -> RunResult:
-        """Run ``command`` in the work folder; stdout and stderr go to ``logs/<log_name>``.
+        """Run ``command`` in the work folder.
 
+        The runtime streams the command's output (stdout and stderr interleaved) as
+        :class:`CommandEvent` objects to ``on_event`` while it runs; the host keeps a bounded,
+        redacted copy and writes it to ``logs/<log_name>`` in the work folder afterwards.
         ``env`` adds to the sandbox's fixed environment (:func:`sandbox_env`); nothing else
         of the host's environment is passed.
         """
@@ -191,6 +252,11 @@ def tail(root: Path, rel: str, *, n_lines: int = 40, max_chars: int = 4000) -> s
     """
     text = hostio.read_tail(Path(root), rel).decode("utf-8", errors="replace")
     return redact("\n".join(text.splitlines()[-n_lines:])[-max_chars:])
+
+
+def write_log(work_dir: Path, log_name: str, capture: OutputCapture) -> None:
+    """Write the host's redacted copy of a command's output to ``logs/<log_name>`` (never through a link)."""
+    hostio.write_bytes(work_dir, f"logs/{log_name}", capture.text().encode())
 
 
 class DiskWatch:

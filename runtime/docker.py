@@ -37,10 +37,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from runtime.base import DiskWatch, Isolation, Limits, RunResult, Sandbox, prepare_work_dir, sandbox_env, tail
+from runtime.base import CommandEvent, DiskWatch, Isolation, Limits, OutputCapture, RunResult, Sandbox, prepare_work_dir, sandbox_env, write_log
 from runtime.errors import SandboxInfraError, SandboxUnavailableError
 
 DEFAULT_IMAGE = "cellforge-sandbox:latest"
@@ -202,6 +203,42 @@ def unix_socket_workspace(socket_path: str, working_dir: str, api_key: str) -> A
             return self._client
 
     return UnixSocketWorkspace(host="http://sandbox", working_dir=working_dir, api_key=api_key)
+
+
+def stream_command(workspace: Any, command: str, *, cwd: str, timeout_s: float, capture: OutputCapture) -> int | None:
+    """Run ``command`` through the agent server and feed its ``BashOutput`` events to ``capture`` as they arrive.
+
+    Uses the agent server's bash API (``POST /bash/start_bash_command``, then
+    ``GET /bash/bash_events/search`` for the command's events after the last seen order),
+    the event stream OpenHands' ``RemoteWorkspace.execute_command`` collects.
+
+    Returns
+    -------
+    The command's exit code, or ``None`` when no exit event came within ``timeout_s``.
+    """
+    client, prefix = workspace.client, workspace.api_prefix
+    started = client.post(f"{prefix}/bash/start_bash_command", json={"command": command, "cwd": cwd, "timeout": int(timeout_s)}, timeout=30)
+    started.raise_for_status()
+    command_id = started.json()["id"]
+    last, deadline = -1, time.monotonic() + timeout_s + 5
+    while time.monotonic() < deadline:
+        params: dict[str, Any] = {"kind__eq": "BashOutput", "command_id__eq": command_id, "sort_order": "TIMESTAMP", "limit": 100}
+        if last >= 0:
+            params["order__gt"] = last
+        page = client.get(f"{prefix}/bash/bash_events/search", params=params, timeout=30)
+        page.raise_for_status()
+        items = page.json().get("items", [])
+        exit_code = None
+        for event in items:
+            last = max(last, int(event.get("order", last)))
+            capture.feed((event.get("stdout") or "") + (event.get("stderr") or ""))
+            if event.get("exit_code") is not None:
+                exit_code = int(event["exit_code"])
+        if exit_code is not None:
+            return exit_code
+        if not items:
+            time.sleep(0.2)
+    return None
 
 
 def remove_containers(work_dir: Path, *, runner: Any = subprocess.run) -> list[str]:
@@ -368,15 +405,14 @@ class DockerSandbox(Sandbox):
         self._remove()  # could not clean it: the next run gets a fresh container
 
     # ------------------------------------------------------------------ the interface
-    def container_command(self, command: list[str], *, timeout_s: float, memory_mb: int | None, log_name: str, env: dict[str, str]) -> str:
-        """The shell line the agent server runs: cleared environment, ``timeout``, ``prlimit``, the log redirect."""
+    def container_command(self, command: list[str], *, timeout_s: float, memory_mb: int | None, env: dict[str, str]) -> str:
+        """The shell line the agent server runs: cleared environment, ``timeout``, ``prlimit``, stderr into stdout."""
         limit = ["timeout", "-s", "TERM", "-k", "5", f"{timeout_s:.0f}"]
         if memory_mb:
             limit += ["prlimit", f"--as={int(memory_mb) * 1024 * 1024}", "--"]
         full_env = sandbox_env(self.work_dir, env)
-        inner = ["env", "-i", *(f"{k}={v}" for k, v in full_env.items()), *limit]
-        inner += ["/bin/sh", "-c", f'exec "$@" > logs/{shlex.quote(log_name)} 2>&1', "sh", *command]
-        return f"cd {shlex.quote(str(self.work_dir))} && exec {shlex.join(inner)}"
+        inner = ["env", "-i", *(f"{k}={v}" for k, v in full_env.items()), *limit, *command]
+        return f"cd {shlex.quote(str(self.work_dir))} && exec {shlex.join(inner)} 2>&1"
 
     def run(
         self,
@@ -386,8 +422,9 @@ class DockerSandbox(Sandbox):
         memory_mb: int | None = None,
         log_name: str = "run.log",
         env: dict[str, str] | None = None,
+        on_event: Callable[[CommandEvent], None] | None = None,
     ) -> RunResult:
-        """Run ``command`` in the container; output goes to ``logs/<log_name>`` (written inside the container)."""
+        """Run ``command`` through the agent server, streaming its ``BashOutput`` events to ``on_event``."""
         if "/" in log_name or log_name.startswith("."):
             msg = f"log_name {log_name!r} must be a plain file name"
             raise ValueError(msg)
@@ -395,43 +432,42 @@ class DockerSandbox(Sandbox):
         if self._container is None or not self._running():
             self._start()
         prepare_work_dir(self.work_dir, self.user)
-        shell = self.container_command(command, timeout_s=timeout_s, memory_mb=memory_mb, log_name=log_name, env=env or {})
+        shell = self.container_command(command, timeout_s=timeout_s, memory_mb=memory_mb, env=env or {})
+        capture = OutputCapture(on_event)
         start = time.monotonic()
         limit_hit = None
         with DiskWatch(self.work_dir, limit_mb=self.limits.disk_mb, on_exceed=self._remove) as watch:
             try:
-                result = self._workspace.execute_command(shell, timeout=timeout_s + 30)
-                exit_code = TIMEOUT_EXIT if result.timeout_occurred else int(result.exit_code)
+                exit_code = stream_command(self._workspace, shell, cwd=str(self.work_dir), timeout_s=timeout_s + 30, capture=capture)
             except Exception as exc:  # noqa: BLE001
-                if watch.exceeded:
-                    exit_code = 137
-                else:
+                if not watch.exceeded:
                     self._remove()
                     msg = f"the Docker sandbox did not answer: {exc}"
                     raise SandboxInfraError(msg) from exc
+                exit_code = 137
         elapsed = time.monotonic() - start
         if watch.exceeded:
             limit_hit = "disk"
-        elif exit_code == TIMEOUT_EXIT or (exit_code in (137, -9) and elapsed >= timeout_s):
-            # `timeout` exits 124, or dies by the KILL it sent when TERM was ignored
+            capture.feed(f"\n[sandbox] stopped: the work folder passed its limit of {self.limits.disk_mb} MiB\n")
+        elif exit_code is None or exit_code == TIMEOUT_EXIT or (exit_code in (137, -9) and elapsed >= timeout_s):
+            # `timeout` exits 124, or dies by the KILL it sent when TERM was ignored; None: the server's own limit
             limit_hit, exit_code = "timeout", TIMEOUT_EXIT
-        if limit_hit == "timeout" and time.monotonic() - start > timeout_s + 20:
+        if exit_code == TIMEOUT_EXIT and elapsed > timeout_s + 20:
             self._remove()  # the in-container timeout was defeated: the container goes
         else:
             self._kill_strays()
-        log_tail = tail(self.work_dir, f"logs/{log_name}")
-        if limit_hit == "disk":
-            log_tail += f"\n[sandbox] stopped: the work folder passed its limit of {self.limits.disk_mb} MiB"
+        write_log(self.work_dir, log_name, capture)
         return RunResult(
             command=command,
             exit_code=exit_code,
             timed_out=limit_hit == "timeout",
-            duration_s=round(time.monotonic() - start, 3),
-            log_tail=log_tail,
+            duration_s=round(elapsed, 3),
+            log_tail=capture.tail(),
             log_path=f"logs/{log_name}",
             backend=self.backend,
             isolation=self.isolation,
             memory_limit_mb=memory_mb or self.memory_mb,
+            events=list(capture.events),
             limit_hit=limit_hit,
         )
 

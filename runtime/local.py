@@ -33,15 +33,29 @@ import json
 import logging
 import os
 import secrets
-import shlex
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import IO
 
-from runtime.base import DiskWatch, Isolation, Limits, RunResult, Sandbox, prepare_work_dir, sandbox_env, tail, which
+from runtime.base import (
+    CommandEvent,
+    DiskWatch,
+    Isolation,
+    Limits,
+    OutputCapture,
+    RunResult,
+    Sandbox,
+    prepare_work_dir,
+    sandbox_env,
+    which,
+    write_log,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -114,6 +128,18 @@ def _parents(paths: list[str]) -> list[str]:
     for parent in sorted(seen, key=lambda p: p.count("/")):
         out += ["--perms", "0755", "--dir", parent]
     return out
+
+
+def _pump(stream: IO[bytes], capture: OutputCapture) -> None:
+    """Feed a pipe's bytes to ``capture`` until EOF (UTF-8, split characters kept whole)."""
+    import codecs
+
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    fd = stream.fileno()
+    while chunk := os.read(fd, 65536):
+        capture.feed(decoder.decode(chunk))
+    capture.feed(decoder.decode(b"", final=True))
+    stream.close()
 
 
 def _process_table() -> dict[int, tuple[int, int]]:
@@ -275,10 +301,9 @@ class LocalSandbox(Sandbox):
             "--inh-caps=-all", "--bounding-set=-all", "--",
         ]  # fmt: skip
 
-    def wrap(self, command: list[str], *, memory_mb: int | None, env: dict[str, str], log_name: str) -> list[str]:
+    def wrap(self, command: list[str], *, memory_mb: int | None, env: dict[str, str]) -> list[str]:
         """The full host command line: rlimits, parent-death signal, bubblewrap, uid drop, then ``command``."""
-        redirect = ["/bin/sh", "-c", f'exec "$@" > logs/{shlex.quote(log_name)} 2>&1', "sh"]
-        inner = self._drop_args() + redirect + command
+        inner = self._drop_args() + command
         if not self.use_bwrap:
             return self._limit_args(memory_mb) + ["env", "-i", *(f"{k}={v}" for k, v in env.items())] + inner
         work = str(self.work_dir)
@@ -317,11 +342,12 @@ class LocalSandbox(Sandbox):
         memory_mb: int | None = None,
         log_name: str = "run.log",
         env: dict[str, str] | None = None,
+        on_event: Callable[[CommandEvent], None] | None = None,
     ) -> RunResult:
-        """Run ``command`` under the limits; output goes to ``logs/<log_name>`` (written inside the sandbox).
+        """Run ``command`` under the limits, streaming its output to ``on_event``.
 
         The exit code is 124 when the wall-clock limit ended the command; the whole process
-        tree is dead when this returns.
+        tree is dead when this returns. The host writes the (redacted) output to ``logs/<log_name>``.
         """
         if "/" in log_name or log_name.startswith("."):
             msg = f"log_name {log_name!r} must be a plain file name"
@@ -329,42 +355,42 @@ class LocalSandbox(Sandbox):
         prepare_work_dir(self.work_dir, self.owner if self.use_bwrap else None)
         marker = secrets.token_hex(8)
         full_env = {**sandbox_env(self.work_dir, env), "CELLFORGE_SANDBOX_ID": marker}
-        full = self.wrap(command, memory_mb=memory_mb, env=full_env, log_name=log_name)
+        full = self.wrap(command, memory_mb=memory_mb, env=full_env)
+        capture = OutputCapture(on_event)
         start = time.monotonic()
         proc = subprocess.Popen(  # noqa: S603
             full, cwd=self.work_dir, env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}, stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
         )  # fmt: skip
         self.state_path.write_text(json.dumps({"pid": proc.pid, "start": _process_table().get(proc.pid, (0, None))[1], "marker": marker}))
+        reader = threading.Thread(target=_pump, args=(proc.stdout, capture), daemon=True)
+        reader.start()
         limit_hit = None
         with DiskWatch(self.work_dir, limit_mb=self.limits.disk_mb, on_exceed=lambda: kill_tree(proc.pid, marker)) as watch:
             try:
-                _, launcher_err = proc.communicate(timeout=timeout_s)
+                proc.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:
                 kill_tree(proc.pid, marker)
-                _, launcher_err = proc.communicate()
+                proc.wait()
                 limit_hit = "timeout"
         kill_tree(proc.pid, marker)  # anything that outlived the command (setsid, daemons)
+        reader.join(timeout=10)  # EOF once every holder of the pipe is dead
         self.state_path.unlink(missing_ok=True)
         if watch.exceeded and limit_hit is None:
             limit_hit = "disk"
-        exit_code = TIMEOUT_EXIT if limit_hit == "timeout" else proc.returncode
-        log_tail = tail(self.work_dir, f"logs/{log_name}")
-        note = ""
-        if limit_hit == "disk":
-            note = f"\n[sandbox] stopped: the work folder passed its limit of {self.limits.disk_mb} MiB"
-        elif launcher_err and exit_code != 0 and not log_tail:
-            note = "\n[sandbox launcher] " + launcher_err.decode("utf-8", errors="replace")[-1500:]
+            capture.feed(f"\n[sandbox] stopped: the work folder passed its limit of {self.limits.disk_mb} MiB\n")
+        write_log(self.work_dir, log_name, capture)
         return RunResult(
             command=command,
-            exit_code=exit_code,
+            exit_code=TIMEOUT_EXIT if limit_hit == "timeout" else proc.returncode,
             timed_out=limit_hit == "timeout",
             duration_s=round(time.monotonic() - start, 3),
-            log_tail=(log_tail + note).strip("\n") if note else log_tail,
+            log_tail=capture.tail(),
             log_path=f"logs/{log_name}",
             backend=self.backend,
             isolation=self.isolation,
             memory_limit_mb=memory_mb,
+            events=list(capture.events),
             limit_hit=limit_hit,
         )
 

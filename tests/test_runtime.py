@@ -71,6 +71,8 @@ def test_shape_error_is_patched_and_succeeds(tmp_path):
     )
     assert journal.succeeded
     assert [a.failure for a in journal.attempts] == [FailureKind.CODE_ERROR, None]
+    # the error reached the journal (and the debugger) through the runtime's streamed output events
+    assert any("mat1 and mat2 shapes cannot be multiplied" in e["text"] for e in journal.attempts[0].events)
     assert journal.attempts[1].stage == "debug" and "nn.Linear(5, 3)" in final
 
 

@@ -34,6 +34,9 @@ class FailureKind(StrEnum):
     INFRA = "infrastructure"
 
 
+#: Output events of an attempt kept in the journal.
+EVENTS_KEPT = 50
+
 #: Failures that go to the debugger agent for a patch.
 PATCHABLE = {FailureKind.CODE_ERROR, FailureKind.BAD_OUTPUT}
 
@@ -57,6 +60,9 @@ class Attempt(BaseModel):
     val_metrics: dict[str, Any] = Field(default_factory=dict)
     backend: str = ""
     isolation: str = ""
+    events: list[dict[str, Any]] = Field(
+        default_factory=list, description="The last output events the runtime streamed while the attempt ran (redacted): {t, text}."
+    )
 
 
 class EnsembleRecord(BaseModel):
@@ -100,6 +106,12 @@ def classify(exit_code: int, timed_out: bool, log_tail: str, *, limit_hit: str |
     if exit_code in (137, -9) or _OOM.search(log_tail):  # noqa: PLR2004 - SIGKILL, usually the OOM killer
         return FailureKind.OOM
     return FailureKind.CODE_ERROR
+
+
+def error_output(attempt: Attempt, *, max_chars: int = 4000) -> str:
+    """The end of what the runtime streamed during ``attempt`` (its events), else its log tail."""
+    text = "".join(e.get("text", "") for e in attempt.events)
+    return (text or attempt.log_tail)[-max_chars:]
 
 
 def apply_patch(script: str, patch: dict[str, Any]) -> str:
@@ -181,10 +193,9 @@ class _Executor:
         command = [self.sandbox.python, "train.py"]
         log_name = f"attempt-{index:03d}.log"
         attempt = Attempt(index=index, parent=parent, stage=stage, script_sha256=sha(script), command=command, patch=patch)
-        if self.on_start:
-            self.on_start(attempt, self.sandbox.work_dir, f"logs/{log_name}")
+        on_event = self.on_start(attempt) if self.on_start else None
         try:
-            result = self.sandbox.run(command, timeout_s=self.timeout_s, memory_mb=self.memory_mb, log_name=log_name)
+            result = self.sandbox.run(command, timeout_s=self.timeout_s, memory_mb=self.memory_mb, log_name=log_name, on_event=on_event)
         except Exception as exc:
             attempt.failure, attempt.failure_detail = FailureKind.INFRA, str(exc)
             self.journal.attempts.append(attempt)
@@ -193,6 +204,7 @@ class _Executor:
             msg = f"sandbox failure in attempt {index}: {exc}"
             raise SandboxError(msg) from exc
         attempt.exit_code, attempt.duration_s, attempt.log_tail = result.exit_code, result.duration_s, result.log_tail
+        attempt.events = [e.model_dump() for e in result.events[-EVENTS_KEPT:]]
         attempt.backend, attempt.isolation = result.backend, result.isolation
         (folder / "log_tail.txt").write_text(result.log_tail)
         attempt.failure = classify(result.exit_code, result.timed_out, result.log_tail, limit_hit=result.limit_hit)
@@ -253,6 +265,9 @@ def run_attempts(
 ) -> tuple[Journal, str]:
     """Run ``script`` in ``sandbox`` until it succeeds or the attempt budget ends.
 
+    The runtime's output events of each attempt are recorded in the journal; a code error
+    goes to ``debugger`` with the error output taken from those events.
+
     Parameters
     ----------
     script
@@ -264,7 +279,11 @@ def run_attempts(
         (made without following links, size-bounded); raises :class:`PredictionError` when
         the outputs break the contract, returns the validation metrics otherwise.
     debugger
-        Callable ``(script, log_tail, failure) -> patch dict``.
+        Callable ``(script, error_output, failure) -> patch dict``; ``error_output`` is the
+        contract checker's message for bad outputs, else the tail of the streamed output.
+    on_start
+        Callable ``(attempt) -> on_event`` called before each attempt; ``on_event`` (or
+        ``None``) receives the runtime's :class:`runtime.base.CommandEvent` objects live.
 
     Returns
     -------
@@ -293,7 +312,7 @@ def run_attempts(
         parent = index
         folder = attempts_dir / f"attempt-{index:03d}"
         if attempt.failure in PATCHABLE:
-            detail = attempt.failure_detail or attempt.log_tail
+            detail = attempt.failure_detail or error_output(attempt)
             patch = debugger(script, detail, attempt.failure)
             (folder / "patch.json").write_text(json.dumps(patch, indent=2))
             if patch.get("give_up") or not (patch.get("edits") or patch.get("config_updates")):

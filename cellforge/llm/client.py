@@ -61,6 +61,65 @@ def model_for(role: str) -> str:
     return os.environ.get(f"CELLFORGE_LLM_{role.upper()}") or os.environ.get("CELLFORGE_LLM") or OFFLINE_MODEL
 
 
+def role_setting(role: str, name: str) -> str | None:
+    """``CELLFORGE_LLM_<ROLE>_<NAME>``, else ``CELLFORGE_LLM_<NAME>`` (e.g. ``API_BASE``, ``API_KEY``)."""
+    return os.environ.get(f"CELLFORGE_LLM_{role.upper()}_{name}") or os.environ.get(f"CELLFORGE_LLM_{name}") or None
+
+
+#: ``CELLFORGE_LLM_STRUCTURED`` values: send the answer's JSON schema as structured output?
+STRUCTURED_CHOICES = ("auto", "on", "off")
+
+
+def structured_output(role: str, model: str) -> bool:
+    """Whether to send the answer schema as ``response_format`` (``CELLFORGE_LLM_[<ROLE>_]STRUCTURED``).
+
+    ``auto`` (default): where LiteLLM knows the model supports response schemas, or the role
+    talks to its own api base (OpenAI-compatible local servers such as llama.cpp's honour it).
+
+    Raises
+    ------
+    ConfigError
+        A value other than auto, on, off.
+    """
+    value = (role_setting(role, "STRUCTURED") or "auto").strip().lower()
+    if value not in STRUCTURED_CHOICES:
+        msg = f"CELLFORGE_LLM_STRUCTURED={value!r}; valid: {', '.join(STRUCTURED_CHOICES)}"
+        raise ConfigError(msg)
+    if value != "auto":
+        return value == "on"
+    if role_setting(role, "API_BASE"):
+        return True
+    try:
+        import litellm
+
+        return bool(litellm.supports_response_schema(model=model))
+    except Exception:  # noqa: BLE001 - unknown model: no structured output, the repair loop stays
+        return False
+
+
+def live_options(role: str, model: str, schema: type[BaseModel] | None) -> dict[str, Any]:
+    """LiteLLM keyword arguments for a hosted or local model serving ``role``.
+
+    Per-role api base and key (:func:`role_setting`), ``drop_params`` so a parameter the model
+    does not take (``temperature`` on o-series models) is dropped instead of failing, our own
+    retry policy (``max_retries=0``), and the answer's JSON schema as structured output where
+    :func:`structured_output` says so.
+    """
+    options: dict[str, Any] = {"max_retries": 0, "drop_params": True}
+    for name, key in (("API_BASE", "api_base"), ("API_KEY", "api_key")):
+        value = role_setting(role, name)
+        if value:
+            options[key] = value
+    if "api_base" in options and "api_key" not in options and model.startswith("openai/"):
+        options["api_key"] = "none"  # local OpenAI-compatible servers need no key, the client wants one
+    if schema is not None and structured_output(role, model):
+        options["response_format"] = {
+            "type": "json_schema",
+            "json_schema": {"name": schema.__name__, "schema": schema.model_json_schema(), "strict": False},
+        }
+    return options
+
+
 def llm_mode() -> str:
     """``live`` or ``replay`` from ``CELLFORGE_LLM_MODE``.
 
@@ -299,6 +358,7 @@ class LLMClient:
 
     def __init__(self, run_dir: Path | None, *, stage: str, max_repairs: int = 2) -> None:
         self.run_dir, self.stage, self.max_repairs = run_dir, stage, max_repairs
+        self._schema: type[BaseModel] | None = None
         self.mode = llm_mode()
         self.book = ReplayBook.from_env(run_dir) if self.mode == "replay" else None
         self.timeout = _env_float("CELLFORGE_LLM_TIMEOUT", 120.0)
@@ -327,6 +387,7 @@ class LLMClient:
         import litellm
 
         model = model_for(spec.role)
+        self._schema = schema
         repairs: list[dict[str, str]] = []
         trimmed = False
         last_error = ""
@@ -388,9 +449,9 @@ class LLMClient:
 
         kwargs: dict[str, Any] = {"model": model, "messages": messages, "temperature": spec.temperature, "timeout": self.timeout}
         if not model.startswith("cellforge-offline/"):
-            kwargs["max_retries"] = 0  # the retry policy is ours (below), not the HTTP client's
-            if os.environ.get("CELLFORGE_LLM_API_BASE"):
-                kwargs["api_base"] = os.environ["CELLFORGE_LLM_API_BASE"]
+            kwargs.update(live_options(spec.role, model, self._schema))
+            if spec.max_tokens:
+                kwargs["max_tokens"] = spec.max_tokens
         start = time.monotonic()
         try:
             for trial in tenacity.Retrying(
