@@ -265,21 +265,41 @@ def stage_design(run: Run, *, echo: Echo) -> None:
 
 
 # ---------------------------------------------------------------------------- 4. codegen
+def coder_context(run: Run) -> dict[str, Any]:
+    """What the coder reads: the plan, the sandbox contract, the data, worked examples and the template library."""
+    from cellforge.execution import contract
+    from cellforge.execution.codegen import TEMPLATE_DIR, templates
+
+    plan = run.read_json("plan.json")
+    data = run.read_json("data.json")
+    planned = TEMPLATE_DIR / f"{plan.get('template')}.py"
+    return {
+        "plan": plan,
+        "templates": templates(),
+        "threads": run.config.threads,
+        "contract": contract.CONTRACT_DOC.read_text(),
+        "data": {"dataset": data.get("dataset"), "shape": data.get("shape"), "task": data.get("task")},
+        "example_script": contract.EXAMPLE_SCRIPT.read_text(),
+        "template_source": planned.read_text() if planned.is_file() else "",
+    }
+
+
 def stage_codegen(run: Run, *, echo: Echo) -> None:
-    """Ask the coder to compose the plan from the template library and render the script."""
+    """Ask the coder for the training script: its own code (checked against the contract) or a rendered template."""
     from cellforge.design.plan import CodeChoice
-    from cellforge.execution.codegen import render, templates
+    from cellforge.execution.codegen import render
     from cellforge.llm.client import LLMClient
     from cellforge.llm.specs import load_spec
 
     client = LLMClient(run.dir, stage="codegen")
-    choice = client.ask(load_spec("coder"), {"plan": run.read_json("plan.json"), "templates": templates(), "threads": run.config.threads}, CodeChoice)
-    script = render(choice.template, choice.config)
+    choice = client.ask(load_spec("coder"), coder_context(run), CodeChoice)
+    script = choice.script if choice.script else render(choice.template, choice.config)
     code = run.path("code")
     code.mkdir(exist_ok=True)
     (code / "train.py").write_text(script)
-    run.write_json("code/choice.json", choice.model_dump())
-    echo(f"  wrote {code / 'train.py'} ({len(script.splitlines())} lines, template {choice.template})")
+    run.write_json("code/choice.json", {**choice.model_dump(exclude={"script"}), "written_by": "coder" if choice.script else "template"})
+    origin = "written by the coder" if choice.script else f"template {choice.template}"
+    echo(f"  wrote {code / 'train.py'} ({len(script.splitlines())} lines, {origin})")
 
 
 # ---------------------------------------------------------------------------- 5. execute
@@ -348,8 +368,7 @@ def stage_execute(run: Run, *, echo: Echo) -> None:
     client = LLMClient(run.dir, stage="execute")
 
     def check_outputs(outputs: Path) -> dict[str, Any]:
-        contract.read_predictions(outputs / Path(contract.PREDICTIONS).name, test=manifest.test, genes=genes)
-        return contract.read_val_metrics(outputs)
+        return contract.check_outputs(outputs, test=manifest.test, genes=genes)
 
     def debugger(script: str, log_tail: str, failure: Any) -> dict[str, Any]:
         ctx = {"script": script, "log_tail": log_tail, "failure": failure.value, "config": get_config(script)}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 
 class Hyperparameters(BaseModel):
@@ -60,13 +60,29 @@ class ResearchPlan(BaseModel):
 
 
 class CodeChoice(BaseModel):
-    """The coder's answer: which template to render and with what configuration."""
+    """The coder's answer: a whole script of its own, or a template of the library with its CONFIG.
+
+    A ``script`` is checked against the static part of the sandbox contract when the answer is
+    validated (:func:`cellforge.execution.contract.check_script`), so a model that breaks it is
+    told precisely what to fix.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
-    template: str
-    config: dict[str, Any]
+    script: str = Field("", description="A complete training + inference script satisfying the sandbox contract (leave empty to use a template).")
+    template: str = Field("", description="A template of the library to render instead of writing a script.")
+    config: dict[str, Any] = Field(default_factory=dict, description="CONFIG for the template.")
     notes: str = ""
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> CodeChoice:
+        from cellforge.execution.contract import check_script
+
+        if bool(self.script.strip()) == bool(self.template):
+            raise ValueError("give exactly one of `script` (your own code) or `template` (with `config`)")
+        if self.script:
+            check_script(self.script)
+        return self
 
 
 class Edit(BaseModel):
@@ -79,14 +95,24 @@ class Edit(BaseModel):
 
 
 class Patch(BaseModel):
-    """The debugger's answer to a failed attempt."""
+    """The debugger's answer to a failed attempt: a unified diff, a whole new script, exact edits and/or CONFIG updates."""
 
     model_config = ConfigDict(extra="forbid")
 
     diagnosis: str
+    diff: str = Field("", description="A unified diff of the script (any part may change).")
+    script: str = Field("", description="The whole corrected script, instead of a diff.")
     edits: list[Edit] = Field(default_factory=list)
     config_updates: dict[str, Any] = Field(default_factory=dict)
     give_up: bool = Field(False, description="True when the debugger sees no fix.")
+
+    @model_validator(mode="after")
+    def _script_ok(self) -> Patch:
+        if self.script:
+            from cellforge.execution.contract import check_script
+
+            check_script(self.script)
+        return self
 
 
 class Refinement(BaseModel):
@@ -96,4 +122,6 @@ class Refinement(BaseModel):
 
     diagnosis: str = Field(description="What the validation metrics and the journal show.")
     config_updates: dict[str, Any] = Field(default_factory=dict, description="CONFIG keys to change for the next round.")
+    diff: str = Field("", description="A unified diff of the best script: a change of the model itself, judged like any other.")
+    script: str = Field("", description="A whole new version of the best script, instead of a diff.")
     stop: bool = Field(False, description="True when no change is worth another training run.")

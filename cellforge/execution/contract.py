@@ -256,3 +256,98 @@ def load_predictions(path: Path, *, test: list[str], genes: list[str]) -> Predic
 def read_predictions(path: Path, *, test: list[str], genes: list[str]) -> pd.DataFrame:
     """Predicted mean profiles ``(n_test, n_genes)`` of a checked file (see :func:`load_predictions`)."""
     return load_predictions(path, test=test, genes=genes).profiles
+
+
+#: The contract as the coder and debugger read it.
+CONTRACT_DOC = Path(__file__).with_name("CONTRACT.md")
+#: A worked example that satisfies the contract.
+EXAMPLE_SCRIPT = Path(__file__).parent / "examples" / "mean_shift.py"
+#: Largest script the host accepts from a model, characters.
+MAX_SCRIPT_CHARS = 200_000
+
+
+def check_script(text: str) -> str:
+    """Check a model-written script against the static part of the contract; return it unchanged.
+
+    Raises
+    ------
+    ValueError
+        Empty, too long, not valid Python (with the line and message), or no one-line
+        ``CONFIG = {...}`` dictionary literal at top level. The message says what to fix.
+    """
+    import ast
+
+    if not text.strip():
+        raise ValueError("the script is empty")
+    if len(text) > MAX_SCRIPT_CHARS:
+        msg = f"the script has {len(text)} characters; at most {MAX_SCRIPT_CHARS}"
+        raise ValueError(msg)
+    try:
+        tree = ast.parse(text)
+    except SyntaxError as exc:
+        msg = f"the script is not valid Python: line {exc.lineno}: {exc.msg}: {(exc.text or '').strip()[:120]!r}"
+        raise ValueError(msg) from exc
+    configs = [
+        node for node in tree.body
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "CONFIG" for t in node.targets)
+    ]  # fmt: skip
+    if not configs or not isinstance(configs[0].value, ast.Dict) or configs[0].lineno != configs[0].end_lineno:
+        raise ValueError("the script needs a one-line top-level `CONFIG = {...}` dictionary literal holding its hyperparameters")
+    try:
+        ast.literal_eval(configs[0].value)
+    except ValueError as exc:
+        raise ValueError("`CONFIG = {...}` must be a literal (numbers, strings, booleans, lists, dicts)") from exc
+    return text
+
+
+def check_outputs(outputs: Path, *, test: list[str], genes: list[str]) -> dict:
+    """Check a host-side copy of a script's ``outputs/`` against the contract; return its validation metrics.
+
+    Parameters
+    ----------
+    outputs
+        Folder holding ``predictions.h5ad``, ``val_metrics.json`` and optionally ``val_predictions.npz``.
+    test, genes
+        The split's test conditions and the data's genes (see :func:`load_predictions`).
+
+    Raises
+    ------
+    PredictionError
+        What is wrong, precisely: the missing file, unknown or missing condition names,
+        missing genes, shapes, non-finite values, count-scale values, a non-numeric metric.
+    """
+    outputs = Path(outputs)
+    load_predictions(outputs / Path(PREDICTIONS).name, test=test, genes=genes)
+    metrics = read_val_metrics(outputs)
+    bad = {k: v for k, v in metrics.items() if v is not None and not isinstance(v, int | float | str | bool)}
+    if bad:
+        msg = f"{VAL_METRICS}: values must be numbers, got {sorted(bad)[:5]}"
+        raise PredictionError(msg)
+    saved = outputs / "val_predictions.npz"
+    if saved.is_file():
+        _check_val_predictions(saved)
+    return metrics
+
+
+def _check_val_predictions(path: Path) -> None:
+    """Arrays and shapes of ``val_predictions.npz`` (its conditions may be validation or training folds)."""
+    try:
+        with np.load(path, allow_pickle=False) as data:
+            arrays = {k: data[k] for k in data.files}
+    except (OSError, ValueError) as exc:
+        msg = f"outputs/val_predictions.npz: not a readable .npz without pickles ({exc})"
+        raise PredictionError(msg) from exc
+    missing = [k for k in ("conditions", "pred", "target") if k not in arrays]
+    if missing:
+        msg = f"outputs/val_predictions.npz: missing arrays {missing}; has {sorted(arrays)}"
+        raise PredictionError(msg)
+    n = len(arrays["conditions"])
+    for key in ("pred", "target", "base"):
+        if key in arrays:
+            shape = arrays[key].shape
+            if len(shape) != 2 or shape[0] != n:  # noqa: PLR2004
+                msg = f"outputs/val_predictions.npz: {key} has shape {shape}; expected ({n}, n_genes) for {n} conditions"
+                raise PredictionError(msg)
+            if not np.isfinite(arrays[key]).all():
+                msg = f"outputs/val_predictions.npz: {key} has non-finite values"
+                raise PredictionError(msg)

@@ -115,13 +115,21 @@ def error_output(attempt: Attempt, *, max_chars: int = 4000) -> str:
 
 
 def apply_patch(script: str, patch: dict[str, Any]) -> str:
-    """Apply a debugger :class:`~cellforge.design.plan.Patch` (edits, then CONFIG updates).
+    """Apply a debugger :class:`~cellforge.design.plan.Patch`: a whole script, a unified diff, exact edits, then CONFIG updates.
 
     Raises
     ------
     ValueError
-        An edit's ``find`` text does not occur in the script.
+        The new script breaks the static contract, the diff does not apply, or an edit's
+        ``find`` text does not occur in the script.
     """
+    from cellforge.execution.contract import check_script
+    from cellforge.execution.diffs import apply_unified_diff
+
+    if patch.get("script"):
+        script = check_script(patch["script"])
+    elif patch.get("diff"):
+        script = check_script(apply_unified_diff(script, patch["diff"]))
     for edit in patch.get("edits", []):
         if edit["find"] not in script:
             msg = f"patch edit target not found in script: {edit['find'][:80]!r}"
@@ -315,7 +323,7 @@ def run_attempts(
             detail = attempt.failure_detail or error_output(attempt)
             patch = debugger(script, detail, attempt.failure)
             (folder / "patch.json").write_text(json.dumps(patch, indent=2))
-            if patch.get("give_up") or not (patch.get("edits") or patch.get("config_updates")):
+            if patch.get("give_up") or not any(patch.get(k) for k in ("script", "diff", "edits", "config_updates")):
                 journal.stop_reason = f"debugger gave up after attempt {index}: {patch.get('diagnosis', '')}"
                 break
             try:
@@ -465,6 +473,7 @@ def refine_until_settled(
         journal.save(journal_path)
         return journal, script
     tried = [get_config(script)]
+    tried_code = {sha(script)}
     stale = rounds = 0
     reason = f"refinement budget of {settings.max_rounds} rounds used"
     while rounds < settings.max_rounds:
@@ -475,6 +484,27 @@ def refine_until_settled(
         ]
         proposal = refiner(get_config(best_script), history, settings)
         updates = proposal.get("config_updates") or {}
+        if not proposal.get("stop") and (proposal.get("diff") or proposal.get("script")):
+            # a change of the model's code, judged by the same rule as any other change
+            try:
+                candidate = apply_patch(best_script, {"diff": proposal.get("diff", ""), "script": proposal.get("script", "")})
+            except ValueError as exc:
+                reason = f"the refiner's code change could not be applied: {exc}"
+                break
+            if candidate == best_script or sha(candidate) in tried_code:
+                reason = f"the refiner proposed no new change: {proposal.get('diagnosis', '')}"
+                break
+            tried_code.add(sha(candidate))
+            attempt = executor.run(candidate, stage="refine", parent=best.index, patch={"diagnosis": proposal.get("diagnosis", ""), "code_change": True})
+            progress = _progress(attempt, best, settings, attempts_dir)
+            if progress:
+                best, best_script = attempt, candidate
+            rounds += 1
+            stale = 0 if progress else stale + 1
+            if stale >= settings.patience:
+                reason = f"{settings.metric} settled: no improvement above {settings.tolerance:.1%} in {stale} rounds"
+                break
+            continue
         config = {**get_config(best_script), **updates}
         if proposal.get("stop") or not updates or config in tried:
             reason = f"the refiner proposed no new change: {proposal.get('diagnosis', '')}"

@@ -170,7 +170,7 @@ def render_messages(spec: AgentSpec, context: dict[str, Any], schema: type[BaseM
     """System prompt from the spec; user message with the context and the answer schema as JSON."""
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, autoescape=False)  # noqa: S701 - plain text prompt
     system = env.from_string(spec.prompt).render(**context)
-    payload = {"agent": spec.name, "role": spec.role, "context": context}
+    payload = {"agent": spec.name, "role": spec.role, "context": {k: v for k, v in context.items() if k not in spec.prompt_only}}
     user = (
         "## Context\n```json\n"
         + json.dumps(payload, indent=1, default=str)

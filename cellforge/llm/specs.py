@@ -26,6 +26,7 @@ class AgentSpec(BaseModel):
     prompt: str = Field(description="System prompt (Jinja template over the call's context).")
     output_schema: str = Field(description="Name of the pydantic schema the answer must validate against.")
     temperature: float = 0.2
+    prompt_only: list[str] = Field(default_factory=list, description="Context keys shown only through the prompt (long texts), left out of the JSON context.")
     max_tokens: int | None = Field(None, ge=16, description="Most tokens of one answer (a whole script needs more than a JSON verdict).")
 
 

@@ -1,0 +1,178 @@
+"""A language model writes the model: free-form code through LiteLLM, run in the sandbox, fixed from the runtime's events.
+
+A scripted OpenAI-compatible server (a real HTTP server on 127.0.0.1) plays the coder and the
+debugger. The coder writes an architecture that is not in the template library, with a bug;
+the error reaches the debugger from the sandbox runtime's event stream; its diff is applied;
+the fixed script runs and the host scores its predictions beside the baselines.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from cellforge.cli import app
+
+NOVEL = '''"""Control-programme kernel: perturbations are embedded by their target gene's loadings on the
+leading programmes of control-cell co-expression; a test perturbation's change is the kernel-weighted
+average of the training changes of perturbations with similar embeddings."""
+import json
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+CONFIG = {"bandwidth": 0.5, "n_programs": 8, "seed": 0}
+
+rng = np.random.default_rng(CONFIG["seed"])
+task = json.loads(Path("task.json").read_text())
+genes = task["genes"]
+train = ad.read_h5ad("data/train.h5ad")[:, genes]
+val = ad.read_h5ad("data/val.h5ad")[:, genes]
+
+
+def dense(x):
+    return x.toarray() if sp.issparse(x) else np.asarray(x, dtype=np.float64)
+
+
+class ControlProgrammeKernel:
+    def __init__(self, control, n_programs, bandwidth):
+        centred = control - control.mean(axis=0)
+        _, _, vt = np.linalg.svd(centred, full_matrices=False)
+        self.loadings = vt[:n_programs].T  # (n_genes, n_programs)
+        self.index = {g: i for i, g in enumerate(genes)}
+        self.bandwidth = bandwidth
+
+    def embed(self, perturbation):
+        rows = [self.loadings[self.index[t]] for t in perturbation.split("+") if t in self.index]
+        return np.sum(rows, axis=0) if rows else np.zeros(self.loadings.shape[1])
+
+    def fit(self, perturbations, deltas):
+        self.keys = np.stack([self.embed(p) for p in perturbations])
+        self.deltas = deltas
+        return self
+
+    def predict(self, perturbation):
+        dist = ((self.keys - self.embed(perturbation)) ** 2).sum(axis=1)
+        weights = np.exp(-(dist - dist.min()) / self.bandwidth)
+        return (weights / weights.sum()) @ self.deltas
+
+
+is_control = train.obs["is_control"].to_numpy()
+control = dense(train[is_control].X)
+mu = control.mean(axis=0)
+labels = train.obs["condition"].astype(str).to_numpy()
+perturbation_of = {c["condition"]: c["perturbation"] for c in task["conditions"]}
+train_conds = [c for c in task["train_conditions"] if (labels == c).any()]
+deltas = np.stack([dense(train[labels == c].X).mean(axis=0) - mu for c in train_conds])
+model = ControlProgrammeKernel(control, CONFIG["n_programs"], CONFIG["bandwidth"]).fit([perturbation_of[c] for c in train_conds], deltas)
+
+errors = []
+val_labels = val.obs["condition"].astype(str).to_numpy()
+for c in task["val_conditions"]:
+    observed = dense(val[val_labels == c].X).mean(axis=0) - mu
+    top = np.argsort(-np.abs(observed))[:20]
+    errors.append(float(np.mean((model.predict(perturbation_of[c])[top] - observed[top]) ** 2)))
+Path("outputs").mkdir(exist_ok=True)
+Path("outputs/val_metrics.json").write_text(json.dumps({"val_mse_top20": float(np.mean(errors)) if errors else None}))
+print("validation mse_top20", np.mean(errors) if errors else None)
+
+test = task["test_conditions"]
+rows = [mu + model.predict(perturbation_of[c]) for c in test]
+pred = np.stack(rows, axis=1)
+out = ad.AnnData(X=pred.astype(np.float32), obs=pd.DataFrame({"condition": test}, index=[str(i) for i in range(len(test))]), var=pd.DataFrame(index=genes))
+out.write_h5ad("outputs/predictions.h5ad")
+print("wrote", len(test), "predictions")
+'''
+
+FIX = """--- a/train.py
++++ b/train.py
+@@ -72,3 +72,3 @@
+ rows = [mu + model.predict(perturbation_of[c]) for c in test]
+-pred = np.stack(rows, axis=1)
++pred = np.stack(rows, axis=0)
+ out = ad.AnnData(X=pred.astype(np.float32), obs=pd.DataFrame({"condition": test}, index=[str(i) for i in range(len(test))]), var=pd.DataFrame(index=genes))
+"""
+
+
+class ScriptedModel(BaseHTTPRequestHandler):
+    """An OpenAI-compatible chat endpoint whose answers are scripted per agent."""
+
+    requests: list[dict] = []
+
+    def log_message(self, *args) -> None:  # noqa: ANN002
+        pass
+
+    def do_POST(self) -> None:  # noqa: N802
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        user = body["messages"][1]["content"]
+        agent = json.loads(user.split("```json\n", 1)[1].split("\n```", 1)[0])["agent"]
+        type(self).requests.append({"agent": agent, "user": user, "response_format": body.get("response_format"), "path": self.path})
+        if agent == "coder":
+            answer = {"script": NOVEL, "notes": "a control-programme kernel, not a template"}
+        elif agent == "debugger" and "Observations annot. `obs` must have" in user:
+            answer = {"diagnosis": "np.stack(axis=1) puts genes on the rows; stack conditions on axis 0", "diff": FIX}
+        else:
+            answer = {"diagnosis": "unexpected request", "give_up": True}
+        content = json.dumps(answer)
+        reply = {
+            "id": f"chatcmpl-{len(type(self).requests)}", "object": "chat.completion", "created": int(time.time()), "model": body["model"],
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+            "usage": {"prompt_tokens": len(user) // 4, "completion_tokens": len(content) // 4, "total_tokens": (len(user) + len(content)) // 4},
+        }  # fmt: skip
+        data = json.dumps(reply).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+
+@pytest.fixture
+def scripted_model():  # noqa: ANN201
+    ScriptedModel.requests = []
+    server = ThreadingHTTPServer(("127.0.0.1", 0), ScriptedModel)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+
+
+def test_an_llm_written_model_is_debugged_from_runtime_events_and_scored(scripted_model, tmp_path, monkeypatch):
+    from tests.conftest import MIRROR
+
+    if not MIRROR.exists():
+        pytest.skip("offline mirror not present")
+    for role in ("CODER", "DEBUGGER"):  # the other roles stay with the offline planner
+        monkeypatch.setenv(f"CELLFORGE_LLM_{role}", f"openai/scripted-{role.lower()}")
+        monkeypatch.setenv(f"CELLFORGE_LLM_{role}_API_BASE", scripted_model)
+    monkeypatch.setenv("CELLFORGE_SANDBOX", "local")
+    result = CliRunner().invoke(app, ["benchmark", "--dataset", "adamson_subset", "--runs", str(tmp_path), "--pilots", "0", "--refine-rounds", "0"])
+    assert result.exit_code == 0, result.output
+    run = Path(result.stdout.strip().splitlines()[-1])
+
+    assert [r["agent"] for r in ScriptedModel.requests] == ["coder", "debugger"]
+    assert all(r["response_format"]["type"] == "json_schema" for r in ScriptedModel.requests)  # structured output to a local server
+    assert json.loads((run / "code" / "choice.json").read_text())["written_by"] == "coder"
+    journal = json.loads((run / "journal.json").read_text())
+    first, second = journal["attempts"][:2]
+    assert first["failure"] == "code_error" and second["failure"] is None and second["stage"] == "debug"
+    # the error the debugger saw came from the runtime's streamed events of the failed attempt
+    error = "Observations annot. `obs` must have"
+    assert any(error in e["text"] for e in first["events"])
+    assert error in ScriptedModel.requests[1]["user"]
+    final = (run / "code" / "final_train.py").read_text()
+    assert "class ControlProgrammeKernel" in final and "np.stack(rows, axis=0)" in final
+    metrics = json.loads((run / "metrics.json").read_text())
+    model = metrics["methods"]["cellforge_model"]
+    assert {"no_change", "training_mean", "linear"} <= set(metrics["methods"])
+    assert all(isinstance(model[k], float) for k in ("pearson_delta", "pearson_delta_de20", "mse_de20"))
+    assert metrics["llm"]["backend_by_role"]["coder"] == "openai/scripted-coder"
