@@ -145,3 +145,24 @@ def test_offline_refiner_compares_candidate_models_first(tmp_path):
     history.append({"config": {**config, **candidates[1]}, "failure": None, "val_metrics": {"val_mse_top20": 0.5}})
     third = client.ask(load_spec("refiner"), {**ctx, "history": history}, Refinement)
     assert "template" not in third.config_updates and not third.stop  # then hyperparameters of the best
+
+
+def test_live_options_per_role_base_key_structured_output(monkeypatch):
+    from cellforge.design.plan import Patch
+    from cellforge.llm.client import live_options
+
+    for key in list(__import__("os").environ):
+        if key.startswith("CELLFORGE_LLM"):
+            monkeypatch.delenv(key)
+    monkeypatch.setenv("CELLFORGE_LLM_API_BASE", "http://hosted.example/v1")
+    monkeypatch.setenv("CELLFORGE_LLM_DEBUGGER_API_BASE", "http://127.0.0.1:9/v1")
+    debugger = live_options("debugger", "openai/local-coder", Patch)
+    default = live_options("critic", "openai/o3-mini", Patch)
+    assert debugger["api_base"] == "http://127.0.0.1:9/v1" and default["api_base"] == "http://hosted.example/v1"
+    assert debugger["drop_params"] is True and debugger["max_retries"] == 0  # o-series: temperature dropped, not fatal
+    assert debugger["response_format"]["json_schema"]["schema"] == Patch.model_json_schema()
+    monkeypatch.setenv("CELLFORGE_LLM_DEBUGGER_STRUCTURED", "off")
+    assert "response_format" not in live_options("debugger", "openai/local-coder", Patch)
+    monkeypatch.setenv("CELLFORGE_LLM_STRUCTURED", "maybe")
+    with pytest.raises(Exception, match="valid: auto, on, off"):
+        live_options("critic", "openai/gpt-4o", Patch)

@@ -36,6 +36,8 @@ from cellforge.llm.specs import AgentSpec
 from runtime.redaction import redact
 
 OFFLINE_MODEL = "cellforge-offline/planner"
+#: ``local/<name>``: a model of :data:`cellforge.llm.local_model.MODELS`, served here for the run.
+LOCAL_PREFIX = "local/"
 ROLES = ["analyst", "expert", "critic", "planner", "coder", "debugger"]
 MODES = ["live", "replay"]
 CALL_LOG = "llm_calls.jsonl"
@@ -70,11 +72,12 @@ def role_setting(role: str, name: str) -> str | None:
 STRUCTURED_CHOICES = ("auto", "on", "off")
 
 
-def structured_output(role: str, model: str) -> bool:
+def structured_output(role: str, model: str, *, own_server: bool = False) -> bool:
     """Whether to send the answer schema as ``response_format`` (``CELLFORGE_LLM_[<ROLE>_]STRUCTURED``).
 
     ``auto`` (default): where LiteLLM knows the model supports response schemas, or the role
-    talks to its own api base (OpenAI-compatible local servers such as llama.cpp's honour it).
+    talks to its own api base or a server cellforge started (``own_server``): OpenAI-compatible
+    local servers such as llama.cpp's honour it.
 
     Raises
     ------
@@ -87,7 +90,7 @@ def structured_output(role: str, model: str) -> bool:
         raise ConfigError(msg)
     if value != "auto":
         return value == "on"
-    if role_setting(role, "API_BASE"):
+    if role_setting(role, "API_BASE") or own_server:
         return True
     try:
         import litellm
@@ -97,7 +100,7 @@ def structured_output(role: str, model: str) -> bool:
         return False
 
 
-def live_options(role: str, model: str, schema: type[BaseModel] | None) -> dict[str, Any]:
+def live_options(role: str, model: str, schema: type[BaseModel] | None, *, api_base: str | None = None) -> dict[str, Any]:
     """LiteLLM keyword arguments for a hosted or local model serving ``role``.
 
     Per-role api base and key (:func:`role_setting`), ``drop_params`` so a parameter the model
@@ -110,9 +113,11 @@ def live_options(role: str, model: str, schema: type[BaseModel] | None) -> dict[
         value = role_setting(role, name)
         if value:
             options[key] = value
+    if api_base:  # a server cellforge started itself
+        options["api_base"] = api_base
     if "api_base" in options and "api_key" not in options and model.startswith("openai/"):
         options["api_key"] = "none"  # local OpenAI-compatible servers need no key, the client wants one
-    if schema is not None and structured_output(role, model):
+    if schema is not None and structured_output(role, model, own_server=api_base is not None):
         options["response_format"] = {
             "type": "json_schema",
             "json_schema": {"name": schema.__name__, "schema": schema.model_json_schema(), "strict": False},
@@ -139,7 +144,11 @@ def backend_label(model: str) -> str:
     """How a backend is shown: the offline planner, a replay, or the model string."""
     if llm_mode() == "replay":
         return f"replay of {os.environ.get('CELLFORGE_LLM_REPLAY', '?')}"
-    return "offline-planner (deterministic, not an LLM)" if model.startswith("cellforge-offline/") else model
+    if model.startswith("cellforge-offline/"):
+        return "offline-planner (deterministic, not an LLM)"
+    if model.startswith(LOCAL_PREFIX):
+        return f"{model} (local LLM served on 127.0.0.1 by xllamacpp)"
+    return model
 
 
 def key_variable(model: str) -> str:
@@ -448,7 +457,13 @@ class LLMClient:
         import tenacity
 
         kwargs: dict[str, Any] = {"model": model, "messages": messages, "temperature": spec.temperature, "timeout": self.timeout}
-        if not model.startswith("cellforge-offline/"):
+        if model.startswith(LOCAL_PREFIX):
+            from cellforge.llm.local_model import litellm_route
+
+            routed, api_base = litellm_route(model.removeprefix(LOCAL_PREFIX))
+            kwargs.update(live_options(spec.role, routed, self._schema, api_base=api_base))
+            kwargs["model"] = routed
+        elif not model.startswith("cellforge-offline/"):
             kwargs.update(live_options(spec.role, model, self._schema))
             if spec.max_tokens:
                 kwargs["max_tokens"] = spec.max_tokens
