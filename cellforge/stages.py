@@ -168,17 +168,19 @@ def _pilot_runner(run: Run, echo: Echo) -> Callable[[str, Any], dict[str, Any]]:
     """Short sandbox runs of a proposal on the validation split (at most 60 epochs)."""
     from cellforge.data.splits import SplitManifest
     from cellforge.execution import contract
-    from cellforge.execution.codegen import render
     from runtime import open_sandbox
 
     def pilot(name: str, proposal: Any) -> dict[str, Any]:
+        from cellforge.design.plan import CodeChoice, Hyperparameters
+        from cellforge.execution.codegen import render, templates
+        from cellforge.llm.client import LLMClient
+        from cellforge.llm.specs import load_spec
+
         work = run.path("pilots") / name
         if work.exists():
             shutil.rmtree(work)
         work.mkdir(parents=True)
         contract.prepare_inputs(run.adata(), SplitManifest.load(run.path("split.json")), work, task=run.read_json("data.json")["task"])
-        from cellforge.design.plan import Hyperparameters
-
         n_train = len(run.read_json("split.json")["train"])
         hp = {**Hyperparameters().model_dump(), "n_components": min(16, max(2, n_train)), "batch_size": max(1, min(16, n_train)), "seed": 0}
         hp.update(proposal.hyperparameters)
@@ -187,20 +189,29 @@ def _pilot_runner(run: Run, echo: Echo) -> Callable[[str, Any], dict[str, Any]]:
                 hp[key] = int(hp[key])
         hp["max_epochs"] = min(int(hp.get("max_epochs", 60)), 60)
         hp["patience"] = min(int(hp.get("patience", 10)), 10)
-        config = {**hp, "baseline": proposal.baseline, "train_on": proposal.train_on, "threads": run.config.threads, "seed": 0}
+        arch = proposal.architecture
+        # the code written for this expert's design: the coder implements the proposal as a small plan
+        pilot_plan = {
+            "template": arch.template if arch.template in templates() else "custom", "baseline": proposal.baseline,
+            "train_on": proposal.train_on, "hyperparameters": hp, "architecture": arch.model_dump(), "pilot": True,
+        }  # fmt: skip
+        choice = LLMClient(run.dir, stage="design").ask(load_spec("coder"), coder_context(run, plan=pilot_plan), CodeChoice)
+        script = choice.script or render(choice.template, {**choice.config, "seed": 0})
         sandbox = open_sandbox(work, requested=run.config.sandbox)
         try:
-            sandbox.write_text("train.py", render("pert_mlp", config))
+            sandbox.write_text("train.py", script)
             result = sandbox.run([sandbox.python, "train.py"], timeout_s=min(run.config.timeout_s, 600), memory_mb=run.config.memory_mb, log_name="pilot.log")
             metrics = contract.sandbox_val_metrics(sandbox) if result.exit_code == 0 else {}
         finally:
             sandbox.close()
-        out = {k: metrics.get(k) for k in ("val_mse_top20", "val_baseline_mse_top20", "val_pearson_delta", "epochs_run")}
-        out.update({"exit_code": result.exit_code, "duration_s": result.duration_s, "backend": result.backend, "isolation": result.isolation})
+        # the design's own validation error: a residual the template would drop still tells designs apart
+        own = {k.replace("val_residual_", "val_"): v for k, v in metrics.items() if k.startswith("val_residual_")}
+        out = {k: own.get(k, metrics.get(k)) for k in ("val_mse_top20", "val_baseline_mse_top20", "val_pearson_delta", "epochs_run")}
+        out.update({"architecture": arch.template, "exit_code": result.exit_code, "duration_s": result.duration_s, "backend": result.backend, "isolation": result.isolation})
         if result.exit_code != 0:
             out["log_tail"] = result.log_tail[-800:]
         val = out["val_mse_top20"]
-        echo(f"  {name}: val_mse_top20 {val if val is None else f'{val:.5f}'} (baseline {out['val_baseline_mse_top20']}) in {result.duration_s}s")
+        echo(f"  {name} ({arch.template}): val_mse_top20 {val if val is None else f'{val:.5f}'} (baseline {out['val_baseline_mse_top20']}) in {result.duration_s}s")
         return out
 
     return pilot
@@ -265,12 +276,12 @@ def stage_design(run: Run, *, echo: Echo) -> None:
 
 
 # ---------------------------------------------------------------------------- 4. codegen
-def coder_context(run: Run) -> dict[str, Any]:
-    """What the coder reads: the plan, the sandbox contract, the data, worked examples and the template library."""
+def coder_context(run: Run, *, plan: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What the coder reads: the plan (``plan.json`` unless given), the sandbox contract, the data, worked examples and the template library."""
     from cellforge.execution import contract
     from cellforge.execution.codegen import TEMPLATE_DIR, templates
 
-    plan = run.read_json("plan.json")
+    plan = plan if plan is not None else run.read_json("plan.json")
     data = run.read_json("data.json")
     planned = TEMPLATE_DIR / f"{plan.get('template')}.py"
     return {

@@ -24,11 +24,29 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
 
 
-class DesignProposal(BaseModel):
-    """An expert's design: reference predictor, supervision and hyperparameters."""
+class Architecture(BaseModel):
+    """The model an expert proposes: what it reads, how it computes, what it outputs, what it minimises.
+
+    ``template`` names the library model the design builds on (the coder renders it), or
+    ``custom`` for a design the coder must write from this description.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
+    template: str = Field("pert_mlp", description="Library model the design builds on, or 'custom'.")
+    inputs: list[str] = Field(default_factory=lambda: ["perturbation embedding"], description="Inputs and their encoders.")
+    core: str = Field("residual MLP", description="The model's core.")
+    output: str = Field("change from control per gene, added to the reference", description="What it predicts.")
+    loss: str = Field("MSE with extra weight on the largest-change genes", description="Training objective.")
+    prose: str = Field("", description="Why this architecture suits the data.")
+
+
+class DesignProposal(BaseModel):
+    """An expert's design: architecture, reference predictor, supervision and hyperparameters."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    architecture: Architecture = Field(default_factory=Architecture)
     baseline: Literal["training_mean", "additive", "context_shift"]
     train_on: Literal["all", "combinations"] = "all"
     hyperparameters: dict[str, float] = Field(default_factory=dict)
@@ -105,8 +123,8 @@ def ring(experts: list[str]) -> dict[str, list[str]]:
 
 
 def proposal_distance(a: DesignProposal, b: DesignProposal) -> float:
-    """0 for identical designs, 1 for a different baseline; else the mean relative difference of shared numbers."""
-    if a.baseline != b.baseline:
+    """0 for identical designs, 1 for a different baseline or architecture; else the mean relative difference of shared numbers."""
+    if a.baseline != b.baseline or a.architecture.template != b.architecture.template:
         return 1.0
     parts = [0.5 if a.train_on != b.train_on else 0.0]
     for key in set(a.hyperparameters) & set(b.hyperparameters):

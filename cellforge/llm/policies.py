@@ -118,6 +118,11 @@ def design_plan(ctx: dict[str, Any]) -> dict[str, Any]:
             )
         if consensus.get("cited"):
             rationale.append(f"Evidence cited in the consensus: {', '.join(consensus['cited'])}.")
+        arch = consensus.get("architecture") or {}
+        if arch.get("template") and arch["template"] != template and not any(c.get("template") == arch["template"] for c in candidates):
+            # the debate's architecture is tried against the plan's on validation, not adopted unseen
+            candidates.append({"template": arch["template"]})
+            rationale.append(f"The debate's consensus architecture ({arch['template']}: {arch.get('core', '')}) is a candidate model, selected on validation.")
         if template in PER_GENE_STATE and hyperparameters["hidden_dim"] > extra["hidden_dim"]:
             hyperparameters["hidden_dim"] = extra["hidden_dim"]
             rationale.append(f"{template} keeps a hidden state per gene: its width stays at {extra['hidden_dim']}.")
@@ -162,11 +167,13 @@ def _analysis_rationale(analysis: dict[str, Any] | None) -> list[str]:
 def choose_code(ctx: dict[str, Any]) -> dict[str, Any]:
     """Compose the plan from the template library: template name plus its CONFIG."""
     plan = ctx["plan"]
-    if plan["template"] not in ctx["templates"]:
-        return {"template": ctx["templates"][0], "config": {}, "notes": f"unknown template {plan['template']!r}"}
+    template, notes = plan["template"], "rendered from the plan's hyperparameters"
+    if template not in ctx["templates"]:
+        # the offline planner writes no code of its own: a custom design falls back to the residual MLP
+        template, notes = "pert_mlp", f"the offline planner cannot write the custom design {plan['template']!r}; rendered pert_mlp"
     config = dict(plan["hyperparameters"])
     config.update({"baseline": plan["baseline"], "train_on": plan["train_on"], "threads": ctx.get("threads", 2)})
-    return {"template": plan["template"], "config": config, "notes": "rendered from the plan's hyperparameters"}
+    return {"template": template, "config": config, "notes": notes}
 
 
 _SHAPE = re.compile(r"mat1 and mat2 shapes cannot be multiplied \((\d+)x(\d+) and (\d+)x(\d+)\)")
@@ -373,6 +380,38 @@ _EXPERT_CARDS = {
 }
 
 
+#: Each expert's architecture, from its perspective: (library model, inputs, core, loss, why).
+_ARCHITECTURES: dict[str, tuple[str, list[str], str, str, str]] = {
+    "expert_data": ("latent_linear", ["perturbation embedding from training-data gene PCA"], "low-rank linear map to a latent change",
+                    "MSE on all genes", "few conditions: a low-rank linear map has the fewest free parameters"),
+    "expert_biology": ("gene_gnn", ["target gene's position in the co-expression graph"], "graph network over gene co-expression",
+                       "MSE weighted towards DE genes", "an effect spreads from the target to genes that co-vary with it"),
+    "expert_architecture": ("pert_mlp", ["perturbation embedding", "context"], "residual MLP over the reference",
+                            "MSE with extra weight on the largest-change genes", "a residual network can learn what the reference misses"),
+    "expert_training": ("pert_mlp", ["perturbation embedding"], "small residual MLP, early-stopped on validation",
+                        "MSE on all genes", "early stopping keeps the model at its reference unless it helps"),
+    "expert_statistics": ("latent_linear", ["perturbation embedding"], "ridge-like low-rank linear model",
+                          "MSE on all genes", "the simplest model that can beat the reference, least variance"),
+    "expert_gene_regulation": ("gene_gnn", ["target gene in the regulatory / co-expression graph"], "message passing over the gene graph",
+                               "MSE weighted towards DE genes", "regulatory structure carries effects to unseen targets"),
+    "expert_cell_state": ("cond_autoencoder", ["cell state (context) embedding", "perturbation"], "conditional autoencoder over cells",
+                          "reconstruction MSE", "a new context is a shift in a latent cell-state space"),
+    "expert_drug_response": ("latent_linear", ["drug identity", "log-dose and sigmoid(log-dose)"], "dose-aware latent linear model",
+                             "MSE on all genes", "dose-response is monotone and smooth; a linear latent model respects that"),
+}
+
+
+#: Library models from the fewest to the most free parameters: without evidence, the simpler is preferred.
+_SIMPLICITY = ["latent_linear", "combo_additive", "pert_mlp", "gene_gnn", "cond_autoencoder"]
+
+
+def _architecture(expert: str, task_type: str) -> dict[str, Any]:
+    template, inputs, core, loss, why = _ARCHITECTURES.get(expert, _ARCHITECTURES["expert_architecture"])
+    if task_type == "combination" and template in {"gene_gnn", "cond_autoencoder"}:
+        template, core, why = "combo_additive", "additive member effects plus a learned interaction", "pairs are mostly additive; learn the deviation"
+    return {"template": template, "inputs": inputs, "core": core, "output": "change from control per gene, added to the reference", "loss": loss, "prose": why}
+
+
 def _preference(expert: str, evidence: dict[str, Any]) -> dict[str, Any]:
     """An expert's first design, from the profile and split through its perspective."""
     task_type = evidence["task"]["type"]
@@ -409,7 +448,10 @@ def _preference(expert: str, evidence: dict[str, Any]) -> dict[str, Any]:
     if task_type == "combination" and int(split.get("n_train_combinations", 0)) >= 4 and expert in {"expert_biology", "expert_gene_regulation"}:  # noqa: PLR2004
         train_on = "combinations"
         why += "; supervise the interaction residual on training pairs only"
-    return {"baseline": _DEFAULT_BASELINE.get(task_type, "training_mean"), "train_on": train_on, "hyperparameters": hp, "why": why}
+    return {
+        "architecture": _architecture(expert, task_type), "baseline": _DEFAULT_BASELINE.get(task_type, "training_mean"),
+        "train_on": train_on, "hyperparameters": hp, "why": why,
+    }  # fmt: skip
 
 
 def _distance(a: dict[str, Any], b: dict[str, Any]) -> float:
@@ -433,7 +475,7 @@ def expert_turn(ctx: dict[str, Any]) -> dict[str, Any]:
     best = _best_pilot(ctx.get("pilots", {}))
     if ctx["round"] == 1 or ctx.get("own_proposal") is None:
         pref = _preference(expert, evidence)
-        proposal = {k: pref[k] for k in ("baseline", "train_on", "hyperparameters")}
+        proposal = {k: pref[k] for k in ("architecture", "baseline", "train_on", "hyperparameters")}
         rationale = [f"{expert}: {pref['why']}"]
         request = expert in {"expert_architecture", "expert_statistics"}
     elif best is not None and _distance(ctx["own_proposal"], best["proposal"]) > 0:
@@ -449,8 +491,12 @@ def expert_turn(ctx: dict[str, Any]) -> dict[str, Any]:
             values = sorted(float(p["hyperparameters"].get(key, value)) for p in others)
             hp[key] = values[len(values) // 2]
         baselines = [p["baseline"] for p in others]
-        proposal = {"baseline": max(set(baselines), key=baselines.count), "train_on": max({p["train_on"] for p in others}, key=[p["train_on"] for p in others].count), "hyperparameters": hp}
-        rationale = [f"{expert}: no evidence separates the remaining differences; moving to the neighbours' median"]
+        # no evidence separates the architectures: the simplest one in reach wins (it spreads over the graph)
+        archs = [p.get("architecture") or own.get("architecture") for p in others]
+        simplest = min((a for a in archs if a), key=lambda a: (_SIMPLICITY.index(a["template"]) if a["template"] in _SIMPLICITY else len(_SIMPLICITY), a["template"]), default=None)
+        proposal = {"architecture": simplest or own.get("architecture"),
+                    "baseline": max(set(baselines), key=baselines.count), "train_on": max({p["train_on"] for p in others}, key=[p["train_on"] for p in others].count), "hyperparameters": hp}
+        rationale = [f"{expert}: no evidence separates the remaining differences; moving to the neighbours' median and the simplest architecture among them"]
         request = False
     for key in ("hidden_dim", "max_epochs", "patience"):
         proposal["hyperparameters"][key] = int(proposal["hyperparameters"][key])
