@@ -20,7 +20,7 @@ PY312 := $(shell \
 # uv from PATH, else installed from PyPI into .tools/.
 UV := $(shell command -v uv 2>/dev/null || echo .tools/bin/uv)
 
-.PHONY: help install install-llm test test-all test-docker benchmark bench bench-perf bench-tasks bench-heldback paper docker-engine docker-build clean
+.PHONY: bench-llm help install install-llm test test-all test-docker benchmark bench bench-perf bench-tasks bench-heldback paper docker-engine docker-build clean
 
 help: ## Show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-14s %s\n", $$1, $$2}'
@@ -56,6 +56,9 @@ bench: bench-tasks bench-perf ## Every benchmark: the real tasks, then performan
 
 bench-perf: $(VENV)/.installed ## Performance benchmarks (scoring, sandbox overhead, profiling)
 	$(PY) benchmarks/bench.py
+
+bench-llm: install-llm ## The main job with the real local LLM (Qwen2.5-Coder-1.5B) for every role, 5 seeds: benchmarks/results/llm.md
+	$(PY) benchmarks/llm.py $(if $(SEEDS),--seeds $(SEEDS))
 
 bench-tasks: $(VENV)/.installed ## The real tasks over folds: model vs every baseline, written to benchmarks/results/tasks.md
 	$(PY) benchmarks/tasks.py

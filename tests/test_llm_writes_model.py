@@ -176,3 +176,20 @@ def test_an_llm_written_model_is_debugged_from_runtime_events_and_scored(scripte
     assert {"no_change", "training_mean", "linear"} <= set(metrics["methods"])
     assert all(isinstance(model[k], float) for k in ("pearson_delta", "pearson_delta_de20", "mse_de20"))
     assert metrics["llm"]["backend_by_role"]["coder"] == "openai/scripted-coder"
+
+
+@pytest.mark.slow
+def test_one_main_job_with_the_real_local_llm(tmp_path):
+    """One ``make bench-llm`` run (coder and debugger on Qwen2.5-Coder-1.5B): it ends with a scored model."""
+    from cellforge.llm.local_model import xllamacpp_available
+
+    if not xllamacpp_available():
+        pytest.skip("the local-llm extra is not installed (make install-llm)")
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_llm", Path(__file__).resolve().parent.parent / "benchmarks" / "llm.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    record = bench.run_one("adamson_subset", 0, runs=tmp_path, model="local/qwen2.5-coder-1.5b", roles=bench.CODE_ROLES, debate_rounds=1, timeout_s=900)
+    assert record["exit_code"] == 0 and record["scored"], record.get("error")
+    assert record["backend_by_role"]["coder"].startswith("local/qwen2.5-coder-1.5b")
