@@ -14,7 +14,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from runtime import hostio
+import runtime.hostio as hostio
 from runtime.redaction import SECRET_NAME, redact
 
 Isolation = Literal["docker+no-network", "docker", "bubblewrap+rlimits", "rlimits", "none"]

@@ -123,3 +123,17 @@ def test_docker_files_are_removable_by_the_host_and_not_root_owned(tmp_path):
     assert made.stat().st_uid != 0
     box.remove("outputs")
     assert not made.exists()
+
+
+@pytest.mark.docker
+def test_a_new_sandbox_removes_the_container_a_killed_run_left(tmp_path):
+    import subprocess
+
+    left = DockerSandbox(tmp_path / "work", memory_mb=1024, cpus=1.0)
+    container = left._container  # noqa: SLF001
+    left._watchdog.kill()  # noqa: SLF001 - as if cellforge and its watchdog died by SIGKILL at once
+    left._watchdog.wait()  # noqa: SLF001
+    left._watchdog = None  # noqa: SLF001
+    with DockerSandbox(tmp_path / "work", memory_mb=1024, cpus=1.0) as again:
+        running = subprocess.run(["docker", "ps", "-aq", "--no-trunc", "--filter", f"id={container}"], capture_output=True, text=True, check=False)
+        assert running.stdout.strip() == "" and again._container != container  # noqa: SLF001

@@ -23,11 +23,9 @@ import pandas as pd
 import scipy.sparse as sp
 from pydantic import BaseModel, Field
 
-from cellforge.data.user import CONTEXT_KEYS, CONTROL_LABELS, PERTURBATION_KEYS
+from cellforge.data.keys import CONTEXT_KEYS, DOSE_KEYS, TIME_KEYS, first_key, pick_control, pick_perturbation_key
 from cellforge.errors import DatasetError
 
-DOSE_KEYS = ["dose", "dose_value", "dose_val", "concentration", "conc"]
-TIME_KEYS = ["time", "timepoint", "time_point", "hours", "hour", "day"]
 DELIMITERS = ["+", "_", "|", ";", ","]
 _PEAK = re.compile(r"^chr[0-9XYM]+[:_-]\d+[-_]\d+$", re.I)
 
@@ -59,47 +57,6 @@ class RawProfile(BaseModel):
     effect_size: dict[str, float] = Field(description="L2 norm of each condition's mean delta vs control: min/median/max.")
     n_de_genes: dict[str, float] = Field(description="Welch t-test, BH FDR < 0.05, per condition: min/median/max.")
     per_condition: dict[str, dict[str, float]] = Field(default_factory=dict, description="Condition -> n_cells, effect_size, n_de_genes.")
-
-
-def _pick_perturbation_key(obs: pd.DataFrame, given: str | None) -> tuple[str, str]:
-    if given:
-        if given not in obs:
-            msg = f"perturbation column {given!r} is not in obs; columns: {list(obs.columns)}"
-            raise DatasetError(msg)
-        return given, "given"
-    hits = [k for k in PERTURBATION_KEYS if k in obs and obs[k].astype(str).isin(CONTROL_LABELS).any()]
-    if not hits:
-        msg = (
-            f"no perturbation column found: none of {PERTURBATION_KEYS} holds a control label {CONTROL_LABELS}; "
-            f"pass --perturbation-key (obs columns: {list(obs.columns)})"
-        )
-        raise DatasetError(msg)
-    distinct = {k: tuple(sorted(obs[k].astype(str).unique())) for k in hits}
-    if len(set(distinct.values())) > 1:
-        msg = f"several obs columns look like perturbation labels: {hits}; pass --perturbation-key to choose"
-        raise DatasetError(msg)
-    return hits[0], f"inferred: first of {hits} holding a control label"
-
-
-def _pick_control(labels: pd.Series, given: str | None) -> tuple[str, str]:
-    values = set(labels.astype(str))
-    if given:
-        if given not in values:
-            msg = f"control label {given!r} does not occur; labels: {sorted(values)[:20]}"
-            raise DatasetError(msg)
-        return given, "given"
-    found = [c for c in CONTROL_LABELS if c in values]
-    if not found:
-        msg = f"no control cells: none of {CONTROL_LABELS} is a label; pass --control-label (labels: {sorted(values)[:20]})"
-        raise DatasetError(msg)
-    if len(found) > 1:
-        msg = f"several control labels occur: {found}; pass --control-label to choose"
-        raise DatasetError(msg)
-    return found[0], "inferred from common control labels"
-
-
-def _first_key(obs: pd.DataFrame, candidates: list[str], *, min_levels: int = 2) -> str | None:
-    return next((k for k in candidates if k in obs and obs[k].nunique() >= min_levels), None)
 
 
 def _delimiter(perturbations: list[str]) -> tuple[str | None, int]:
@@ -153,7 +110,7 @@ def parse_anndata(
     data
         AnnData ``(n_cells, n_features)`` or path to an ``.h5ad``.
     perturbation_key, control_label, context_key
-        Given choices; inferred when ``None`` (see :data:`cellforge.data.user.PERTURBATION_KEYS`).
+        Given choices; inferred when ``None`` (see :data:`cellforge.data.keys.PERTURBATION_KEYS`).
     max_conditions_detail
         Conditions listed one by one in ``per_condition`` (all are summarised).
 
@@ -173,11 +130,11 @@ def parse_anndata(
     else:
         adata = data
     obs = adata.obs
-    pkey, pkey_how = _pick_perturbation_key(obs, perturbation_key)
+    pkey, pkey_how = pick_perturbation_key(obs, perturbation_key)
     labels = obs[pkey].astype(str)
-    control, control_how = _pick_control(labels, control_label)
+    control, control_how = pick_control(labels, control_label)
     is_control = (labels == control).to_numpy()
-    ckey = context_key or _first_key(obs, CONTEXT_KEYS)
+    ckey = context_key or first_key(obs, CONTEXT_KEYS)
     context = obs[ckey].astype(str).to_numpy() if ckey else np.full(adata.n_obs, "all")
     condition = np.where(is_control, "__control__", labels.to_numpy())
     if ckey:
@@ -274,8 +231,8 @@ def parse_anndata(
         combo_delimiter=delim,
         context_key=ckey,
         contexts=sorted(set(context.tolist())),
-        dose_key=_first_key(obs, DOSE_KEYS),
-        time_key=_first_key(obs, TIME_KEYS),
+        dose_key=first_key(obs, DOSE_KEYS),
+        time_key=first_key(obs, TIME_KEYS),
         cells_per_condition=summary(per_cond_cells),
         effect_size=summary(effects),
         n_de_genes=summary(n_de),

@@ -32,6 +32,7 @@ import jinja2
 from pydantic import BaseModel, ValidationError
 
 from cellforge.errors import ConfigError, LLMAuthError, LLMBudgetError, LLMError, LLMReplayError
+from cellforge.llm.jsonio import extract_json
 from cellforge.llm.specs import AgentSpec
 from runtime.redaction import redact
 
@@ -115,7 +116,7 @@ def live_options(role: str, model: str, schema: type[BaseModel] | None, *, api_b
             options[key] = value
     if api_base:  # a server cellforge started itself
         options["api_base"] = api_base
-    if "api_base" in options and "api_key" not in options and model.startswith("openai/"):
+    if "api_base" in options and "api_key" not in options and model.startswith("openai/") and not os.environ.get("OPENAI_API_KEY"):
         options["api_key"] = "none"  # local OpenAI-compatible servers need no key, the client wants one
     if schema is not None and structured_output(role, model, own_server=api_base is not None):
         options["response_format"] = {
@@ -343,13 +344,6 @@ def _env_float(name: str, default: float | None) -> float | None:
     except ValueError as exc:
         msg = f"{name}={value!r} is not a number"
         raise ConfigError(msg) from exc
-
-
-def extract_json(text: str) -> Any:
-    """The JSON object in a reply: a fenced ```json block or the outermost braces."""
-    fenced = re.search(r"```(?:json)?\s*(\{.*\})\s*```", text, re.DOTALL)
-    raw = fenced.group(1) if fenced else text[text.find("{") : text.rfind("}") + 1]
-    return json.loads(raw)
 
 
 class LLMClient:

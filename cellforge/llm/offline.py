@@ -9,27 +9,12 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
 from typing import Any
 
 from litellm import CustomLLM, ModelResponse
 
-from cellforge.llm.client import extract_json
-
-Handler = Callable[[dict[str, Any]], dict[str, Any]]
-HANDLERS: dict[str, Handler] = {}
-
-
-def handles(*agents: str) -> Callable[[Handler], Handler]:
-    """Register a policy for the named agents."""
-
-    def deco(fn: Handler) -> Handler:
-        for agent in agents:
-            HANDLERS[agent] = fn
-        return fn
-
-    return deco
-
+from cellforge.llm.jsonio import extract_json
+from cellforge.planner import registered
 
 class OfflinePlanner(CustomLLM):
     """LiteLLM custom provider ``cellforge-offline``: dispatches on the calling agent's name."""
@@ -39,10 +24,11 @@ class OfflinePlanner(CustomLLM):
         user = next(m["content"] for m in messages if m["role"] == "user")
         payload = extract_json(user.split("## Answer")[0])
         agent = payload["agent"]
-        if agent not in HANDLERS:
+        handlers = registered()
+        if agent not in handlers:
             answer: dict[str, Any] = {"error": f"the offline planner has no policy for agent {agent!r}"}
         else:
-            answer = HANDLERS[agent](payload["context"])
+            answer = handlers[agent](payload["context"])
         text = json.dumps(answer)
         prompt_tokens = sum(len(m["content"]) for m in messages) // 4
         return ModelResponse(
@@ -53,8 +39,4 @@ class OfflinePlanner(CustomLLM):
         )
 
 
-# --------------------------------------------------------------------------- policies
-# Imported for their registration side effect.
-from cellforge.llm import policies  # noqa: E402, F401
-
-__all__ = ["HANDLERS", "OfflinePlanner", "handles"]
+__all__ = ["OfflinePlanner"]

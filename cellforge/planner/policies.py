@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from cellforge.llm.offline import handles
+from cellforge.planner.registry import handles
 
 
 #: Each debate baseline -> the library's stronger reference predictor of the same family.

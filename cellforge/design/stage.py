@@ -1,0 +1,132 @@
+"""Stage 4 of the pipeline: the expert debate (with pilot runs) and the research plan."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Callable
+from typing import Any
+
+from cellforge.run import Run
+
+Echo = Callable[[str], None]
+
+
+DOMAIN_EXPERT = {
+    "combination": "expert_gene_regulation",
+    "unseen_perturbation": "expert_gene_regulation",
+    "new_context": "expert_cell_state",
+    "drug_dose": "expert_drug_response",
+}
+CORE_EXPERTS = ["expert_data", "expert_biology", "expert_architecture", "expert_training", "expert_statistics"]
+
+
+def _pilot_runner(run: Run, echo: Echo) -> Callable[[str, Any], dict[str, Any]]:
+    """Short sandbox runs of a proposal on the validation split (at most 60 epochs)."""
+    from cellforge.data.splits import SplitManifest
+    from cellforge.execution import contract
+    from runtime import open_sandbox
+
+    def pilot(name: str, proposal: Any) -> dict[str, Any]:
+        from cellforge.design.plan import CodeChoice, Hyperparameters
+        from cellforge.execution.codegen import render, templates
+        from cellforge.execution.stage import coder_context
+        from cellforge.llm.client import LLMClient
+        from cellforge.llm.specs import load_spec
+
+        work = run.path("pilots") / name
+        if work.exists():
+            shutil.rmtree(work)
+        work.mkdir(parents=True)
+        contract.prepare_inputs(run.adata(), SplitManifest.load(run.path("split.json")), work, task=run.read_json("data.json")["task"])
+        n_train = len(run.read_json("split.json")["train"])
+        hp = {**Hyperparameters().model_dump(), "n_components": min(16, max(2, n_train)), "batch_size": max(1, min(16, n_train)), "seed": 0}
+        hp.update(proposal.hyperparameters)
+        for key in ("hidden_dim", "max_epochs", "patience", "n_components", "batch_size"):
+            if key in hp:
+                hp[key] = int(hp[key])
+        hp["max_epochs"] = min(int(hp.get("max_epochs", 60)), 60)
+        hp["patience"] = min(int(hp.get("patience", 10)), 10)
+        arch = proposal.architecture
+        # the code written for this expert's design: the coder implements the proposal as a small plan
+        pilot_plan = {
+            "template": arch.template if arch.template in templates() else "custom", "baseline": proposal.baseline,
+            "train_on": proposal.train_on, "hyperparameters": hp, "architecture": arch.model_dump(), "pilot": True,
+        }  # fmt: skip
+        choice = LLMClient(run.dir, stage="design").ask(load_spec("coder"), coder_context(run, plan=pilot_plan), CodeChoice)
+        script = choice.script or render(choice.template, {**choice.config, "seed": 0})
+        sandbox = open_sandbox(work, requested=run.config.sandbox)
+        try:
+            sandbox.write_text("train.py", script)
+            result = sandbox.run([sandbox.python, "train.py"], timeout_s=min(run.config.timeout_s, 600), memory_mb=run.config.memory_mb, log_name="pilot.log")
+            metrics = contract.sandbox_val_metrics(sandbox) if result.exit_code == 0 else {}
+        finally:
+            sandbox.close()
+        # the design's own validation error: a residual the template would drop still tells designs apart
+        own = {k.replace("val_residual_", "val_"): v for k, v in metrics.items() if k.startswith("val_residual_")}
+        out = {k: own.get(k, metrics.get(k)) for k in ("val_mse_top20", "val_baseline_mse_top20", "val_pearson_delta", "epochs_run")}
+        out.update({"architecture": arch.template, "exit_code": result.exit_code, "duration_s": result.duration_s, "backend": result.backend, "isolation": result.isolation})
+        if result.exit_code != 0:
+            out["log_tail"] = result.log_tail[-800:]
+        val = out["val_mse_top20"]
+        echo(f"  {name} ({arch.template}): val_mse_top20 {val if val is None else f'{val:.5f}'} (baseline {out['val_baseline_mse_top20']}) in {result.duration_s}s")
+        return out
+
+    return pilot
+
+
+def stage_design(run: Run, *, echo: Echo) -> None:
+    """The expert debate (with pilot runs), then the method designer writes the research plan."""
+    from cellforge.design.debate import CriticTurn, DebateSettings, ExpertTurn, convergence_plot, run_debate
+    from cellforge.design.plan import ResearchPlan
+    from cellforge.llm.client import LLMClient
+    from cellforge.llm.specs import load_spec
+
+    manifest = run.read_json("split.json")
+    task = run.read_json("data.json")["task"]
+    analysis_record = run.read_json("task_analysis.json") if run.path("task_analysis.json").exists() else {}
+    split = {
+        "n_train": len(manifest["train"]),
+        "n_val": len(manifest["val"]),
+        "n_test": len(manifest["test"]),
+        "n_train_combinations": sum("+" in c for c in manifest["train"]),
+        "test_contexts": manifest["test_contexts"],
+    }
+    profile = run.read_json("profile.json")
+    task_view = {k: task[k] for k in ("type", "description")}
+    client = LLMClient(run.dir, stage="design")
+    evidence = {
+        "task": task_view,
+        "profile": profile,
+        "split": split,
+        "analysis": analysis_record.get("analysis", {}),
+        "retrieved": [{"id": r["id"], "how": r["how"], "score": r["score"]} for r in analysis_record.get("retrieved", [])],
+    }
+    panel = [*CORE_EXPERTS, DOMAIN_EXPERT.get(task["type"], "expert_gene_regulation")]
+    settings = DebateSettings(max_rounds=run.config.debate_rounds, max_pilots=run.config.pilots if split["n_val"] else 0)
+    debate = run_debate(
+        panel,
+        ask_expert=lambda name, ctx: client.ask(load_spec(name), ctx, ExpertTurn),
+        ask_critic=lambda ctx: client.ask(load_spec("critic"), ctx, CriticTurn),
+        settings=settings,
+        pilot=_pilot_runner(run, echo) if settings.max_pilots else None,
+        evidence=evidence,
+    )
+    run.write_json("debate.json", {"settings": settings.model_dump(), **debate.model_dump()})
+    convergence_plot(debate, run.path("debate_convergence.png"), tau=settings.tau)
+    echo(f"  debate of {len(panel)} experts: {debate.stop_reason} ({debate.calls} calls, {len(debate.pilots)} pilots)")
+    context = {
+        "profile": profile,
+        "task": task_view,
+        "analysis": evidence["analysis"] or None,
+        "split": split,
+        "debate": {
+            "consensus": debate.consensus.model_dump() if debate.consensus else None,
+            "stop_reason": debate.stop_reason,
+            "converged": debate.converged,
+            "final_confidence": debate.confidences[-1] if debate.confidences else {},
+            "pilots": {k: {m: v.get(m) for m in ("author", "val_mse_top20", "val_baseline_mse_top20")} for k, v in debate.pilots.items()},
+        },
+    }
+    plan = client.ask(load_spec("method_designer"), context, ResearchPlan)
+    run.write_json("plan.json", plan.model_dump())
+    echo(f"  plan: {plan.template} over the {plan.baseline} baseline ({plan.train_on})")
