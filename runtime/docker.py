@@ -412,7 +412,14 @@ class DockerSandbox(Sandbox):
             limit += ["prlimit", f"--as={int(memory_mb) * 1024 * 1024}", "--"]
         full_env = sandbox_env(self.work_dir, env)
         inner = ["env", "-i", *(f"{k}={v}" for k, v in full_env.items()), *limit, *command]
-        return f"cd {shlex.quote(str(self.work_dir))} && exec {shlex.join(inner)} 2>&1"
+        # The output goes through a file in the container's /tmp that `tail --pid` streams until the command
+        # exits: a daemon the command left behind keeps that file open, not the agent server's pipe, so the
+        # exit is reported when the command ends (the daemon dies with the strays afterwards).
+        out = f"/tmp/.cellforge-{secrets.token_hex(4)}.out"
+        return (
+            f"cd {shlex.quote(str(self.work_dir))} && : > {out} || exit 125\n{shlex.join(inner)} > {out} 2>&1 &\npid=$!\n"
+            f"tail -s 0.2 -n +1 -f --pid=$pid {out}\nwait $pid\nrc=$?\nrm -f {out}\nexit $rc"
+        )
 
     def run(
         self,
@@ -436,7 +443,8 @@ class DockerSandbox(Sandbox):
         capture = OutputCapture(on_event)
         start = time.monotonic()
         limit_hit = None
-        with DiskWatch(self.work_dir, limit_mb=self.limits.disk_mb, on_exceed=self._remove) as watch:
+        # past the disk limit the command's processes are killed (not the container), so its output events still arrive
+        with DiskWatch(self.work_dir, limit_mb=self.limits.disk_mb, on_exceed=self._kill_strays) as watch:
             try:
                 exit_code = stream_command(self._workspace, shell, cwd=str(self.work_dir), timeout_s=timeout_s + 30, capture=capture)
             except Exception as exc:  # noqa: BLE001
@@ -449,7 +457,7 @@ class DockerSandbox(Sandbox):
         if watch.exceeded:
             limit_hit = "disk"
             capture.feed(f"\n[sandbox] stopped: the work folder passed its limit of {self.limits.disk_mb} MiB\n")
-        elif exit_code is None or exit_code == TIMEOUT_EXIT or (exit_code in (137, -9) and elapsed >= timeout_s):
+        elif exit_code is None or exit_code == TIMEOUT_EXIT or (exit_code in (137, -9, -1) and elapsed >= timeout_s):
             # `timeout` exits 124, or dies by the KILL it sent when TERM was ignored; None: the server's own limit
             limit_hit, exit_code = "timeout", TIMEOUT_EXIT
         if exit_code == TIMEOUT_EXIT and elapsed > timeout_s + 20:

@@ -302,6 +302,15 @@ def test_fork_bomb_is_bounded(sandbox):  # noqa: ANN001
 
 
 def test_disk_fill_is_stopped(sandbox):  # noqa: ANN001
+    try:
+        _disk_fill(sandbox)
+    finally:
+        for path in sandbox.work_dir.glob("*.bin"):
+            path.unlink()
+    _still_works(sandbox)
+
+
+def _disk_fill(sandbox) -> None:  # noqa: ANN001
     from runtime.hostio import tree_size
 
     result, log = _hostile(sandbox, """
@@ -326,9 +335,6 @@ def test_disk_fill_is_stopped(sandbox):  # noqa: ANN001
     from cellforge.execution.journal import FailureKind, classify
 
     assert classify(result.exit_code, result.timed_out, result.log_tail, limit_hit=result.limit_hit) is FailureKind.DISK_LIMIT
-    for path in sandbox.work_dir.glob("*.bin"):
-        path.unlink()
-    _still_works(sandbox)
 
 
 def test_shared_memory_fill_is_bounded(sandbox):  # noqa: ANN001
