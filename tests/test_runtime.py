@@ -181,3 +181,33 @@ def test_trying_candidate_models_uses_no_refinement_rounds(tmp_path):
     # two candidate models, then the one tuning round the budget allows
     assert [a.patch["config_updates"] for a in journal.attempts[1:]] == [{"baseline": "linear"}, {"baseline": "on_target"}, {"x": 3}]
     assert "budget of 1 rounds" in journal.refine_stop_reason
+
+
+def test_refinement_can_change_the_code_and_keeps_it_only_when_it_wins(tmp_path):
+    from cellforge.errors import PredictionError
+    from cellforge.execution.journal import RefineSettings, refine_until_settled
+
+    sandbox = LocalSandbox(tmp_path / "work")
+
+    def check(out):  # noqa: ANN001, ANN202
+        path = out / "val_metrics.json"
+        if not path.exists():
+            raise PredictionError("no validation metrics")
+        return json.loads(path.read_text())
+
+    diffs = iter([
+        "@@ -3,1 +3,1 @@\n-x = CONFIG[\"x\"]\n+x = CONFIG[\"x\"] + 3\n",  # a model change that lowers the error
+        "@@ -3,1 +3,1 @@\n-x = CONFIG[\"x\"] + 3\n+x = CONFIG[\"x\"] + 9\n",  # one that raises it
+    ])  # fmt: skip
+
+    def refiner(config, history, _settings):  # noqa: ANN001, ANN202
+        diff = next(diffs, None)
+        return {"diagnosis": "change the model", "diff": diff} if diff else {"diagnosis": "done", "stop": True}
+
+    common = {"sandbox": sandbox, "attempts_dir": tmp_path / "attempts", "journal_path": tmp_path / "journal.json", "check_outputs": check, "timeout_s": 30}
+    journal, script = run_attempts(_REFINE_SCRIPT, debugger=None, **common)
+    journal, script = refine_until_settled(journal, script, refiner=refiner, settings=RefineSettings(max_rounds=5, patience=3, guard_metric=None), **common)
+    assert [a.val_metrics["val_mse_top20"] for a in journal.attempts] == [10, 1, 37]
+    assert journal.best_attempt == 1 and 'x = CONFIG["x"] + 3' in script
+    assert journal.attempts[1].patch == {"diagnosis": "change the model", "code_change": True}
+    assert (sandbox.work_dir / "train.py").read_text() == script
