@@ -279,3 +279,13 @@ def test_heldback_splits_are_not_the_development_folds(load):
             for test, (seed, opts) in zip(tests, folds, strict=True):
                 assert test and test not in used, f"{task}: {round_name} split (seed {seed}, {opts}) repeats an earlier test set"
             used += tests
+
+
+def test_agents_read_the_retrieved_cards_content(run_dir):
+    retrieved = json.loads((run_dir / "task_analysis.json").read_text())["retrieved"]
+    cards = [r for r in retrieved if r["how"] in {"ranking", "breadth_first", "depth_first"}]
+    assert cards and all(r["summary"] and "failure_modes" in r and r["references"] for r in cards)
+    calls = [json.loads(line) for line in (run_dir / "llm_calls.jsonl").read_text().splitlines()]
+    expert = next(c for c in calls if c["agent"].startswith("expert_"))
+    user = expert["messages"][1]["content"]
+    assert '"failure_modes"' in user and '"summary"' in user

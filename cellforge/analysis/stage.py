@@ -125,7 +125,8 @@ def stage_analysis(run: Run, *, echo: Echo) -> None:
         "task": {k: task[k] for k in ("type", "description")},
         "profile": profile,
         "split": split,
-        "retrieved": [r.model_dump() for r in retrieved],
+        # agents read each card's content, not only its id
+        "retrieved": [{**r.model_dump(), **(index.by_id[r.id].content() if r.id in index.by_id else {})} for r in retrieved],
         "online": [r.model_dump() for r in online],
     }
     client = LLMClient(run.dir, stage="analysis")

@@ -99,7 +99,10 @@ def stage_design(run: Run, *, echo: Echo) -> None:
         "profile": profile,
         "split": split,
         "analysis": analysis_record.get("analysis", {}),
-        "retrieved": [{"id": r["id"], "how": r["how"], "score": r["score"]} for r in analysis_record.get("retrieved", [])],
+        "retrieved": [
+            {k: r[k] for k in ("id", "name", "how", "score", "summary", "strengths", "failure_modes", "references") if k in r}
+            for r in analysis_record.get("retrieved", [])
+        ],
     }
     panel = [*CORE_EXPERTS, DOMAIN_EXPERT.get(task["type"], "expert_gene_regulation")]
     settings = DebateSettings(max_rounds=run.config.debate_rounds, max_pilots=run.config.pilots if split["n_val"] else 0)

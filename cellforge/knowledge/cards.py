@@ -33,6 +33,10 @@ class Card(BaseModel):
     references: list[str] = Field(min_length=1)
     links: list[str] = Field(default_factory=list, description="Ids of related cards (the retrieval graph's edges).")
 
+    def content(self) -> dict[str, object]:
+        """What agents read of the card: kind, summary, strengths, failure modes and sources."""
+        return {"kind": self.kind, "summary": self.summary, "strengths": list(self.strengths), "failure_modes": list(self.failure_modes), "references": list(self.references)}
+
     def text(self) -> str:
         """The text embedded for retrieval: name, kind, tasks, summary, strengths and failure modes."""
         return (
