@@ -166,3 +166,20 @@ def test_live_options_per_role_base_key_structured_output(monkeypatch):
     monkeypatch.setenv("CELLFORGE_LLM_STRUCTURED", "maybe")
     with pytest.raises(Exception, match="valid: auto, on, off"):
         live_options("critic", "openai/gpt-4o", Patch)
+
+
+def test_small_local_models_debug_in_the_one_edit_format(monkeypatch):
+    from cellforge.errors import ConfigError
+    from cellforge.execution.stage import debugger_format
+
+    monkeypatch.delenv("CELLFORGE_DEBUGGER_FORMAT", raising=False)
+    monkeypatch.delenv("CELLFORGE_LLM", raising=False)
+    monkeypatch.delenv("CELLFORGE_LLM_DEBUGGER", raising=False)
+    assert debugger_format() == "full"
+    monkeypatch.setenv("CELLFORGE_LLM_DEBUGGER", "local/qwen2.5-coder-1.5b")
+    assert debugger_format() == "edit"
+    monkeypatch.setenv("CELLFORGE_DEBUGGER_FORMAT", "full")
+    assert debugger_format() == "full"
+    monkeypatch.setenv("CELLFORGE_DEBUGGER_FORMAT", "diff-only")
+    with pytest.raises(ConfigError, match="valid: full, edit"):
+        debugger_format()

@@ -115,6 +115,20 @@ class Patch(BaseModel):
         return self
 
 
+class OneEdit(BaseModel):
+    """A debugger's answer in the narrow format small models manage: one exact find/replace."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    diagnosis: str
+    find: str = Field(description="Exact text of the script to replace (copied from the script, not from the traceback).")
+    replace: str = Field(description="What replaces it.")
+
+    def as_patch(self) -> dict[str, Any]:
+        """The same fix as a :class:`Patch` dict."""
+        return Patch(diagnosis=self.diagnosis, edits=[Edit(find=self.find, replace=self.replace)]).model_dump()
+
+
 class Refinement(BaseModel):
     """The refiner's proposal after a clean run: one configuration change, or stop."""
 

@@ -13,6 +13,29 @@ from cellforge.run import Run
 Echo = Callable[[str], None]
 
 
+def debugger_format() -> str:
+    """``full`` (a :class:`~cellforge.design.plan.Patch`: diff, script, edits or CONFIG) or ``edit`` (one find/replace).
+
+    ``CELLFORGE_DEBUGGER_FORMAT``; by default ``edit`` for a model cellforge serves locally
+    (``local/...``: a 1.5B model fills every field of the full schema, measured), else ``full``.
+
+    Raises
+    ------
+    ConfigError
+        Another value.
+    """
+    import os
+
+    from cellforge.errors import ConfigError
+    from cellforge.llm.client import LOCAL_PREFIX, model_for
+
+    value = os.environ.get("CELLFORGE_DEBUGGER_FORMAT", "").strip().lower()
+    if value and value not in {"full", "edit"}:
+        msg = f"CELLFORGE_DEBUGGER_FORMAT={value!r}; valid: full, edit"
+        raise ConfigError(msg)
+    return value or ("edit" if model_for("debugger").startswith(LOCAL_PREFIX) else "full")
+
+
 def coder_context(run: Run, *, plan: dict[str, Any] | None = None) -> dict[str, Any]:
     """What the coder reads: the plan (``plan.json`` unless given), the sandbox contract, the data, worked examples and the template library."""
     from cellforge.execution import contract
@@ -98,7 +121,7 @@ class _LiveTail:
 def stage_execute(run: Run, *, echo: Echo) -> None:
     """Run the script in the sandbox with patch-and-retry; keep its predictions."""
     from cellforge.data.splits import SplitManifest
-    from cellforge.design.plan import Patch
+    from cellforge.design.plan import OneEdit, Patch
     from cellforge.execution import contract
     from cellforge.execution.codegen import get_config
     from cellforge.design.plan import Refinement
@@ -123,6 +146,8 @@ def stage_execute(run: Run, *, echo: Echo) -> None:
 
     def debugger(script: str, log_tail: str, failure: Any) -> dict[str, Any]:
         ctx = {"script": script, "log_tail": log_tail, "failure": failure.value, "config": get_config(script)}
+        if debugger_format() == "edit":
+            return client.ask(load_spec("debugger"), ctx, OneEdit).as_patch()
         return client.ask(load_spec("debugger"), ctx, Patch).model_dump()
 
     def refiner(config: dict[str, Any], history: list[dict[str, Any]], settings: RefineSettings) -> dict[str, Any]:
