@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import abc
 import os
-import shutil
 import threading
 import time
 from collections import deque
@@ -294,8 +293,3 @@ def prepare_work_dir(work_dir: Path, owner: tuple[int, int] | None) -> None:
         hostio.make_dir(work_dir, rel, owner=owner)
     if owner is not None and os.geteuid() == 0:
         hostio.chown_tree(work_dir, owner)
-
-
-def which(name: str) -> str | None:
-    """Full path of an executable on PATH (``shutil.which``)."""
-    return shutil.which(name)

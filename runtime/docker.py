@@ -29,6 +29,7 @@ Containment:
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import shlex
@@ -43,6 +44,8 @@ from typing import Any
 
 from runtime.base import CommandEvent, DiskWatch, Isolation, Limits, OutputCapture, RunResult, Sandbox, prepare_work_dir, sandbox_env, write_log
 from runtime.errors import SandboxInfraError, SandboxUnavailableError
+
+logger = logging.getLogger(__name__)
 
 DEFAULT_IMAGE = "cellforge-sandbox:latest"
 #: Where the control folder (the agent server's socket) is mounted in the container.
@@ -301,7 +304,7 @@ class DockerSandbox(Sandbox):
             raise SandboxUnavailableError(msg)
         left = remove_containers(self.work_dir, runner=runner)
         if left:
-            print(f"[sandbox] removed {len(left)} container(s) left by an earlier run in {self.work_dir}", file=sys.stderr)
+            logger.warning("removed %d container(s) left by an earlier run in %s", len(left), self.work_dir)
         self._container: str | None = None
         self._watchdog: subprocess.Popen[bytes] | None = None
         self._workspace: Any = None

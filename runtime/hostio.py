@@ -75,20 +75,6 @@ def read_bytes(root: Path, rel: str | os.PathLike[str], *, max_bytes: int) -> by
     if not parts:
         raise UntrustedFileError(f"{root}: not a file")
     with _open_dir(root, parts[:-1]) as dfd:
-        try:
-            fd = os.open(parts[-1], _READ_FLAGS, dir_fd=dfd)
-        except OSError as exc:
-            if exc.errno == errno.ELOOP:
-                raise UntrustedFileError(f"{root}/{rel}: is a symbolic link made in the sandbox; not followed") from exc
-            raise
-        try:
-            info = os.fstat(fd)
-            if not stat.S_ISREG(info.st_mode):
-                raise UntrustedFileError(f"{root}/{rel}: not a regular file (mode {stat.filemode(info.st_mode)})")
-            if info.st_size > max_bytes:
-                raise UntrustedFileError(f"{root}/{rel}: {info.st_size} bytes, over the limit of {max_bytes}")
-        finally:
-            os.close(fd)
         return read_at(dfd, parts[-1], max_bytes=max_bytes, shown=f"{root}/{rel}")
 
 
@@ -216,10 +202,18 @@ def copy_tree_out(
 
 def read_at(dfd: int, name: str, *, max_bytes: int, shown: str) -> bytes:
     """Contents of the regular file ``name`` in the open folder ``dfd`` (no links, at most ``max_bytes``)."""
-    fd = os.open(name, _READ_FLAGS, dir_fd=dfd)
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise UntrustedFileError(f"{shown}: not a regular file")
+        fd = os.open(name, _READ_FLAGS, dir_fd=dfd)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UntrustedFileError(f"{shown}: is a symbolic link made in the sandbox; not followed") from exc
+        raise
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise UntrustedFileError(f"{shown}: not a regular file (mode {stat.filemode(info.st_mode)})")
+        if info.st_size > max_bytes:
+            raise UntrustedFileError(f"{shown}: {info.st_size} bytes, over the limit of {max_bytes}")
         chunks, total = [], 0
         while chunk := os.read(fd, 1 << 20):
             total += len(chunk)

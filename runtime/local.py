@@ -33,6 +33,7 @@ import json
 import logging
 import os
 import secrets
+import shutil
 import signal
 import subprocess
 import sys
@@ -53,7 +54,6 @@ from runtime.base import (
     Sandbox,
     prepare_work_dir,
     sandbox_env,
-    which,
     write_log,
 )
 
@@ -85,10 +85,11 @@ def sandbox_owner() -> tuple[int, int] | None:
 
 def bwrap_available() -> bool:
     """True when bubblewrap exists and can create the namespaces the sandbox uses."""
-    exe = which("bwrap")
+    exe = shutil.which("bwrap")
     if not exe:
         return False
-    probe = [exe, "--ro-bind", "/", "/", "--unshare-net", "--unshare-pid", "--unshare-ipc", "--dev", "/dev", "true"]
+    # the same minimal binds as a real run (never the host's whole root)
+    probe = [exe, *_system_binds(), "--unshare-net", "--unshare-pid", "--unshare-ipc", "--dev", "/dev", "--proc", "/proc", "true"]
     if os.geteuid() != 0:
         probe[1:1] = ["--unshare-user"]
     done = subprocess.run(probe, capture_output=True, check=False)  # noqa: S603
@@ -396,6 +397,4 @@ class LocalSandbox(Sandbox):
 
     def close(self) -> None:
         """Remove the host-side identity files."""
-        import shutil
-
         shutil.rmtree(self._etc, ignore_errors=True)

