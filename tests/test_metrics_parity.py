@@ -11,7 +11,7 @@ import scipy.sparse as sp
 from cellforge.data.splits import SplitManifest
 from cellforge.evaluation.de import de_table, prediction_de_table, pseudobulk_log2_fold_change
 from cellforge.evaluation.harness import build_truth, score_predictions
-from cellforge.evaluation.metrics import condition_metrics, de_agreement, discrimination_scores
+from cellforge.evaluation.metrics import condition_metrics, de_agreement, discrimination_chance, discrimination_scores
 
 N_GENES = 60
 TRAIN = ["G10", "G11", "G12", "G13"]
@@ -172,6 +172,33 @@ def test_discrimination_excludes_target_genes():
     assert discrimination_scores(pred, true, [np.array([], int)] * 2).tolist() == [1.0, 1.0]
     excluded = discrimination_scores(pred, true, [np.array([0, 1])] * 2)
     assert excluded.tolist() == [1.0, 0.5]  # equal distances: argsort keeps input order
+
+
+def test_discrimination_ranks_within_the_context():
+    """Two states, 4 test conditions each, whose responses differ mostly by state: a prediction that
+    only knows the state (the state's mean response for each of its conditions) is at chance within
+    the state, yet looks informative when ranked among the conditions of both states."""
+    rng = np.random.default_rng(0)
+    state = np.repeat(["rest", "stim"], 4)
+    offset = np.where(state[:, None] == "rest", 0.0, 3.0) * np.ones((8, 30))
+    true = offset + rng.normal(0, 0.3, (8, 30))
+    pred = np.vstack([true[state == s].mean(axis=0) for s in state])
+    common = [np.array([], int)] * 8
+    within = discrimination_scores(pred, true, common, groups=state)
+    across = discrimination_scores(pred, true, common)
+    chance = discrimination_chance(state)
+    np.testing.assert_allclose(chance, 0.625)  # (4 + 1) / 8, as in the issue's Jurkat states
+    assert within.mean() == pytest.approx(0.625)  # a constant per state ranks its 4 true deltas as a permutation
+    assert across.mean() > 0.8  # among all 8 the state alone halves the candidates
+    # every prediction only ranks against its own state's true deltas: the other state cannot change its score
+    moved = true.copy()
+    moved[state == "stim"] += 10.0
+    np.testing.assert_array_equal(discrimination_scores(pred, moved, common, groups=state)[state == "rest"], within[state == "rest"])
+    # one group is the plain cell-eval score, and a condition alone in its context scores 1 (chance 1)
+    np.testing.assert_array_equal(discrimination_scores(pred, true, common, groups=np.zeros(8)), across)
+    alone = np.array(["a", "b", "b"])
+    assert discrimination_scores(pred[:3], true[:3], common[:3], groups=alone)[0] == 1.0
+    np.testing.assert_allclose(discrimination_chance(alone), [1.0, 0.75, 0.75])
 
 
 def test_de_agreement_hand_cases():

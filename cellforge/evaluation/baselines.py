@@ -3,6 +3,12 @@
 Each baseline sees only what the sandboxed model sees: mean profiles of training (and
 validation) conditions, control means of every context (held-out contexts included) and
 the names of the test conditions. It returns predicted mean profiles of the test conditions.
+
+A *delta* is a mean profile minus the control mean of its own context. Where the data has
+contexts (cell types, lines, stimulation states, patients), a baseline that averages deltas
+says over which contexts it averages: :data:`BASELINE_SOURCES` holds one line per baseline
+(shown in reports and saved beside scores) and :func:`baseline_notes` says, for one split,
+where a baseline fell back to a wider pool.
 """
 
 from __future__ import annotations
@@ -14,6 +20,28 @@ import numpy as np
 import pandas as pd
 
 from cellforge.data.canonical import COMBO_DELIMITER
+
+#: How each baseline is computed (shown in reports and saved beside scores).
+BASELINE_SOURCES = {
+    "no_change": "the control mean of the condition's context (no perturbation effect)",
+    "training_mean": (
+        "cell-eval / Systema 'mean' baseline within the context: control mean of the condition's context plus the mean "
+        "delta of the seen (train + validation) perturbations in the SAME context; pooled over all seen contexts only for "
+        "a context with no seen perturbation (a held-out context; the notes say where)"
+    ),
+    "training_mean_pooled": (
+        "weaker variant of training_mean: control mean of the condition's context plus the mean delta of the seen "
+        "perturbations pooled over EVERY context (a state's own response is diluted by the others')"
+    ),
+    "additive": "Norman 2019 / Ahlmann-Eltze 2025: control mean plus the sum of the members' seen single deltas (a member never seen alone adds nothing)",
+    "matching_mean": "Systema matching mean: control mean plus the mean of the members' seen single deltas; an unseen member counts as the training_mean delta",
+    "context_shift": (
+        "the perturbation's own effect carried over from other contexts: control mean of the condition's context plus the "
+        "mean delta of the SAME perturbation in the OTHER contexts where it was seen; a perturbation seen in no other "
+        "context gets the training_mean delta (the notes say where)"
+    ),
+    "linear": "Ahlmann-Eltze, Huber & Anders (Nat. Methods 2025) linear model, K = 10, lambda = 0.1, on seen deltas of every context",
+}
 
 
 @dataclass(frozen=True)
@@ -38,13 +66,37 @@ class BaselineInputs:
     test: list[str]
 
     def seen_deltas(self) -> pd.DataFrame:
-        """Seen profiles minus their context's control mean."""
+        """``(n_seen, n_genes)`` seen profiles minus their context's control mean."""
         ctx = self.conditions.loc[self.seen.index, "context"]
         return self.seen - self.controls.loc[ctx].to_numpy()
 
+    def test_contexts(self) -> np.ndarray:
+        """``(n_test,)`` context of each test condition."""
+        return self.conditions.loc[self.test, "context"].to_numpy(str)
+
     def test_controls(self) -> np.ndarray:
         """``(n_test, n_genes)`` control means of each test condition's context."""
-        return self.controls.loc[self.conditions.loc[self.test, "context"]].to_numpy()
+        return self.controls.loc[self.test_contexts()].to_numpy()
+
+    def context_mean_deltas(self) -> tuple[pd.DataFrame, pd.Series]:
+        """Mean seen delta of each context, pooled over every context where a context has no seen condition.
+
+        Returns
+        -------
+        means
+            ``(n_contexts, n_genes)`` indexed like :attr:`controls`: the mean delta of the
+            seen conditions of that context, or the mean over all seen conditions (every
+            context) where the context has none.
+        pooled
+            ``(n_contexts,)`` bool: True where the pooled mean stands in.
+        """
+        deltas = self.seen_deltas()
+        ctx = self.conditions.loc[deltas.index, "context"].to_numpy(str)
+        by_context = deltas.groupby(ctx).mean()
+        overall = deltas.mean(axis=0)
+        pooled = pd.Series([c not in by_context.index for c in self.controls.index], index=self.controls.index)
+        means = pd.DataFrame([by_context.loc[c] if not p else overall for c, p in pooled.items()], index=self.controls.index)
+        return means, pooled
 
     def frame(self, values: np.ndarray) -> pd.DataFrame:
         """Wrap ``(n_test, n_genes)`` values as a prediction table."""
@@ -52,12 +104,49 @@ class BaselineInputs:
 
 
 def no_change(inp: BaselineInputs) -> pd.DataFrame:
-    """Predict the control mean of the condition's context (no perturbation effect)."""
+    """Predict the control mean of the condition's context (no perturbation effect).
+
+    Returns
+    -------
+    ``(n_test, n_genes)`` predicted mean profiles.
+    """
     return inp.frame(inp.test_controls())
 
 
+def _training_mean_deltas(inp: BaselineInputs) -> np.ndarray:
+    """``(n_test, n_genes)`` same-context mean seen delta of each test condition (pooled fallback)."""
+    means, _ = inp.context_mean_deltas()
+    return means.loc[inp.test_contexts()].to_numpy()
+
+
 def training_mean(inp: BaselineInputs) -> pd.DataFrame:
-    """Control mean plus the mean delta over all seen perturbations (cell-eval / Systema 'mean')."""
+    """Control mean plus the mean delta of the seen perturbations in the same context.
+
+    The cell-eval / Systema "mean" baseline (cell-eval ``_baseline.py::build_base_mean_adata``;
+    Vinas Torne et al. 2025), taken within each context as cell-eval does when it scores each
+    cell type separately (``cell-eval run --celltype-col``): for a test condition in context
+    ``k``, ``ctrl_k + mean_{seen j in k}(x_j - ctrl_k)``. A context with no seen perturbation
+    (a held-out cell type) gets the mean over every seen context instead; :func:`baseline_notes`
+    says where. With one context this is the plain training mean.
+
+    Returns
+    -------
+    ``(n_test, n_genes)`` predicted mean profiles.
+    """
+    return inp.frame(inp.test_controls() + _training_mean_deltas(inp))
+
+
+def training_mean_pooled(inp: BaselineInputs) -> pd.DataFrame:
+    """Control mean plus the mean delta of all seen perturbations, pooled over every context.
+
+    A weaker baseline than :func:`training_mean` where contexts respond differently (the mean
+    of two stimulation states fits neither); kept to show how much the context adds.
+    ``ctrl_k + mean_{seen j}(x_j - ctrl_{k(j)})``.
+
+    Returns
+    -------
+    ``(n_test, n_genes)`` predicted mean profiles.
+    """
     return inp.frame(inp.test_controls() + inp.seen_deltas().mean(axis=0).to_numpy())
 
 
@@ -72,7 +161,12 @@ def additive(inp: BaselineInputs) -> pd.DataFrame:
     """Sum of the members' single deltas (Norman 2019; Ahlmann-Eltze et al. 2025).
 
     A member never seen alone contributes nothing. Single-perturbation test conditions get
-    their own seen delta when available (e.g. in a new context), else nothing.
+    their own seen delta when available (e.g. in a new context), else nothing. A member's
+    delta is averaged over every context it was seen in.
+
+    Returns
+    -------
+    ``(n_test, n_genes)`` predicted mean profiles.
     """
     singles = _single_deltas(inp)
     out = inp.test_controls().copy()
@@ -84,23 +178,57 @@ def additive(inp: BaselineInputs) -> pd.DataFrame:
 
 
 def matching_mean(inp: BaselineInputs) -> pd.DataFrame:
-    """Mean of the members' single deltas; unseen members fall back to the training mean (Systema)."""
+    """Mean of the members' single deltas (Systema's matching mean).
+
+    A member not seen alone counts as the :func:`training_mean` delta of the condition's
+    context. A member's delta is averaged over every context it was seen in.
+
+    Returns
+    -------
+    ``(n_test, n_genes)`` predicted mean profiles.
+    """
     singles = _single_deltas(inp)
-    fallback = inp.seen_deltas().mean(axis=0).to_numpy()
+    fallback = _training_mean_deltas(inp)
     out = inp.test_controls().copy()
     for i, cond in enumerate(inp.test):
         members = inp.conditions.loc[cond, "perturbation"].split(COMBO_DELIMITER)
-        parts = [singles.loc[m].to_numpy() if m in singles.index else fallback for m in members]
+        parts = [singles.loc[m].to_numpy() if m in singles.index else fallback[i] for m in members]
         out[i] += np.mean(parts, axis=0)
     return inp.frame(out)
 
 
-def context_shift(inp: BaselineInputs) -> pd.DataFrame:
-    """Held-out context: its control mean plus the perturbation's mean delta in the seen contexts.
+def _other_context_deltas(inp: BaselineInputs) -> list[np.ndarray | None]:
+    """Per test condition, the mean seen delta of the same perturbation in other contexts (None if unseen there)."""
+    deltas = inp.seen_deltas()
+    table = inp.conditions.loc[deltas.index]
+    perts, ctxs = table["perturbation"].to_numpy(str), table["context"].to_numpy(str)
+    out: list[np.ndarray | None] = []
+    for cond in inp.test:
+        pert, ctx = inp.conditions.loc[cond, "perturbation"], inp.conditions.loc[cond, "context"]
+        rows = (perts == pert) & (ctxs != ctx)
+        out.append(deltas.to_numpy()[rows].mean(axis=0) if rows.any() else None)
+    return out
 
-    A perturbation not seen in any context falls back to the training-mean delta.
+
+def context_shift(inp: BaselineInputs) -> pd.DataFrame:
+    """The perturbation's own effect carried over from the other contexts where it was seen.
+
+    For a test condition of perturbation ``p`` in context ``k``:
+    ``ctrl_k + mean_{seen (p, k'), k' != k}(x_{p,k'} - ctrl_{k'})``: the context's own control
+    mean plus the mean change ``p`` caused in the other contexts (the shift every
+    held-out-context method is measured against: scGen, Lotfollahi et al. 2019; CPA). It differs
+    from :func:`training_mean`, which averages over the other perturbations of the same context:
+    this one uses the perturbation's identity, that one the context's. A perturbation seen in no
+    other context gets the :func:`training_mean` delta (:func:`baseline_notes` says where).
+
+    Returns
+    -------
+    ``(n_test, n_genes)`` predicted mean profiles.
     """
-    return matching_mean(inp)
+    fallback = _training_mean_deltas(inp)
+    shifted = _other_context_deltas(inp)
+    out = inp.test_controls() + np.stack([fallback[i] if d is None else d for i, d in enumerate(shifted)])
+    return inp.frame(out)
 
 
 def linear(inp: BaselineInputs, *, n_components: int = 10, ridge: float = 0.1) -> pd.DataFrame:
@@ -111,6 +239,10 @@ def linear(inp: BaselineInputs, *, n_components: int = 10, ridge: float = 0.1) -
     ``G`` (zero for a target that is not a measured gene); ``W`` is the ridge solution
     ``(G^T G + lI)^-1 G^T (Y - b) P (P^T P + lI)^-1`` and ``b`` the row mean of ``Y``.
     K = 10 and lambda = 0.1 as in the paper.
+
+    Returns
+    -------
+    ``(n_test, n_genes)`` predicted mean profiles.
     """
     deltas = inp.seen_deltas()
     Y = deltas.to_numpy().T  # noqa: N806 - (n_genes, n_seen)
@@ -138,8 +270,46 @@ def linear(inp: BaselineInputs, *, n_components: int = 10, ridge: float = 0.1) -
 BASELINES: dict[str, Callable[[BaselineInputs], pd.DataFrame]] = {
     "no_change": no_change,
     "training_mean": training_mean,
+    "training_mean_pooled": training_mean_pooled,
     "additive": additive,
     "matching_mean": matching_mean,
     "linear": linear,
     "context_shift": context_shift,
 }
+
+
+def baseline_notes(inp: BaselineInputs, names: list[str]) -> dict[str, str]:
+    """Where, on this split, a baseline used a wider pool than its definition's first choice.
+
+    Parameters
+    ----------
+    inp
+        The split's baseline inputs.
+    names
+        Baselines scored.
+
+    Returns
+    -------
+    Baseline name -> one sentence, for ``training_mean`` and ``context_shift`` when they
+    are in ``names`` and the data has several contexts.
+    """
+    notes: dict[str, str] = {}
+    ctx = inp.test_contexts()
+    _, pooled = inp.context_mean_deltas()
+    fell_back = [c for c in dict.fromkeys(ctx) if pooled[c]]
+    n_pooled = int(np.isin(ctx, fell_back).sum())
+    several = len(inp.controls.index) > 1  # with one context there is no wider pool to fall back to
+    if "training_mean" in names and several:
+        notes["training_mean"] = (
+            f"same-context mean for {len(ctx) - n_pooled} of {len(ctx)} test conditions; pooled over every seen context "
+            f"for {n_pooled} ({'contexts' if len(fell_back) > 1 else 'context'} {', '.join(fell_back)}: no seen perturbation)"
+            if n_pooled
+            else f"same-context mean for all {len(ctx)} test conditions"
+        )
+    if "context_shift" in names and several:
+        missing = sum(d is None for d in _other_context_deltas(inp))
+        notes["context_shift"] = (
+            f"the perturbation's mean delta in other contexts for {len(ctx) - missing} of {len(ctx)} test conditions"
+            + (f"; the training_mean delta for {missing} (perturbation seen in no other context)" if missing else "")
+        )
+    return notes

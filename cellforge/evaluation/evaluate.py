@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import anndata as ad
@@ -17,7 +17,7 @@ import pandas as pd
 from cellforge.data.canonical import COMBO_DELIMITER
 from cellforge.data.splits import SplitManifest
 from cellforge.errors import ConfigError
-from cellforge.evaluation.baselines import BASELINES
+from cellforge.evaluation.baselines import BASELINE_SOURCES, BASELINES, baseline_notes
 from cellforge.evaluation.de import prediction_de_table
 from cellforge.evaluation.harness import (
     baseline_inputs,
@@ -35,15 +35,26 @@ from cellforge.execution.contract import load_predictions
 def baselines_for(adata: ad.AnnData, manifest: SplitManifest) -> list[str]:
     """The baselines that fit a split.
 
-    Always ``no_change`` and ``training_mean``; ``additive`` and ``matching_mean`` when
-    combinations are tested; ``context_shift`` when contexts are held out, ``linear``
-    otherwise (it has nothing to say about a new context).
+    Always ``no_change`` and ``training_mean`` (same-context mean);
+    ``training_mean_pooled`` when it differs from it (seen perturbations in several contexts
+    and a test context that has seen perturbations of its own); ``additive`` and
+    ``matching_mean`` when combinations are tested; ``context_shift`` when a test
+    perturbation was seen in another context; ``linear`` unless contexts are held out (it has
+    nothing to say about a new context).
     """
-    perts = condition_table(adata).loc[manifest.test, "perturbation"]
+    table = condition_table(adata)
+    test = table.loc[manifest.test]
+    seen = table.loc[list(manifest.train) + list(manifest.val)]
     names = ["no_change", "training_mean"]
-    if perts.str.contains(COMBO_DELIMITER, regex=False).any():
+    if seen["context"].nunique() > 1 and test["context"].isin(set(seen["context"])).any():
+        names.append("training_mean_pooled")
+    if test["perturbation"].str.contains(COMBO_DELIMITER, regex=False).any():
         names += ["additive", "matching_mean"]
-    names += ["context_shift"] if manifest.test_contexts else ["linear"]
+    seen_in = seen.groupby("perturbation")["context"].agg(set)
+    if any(seen_in.get(p, set()) - {k} for p, k in zip(test["perturbation"], test["context"], strict=True)):
+        names.append("context_shift")
+    if not manifest.test_contexts:
+        names.append("linear")
     return names
 
 
@@ -57,9 +68,17 @@ class Evaluation:
     baselines: list[str]
     name: str
     level: str = "profiles"
+    baseline_notes: dict[str, str] = field(default_factory=dict)
+    discrimination_chance: float = float("nan")
 
     def write(self, out_dir: Path, provenance: dict) -> None:
-        """Save ``summary.csv``, ``per_condition_<method>.csv``, ``subgroups.csv`` and ``scores.json``."""
+        """Save ``summary.csv``, ``per_condition_<method>.csv``, ``subgroups.csv`` and ``scores.json``.
+
+        ``scores.json`` holds the summary, every metric's and baseline's source line, where a
+        baseline fell back to a wider pool on this split, and the discrimination score's
+        chance level (mean over test conditions of ``(n + 1) / (2n)``, ``n`` the test
+        conditions of the condition's context).
+        """
         out_dir.mkdir(parents=True, exist_ok=True)
         self.summary.to_csv(out_dir / "summary.csv", index_label="method")
         for method, table in self.per_condition.items():
@@ -72,6 +91,9 @@ class Evaluation:
             "methods": self.summary.to_dict(orient="index"),
             "higher_is_better": sorted(HIGHER_IS_BETTER),
             "metric_sources": SOURCES,
+            "baseline_sources": {b: BASELINE_SOURCES[b] for b in self.baselines if b in BASELINE_SOURCES},
+            "baseline_notes": self.baseline_notes,
+            "discrimination_chance": self.discrimination_chance,
             **provenance,
         }
         (out_dir / "scores.json").write_text(json.dumps(record, indent=1, default=float))
@@ -133,6 +155,8 @@ def evaluate_predictions(
         baselines=chosen,
         name=label,
         level="profiles" if pred.cells is None else "cells",
+        baseline_notes=baseline_notes(inputs, chosen),
+        discrimination_chance=float(truth.discrimination_chance.mean()),
     )
 
 

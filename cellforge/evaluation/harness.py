@@ -12,7 +12,13 @@ from cellforge.data.canonical import COMBO_DELIMITER
 from cellforge.data.splits import SplitManifest
 from cellforge.evaluation.baselines import BASELINES, BaselineInputs
 from cellforge.evaluation.de import de_table, pseudobulk_log2_fold_change, top_de_genes
-from cellforge.evaluation.metrics import HIGHER_IS_BETTER, condition_metrics, de_agreement, discrimination_scores
+from cellforge.evaluation.metrics import (
+    HIGHER_IS_BETTER,
+    condition_metrics,
+    de_agreement,
+    discrimination_chance,
+    discrimination_scores,
+)
 from cellforge.evaluation.pseudobulk import condition_table, control_means, pseudobulk
 
 #: Metrics shown in report tables, in order (every metric is saved; see ``metrics.SOURCES``).
@@ -50,7 +56,8 @@ class Truth:
         Wilcoxon DE table of the test conditions (:data:`cellforge.evaluation.de.DE_COLUMNS`).
     pert_reference
         ``(n_contexts, n_genes)`` Systema's perturbed reference per context: the control
-        mean plus the mean delta of the seen (train + validation) conditions.
+        mean plus the mean delta of the seen (train + validation) conditions of that
+        context, pooled over every context where it has none (the ``training_mean`` baseline).
     targets
         Test condition -> its target genes that are measured (left out of discrimination).
     subgroups
@@ -70,6 +77,13 @@ class Truth:
     def genes(self) -> pd.Index:
         """Gene names, the column order of every profile."""
         return self.profiles.columns
+
+    @property
+    def discrimination_chance(self) -> pd.Series:
+        """``(n_test,)`` chance level of each condition's discrimination score: ``(n + 1) / (2n)``
+        with ``n`` the test conditions of its context (:func:`~cellforge.evaluation.metrics.discrimination_chance`)."""
+        conds = list(self.profiles.index)
+        return pd.Series(discrimination_chance(self.contexts.loc[conds].to_numpy(str)), index=conds)
 
 
 def build_truth(adata: ad.AnnData, manifest: SplitManifest, *, n_de: int = 20, inputs: BaselineInputs | None = None) -> Truth:
@@ -92,7 +106,7 @@ def build_truth(adata: ad.AnnData, manifest: SplitManifest, *, n_de: int = 20, i
     profiles = pseudobulk(adata, mask=mask).loc[test]
     controls = control_means(adata)
     seen = inputs if inputs is not None else baseline_inputs(adata, manifest)
-    mean_seen_delta = seen.seen_deltas().mean(axis=0)
+    context_deltas, _ = seen.context_mean_deltas()
     genes = set(profiles.columns)
     targets = {
         c: [g for g in table.loc[c, "perturbation"].split(COMBO_DELIMITER) if g in genes] for c in test
@@ -103,7 +117,7 @@ def build_truth(adata: ad.AnnData, manifest: SplitManifest, *, n_de: int = 20, i
         contexts=table.loc[test, "context"],
         de_genes=top_de_genes(adata, test, n_genes=n_de, method="t-test"),
         de=de_table(adata, test, method="wilcoxon"),
-        pert_reference=controls + mean_seen_delta.to_numpy(),
+        pert_reference=controls + context_deltas.loc[controls.index].to_numpy(),
         targets=targets,
         subgroups=dict(manifest.subgroups),
     )
@@ -140,9 +154,12 @@ def score_predictions(predictions: pd.DataFrame, truth: Truth, *, pred_de: pd.Da
     for i, cond in enumerate(conds):
         rows[cond] = condition_metrics(pred[i], real[i], ctrl[i], position.loc[truth.de_genes[cond]].to_numpy(), ref[i])
     exclude = [position.loc[truth.targets.get(c, [])].to_numpy(dtype=int) for c in conds]
-    discrimination = discrimination_scores(pred - ctrl, real - ctrl, exclude)
-    every_target = np.unique(np.concatenate([*exclude, np.array([], dtype=int)]))
-    common = discrimination_scores(pred - ctrl, real - ctrl, [every_target] * len(conds))
+    # each prediction is ranked among the test conditions of its own context
+    discrimination = discrimination_scores(pred - ctrl, real - ctrl, exclude, groups=ctx)
+    context_targets = {
+        k: np.unique(np.concatenate([np.array([], dtype=int), *(e for e, c in zip(exclude, ctx, strict=True) if c == k)])) for k in set(ctx)
+    }
+    common = discrimination_scores(pred - ctrl, real - ctrl, [context_targets[k] for k in ctx], groups=ctx)
     pred_lfc = pd.DataFrame(pseudobulk_log2_fold_change(pred, ctrl), index=conds, columns=genes)
     real_de = {c: t.set_index("gene") for c, t in truth.de.groupby("condition", sort=False)}
     cell_de = {c: t.set_index("gene") for c, t in pred_de.groupby("condition", sort=False)} if pred_de is not None else {}
@@ -196,6 +213,80 @@ def best_baseline(summary: pd.DataFrame, baselines: list[str], metric: str) -> s
     """Name of the best baseline on ``metric`` (direction from HIGHER_IS_BETTER)."""
     values = summary.loc[baselines, metric]
     return str(values.idxmax() if metric in HIGHER_IS_BETTER else values.idxmin())
+
+
+#: Fewest test conditions over which a verdict can have an uncertainty; with fewer it is a tie.
+MIN_VERDICT_CONDITIONS = 3
+#: Differences at most this share of the baseline's value are float rounding (float32
+#: predictions of the same profile): a tie.
+ROUNDING_RTOL = 1e-5
+#: Paired bootstrap resamples of the test conditions, and the interval's coverage.
+N_BOOTSTRAP, INTERVAL = 10_000, 0.95
+
+VERDICT_RULE = (
+    f"paired bootstrap over the test conditions ({N_BOOTSTRAP} resamples, seed 0) of the mean per-condition difference "
+    f"model - baseline: 'better' or 'worse' when the {INTERVAL:.0%} percentile interval excludes 0, otherwise 'tie'; "
+    f"always 'tie' with fewer than {MIN_VERDICT_CONDITIONS} test conditions (no uncertainty over conditions) or when every "
+    f"difference is within {ROUNDING_RTOL:g} of the baseline's value (float rounding)"
+)
+
+
+def paired_verdict(model: pd.Series, baseline: pd.Series, metric: str, *, seed: int = 0) -> dict[str, object]:
+    """Is the model better than a baseline on ``metric`` beyond the noise of which conditions were tested?
+
+    The rule is :data:`VERDICT_RULE`: per test condition the difference ``model - baseline``;
+    a paired bootstrap over conditions (Efron & Tibshirani 1993, percentile interval) of its
+    mean; ``better`` / ``worse`` only when the interval excludes 0 on that side. Fewer than
+    :data:`MIN_VERDICT_CONDITIONS` conditions, or differences that are float rounding
+    (:data:`ROUNDING_RTOL`), are a tie.
+
+    Parameters
+    ----------
+    model, baseline
+        Per-condition values of ``metric`` (indexed by condition; NaN conditions left out).
+    metric
+        Metric name; direction from :data:`~cellforge.evaluation.metrics.HIGHER_IS_BETTER`.
+    seed
+        Seed of the bootstrap.
+
+    Returns
+    -------
+    ``verdict`` (``better`` / ``worse`` / ``tie``), ``reason``, ``model`` and ``baseline``
+    (means over the conditions used), ``difference`` (model - baseline), ``interval``
+    (``[low, high]`` of that difference, None without a bootstrap), ``n_conditions`` and
+    ``n_model_better`` (conditions where the model is better).
+    """
+    both = pd.concat([model.rename("m"), baseline.rename("b")], axis=1).dropna()
+    diff = (both["m"] - both["b"]).to_numpy(np.float64)
+    sign = 1.0 if metric in HIGHER_IS_BETTER else -1.0
+    n = int(diff.size)
+    record: dict[str, object] = {
+        "model": float(both["m"].mean()) if n else float("nan"),
+        "baseline": float(both["b"].mean()) if n else float("nan"),
+        "difference": float(diff.mean()) if n else float("nan"),
+        "interval": None,
+        "n_conditions": n,
+        "n_model_better": int((sign * diff > 0).sum()),
+    }
+    scale = float(np.abs(both["b"].to_numpy()).mean()) if n else 0.0
+    if n and np.all(np.abs(diff) <= ROUNDING_RTOL * max(scale, 1e-12)):
+        return {**record, "verdict": "tie", "reason": "the same values up to float rounding"}
+    if n < MIN_VERDICT_CONDITIONS:
+        reason = f"{n} test condition{'s' if n != 1 else ''}: too few for an uncertainty over conditions"
+        return {**record, "verdict": "tie", "reason": reason}
+    rng = np.random.default_rng(seed)
+    means = diff[rng.integers(0, n, size=(N_BOOTSTRAP, n))].mean(axis=1)
+    tail = (1 - INTERVAL) / 2
+    low, high = (float(v) for v in np.quantile(means, [tail, 1 - tail]))
+    record["interval"] = [low, high]
+    if sign * low > 0 and sign * high > 0:
+        verdict = "better"
+    elif sign * low < 0 and sign * high < 0:
+        verdict = "worse"
+    else:
+        verdict = "tie"
+    reason = f"{INTERVAL:.0%} paired bootstrap interval of the difference [{low:.4g}, {high:.4g}] over {n} test conditions"
+    return {**record, "verdict": verdict, "reason": reason}
 
 
 def subgroup_summary(per_condition: dict[str, pd.DataFrame], subgroups: dict[str, str]) -> pd.DataFrame:

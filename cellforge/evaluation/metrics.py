@@ -37,15 +37,15 @@ SOURCES = {
     "pearson": "GEARS/scGPT pearson: Pearson of mean expression (near 1 for any model)",
     "pearson_delta": "GEARS deeper_analysis / scGPT: Pearson of (pred - ctrl) vs (truth - ctrl), all genes",
     "pearson_delta_de20": "GEARS/scGPT pearson_de_delta: the same on the top-20 t-test DE genes",
-    "pearson_delta_pert": "Systema (Vinas Torne et al. 2025): Pearson of deltas against the mean of training perturbation centroids",
+    "pearson_delta_pert": "Systema (Vinas Torne et al. 2025): Pearson of deltas against the perturbed reference, the control mean plus the mean delta of the seen perturbations in the same context (pooled where the context has none)",
     "mse": "GEARS mse: mean squared error of mean expression, all genes",
     "mse_de20": "GEARS mse_de: the same on the top-20 t-test DE genes",
     "mae": "cell-eval mae: mean absolute error of mean expression, all genes",
     "r2": "CPA r2_mean: 1 - SS_res/SS_tot of mean expression over genes",
     "r2_delta": "CPA r2_mean_lfc: 1 - SS_res/SS_tot of deltas over genes",
     "direction_de20": "GEARS frac_correct_direction_20: share of top-20 DE genes changed in the observed direction",
-    "discrimination_score_l1": "cell-eval discrimination_score_l1 (PDS): 1 - rank of the true delta among all true deltas by L1 to the predicted delta / n, target genes excluded",
-    "discrimination_score_l1_common": "discrimination_score_l1 with the target genes of every scored condition left out of every distance, so all candidates are compared on the same genes; a constant prediction then scores exactly (n + 1) / (2n)",
+    "discrimination_score_l1": "cell-eval discrimination_score_l1 (PDS) per context (cell-eval run --celltype-col): 1 - rank of the condition's true delta among the true deltas of the n test conditions of the SAME context, by L1 distance to its predicted delta, / n; its own target genes excluded",
+    "discrimination_score_l1_common": "discrimination_score_l1 with the target genes of every test condition of the context left out of every distance, so all candidates are compared on the same genes; chance (a constant prediction) is exactly (n + 1) / (2n), n = test conditions in the context (discrimination_chance)",
     "overlap_at_N": "cell-eval overlap_at_N (VCC DES): top-N predicted DE genes by |log2FC| shared with the N real significant genes (Wilcoxon, BH FDR < 0.05)",
     "precision_at_N": "cell-eval precision_at_N: share of predicted significant genes among the real significant ones (same ranking)",
     "de_direction_match": "cell-eval de_direction_match: share of real significant genes whose predicted log2FC has the real sign",
@@ -86,8 +86,8 @@ def condition_metrics(
     de_idx
         Integer indices of the condition's top-20 DE genes (t-test, GEARS).
     pert_reference
-        ``(n_genes,)`` Systema's perturbed reference: the mean of the training
-        perturbations' centroids in the condition's context. ``pearson_delta_pert`` is NaN
+        ``(n_genes,)`` Systema's perturbed reference: the mean of the seen
+        perturbations' centroids in the condition's context (the ``training_mean`` baseline). ``pearson_delta_pert`` is NaN
         when it is not given.
 
     Returns
@@ -115,23 +115,27 @@ def condition_metrics(
     }
 
 
-def discrimination_scores(pred_deltas: np.ndarray, true_deltas: np.ndarray, exclude: list[np.ndarray]) -> np.ndarray:
-    """cell-eval's discrimination score with L1 distance (the VCC "PDS").
+def discrimination_scores(
+    pred_deltas: np.ndarray, true_deltas: np.ndarray, exclude: list[np.ndarray], groups: np.ndarray | None = None
+) -> np.ndarray:
+    """cell-eval's discrimination score with L1 distance (the VCC "PDS"), ranked within a group.
 
-    For condition ``i``: L1 distances from its predicted delta to every observed delta
-    (genes in ``exclude[i]`` left out: the condition's own target genes, whose knock-down
-    would make the task trivial), then ``1 - rank / n`` where ``rank`` is the 0-based position
-    of condition ``i``'s own observed delta in ascending distance order (ties in input order,
-    as ``np.argsort``). 1 is a perfect match. Source: cell-eval
-    ``metrics/_anndata.py::discrimination_score``.
+    For condition ``i``: L1 distances from its predicted delta to the observed delta of every
+    condition of its own group (genes in ``exclude[i]`` left out: the condition's own target
+    genes, whose knock-down would make the task trivial), then ``1 - rank / n`` where ``rank``
+    is the 0-based position of condition ``i``'s own observed delta in ascending distance
+    order (ties in input order, as ``np.argsort``) and ``n`` the size of the group. 1 is a
+    perfect match. Source: cell-eval ``metrics/_anndata.py::discrimination_score``; the
+    harness's groups are contexts, as ``cell-eval run --celltype-col`` scores each cell type on
+    its own, so that a prediction that only tells the contexts apart gains nothing.
 
     With each condition's own targets excluded (cell-eval's choice), the candidates are
     compared on different genes: a condition's own observed delta loses its large
     knock-down entry while the others keep theirs, so even one constant prediction for
     every condition ranks the right delta first more often than chance (0.83 instead of
-    0.56 on the 8-condition test fixture). Passing the same ``exclude`` (all targets) for
-    every row removes that advantage: a constant prediction then scores exactly
-    ``(n + 1) / (2n)`` (cellforge's ``discrimination_score_l1_common``).
+    0.56 on the 8-condition test fixture). Passing the same ``exclude`` (all targets of the
+    group) for every row of a group removes that advantage: a constant prediction then scores
+    exactly :func:`discrimination_chance` (cellforge's ``discrimination_score_l1_common``).
 
     Parameters
     ----------
@@ -139,21 +143,51 @@ def discrimination_scores(pred_deltas: np.ndarray, true_deltas: np.ndarray, excl
         ``(n_conditions, n_genes)``, rows in the same condition order.
     exclude
         Per condition, integer gene indices left out of its distances.
+    groups
+        ``(n_conditions,)`` group label of each row (the context); ``None``: one group.
 
     Returns
     -------
-    ``(n_conditions,)`` scores in ``(0, 1]``.
+    ``(n_conditions,)`` scores in ``(0, 1]``; a condition alone in its group scores 1.
     """
-    n = true_deltas.shape[0]
-    scores = np.empty(n)
+    n_rows = true_deltas.shape[0]
+    labels = np.zeros(n_rows, dtype=int) if groups is None else np.asarray(groups)
+    scores = np.empty(n_rows)
     keep = np.ones(true_deltas.shape[1], dtype=bool)
-    for i in range(n):
-        keep[:] = True
-        keep[exclude[i]] = False
-        dist = np.abs(true_deltas[:, keep] - pred_deltas[i, keep]).sum(axis=1)
-        rank = int(np.flatnonzero(np.argsort(dist, kind="quicksort") == i)[0])
-        scores[i] = 1.0 - rank / n
+    for label in dict.fromkeys(labels.tolist()):
+        rows = np.flatnonzero(labels == label)
+        n = rows.size
+        for pos, i in enumerate(rows):
+            keep[:] = True
+            keep[exclude[i]] = False
+            dist = np.abs(true_deltas[np.ix_(rows, keep)] - pred_deltas[i, keep]).sum(axis=1)
+            rank = int(np.flatnonzero(np.argsort(dist, kind="quicksort") == pos)[0])
+            scores[i] = 1.0 - rank / n
     return scores
+
+
+def discrimination_chance(groups: np.ndarray) -> np.ndarray:
+    """Chance level of the discrimination score ranked within groups.
+
+    A prediction that carries no information about which condition of its group it is ranks
+    its own observed delta uniformly among the ``n`` of the group, so its expected score is
+    ``mean_{r=0..n-1}(1 - r / n) = (n + 1) / (2n)`` (0.625 for 4 conditions, 1 for a condition
+    alone in its context, where the score says nothing).
+
+    Parameters
+    ----------
+    groups
+        ``(n_conditions,)`` group (context) label of each scored condition.
+
+    Returns
+    -------
+    ``(n_conditions,)`` chance level of each condition; its mean is the chance level of the
+    mean score.
+    """
+    labels = np.asarray(groups)
+    _, inverse, counts = np.unique(labels, return_inverse=True, return_counts=True)
+    n = counts[inverse].astype(np.float64)
+    return (n + 1) / (2 * n)
 
 
 def _ranked(genes: np.ndarray, lfc: np.ndarray) -> np.ndarray:
