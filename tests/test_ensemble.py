@@ -55,6 +55,21 @@ def test_one_standard_error_rule():
         beats_by_one_se(np.ones(3), np.ones(4))
 
 
+def test_one_standard_error_rule_is_paired():
+    # conditions differ widely in difficulty (errors 0.2 to 3.0) and both models share that spread;
+    # the new one is lower on every condition by 0.1
+    old = np.array([0.2, 0.5, 1.0, 1.5, 2.2, 3.0])
+    new = old - 0.1
+    unpaired_se = np.std(new, ddof=1) / np.sqrt(len(new))
+    assert new.mean() + unpaired_se > old.mean()  # the unpaired rule would keep the old model ...
+    assert beats_by_one_se(new, old)  # ... the paired one sees a gain on every condition
+    # the same mean gain from one condition, the others worse: within one paired standard error
+    lucky = old + np.array([0.1, 0.1, 0.1, 0.1, 0.1, -1.1])
+    assert lucky.mean() < old.mean() and not beats_by_one_se(lucky, old)
+    # a tie keeps the simpler model
+    assert not beats_by_one_se(old.copy(), old)
+
+
 def test_models_that_err_in_opposite_directions_are_averaged(target):
     noise = np.random.default_rng(2).normal(size=target.shape)
     worse = target + 3 * np.random.default_rng(3).normal(size=target.shape)

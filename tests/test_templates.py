@@ -404,3 +404,38 @@ def test_a_residual_that_does_not_help_in_cross_validation_is_dropped(lib, monke
     np.testing.assert_array_equal(np.load(tmp_path / "val_predictions.npz")["pred"], reference)  # the model becomes its reference
     # a clearly lower error does not make up for a lower pearson
     assert check(target + np.sqrt(0.5), pd_model=0.7)["residual"] == "dropped"
+
+
+def test_the_residual_is_compared_with_its_reference_condition_by_condition(lib, monkeypatch, tmp_path):
+    """Paired: conditions of very different difficulty, the residual lower on each by a little."""
+    monkeypatch.setattr(lib, "OUT", tmp_path)
+    target = np.zeros((6, 3), dtype=np.float32)
+    ref_err = np.array([0.2, 0.5, 1.0, 1.5, 2.2, 3.0])
+    reference = target + np.sqrt(ref_err)[:, None].astype(np.float32)
+
+    def check(errors):
+        pred = (target + np.sqrt(errors)[:, None]).astype(np.float32)
+        np.savez_compressed(tmp_path / "val_predictions.npz", conditions=np.array(list("ABCDEF")), genes=np.array(["x", "y", "z"]),
+                            pred=pred, reference=reference, target=target)
+        metrics = {"val_mse_top20": float(np.mean(errors)), "val_baseline_mse_top20": float(ref_err.mean()),
+                   "val_pearson_delta_top20": 0.8, "val_baseline_pearson_delta_top20": 0.8}
+        lib.keep_or_drop_residual(metrics)
+        return metrics
+
+    better = check(ref_err - 0.1)
+    # the unpaired rule (the residual's own standard error, ~0.44) would have dropped this residual
+    assert np.mean(ref_err - 0.1) + np.std(ref_err - 0.1, ddof=1) / np.sqrt(6) > ref_err.mean()
+    assert better["residual"] == "kept"
+    assert better["residual_mse_top20_diff"] == pytest.approx(-0.1, abs=1e-5)
+    assert better["residual_mse_top20_diff_se"] == pytest.approx(0.0, abs=1e-5)
+    assert better["residual_better_share"] == 1.0 and better["residual_n_conditions"] == 6
+    # the same mean gain carried by one condition: dropped, and the share says how often it was better
+    lucky = check(ref_err + np.array([0.1, 0.1, 0.1, 0.1, 0.1, -1.1]))
+    assert lucky["residual"] == "dropped" and lucky["residual_better_share"] == pytest.approx(1 / 6)
+    # one validation condition gives no standard error: the reference stays
+    monkeypatch.setattr(lib, "OUT", tmp_path)
+    np.savez_compressed(tmp_path / "val_predictions.npz", conditions=np.array(["A"]), genes=np.array(["x", "y", "z"]),
+                        pred=target[:1], reference=reference[:1], target=target[:1])
+    single = {"val_mse_top20": 0.0, "val_baseline_mse_top20": 0.2, "val_pearson_delta_top20": 0.8, "val_baseline_pearson_delta_top20": 0.8}
+    lib.keep_or_drop_residual(single)
+    assert single["residual"] == "dropped" and single["residual_mse_top20_diff_se"] is None

@@ -92,19 +92,22 @@ def top_gene_errors(pred: np.ndarray, target: np.ndarray, k: int = TOP_GENES) ->
 
 
 def beats_by_one_se(new: np.ndarray, old: np.ndarray) -> bool:
-    """The one-standard-error rule: is ``new`` better than ``old`` beyond the noise of the validation set?
+    """The paired one-standard-error rule: is ``new`` better than ``old`` beyond the noise of the validation set?
 
     ``new`` (a more complex model: a learned residual, a tuned change, an average of attempts)
-    replaces ``old`` only if its mean error plus one standard error of that mean is below
-    ``old``'s mean error (Breiman, Friedman, Olshen & Stone 1984; Hastie, Tibshirani &
-    Friedman, *The Elements of Statistical Learning*, 2nd ed., section 7.10). With a handful of
-    validation perturbations, smaller gains mostly reflect which conditions were held out.
+    replaces ``old`` only if the mean of the per-condition differences ``d = new - old`` plus
+    one standard error of that mean, ``sd(d) / sqrt(n)``, is below 0 (after Breiman, Friedman,
+    Olshen & Stone 1984; Hastie, Tibshirani & Friedman, *The Elements of Statistical Learning*,
+    2nd ed., section 7.10). Both are scored on the same conditions, so the standard error is
+    that of the paired difference: the spread between conditions that both share (some
+    conditions are hard for every model) cancels. A tie, or a single condition (no standard
+    error), keeps ``old``, the simpler model.
 
     Parameters
     ----------
     new, old
         ``(n_conditions,)`` per-condition validation errors (e.g. :func:`top_gene_errors`) on
-        the same conditions.
+        the same conditions, in the same order.
 
     Raises
     ------
@@ -115,8 +118,11 @@ def beats_by_one_se(new: np.ndarray, old: np.ndarray) -> bool:
     if new.shape != old.shape:
         msg = f"per-condition errors of different lengths: {new.shape} vs {old.shape}"
         raise ValueError(msg)
-    se = float(np.std(new, ddof=1) / np.sqrt(len(new))) if len(new) > 1 else float("inf")
-    return float(np.mean(new)) + se < float(np.mean(old))
+    if len(new) < 2:  # noqa: PLR2004
+        return False
+    diff = new - old
+    se = float(np.std(diff, ddof=1) / np.sqrt(len(diff)))
+    return float(np.mean(diff)) + se < 0
 
 
 @dataclass(frozen=True)

@@ -363,8 +363,9 @@ class RefineSettings(BaseModel):
     rule: Literal["one_se", "tolerance"] = Field(
         "one_se",
         description=(
-            "When a change or an average replaces the best attempt: 'one_se', when its mean per-condition validation "
-            "MSE (top-20 genes) plus one standard error is below the best's (read from outputs/val_predictions.npz; "
+            "When a change or an average replaces the best attempt: 'one_se', when the mean of its per-condition "
+            "differences from the best (validation MSE on the top-20 genes, the same conditions) plus one standard error "
+            "of that paired mean is below 0 (read from outputs/val_predictions.npz; "
             "attempts without that file fall back to 'tolerance'); 'tolerance', when the metric improves by more "
             "than the relative tolerance. Either way the guard metric must hold."
         ),
