@@ -44,6 +44,32 @@ def _ensemble_line(ensemble: dict[str, Any] | None) -> str:
     )
 
 
+def _chance(metrics: dict[str, Any]) -> str:
+    value = metrics.get("discrimination_chance")
+    return "unknown" if value is None else f"{float(value):.3f}"
+
+
+_VERB = {"better": "beats", "worse": "loses to", "tie": "ties with"}
+
+
+def _verdict_lines(metrics: dict[str, Any]) -> list[str]:
+    """The verdict on each checked metric with its uncertainty, which predictor was scored and why, and each baseline's source line."""
+    lines = []
+    for metric, v in metrics["verdict"].items():
+        lines.append(
+            f"- {metric}: the model {_VERB[v['verdict']]} the best baseline ({v['against']}): {v['model']:.6g} vs "
+            f"{v['baseline']:.6g}, better on {v['n_model_better']} of {v['n_conditions']} test conditions; {v['reason']}."
+        )
+    lines.append(f"- verdict rule: {metrics['verdict_rule']}.")
+    scored = metrics["scored_predictor"]
+    lines.append(
+        f"- scored predictor: **{scored['kind']}**: {scored['why']}. The learned residual was kept in "
+        f"{scored['learned_kept']} clean attempts that compared it with their reference."
+    )
+    lines += [f"- `{name}`: {source}." for name, source in metrics.get("baseline_sources", {}).items()]
+    return lines
+
+
 def _usage_table(by_stage: dict[str, dict[str, Any]]) -> str:
     lines = ["| stage | calls | prompt tokens | completion tokens | cost (USD) |", "|---|---|---|---|---|"]
     for stage, row in by_stage.items():
@@ -154,11 +180,7 @@ def write_report(run: Any, metrics: dict[str, Any]) -> None:
 
     plan = run.read_json("plan.json")
     task = metrics["task"]
-    beats = metrics["model_beats_best_baseline"]
-    verdict = []
-    for metric, won in beats.items():
-        best = metrics["best_baseline"][metric]
-        verdict.append(f"- {metric}: the model {'beats' if won else 'does NOT beat'} the best baseline ({best}).")
+    verdict = _verdict_lines(metrics)
     attempts = "\n".join(_attempt_row(a, metrics.get("best_attempt")) for a in metrics["attempts"])
     split = metrics["split"]
     text = f"""# cellforge run: {metrics['dataset']}
@@ -170,9 +192,9 @@ def write_report(run: Any, metrics: dict[str, Any]) -> None:
 Metrics are means over the {metrics['averaged_over']}, computed on the host from pseudobulk profiles; deltas are
 against the observed control mean of each condition's context; `_de20` metrics use the top 20 genes by scanpy
 t-test (`rankby_abs`) against those controls, `overlap_at_N` and `de_direction_match` the Wilcoxon genes with
-BH FDR < 0.05 (cell-eval), `discrimination_score_l1_common` ranks each prediction among all true deltas
-(chance is about 0.5). `pearson` on raw expression is shown but is near 1 for any model. Every metric's
-source is in `evaluation/scores.json`.
+BH FDR < 0.05 (cell-eval), `discrimination_score_l1_common` ranks each prediction among the true deltas of the
+test conditions of its own context (chance (n + 1) / (2n), n per context: {_chance(metrics)} here). `pearson` on raw
+expression is shown but is near 1 for any model. Every metric's source is in `evaluation/scores.json` and `metrics.json`.
 
 {_analysis_section(run)}
 {_debate_section(run)}
