@@ -53,3 +53,29 @@ class SandboxError(CellforgeError):
 
 class StageError(CellforgeError):
     """A pipeline stage failed; the message says where its logs are."""
+
+
+def pydantic_problems(exc: Exception, *, shown: int = 5) -> str:
+    """A pydantic ``ValidationError`` as one line: ``field: problem (got value)``, ``; ``-joined.
+
+    Used where a file or option fails a pydantic model, so that the user reads which field is
+    wrong instead of a traceback.
+    """
+    errors = exc.errors() if hasattr(exc, "errors") else []
+    parts = []
+    for err in errors[:shown]:
+        where = ".".join(str(x) for x in err.get("loc", ())) or "(whole file)"
+        got = err.get("input")
+        got_text = f" (got {got!r:.60})" if got is not None and not isinstance(got, dict | list) else ""
+        parts.append(f"{where}: {err.get('msg', 'invalid')}{got_text}")
+    if len(errors) > shown:
+        parts.append(f"{len(errors) - shown} more")
+    return "; ".join(parts) or str(exc)
+
+
+class DiskFullError(CellforgeError):
+    """A write failed because the disk (or the quota) is full; ``path`` names the file."""
+
+    def __init__(self, message: str, *, path: str | None = None) -> None:
+        super().__init__(message)
+        self.path = path

@@ -14,10 +14,25 @@ def cache_dir() -> Path:
     return Path(os.environ.get("CELLFORGE_CACHE", Path.home() / ".cache" / "cellforge")).expanduser()
 
 
+#: Offline mirror folders looked in when ``CELLFORGE_DATA_MIRROR`` is not set (those that exist):
+#: ``data/`` inside the checkout, then ``shared/data`` beside it (the layout of the shipped mirror).
+DEFAULT_MIRRORS = (PROJECT_ROOT / "data", PROJECT_ROOT.parent / "shared" / "data")
+
+
 def mirror_dirs() -> list[Path]:
-    """Offline mirror folders from ``CELLFORGE_DATA_MIRROR`` (``os.pathsep``-separated)."""
-    raw = os.environ.get("CELLFORGE_DATA_MIRROR", "")
-    return [Path(p).expanduser() for p in raw.split(os.pathsep) if p.strip()]
+    """Offline mirror folders: ``CELLFORGE_DATA_MIRROR`` (``os.pathsep``-separated) when set,
+    else those of :data:`DEFAULT_MIRRORS` that exist."""
+    raw = os.environ.get("CELLFORGE_DATA_MIRROR")
+    if raw is not None:
+        return [Path(p).expanduser() for p in raw.split(os.pathsep) if p.strip()]
+    return [p for p in DEFAULT_MIRRORS if p.is_dir()]
+
+
+def mirror_source() -> str:
+    """Where :func:`mirror_dirs` came from, for ``cellforge doctor`` and error messages."""
+    if os.environ.get("CELLFORGE_DATA_MIRROR") is not None:
+        return "CELLFORGE_DATA_MIRROR"
+    return f"default ({' or '.join(str(p) for p in DEFAULT_MIRRORS)}, where they exist)"
 
 
 def runs_dir() -> Path:

@@ -10,18 +10,29 @@ from pathlib import Path
 from typing import Any
 
 import anndata as ad
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from cellforge.errors import ConfigError
+from cellforge.errors import ConfigError, pydantic_problems
 from cellforge.paths import runs_dir
+
+#: Largest ``--max-attempts``: each attempt trains a model, so more is a mistake, not a budget.
+MAX_ATTEMPTS = 20
+#: Largest ``--timeout`` of one attempt, seconds (two days).
+MAX_TIMEOUT_S = 172_800.0
 
 STAGES = ["data", "profile", "analysis", "design", "codegen", "execute", "evaluate", "report"]
 
 
 class RunConfig(BaseModel):
-    """Everything a run depends on; saved as ``run.json``."""
+    """Everything a run depends on; saved as ``run.json``.
 
-    dataset: str = Field(description="Registry name, or 'user' for an .h5ad path.")
+    Every bound is checked when the config is made (``cellforge benchmark`` makes it before any
+    run directory exists), so a bad option fails at once with the option's valid range.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    dataset: str = Field(min_length=1, description="Registry name, or the stem of the user's .h5ad.")
     h5ad: str | None = Field(default=None, description="Path of a user .h5ad (already canonical or with keys below).")
     perturbation_key: str | None = None
     control_label: str | None = None
@@ -30,17 +41,32 @@ class RunConfig(BaseModel):
     task_description: str | None = Field(default=None, description="The task in the user's words (may name the task type).")
     task_file: str | None = Field(default=None, description="YAML task file: type, description, metric_of_record.")
     split_file: str | None = None
-    seed: int = 0
+    seed: int = Field(default=0, ge=0, le=2**32 - 1, description="Seed of the split strategy (numpy seeds are 0..2**32-1).")
     sandbox: str | None = None
-    max_attempts: int = 4
-    timeout_s: float = 900
-    memory_mb: int = 8192
-    threads: int = 2
+    max_attempts: int = Field(default=4, ge=1, le=MAX_ATTEMPTS, description="Bound on code attempts (patch-and-retry).")
+    timeout_s: float = Field(default=900, gt=0, le=MAX_TIMEOUT_S, allow_inf_nan=False, description="Wall-clock limit of one attempt, seconds.")
+    memory_mb: int = Field(default=8192, ge=256, description="Memory limit of one attempt, MiB.")
+    threads: int = Field(default=2, ge=1, le=256, description="CPU threads of one attempt.")
     debate_rounds: int = Field(default=10, ge=1, le=10, description="Round cap of the expert debate.")
-    pilots: int = Field(default=2, ge=0, description="Pilot runs the debate may ask for (0: none).")
-    refine_rounds: int = Field(default=3, ge=0, description="Refinement rounds after the first clean run (0: none).")
-    refine_patience: int = Field(default=2, ge=1, description="Rounds without enough improvement before stopping.")
-    refine_tolerance: float = Field(default=0.01, ge=0.0, description="Relative validation improvement that counts.")
+    pilots: int = Field(default=2, ge=0, le=10, description="Pilot runs the debate may ask for (0: none).")
+    refine_rounds: int = Field(default=3, ge=0, le=20, description="Refinement rounds after the first clean run (0: none).")
+    refine_patience: int = Field(default=2, ge=1, le=20, description="Rounds without enough improvement before stopping.")
+    refine_tolerance: float = Field(default=0.01, ge=0.0, le=1.0, allow_inf_nan=False, description="Relative validation improvement that counts.")
+
+    @field_validator("sandbox")
+    @classmethod
+    def _known_sandbox(cls, value: str | None) -> str | None:
+        if value is not None:
+            from runtime.factory import resolve_backend
+
+            from runtime.factory import CHOICES
+
+            try:
+                resolve_backend(value)
+            except ValueError:
+                msg = f"not a sandbox backend; valid: {', '.join(CHOICES)} (optionally 'strict:<name>')"
+                raise ValueError(msg) from None
+        return value
 
 
 class Run:
@@ -52,16 +78,24 @@ class Run:
 
     # ------------------------------------------------------------------ creation
     @classmethod
-    def create(cls, config: RunConfig, *, root: Path | None = None) -> Run:
-        """New run directory ``<root>/<dataset>-<timestamp>``."""
+    def create(cls, config: RunConfig, *, root: Path | None = None, adata: ad.AnnData | None = None) -> Run:
+        """New run directory ``<root>/<dataset>-<timestamp>``.
+
+        ``adata`` is the canonical data already loaded (and checked) for ``config``, kept so that
+        the data stage does not read the file again.
+        """
         stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
         base = (root or runs_dir()) / f"{config.dataset}-{stamp}"
         run_dir, n = base, 1
         while run_dir.exists():
             run_dir, n = Path(f"{base}-{n}"), n + 1
         (run_dir / "stages").mkdir(parents=True)
-        (run_dir / "run.json").write_text(config.model_dump_json(indent=2))
-        return cls(run_dir, config)
+        from cellforge.safeio import atomic_write_text
+
+        atomic_write_text(run_dir / "run.json", config.model_dump_json(indent=2))
+        run = cls(run_dir, config)
+        run._adata = adata
+        return run
 
     @classmethod
     def resume(cls, run_dir: Path) -> Run:
@@ -70,13 +104,19 @@ class Run:
         Raises
         ------
         ConfigError
-            ``run_dir`` is not a cellforge run directory.
+            ``run_dir`` is not a cellforge run directory, or its ``run.json`` is damaged.
         """
         path = Path(run_dir) / "run.json"
         if not path.exists():
             msg = f"{run_dir} is not a cellforge run directory (no run.json)"
             raise ConfigError(msg)
-        return cls(Path(run_dir), RunConfig.model_validate_json(path.read_text()))
+        try:
+            config = RunConfig.model_validate_json(path.read_text())
+        except (OSError, UnicodeDecodeError, ValidationError) as exc:
+            why = pydantic_problems(exc) if isinstance(exc, ValidationError) else str(exc)
+            msg = f"{path} is damaged and the run cannot be resumed ({why}); start a new run with `cellforge benchmark`"
+            raise ConfigError(msg) from exc
+        return cls(Path(run_dir), config)
 
     # ------------------------------------------------------------------ artifacts
     def path(self, name: str) -> Path:
@@ -84,12 +124,16 @@ class Run:
         return self.dir / name
 
     def write_json(self, name: str, payload: Any) -> None:
-        """Write an artifact atomically (temp file, then rename)."""
-        target = self.path(name)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(target.name + ".tmp")
-        tmp.write_text(json.dumps(payload, indent=2, default=str))
-        tmp.replace(target)
+        """Write an artifact atomically (temp file, then rename).
+
+        Raises
+        ------
+        DiskFullError
+            The disk is full; the message names the file (which keeps its old content).
+        """
+        from cellforge.safeio import write_json
+
+        write_json(self.path(name), payload)
 
     def read_json(self, name: str) -> Any:
         """Read an artifact written by an earlier stage."""

@@ -24,6 +24,7 @@ import scipy.sparse as sp
 from pydantic import BaseModel, Field
 
 from cellforge.data.keys import CONTEXT_KEYS, DOSE_KEYS, TIME_KEYS, first_key, pick_control, pick_perturbation_key
+from cellforge.data.loaders import read_h5ad_file
 from cellforge.errors import DatasetError
 
 DELIMITERS = ["+", "_", "|", ";", ","]
@@ -126,7 +127,7 @@ def parse_anndata(
         if not Path(data).exists():
             msg = f"no such file: {data}"
             raise DatasetError(msg)
-        adata = ad.read_h5ad(data, backed="r")
+        adata = read_h5ad_file(Path(data), backed="r")
     else:
         adata = data
     obs = adata.obs
@@ -154,11 +155,12 @@ def parse_anndata(
     squares = np.zeros((len(groups), n_genes))
     counts = np.bincount(inverse, minlength=len(groups)).astype(float)
     nnz = 0
-    integer, maximum, minimum, has_nan = True, 0.0, 0.0, False
+    integer, maximum, minimum, has_nan, has_inf = True, 0.0, 0.0, False, False
     for start, block in _row_chunks(adata.X, adata.n_obs):
         values = block.data
         nnz += block.nnz
         has_nan |= bool(np.isnan(values).any())
+        has_inf |= bool(np.isinf(values).any())
         if values.size:
             maximum, minimum = max(maximum, float(np.nanmax(values))), min(minimum, float(np.nanmin(values)))
             integer &= bool(np.allclose(values[: 100000], np.round(values[: 100000])))
@@ -168,8 +170,11 @@ def parse_anndata(
         squared = block.copy()
         squared.data = squared.data.astype(np.float64) ** 2
         squares += (indicator @ squared).toarray()
-    if has_nan:
-        msg = "X contains NaN values; fix or drop those cells before modelling"
+    if has_nan or has_inf:
+        msg = f"X contains {' and '.join(k for k, bad in (('NaN', has_nan), ('infinite', has_inf)) if bad)} values; fix or drop those cells before modelling"
+        raise DatasetError(msg)
+    if maximum == 0 and minimum == 0:
+        msg = "X has no non-zero value; there is no expression to model"
         raise DatasetError(msg)
     if integer and maximum > 20:  # noqa: PLR2004
         scale, evidence = "counts", f"all values are integers and the maximum is {maximum:.0f}"

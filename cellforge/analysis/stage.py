@@ -29,20 +29,14 @@ def _light_profile(adata: Any) -> dict[str, Any]:
 
 def _task(run: Run) -> dict[str, Any]:
     """The task: flag > task file > the user's words > the data card > the data profile."""
-    import yaml
-
-    from cellforge.analysis.task import SPLIT_OF_TASK, infer_task_spec, task_type_from_words
+    from cellforge.analysis.task import SPLIT_OF_TASK, infer_task_spec, load_task_file, task_type_from_words
     from cellforge.data import get_card
     from cellforge.errors import ConfigError
 
     c = run.config
     file_task: dict[str, Any] = {}
     if c.task_file:
-        file_task = yaml.safe_load(Path(c.task_file).read_text()) or {}
-        unknown = sorted(set(file_task) - {"type", "description", "metric_of_record", "split", "split_options"})
-        if unknown:
-            msg = f"task file {c.task_file}: unknown keys {unknown}; valid: type, description, metric_of_record, split, split_options"
-            raise ConfigError(msg)
+        file_task = load_task_file(c.task_file)
     card_task = None if c.h5ad else get_card(c.dataset).task.model_dump()
     description = c.task_description or file_task.get("description") or (card_task or {}).get("description") or "Predict the responses of held-out conditions."
     declared = c.task_type or file_task.get("type")

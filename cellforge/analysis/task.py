@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -30,6 +31,69 @@ class TaskSpec(BaseModel):
     target_modality: str = "rna"
     metric_of_record: str = "pearson_delta_de20"
     inferred_from: dict[str, str] = Field(default_factory=dict)
+
+
+#: Keys a task file may hold.
+TASK_FILE_KEYS = ("type", "description", "metric_of_record", "split", "split_options")
+
+
+def load_task_file(path: str | Path) -> dict[str, Any]:
+    """Read and check a YAML task file (``--task-file``).
+
+    Parameters
+    ----------
+    path
+        A YAML mapping with any of :data:`TASK_FILE_KEYS`.
+
+    Returns
+    -------
+    The mapping (``{}`` for an empty file).
+
+    Raises
+    ------
+    ConfigError
+        Missing or unreadable file, invalid YAML (with the line), not a mapping, an unknown key,
+        an unknown task type, metric of record or split strategy, or ``split_options`` that is
+        not a mapping; every message names the file and the valid choices.
+    """
+    import yaml
+
+    from cellforge.data.splits import STRATEGIES
+    from cellforge.errors import ConfigError
+    from cellforge.evaluation.metrics import SOURCES
+
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        msg = f"task file {p}: cannot read it ({exc.strerror if isinstance(exc, OSError) else exc})"
+        raise ConfigError(msg) from exc
+    try:
+        loaded = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        where = getattr(exc, "problem_mark", None)
+        at = f" at line {where.line + 1}, column {where.column + 1}" if where is not None else ""
+        msg = f"task file {p} is not valid YAML{at}: {getattr(exc, 'problem', None) or exc}"
+        raise ConfigError(msg) from exc
+    if loaded is None:
+        return {}
+    if not isinstance(loaded, dict):
+        msg = f"task file {p} must be a YAML mapping with keys {', '.join(TASK_FILE_KEYS)}; got a {type(loaded).__name__}"
+        raise ConfigError(msg)
+    checks = [
+        ("key", sorted(set(map(str, loaded)) - set(TASK_FILE_KEYS)), TASK_FILE_KEYS),
+        ("type", [loaded["type"]] if "type" in loaded and loaded["type"] not in SPLIT_OF_TASK else [], sorted(SPLIT_OF_TASK)),
+        ("metric_of_record", [loaded["metric_of_record"]] if "metric_of_record" in loaded and loaded["metric_of_record"] not in SOURCES else [], sorted(SOURCES)),
+        ("split", [loaded["split"]] if "split" in loaded and loaded["split"] not in STRATEGIES else [], sorted(STRATEGIES)),
+    ]
+    for what, bad, valid in checks:
+        if bad:
+            msg = f"task file {p}: unknown {what} {', '.join(repr(b) for b in bad)}; valid: {', '.join(valid)}"
+            raise ConfigError(msg)
+    if not isinstance(loaded.get("split_options", {}), dict):
+        msg = f"task file {p}: split_options must be a mapping (e.g. `split_options: {{n_folds: 4}}`), got {loaded['split_options']!r}"
+        raise ConfigError(msg)
+    return loaded
 
 
 def task_type_from_words(text: str) -> TaskType | None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import anndata as ad
 
-from cellforge.data.download import fetch
+from cellforge.data.download import fetch, local_copy
 from cellforge.data.loaders import LOADERS
 from cellforge.data.registry import DatasetCard, get_card, list_datasets
 from cellforge.errors import DatasetError
@@ -32,7 +32,14 @@ def load_dataset(name: str, *, show_progress: bool = True) -> ad.AnnData:
         See :func:`cellforge.data.registry.get_card` and :func:`cellforge.data.download.fetch`.
     """
     card = get_card(name)
-    path = fetch(card, show_progress=show_progress)
+    try:
+        path = fetch(card, show_progress=show_progress)
+    except DatasetError as exc:
+        local = [c.name for c in list_datasets() if c.name != card.name and c.name.startswith(card.name) and local_copy(c) is not None]
+        if not local:
+            raise
+        msg = f"{exc}. Available on this machine: {', '.join(local)} (e.g. `cellforge benchmark --dataset {local[0]}`; `cellforge datasets` lists what is local)"
+        raise DatasetError(msg) from exc
     return load_card_file(card, path)
 
 

@@ -32,6 +32,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+from cellforge.data.validate import check_expression, duplicated_names
 from cellforge.errors import DatasetError
 
 CONTROL = "control"
@@ -64,6 +65,7 @@ def standardise(
     perturbation_type: str = "unknown",
     modality: str = "rna",
     log_normalised: bool | None = None,
+    source: str | None = None,
 ) -> ad.AnnData:
     """Return a canonical copy of ``adata`` (the input is not modified).
 
@@ -83,11 +85,20 @@ def standardise(
         ``obs`` column with the dose, if any.
     log_normalised
         Whether ``X`` is already log-normalised; inferred with :func:`looks_like_counts` when ``None``.
+    source
+        How messages name the data (the file path); default the data set name.
+
+    Returns
+    -------
+    The canonical AnnData; ``uns["cellforge"]["warnings"]`` lists what was changed on the way
+    (duplicated gene names made unique), for the data stage and the report.
 
     Raises
     ------
     DatasetError
-        Missing columns, no control cells, or NaN values; the message names the columns present.
+        Missing columns, no control cells, or an expression matrix no stage can model (NaN,
+        infinite, negative in an unsigned modality, or all zero; see
+        :func:`cellforge.data.validate.check_expression`); the message names the columns present.
     """
     for key in [perturbation_key, context_key, dose_key]:
         if key is not None and key not in adata.obs:
@@ -103,9 +114,8 @@ def standardise(
         raise DatasetError(msg)
     X = adata.X.tocsr() if sp.issparse(adata.X) else sp.csr_matrix(np.asarray(adata.X))  # noqa: N806
     X = X.astype(np.float32)  # noqa: N806
-    if np.isnan(X.data).any():
-        msg = f"{dataset!r} has NaN values in X"
-        raise DatasetError(msg)
+    check_expression(X, source=source or repr(dataset), modality=modality, log_normalised=log_normalised)
+    warnings = [w for w in [duplicated_names(adata.var_names, what="gene names (var_names)", source=source or repr(dataset))] if w]
     is_counts = looks_like_counts(X) if log_normalised is None else not log_normalised
     layers = {}
     if is_counts:
@@ -146,5 +156,6 @@ def standardise(
         "modality": modality,
         "normalisation": normalisation,
         "has_counts": bool(is_counts),
+        "warnings": warnings,
     }
     return out

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from cellforge.data.registry import DatasetCard
 from cellforge.errors import ChecksumError, DatasetError
-from cellforge.paths import cache_dir, mirror_dirs
+from cellforge.paths import cache_dir, mirror_dirs, mirror_source
 
 _CHUNK = 1 << 20
 
@@ -77,19 +77,18 @@ def fetch(card: DatasetCard, *, show_progress: bool = True) -> Path:
         The file is nowhere locally and cannot be downloaded; the message lists
         every place tried.
     """
-    tried: list[str] = []
-    cached = cache_dir() / "data" / card.filename
-    for candidate in [cached, *(m / card.filename for m in mirror_dirs())]:
-        tried.append(str(candidate))
-        if candidate.is_file():
-            check_file(card, candidate)
-            return candidate
+    candidates = local_candidates(card)
+    tried, cached = [str(c) for c in candidates], candidates[0]
+    found = local_copy(card)
+    if found is not None:
+        check_file(card, found)
+        return found
+    hint = (
+        f"Set CELLFORGE_DATA_MIRROR to a folder holding {card.filename!r} (mirrors now from {mirror_source()}; "
+        "`cellforge doctor` shows where data is looked for)"
+    )
     if _offline():
-        msg = (
-            f"data set {card.name!r} is not available offline; looked in: {', '.join(tried)}. "
-            "Set CELLFORGE_DATA_MIRROR to a folder holding "
-            f"{card.filename!r} or unset CELLFORGE_OFFLINE to download {card.url}"
-        )
+        msg = f"data set {card.name!r} is not available offline; looked in: {', '.join(tried)}. {hint}, or unset CELLFORGE_OFFLINE to download {card.url}"
         raise DatasetError(msg)
     try:
         got = download(card.url, cached, md5=card.md5, sha256=card.sha256, size_hint=card.size_bytes, show_progress=show_progress)
@@ -101,8 +100,18 @@ def fetch(card: DatasetCard, *, show_progress: bool = True) -> Path:
     except ChecksumError:
         raise
     except DatasetError as exc:
-        msg = f"data set {card.name!r}: not found locally (looked in: {', '.join(tried)}) and {exc}"
+        msg = f"data set {card.name!r}: not found locally (looked in: {', '.join(tried)}) and {exc}. {hint}"
         raise DatasetError(msg) from exc
+
+
+def local_candidates(card: DatasetCard) -> list[Path]:
+    """Where ``card``'s file is looked for before any download: the cache, then each mirror."""
+    return [cache_dir() / "data" / card.filename, *(m / card.filename for m in mirror_dirs())]
+
+
+def local_copy(card: DatasetCard) -> Path | None:
+    """The first local copy of ``card``'s file (not yet checked against its checksum), or ``None``."""
+    return next((c for c in local_candidates(card) if c.is_file()), None)
 
 
 def download(
@@ -171,7 +180,9 @@ def download(
                         fh.write(chunk)
                         progress.advance(task, len(chunk))
     except httpx.HTTPError as exc:
-        msg = f"download of {url} failed: {exc!r} (a partial file is kept at {part} and will be resumed)"
+        kept = part.stat().st_size if part.exists() else 0
+        resume = f"; {kept} bytes are kept at {part} and the next try resumes them" if kept else ""
+        msg = f"download of {url} failed ({type(exc).__name__}: {exc}){resume}"
         raise DatasetError(msg) from exc
     for algorithm, expected in (("md5", md5), ("sha256", sha256)):
         if expected is None:

@@ -19,14 +19,28 @@ import pandas as pd
 import scipy.sparse as sp
 
 from cellforge.data.canonical import COMBO_DELIMITER, standardise
+from cellforge.data.validate import check_h5ad_file, read_error
 from cellforge.errors import DatasetError
 
 
-def _read_h5ad(path: Path) -> ad.AnnData:
-    """``anndata.read_h5ad`` without the FutureWarnings of files written by older anndata."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", FutureWarning)
-        return ad.read_h5ad(path)
+def read_h5ad_file(path: Path, *, backed: str | None = None) -> ad.AnnData:
+    """``anndata.read_h5ad`` after :func:`~cellforge.data.validate.check_h5ad_file`, without the FutureWarnings of files written by older anndata.
+
+    Raises
+    ------
+    DatasetError
+        The file is missing, empty, not HDF5, or anndata cannot read it (truncated or damaged);
+        the message names the file.
+    """
+    check_h5ad_file(path)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            # duplicated names are reported by standardise, with the renaming
+            warnings.filterwarnings("ignore", message=".* names are not unique", category=UserWarning)
+            return ad.read_h5ad(path, backed=backed)
+    except (OSError, KeyError, ValueError, TypeError, AttributeError) as exc:
+        raise read_error(path, exc) from exc
 
 
 def load_h5ad(
@@ -46,7 +60,7 @@ def load_h5ad(
     ``subset`` keeps cells whose ``obs[column] == value`` for each item (for files that hold
     several data sets, such as PerturBench's ``devel.h5ad``).
     """
-    adata = _read_h5ad(path)
+    adata = read_h5ad_file(path)
     for column, value in (subset or {}).items():
         if column not in adata.obs:
             msg = f"subset column {column!r} not in obs of {path}; available: {list(adata.obs.columns)}"
@@ -61,6 +75,7 @@ def load_h5ad(
         dose_key=dose_key,
         perturbation_type=perturbation_type,
         log_normalised=log_normalised,
+        source=str(path),
     )
 
 
@@ -193,7 +208,7 @@ def load_scperturb_h5ad(
         Missing columns or no control cells (the message names what is there).
     """
     controls = control_labels or ["control"]
-    adata = _read_h5ad(path)
+    adata = read_h5ad_file(path)
     if perturbation_key not in adata.obs:
         msg = f"column {perturbation_key!r} not in obs of {path}; available: {list(adata.obs.columns)}"
         raise DatasetError(msg)
@@ -241,7 +256,7 @@ def load_scperturb_protein(
 
     The prediction target is the CLR value of each protein; deltas are CLR differences.
     """
-    adata = _read_h5ad(path)
+    adata = read_h5ad_file(path)
     counts = adata.X.copy()
     adata.X = clr(counts)
     out = standardise(
@@ -329,7 +344,7 @@ def load_gears_zip(path: Path, *, dataset: str, perturbation_type: str = "unknow
         member = _zip_member(archive, "perturb_processed.h5ad")
         with tempfile.TemporaryDirectory() as tmp:
             archive.extract(member, tmp)
-            adata = _read_h5ad(Path(tmp) / member)
+            adata = read_h5ad_file(Path(tmp) / member)
     if "condition" not in adata.obs:
         msg = f"{member} has no obs['condition']; available: {list(adata.obs.columns)}"
         raise DatasetError(msg)

@@ -14,10 +14,10 @@ from typing import Any
 
 import anndata as ad
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cellforge.data.canonical import COMBO_DELIMITER, CONTROL
-from cellforge.errors import ConfigError
+from cellforge.errors import ConfigError, pydantic_problems
 
 
 class SplitManifest(BaseModel):
@@ -42,8 +42,28 @@ class SplitManifest(BaseModel):
 
     @classmethod
     def load(cls, path: Path) -> SplitManifest:
-        """Read a manifest written by :meth:`save` (or by hand in the same format)."""
-        return cls.model_validate(json.loads(Path(path).read_text()))
+        """Read a manifest written by :meth:`save` (or by hand in the same format).
+
+        Raises
+        ------
+        ConfigError
+            Missing or unreadable file, invalid JSON (with the line), or fields that do not fit
+            the manifest (each named, with the valid fields); the message names the file.
+        """
+        p = Path(path)
+        try:
+            text = p.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            msg = f"split manifest {p}: cannot read it ({exc.strerror if isinstance(exc, OSError) else exc})"
+            raise ConfigError(msg) from exc
+        try:
+            return cls.model_validate(json.loads(text))
+        except json.JSONDecodeError as exc:
+            msg = f"split manifest {p} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})"
+            raise ConfigError(msg) from exc
+        except ValidationError as exc:
+            msg = f"split manifest {p} does not fit the manifest format ({pydantic_problems(exc)}); fields: {', '.join(cls.model_fields)}"
+            raise ConfigError(msg) from exc
 
     def check_against(self, adata: ad.AnnData) -> None:
         """Raise ConfigError if the manifest names conditions absent from ``adata`` or overlaps."""

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import anndata as ad
 
-from cellforge.data.loaders import load_h5ad
+from cellforge.data.loaders import read_h5ad_file, load_h5ad
 from cellforge.data.keys import CONTEXT_KEYS, first_key, pick_control, pick_perturbation_key
 from cellforge.errors import DatasetError
+
 
 def load_user_h5ad(
     path: Path, *, perturbation_key: str | None = None, control_label: str | None = None, context_key: str | None = None
@@ -18,18 +19,20 @@ def load_user_h5ad(
     Raises
     ------
     DatasetError
-        The file is missing, or a key cannot be inferred; the message lists the candidates.
+        The file is missing, empty, not HDF5 or damaged, a key cannot be inferred (the message
+        lists the candidates), or its expression matrix cannot be modelled (see
+        :func:`cellforge.data.validate.check_expression`).
     """
-    if not Path(path).exists():
-        msg = f"no such file: {path}"
-        raise DatasetError(msg)
-    obs = ad.read_h5ad(path, backed="r").obs
-    perturbation_key, _ = pick_perturbation_key(obs, perturbation_key)
-    control_label, _ = pick_control(obs[perturbation_key], control_label)
+    obs = read_h5ad_file(Path(path), backed="r").obs
+    try:
+        perturbation_key, _ = pick_perturbation_key(obs, perturbation_key)
+        control_label, _ = pick_control(obs[perturbation_key], control_label)
+    except DatasetError as exc:
+        raise DatasetError(f"{path}: {exc}") from exc
     if context_key is None:
         context_key = first_key(obs, CONTEXT_KEYS)
     elif context_key not in obs:
-        msg = f"context column {context_key!r} is not in obs; columns: {list(obs.columns)}"
+        msg = f"{path}: context column {context_key!r} is not in obs; columns: {list(obs.columns)}"
         raise DatasetError(msg)
     return load_h5ad(
         Path(path), dataset=Path(path).stem, perturbation_key=perturbation_key, control_labels=[control_label], context_key=context_key
