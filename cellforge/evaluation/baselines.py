@@ -291,7 +291,7 @@ def baseline_notes(inp: BaselineInputs, names: list[str]) -> dict[str, str]:
     Returns
     -------
     Baseline name -> one sentence, for ``training_mean`` and ``context_shift`` when they
-    are in ``names`` and the data has several contexts.
+    are in ``names`` and the data has several contexts, and for ``linear`` when it fell back (:func:`linear_fallback`).
     """
     notes: dict[str, str] = {}
     ctx = inp.test_contexts()
@@ -306,6 +306,8 @@ def baseline_notes(inp: BaselineInputs, names: list[str]) -> dict[str, str]:
             if n_pooled
             else f"same-context mean for all {len(ctx)} test conditions"
         )
+    if "linear" in names and (why := linear_fallback(inp)):
+        notes["linear"] = why
     if "context_shift" in names and several:
         missing = sum(d is None for d in _other_context_deltas(inp))
         notes["context_shift"] = (
@@ -313,3 +315,37 @@ def baseline_notes(inp: BaselineInputs, names: list[str]) -> dict[str, str]:
             + (f"; the training_mean delta for {missing} (perturbation seen in no other context)" if missing else "")
         )
     return notes
+
+
+def linear_fallback(inp: BaselineInputs) -> str:
+    """Why :func:`linear` predicts the mean seen delta (the training mean) for some test conditions.
+
+    A perturbation's embedding in :func:`linear` is the sum of its measured target genes' rows
+    of ``G``. With no seen perturbation targeting a measured gene every embedding of the fit is
+    zero, so ``W`` is zero and every prediction is the mean seen delta ``b``; a test
+    perturbation with no measured target gets ``b`` as well.
+
+    Returns
+    -------
+    One sentence saying which case holds, or ``""`` when every test perturbation and at
+    least one seen perturbation target a measured gene.
+    """
+    genes = set(inp.seen.columns)
+
+    def measured(condition: str) -> bool:
+        return any(m in genes for m in inp.conditions.loc[condition, "perturbation"].split(COMBO_DELIMITER))
+
+    seen_hit = sum(measured(c) for c in inp.seen.index)
+    test_hit = sum(measured(c) for c in inp.test)
+    if seen_hit == 0 or test_hit == 0:
+        which = f"none of the {len(inp.seen)} seen perturbations" if seen_hit == 0 else f"none of the {len(inp.test)} test perturbations"
+        return (
+            f"{which} targets a measured gene, so their embeddings are zero and the linear model falls back to the mean "
+            "seen delta over every context for every test condition (the pooled training mean; with one context, training_mean)"
+        )
+    if test_hit < len(inp.test):
+        return (
+            f"{len(inp.test) - test_hit} of {len(inp.test)} test perturbations target no measured gene: for those the "
+            "linear model falls back to the mean seen delta over every context (the pooled training mean)"
+        )
+    return ""
