@@ -79,11 +79,8 @@ def design_plan(ctx: dict[str, Any]) -> dict[str, Any]:
             "are compared on cross-validated held-out predictions, and averaged where that helps."
         )
     weight_decay = 0.1 if small else 0.01
-    rationale.append(
-        f"{n_train} training conditions and {n_genes} genes: hidden width {hidden}, weight decay {weight_decay}, "
-        "early stopping on validation loss so the model stays at its reference unless validation improves. With so few "
-        "validation conditions, models are compared by 4-fold cross-validation over training + validation groups."
-    )
+    # the sizing line is written once the debate's hyperparameters are in, from the values the code gets
+    sizing_at = len(rationale)
     hyperparameters = {
         "hidden_dim": hidden,
         "dropout": 0.1,
@@ -98,6 +95,7 @@ def design_plan(ctx: dict[str, Any]) -> dict[str, Any]:
         "seed": 0,
         **extra,
     }
+    sized = {"hidden width": hyperparameters["hidden_dim"], "weight decay": hyperparameters["weight_decay"]}
     debate = ctx.get("debate") or {}
     consensus = debate.get("consensus")
     if consensus:
@@ -114,7 +112,7 @@ def design_plan(ctx: dict[str, Any]) -> dict[str, Any]:
         rationale.append(f"Expert debate: {debate['stop_reason']}; the plan takes the consensus design ({consensus['baseline']}, {train_on}).")
         for name, pilot in debate.get("pilots", {}).items():
             rationale.append(
-                f"Pilot {name} by {pilot['author']}: val_mse_top20 {pilot['val_mse_top20']} vs its baseline {pilot['val_baseline_mse_top20']}."
+                f"Pilot {name} by {pilot['author']}: val_mse_top20 {_num(pilot['val_mse_top20'])} vs its baseline {_num(pilot['val_baseline_mse_top20'])}."
             )
         if consensus.get("cited"):
             rationale.append(f"Evidence cited in the consensus: {', '.join(consensus['cited'])}.")
@@ -126,6 +124,16 @@ def design_plan(ctx: dict[str, Any]) -> dict[str, Any]:
         if template in PER_GENE_STATE and hyperparameters["hidden_dim"] > extra["hidden_dim"]:
             hyperparameters["hidden_dim"] = extra["hidden_dim"]
             rationale.append(f"{template} keeps a hidden state per gene: its width stays at {extra['hidden_dim']}.")
+    final = {"hidden width": hyperparameters["hidden_dim"], "weight decay": hyperparameters["weight_decay"]}
+    sizes = ", ".join(
+        f"{k} {v:g}" + ("" if v == sized[k] else f" (the debate's consensus; the size rule gave {sized[k]:g})") for k, v in final.items()
+    )
+    rationale.insert(
+        sizing_at,
+        f"{n_train} training conditions and {n_genes} genes: {sizes}, "
+        "early stopping on validation loss so the model stays at its reference unless validation improves. With so few "
+        "validation conditions, models are compared by 4-fold cross-validation over training + validation groups.",
+    )
     return {
         "task_type": task_type,
         "template": template,
@@ -144,6 +152,13 @@ def design_plan(ctx: dict[str, Any]) -> dict[str, Any]:
         "metric_of_record": "val_mse_top20",
         "rationale": rationale + _analysis_rationale(ctx.get("analysis")),
     }
+
+
+def _num(value: Any) -> str:
+    """A number as the report's tables print it: floats to 4 decimals (``None`` as 'n/a')."""
+    if value is None:
+        return "n/a"
+    return f"{value:.4f}" if isinstance(value, float) else str(value)
 
 
 def _analysis_rationale(analysis: dict[str, Any] | None) -> list[str]:
