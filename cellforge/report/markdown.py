@@ -10,6 +10,35 @@ from cellforge.evaluation.harness import HEADLINE
 from cellforge.evaluation.metrics import HIGHER_IS_BETTER
 
 
+def _fmt(value: Any) -> str:
+    """A value as the report prints it: floats to 4 decimals, ``None`` as 'n/a', the rest as text."""
+    if value is None:
+        return "n/a"
+    if isinstance(value, float):
+        return f"{value:.4f}"
+    return str(value)
+
+
+def _cell(value: Any) -> str:
+    """A Markdown table cell: no pipes or line breaks inside."""
+    return str(value).replace("|", "\\|").replace("\n", " ")
+
+
+def _kv_table(mapping: dict[str, Any], *, key: str = "key", value: str = "value", fmt: Any = None) -> str:
+    """A two-column Markdown table of a flat mapping (``fmt`` formats each value; default :func:`_fmt`)."""
+    fmt = fmt or _fmt
+    rows = [f"| {key} | {value} |", "|---|---|"]
+    rows += [f"| {_cell(k)} | {_cell(fmt(v))} |" for k, v in mapping.items()]
+    return "\n".join(rows)
+
+
+def _hyper(value: Any) -> str:
+    """A hyperparameter: numbers in their shortest exact form (0.001, 1e-05), the rest as text."""
+    if isinstance(value, float):
+        return f"{value:g}"
+    return "n/a" if value is None else str(value)
+
+
 def _table(methods: dict[str, dict[str, float]]) -> str:
     frame = pd.DataFrame(methods).T[HEADLINE]
     header = "| method | " + " | ".join(f"{m} {'↑' if m in HIGHER_IS_BETTER else '↓'}" for m in HEADLINE) + " |"
@@ -78,6 +107,32 @@ def _usage_table(by_stage: dict[str, dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _notes(notes: dict[str, str]) -> str:
+    """Notes under the metrics table: why a baseline fell back to a simpler one."""
+    if not notes:
+        return ""
+    return "\nNotes:\n\n" + "\n".join(f"- `{name}`: {note}." for name, note in notes.items()) + "\n"
+
+
+def _candidates(candidates: list[dict[str, Any]]) -> str:
+    """Candidate models as `template` (its settings), separated by semicolons."""
+    if not candidates:
+        return "none"
+    parts = []
+    for c in candidates:
+        rest = ", ".join(f"{k} {_hyper(v)}" for k, v in c.items() if k != "template")
+        parts.append(f"`{c.get('template')}`" + (f" ({rest})" if rest else ""))
+    return "; ".join(parts)
+
+
+def _backends_table(by_role: dict[str, str]) -> str:
+    """Backend -> the roles it serves (roles that share a backend share a row)."""
+    grouped: dict[str, list[str]] = {}
+    for role, backend in by_role.items():
+        grouped.setdefault(backend, []).append(role)
+    return _kv_table({b: ", ".join(r) for b, r in grouped.items()}, key="backend", value="roles", fmt=str)
+
+
 def _found_by(item: dict[str, Any]) -> str:
     return f"{item['how']} from {item['via']}" if item.get("via") else item["how"]
 
@@ -97,7 +152,7 @@ def _analysis_section(run: Any) -> str:
 - key challenges: {'; '.join(a['key_challenges']) or 'none found'}
 - baselines to beat: {', '.join(a['recommended_baselines'])}
 - candidate methods: {', '.join(a['candidate_methods'])}; design principles: {', '.join(a['design_principles'])}
-- online connectors: {record.get('connectors', {})}
+- online connectors: {'; '.join(f'{k} {v}' for k, v in record.get('connectors', {}).items()) or 'none'}
 
 | retrieved card | found by | relevance |
 |---|---|---|
@@ -111,12 +166,14 @@ def _debate_section(run: Any) -> str:
     d = run.read_json("debate.json")
     final = d["confidences"][-1] if d["confidences"] else {}
     pilots = "\n".join(
-        f"| {name} | {p['author']} | {p['proposal']['baseline']} | {p.get('val_mse_top20')} | {p.get('val_baseline_mse_top20')} |" for name, p in d["pilots"].items()
+        f"| {name} | {p['author']} | {p['proposal']['baseline']} | {_fmt(p.get('val_mse_top20'))} | {_fmt(p.get('val_baseline_mse_top20'))} |"
+        for name, p in d["pilots"].items()
     )
     pilot_table = f"| pilot | asked by | baseline | val_mse_top20 | its baseline |\n|---|---|---|---|---|\n{pilots}\n" if pilots else "No pilot runs.\n"
     return f"""## Design debate
 
-Panel: {', '.join(d['experts'])}; graph: ring (each expert sees two neighbours) plus the critic; {d['calls']} calls.
+Panel: {', '.join(d['experts'])}; graph: ring (each expert sees two neighbours) plus the critic.
+{_design_calls_line(run, d)}
 {d['stop_reason']}.
 
 ![confidence per round](debate_convergence.png)
@@ -126,9 +183,49 @@ Final confidences: {', '.join(f'{k} {v:.2f}' for k, v in final.items())}
 {pilot_table}"""
 
 
-def _delta_points(run: Any, metrics: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
+#: What each role's calls are for in the design stage, in the order the report lists them.
+DESIGN_ROLES = {"expert": "expert turns", "critic": "critic turns", "coder": "pilot scripts (coder)", "planner": "plan (method designer)"}
+
+
+def design_calls(run: Any) -> dict[str, int]:
+    """The design stage's LLM calls by what they were for, from the run's call log.
+
+    The call log is the one source of every call count in the report (the usage table under
+    Provenance counts the same records). A failed call that was retried is counted under
+    ``"failed, retried"``, not under its role.
+
+    Returns
+    -------
+    Label (see :data:`DESIGN_ROLES`; other roles by name) -> number of calls; empty without a log.
+    """
+    from cellforge.llm.client import read_calls
+
+    counts: dict[str, int] = {}
+    for record in read_calls(run.dir):
+        if record.get("stage") != "design":
+            continue
+        label = "failed, retried" if record.get("error") else DESIGN_ROLES.get(record.get("role", ""), str(record.get("role")))
+        counts[label] = counts.get(label, 0) + 1
+    order = [*DESIGN_ROLES.values(), "failed, retried"]
+    return dict(sorted(counts.items(), key=lambda kv: order.index(kv[0]) if kv[0] in order else len(order)))
+
+
+def _design_calls_line(run: Any, debate: dict[str, Any]) -> str:
+    """One sentence on the debate's LLM calls that adds up to the design row of the usage table."""
+    counts = design_calls(run)
+    if not counts:
+        return f"The debate made {debate['calls']} LLM calls (expert and critic turns)."
+    turns = counts.get(DESIGN_ROLES["expert"], 0) + counts.get(DESIGN_ROLES["critic"], 0)
+    parts = ", ".join(f"{n} {label}" for label, n in counts.items())
+    return (
+        f"The debate itself made {turns} LLM calls (one per expert turn and one critic call per round); the design stage "
+        f"made {sum(counts.values())} in all ({parts}), the design row of the LLM usage table below."
+    )
+
+
+def _delta_points(run: Any, metrics: dict[str, Any]) -> tuple[Any, dict[str, Any], Any]:
     """Observed and predicted deltas on each test condition's top-20 DE genes: the model and the
-    best baseline on pearson_delta_de20."""
+    best baseline on pearson_delta_de20; and the condition of each point."""
     import numpy as np
 
     from cellforge.data.splits import SplitManifest
@@ -148,25 +245,42 @@ def _delta_points(run: Any, metrics: dict[str, Any]) -> tuple[Any, dict[str, Any
     ctrl = pd.DataFrame(inp.test_controls(), index=inp.test, columns=inp.seen.columns)
     mask = adata.obs["condition"].astype(str).isin(manifest.test).to_numpy()
     real = pseudobulk(adata, mask=mask)
-    observed, predicted = [], {name: [] for name in preds}
+    observed, groups, predicted = [], [], {name: [] for name in preds}
     for cond in manifest.test:
         top = list(de[cond])
         observed.append((real.loc[cond, top] - ctrl.loc[cond, top]).to_numpy())
+        groups.append(np.full(len(top), cond, dtype=object))
         for name, frame in preds.items():
             predicted[name].append((frame.loc[cond, top] - ctrl.loc[cond, top]).to_numpy())
-    return np.concatenate(observed), {k: np.concatenate(v) for k, v in predicted.items()}
+    return np.concatenate(observed), {k: np.concatenate(v) for k, v in predicted.items()}, np.concatenate(groups)
 
 
 def _figures(run: Any, metrics: dict[str, Any]) -> str:
     """Draw the run's figures into its directory; return their Markdown."""
-    from cellforge.report.figures import attempts_plot, delta_scatter, metric_bars
+    from cellforge.report.figures import attempts_plot, delta_correlations, delta_scatter, metric_bars
 
     metric_bars(metrics["methods"], run.path("metrics_vs_baselines.png"), title=f"{metrics['dataset']}: model vs baselines")
     lines = ["## Figures", "", "![model vs baselines](metrics_vs_baselines.png)", ""]
     try:
-        observed, predicted = _delta_points(run, metrics)
-        delta_scatter(observed, predicted, run.path("deltas_top_de.png"), title="deltas on each test condition's top-20 DE genes")
-        lines += ["![predicted vs observed deltas on top DE genes](deltas_top_de.png)", ""]
+        observed, predicted, groups = _delta_points(run, metrics)
+        n_cond = len(set(groups.tolist()))
+        delta_scatter(
+            observed, predicted, run.path("deltas_top_de.png"), groups=groups,
+            title=f"deltas on each test condition's top-20 DE genes ({len(observed)} points, {n_cond} conditions)",
+        )  # fmt: skip
+        stats = delta_correlations(observed, predicted, groups)
+        table = {name: metrics["methods"][name]["pearson_delta_de20"] for name in predicted if name in metrics["methods"]}
+        lines += [
+            "![predicted vs observed deltas on top DE genes](deltas_top_de.png)",
+            "",
+            f"Each point is one (test condition, gene) pair among the conditions' top-20 DE genes. Two correlations per panel: "
+            f"*pooled r* over all {len(observed)} points at once, which also rewards getting each condition's effect size "
+            f"right, and *mean r per condition*, the Pearson r of each condition's 20 genes averaged over the {n_cond} "
+            "conditions: the metrics table's `pearson_delta_de20` ("
+            + "; ".join(f"{name}: pooled {s['pooled_r']:.4f}, per condition {s['mean_condition_r']:.4f}, table {_fmt(table.get(name))}" for name, s in stats.items())
+            + ").",
+            "",
+        ]
     except (KeyError, ValueError) as exc:  # a figure must not sink the report: say why it is missing
         lines += [f"(predicted vs observed deltas not drawn: {exc})", ""]
     attempts_plot(metrics["attempts"], run.path("attempts.png"), best=metrics.get("best_attempt"), cost_usd=metrics["llm"]["cost_usd"])
@@ -201,7 +315,7 @@ expression is shown but is near 1 for any model. Every metric's source is in `ev
 ## Model vs baselines
 
 {_table(metrics['methods'])}
-
+{_notes(metrics.get('baseline_notes', {}))}
 {chr(10).join(verdict)}
 
 {_figures(run, metrics)}
@@ -212,8 +326,12 @@ expression is shown but is near 1 for any model. Every metric's source is in `ev
 - perturbation encoder: {plan['perturbation_encoder']}
 - context encoder: {plan['context_encoder']}
 - loss: {plan['loss']}
-- template: `{plan['template']}` over the `{plan['baseline']}` reference; candidates compared on validation: `{plan.get('candidates', [])}`
-- hyperparameters: `{plan['hyperparameters']}`
+- template: `{plan['template']}` over the `{plan['baseline']}` reference
+- candidates compared on validation: {_candidates(plan.get('candidates', []))}
+
+Hyperparameters (the generated code's `CONFIG` starts from these):
+
+{_kv_table(plan['hyperparameters'], key='hyperparameter', fmt=_hyper)}
 
 Rationale:
 {chr(10).join('- ' + r for r in plan['rationale'])}
@@ -230,13 +348,23 @@ Refinement: {metrics.get('refinement') or 'not run'}
 
 ## Provenance
 
-- LLM ({metrics['llm']['mode']} mode) backend by role: {metrics['llm']['backend_by_role']}
-- LLM use: {metrics['llm']['calls']} calls, {metrics['llm']['tokens']} tokens, cost ${metrics['llm']['cost_usd']:.4f}{'' if metrics['llm']['cost_known'] else ' (some models have no known price)'}
+LLM ({metrics['llm']['mode']} mode), backend of each role:
+
+{_backends_table(metrics['llm']['backend_by_role'])}
+
+LLM use: {metrics['llm']['calls']} calls, {metrics['llm']['tokens']} tokens, cost ${metrics['llm']['cost_usd']:.4f}{'' if metrics['llm']['cost_known'] else ' (some models have no known price)'}.
 
 {_usage_table(metrics['llm']['by_stage'])}
-- sandbox: backend `{metrics['sandbox']['backend']}`, isolation `{metrics['sandbox']['isolation']}`
-- stage wall times (s): {metrics['stage_wall_s']}; total {metrics['total_wall_s']} s
-- environment: {', '.join(f'{k} {v}' for k, v in metrics['environment'].items())}
+
+Sandbox: backend `{metrics['sandbox']['backend']}`, isolation `{metrics['sandbox']['isolation']}`.
+
+Stage wall times, total {metrics['total_wall_s']} s:
+
+{_kv_table(metrics['stage_wall_s'], key='stage', value='seconds', fmt=str)}
+
+Environment:
+
+{_kv_table(metrics['environment'], key='component', value='version', fmt=lambda v: v or '(empty)')}
 """
     run.path("report.md").write_text(text)
     write_html(run.path("report.md"), title=f"cellforge run: {metrics['dataset']}")
