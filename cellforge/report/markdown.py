@@ -111,7 +111,7 @@ def _notes(notes: dict[str, str]) -> str:
     """Notes under the metrics table: why a baseline fell back to a simpler one."""
     if not notes:
         return ""
-    return "\nNotes:\n\n" + "\n".join(f"- `{name}`: {note}." for name, note in notes.items()) + "\n"
+    return "\nNotes on this split:\n\n" + "\n".join(f"- `{name}`: {note}." for name, note in notes.items()) + "\n"
 
 
 def _candidates(candidates: list[dict[str, Any]]) -> str:
@@ -316,6 +316,8 @@ expression is shown but is near 1 for any model. Every metric's source is in `ev
 
 {_table(metrics['methods'])}
 {_notes(metrics.get('baseline_notes', {}))}
+Verdict, and how each baseline is computed:
+
 {chr(10).join(verdict)}
 
 {_figures(run, metrics)}
