@@ -74,6 +74,10 @@ def test_the_report_record_says_the_reference_was_scored_and_why(tmp_path):
     assert "+0.004 ± 0.01 (SE) over 3 held-out conditions, lower on 33%" in record["why"]
     journal["best_attempt"] = 1
     assert scored_predictor(tmp_path, journal)["kind"] == "learned"
+    # a residual that stayed at its zero start is named as adding nothing
+    journal["attempts"][0]["val_metrics"].update(residual_mse_top20_diff=0.0, residual_mse_top20_diff_se=0.0, residual_better_share=0.0)
+    journal["best_attempt"] = 0
+    assert "equal the reference's on all 3 held-out conditions: the residual adds nothing" in scored_predictor(tmp_path, journal)["why"]
     # a script without a reference comparison is named as such, and an average names its members
     (tmp_path / "free").mkdir()
     free = {"attempts": [_attempt(tmp_path / "free", 0, {"seed": 1}, {"val_mse_top20": 0.2})], "best_attempt": None}

@@ -123,18 +123,20 @@ def _attempt_predictor(run_dir: Path, attempt: dict[str, Any]) -> dict[str, Any]
         out["why"] = "the script's own predictions; it recorded no comparison with a reference"
         return out
     diff, se, n = vm.get("residual_mse_top20_diff"), vm.get("residual_mse_top20_diff_se"), vm.get("residual_n_conditions")
-    if isinstance(diff, int | float) and isinstance(n, int | float):
+    rule = "the paired one-standard-error rule"
+    if not (isinstance(diff, int | float) and isinstance(n, int | float)):  # a run from before the paired rule: only means saved
+        learned, ref = vm.get("val_residual_mse_top20"), vm.get("val_baseline_mse_top20")
+        evidence = f"validation mse_top20 {learned:.4g} learned vs {ref:.4g} reference" if isinstance(learned, float) and isinstance(ref, float) else "no numbers saved"
+        rule = "the (unpaired) one-standard-error rule of the code that ran"
+    elif diff == 0 and se == 0:
+        evidence = f"its validation errors equal the reference's on all {int(n)} held-out conditions: the residual adds nothing"
+    else:
         share = vm.get("residual_better_share", float("nan"))
         spread = f" ± {se:.3g} (SE)" if isinstance(se, int | float) else " (no standard error from one condition)"
         evidence = (
             f"learned minus reference validation mse_top20 {diff:+.3g}{spread} over {int(n)} held-out conditions, "
             f"lower on {share:.0%} of them"
         )
-        rule = "the paired one-standard-error rule"
-    else:  # a run from before the paired rule: only the means were saved
-        learned, ref = vm.get("val_residual_mse_top20"), vm.get("val_baseline_mse_top20")
-        evidence = f"validation mse_top20 {learned:.4g} learned vs {ref:.4g} reference" if isinstance(learned, float) and isinstance(ref, float) else "no numbers saved"
-        rule = "the (unpaired) one-standard-error rule of the code that ran"
     if vm["residual"] == "kept":
         out["kind"] = "learned"
         out["why"] = f"the learned {template} residual beat its {reference} reference by {rule}: {evidence}"
