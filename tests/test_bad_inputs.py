@@ -248,3 +248,13 @@ def test_a_failed_download_says_where_to_point_the_mirror(tmp_path, monkeypatch)
     text = str(err.value)
     assert "ConnectError" in text and "Set CELLFORGE_DATA_MIRROR to a folder holding" in text and "cellforge doctor" in text
     assert ".part" not in text  # nothing was downloaded, so nothing is kept
+
+
+def test_the_report_repeats_the_data_warnings(tmp_path):
+    from cellforge.report.markdown import _data_warnings
+    from cellforge.run import Run, RunConfig
+
+    run = Run.create(RunConfig(dataset="dups"), root=tmp_path)
+    assert _data_warnings(run) == ""
+    run.write_json("data.json", {"provenance": {"warnings": ["dups.h5ad: 2 duplicated gene names (var_names) made unique"]}})
+    assert "- dups.h5ad: 2 duplicated gene names (var_names) made unique" in _data_warnings(run)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pandas as pd
@@ -135,6 +136,15 @@ def _backends_table(by_role: dict[str, str]) -> str:
 
 def _found_by(item: dict[str, Any]) -> str:
     return f"{item['how']} from {item['via']}" if item.get("via") else item["how"]
+
+
+def _data_warnings(run: Any) -> str:
+    """What loading changed in the user's data (``data.json``: duplicated names made unique, ...)."""
+    path = run.path("data.json")
+    warnings = json.loads(path.read_text()).get("provenance", {}).get("warnings", []) if path.exists() else []
+    if not warnings:
+        return ""
+    return "\n**Warnings about the data** (the run went on):\n\n" + "\n".join(f"- {w}" for w in warnings) + "\n\n"
 
 
 def _analysis_section(run: Any) -> str:
@@ -303,7 +313,7 @@ def write_report(run: Any, metrics: dict[str, Any]) -> None:
 
 **Split** `{split['strategy']}` (seed {split['seed']}): {len(split['train'])} training, {len(split['val'])} validation and
 {len(split['test'])} test conditions; test: {', '.join(split['test'][:12])}{' ...' if len(split['test']) > 12 else ''}.
-Metrics are means over the {metrics['averaged_over']}, computed on the host from pseudobulk profiles; deltas are
+{_data_warnings(run)}Metrics are means over the {metrics['averaged_over']}, computed on the host from pseudobulk profiles; deltas are
 against the observed control mean of each condition's context; `_de20` metrics use the top 20 genes by scanpy
 t-test (`rankby_abs`) against those controls, `overlap_at_N` and `de_direction_match` the Wilcoxon genes with
 BH FDR < 0.05 (cell-eval), `discrimination_score_l1_common` ranks each prediction among the true deltas of the
