@@ -27,6 +27,7 @@ def run_pipeline(run: Run, *, echo: Callable[[str], None] = print) -> Path:
         A stage failed; earlier stages' artifacts stay, and ``--resume`` retries from it.
     """
     from cellforge import stages
+    from cellforge.llm.client import SESSION
 
     for name in STAGES:
         if run.done(name):
@@ -36,10 +37,30 @@ def run_pipeline(run: Run, *, echo: Callable[[str], None] = print) -> Path:
         start = time.monotonic()
         try:
             getattr(stages, f"stage_{name}")(run, echo=echo)
+            # the session that finished the stage: its LLM calls are the ones counted (see usage_summary)
+            marker = {"stage": name, "wall_s": round(time.monotonic() - start, 3), "finished": datetime.now(UTC).isoformat(), "session": SESSION}
+            run.write_json(f"stages/{name}.json", marker)
         except StageError:
             raise
         except Exception as exc:
-            msg = f"stage {name!r} failed: {exc}. Artifacts so far are in {run.dir}; resume with `cellforge benchmark --resume {run.dir}`"
-            raise StageError(msg) from exc
-        run.write_json(f"stages/{name}.json", {"stage": name, "wall_s": round(time.monotonic() - start, 3), "finished": datetime.now(UTC).isoformat()})
+            raise StageError(failure_message(name, exc, run.dir)) from exc
     return run.dir
+
+
+def failure_message(stage: str, exc: BaseException, run_dir: Path) -> str:
+    """What a failed stage says: the error (a full disk named as such, with the path), and how to resume."""
+    from cellforge.errors import DiskFullError
+    from cellforge.safeio import is_disk_full
+
+    resume = f"Artifacts so far are in {run_dir}; resume with `cellforge benchmark --resume {run_dir}`"
+    if isinstance(exc, DiskFullError):
+        return f"stage {stage!r} failed: {exc}. {resume}"
+    if is_disk_full(exc):
+        where = getattr(exc, "filename", None) or f"a file under {run_dir}"
+        return f"stage {stage!r} failed: disk full: could not write {where} ({_first_line(exc)}); free some space. {resume}"
+    return f"stage {stage!r} failed: {exc}. {resume}"
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:300] if text else type(exc).__name__

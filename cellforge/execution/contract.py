@@ -22,6 +22,7 @@ import pandas as pd
 from cellforge.data.splits import SplitManifest
 from cellforge.errors import PredictionError
 from cellforge.evaluation.pseudobulk import condition_table
+from cellforge.safeio import write_h5ad, write_json
 
 PREDICTIONS = "outputs/predictions.h5ad"
 VAL_METRICS = "outputs/val_metrics.json"
@@ -37,7 +38,8 @@ def prepare_inputs(adata: ad.AnnData, manifest: SplitManifest, work_dir: Path, *
     keep = ["perturbation", "is_control", "context", "condition"]
     for name, mask in [("train", train_mask), ("val", val_mask)]:
         part = adata[mask]
-        ad.AnnData(X=part.X.copy(), obs=part.obs[keep].copy(), var=part.var[[]].copy()).write_h5ad(data / f"{name}.h5ad")
+        # built in memory, then written atomically: a full disk is a clean DiskFullError (HDF5 never meets it)
+        write_h5ad(ad.AnnData(X=part.X.copy(), obs=part.obs[keep].copy(), var=part.var[[]].copy()), data / f"{name}.h5ad")
     table = condition_table(adata)
     names = [*manifest.train, *manifest.val, *manifest.test, *table.index[table["is_control"]]]
     dose = _condition_doses(adata)
@@ -52,7 +54,7 @@ def prepare_inputs(adata: ad.AnnData, manifest: SplitManifest, work_dir: Path, *
         "test_conditions": list(manifest.test),
         "genes": [str(g) for g in adata.var_names],
     }
-    (work_dir / "task.json").write_text(json.dumps(payload, indent=1))
+    write_json(work_dir / "task.json", payload, indent=1)
 
 
 def _condition_doses(adata: ad.AnnData) -> dict[str, float]:

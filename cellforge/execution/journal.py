@@ -87,8 +87,10 @@ class Journal(BaseModel):
     )
 
     def save(self, path: Path) -> None:
-        """Write as JSON (rewritten after every attempt)."""
-        path.write_text(self.model_dump_json(indent=2))
+        """Write as JSON (rewritten after every attempt, atomically: a kill leaves the old journal or the new one)."""
+        from cellforge.safeio import atomic_write_text
+
+        atomic_write_text(path, self.model_dump_json(indent=2))
 
 
 def classify(exit_code: int, timed_out: bool, log_tail: str, *, limit_hit: str | None = None) -> FailureKind | None:  # noqa: FBT001
@@ -568,7 +570,9 @@ def _ensemble(
     if len(choice.weights) < 2 or not better:  # noqa: PLR2004
         return None
     paths = {i: attempts_dir / f"attempt-{i:03d}" / "outputs" / "predictions.h5ad" for i in choice.weights}
-    average_predictions(paths, choice.weights).write_h5ad(outputs / "predictions.h5ad")
+    from cellforge.safeio import write_h5ad
+
+    write_h5ad(average_predictions(paths, choice.weights), outputs / "predictions.h5ad")
     record = EnsembleRecord(weights=choice.weights, val_metrics=choice.scores, best_single_val_metrics=choice.single)
     (outputs / "ensemble.json").write_text(record.model_dump_json(indent=2))
     check_outputs(outputs)

@@ -211,8 +211,9 @@ def stage_execute(run: Run, *, echo: Echo) -> None:
             f"  predictions averaged over attempts ({weights}): validation mse_top20 {journal.ensemble.val_metrics['val_mse_top20']:.5f} "
             f"vs {journal.ensemble.best_single_val_metrics['val_mse_top20']:.5f} for the best attempt alone"
         )
-    (run.path("code") / "final_train.py").write_text(script)
+    from cellforge.safeio import atomic_write_bytes, atomic_write_text
     from runtime import hostio
 
+    atomic_write_text(run.path("code") / "final_train.py", script)
     # the kept predictions, read without following links (the sandbox is hostile until proven otherwise)
-    run.path("predictions.h5ad").write_bytes(hostio.read_bytes(work, contract.PREDICTIONS, max_bytes=4 * 1024**3))
+    atomic_write_bytes(run.path("predictions.h5ad"), hostio.read_bytes(work, contract.PREDICTIONS, max_bytes=4 * 1024**3))

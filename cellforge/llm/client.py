@@ -24,6 +24,7 @@ import json
 import os
 import re
 import time
+import uuid
 from collections import deque
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,7 @@ from pydantic import BaseModel, ValidationError
 from cellforge.errors import ConfigError, LLMAuthError, LLMBudgetError, LLMError, LLMReplayError
 from cellforge.llm.jsonio import extract_json
 from cellforge.llm.specs import AgentSpec
+from cellforge.safeio import append_line, read_jsonl
 from runtime.redaction import redact
 
 OFFLINE_MODEL = "cellforge-offline/planner"
@@ -42,6 +44,9 @@ LOCAL_PREFIX = "local/"
 ROLES = ["analyst", "expert", "critic", "planner", "coder", "debugger"]
 MODES = ["live", "replay"]
 CALL_LOG = "llm_calls.jsonl"
+#: This process's id in the call log: a resumed run's calls carry another one, so the calls of a
+#: stage attempt that was interrupted (and redone) can be told from those of the attempt that finished.
+SESSION = uuid.uuid4().hex[:12]
 
 #: The variable that holds each provider's key (LiteLLM's conventions).
 KEY_VARIABLES = {
@@ -215,40 +220,86 @@ def trim_context(context: Any, factor: float = 0.5) -> Any:
 
 
 def read_calls(path: Path) -> list[dict[str, Any]]:
-    """Records of a call log (``llm_calls.jsonl`` or the run directory holding it)."""
+    """Records of a call log (``llm_calls.jsonl`` or the run directory holding it).
+
+    A line that is not JSON (the last line torn by a kill or a full disk during an append)
+    is skipped with a warning naming the file and line (:func:`cellforge.safeio.iter_jsonl`).
+    """
     path = Path(path)
     if path.is_dir():
         path = path / CALL_LOG
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in read_jsonl(path) if isinstance(r, dict)]
+
+
+def finished_sessions(run_dir: Path) -> dict[str, str | None]:
+    """Stage -> the :data:`SESSION` that finished it (from ``stages/<stage>.json``; ``None`` when not recorded)."""
+    out: dict[str, str | None] = {}
+    for marker in sorted((Path(run_dir) / "stages").glob("*.json")):
+        try:
+            out[marker.stem] = json.loads(marker.read_text()).get("session")
+        except (OSError, ValueError, AttributeError):
+            continue
+    return out
+
+
+def superseded(records: list[dict[str, Any]], finished: dict[str, str | None] | None = None) -> list[bool]:
+    """For each call record, whether it belongs to a stage attempt that was interrupted and redone.
+
+    A stage that finished counts the calls of the session that finished it (``finished``,
+    from :func:`finished_sessions`); a stage not finished (or whose marker names no session)
+    counts the calls of the last session that called in it. Records without a session
+    (older logs) always count.
+    """
+    finished = finished or {}
+    latest: dict[str, str] = {}
+    for record in records:
+        if record.get("session"):
+            latest[str(record.get("stage"))] = record["session"]
+    flags = []
+    for record in records:
+        session, stage = record.get("session"), str(record.get("stage"))
+        keep = finished.get(stage) or latest.get(stage)
+        flags.append(bool(session) and session != keep)
+    return flags
 
 
 def usage_summary(run_dir: Path) -> dict[str, Any]:
-    """Calls, tokens and cost per stage and for the run, from its call log.
+    """Calls, tokens and cost per stage and for the run, from its call log, each call counted once.
 
-    ``cost_usd`` sums LiteLLM's price map over calls with a known price; ``cost_known`` is
-    false when some model had no price (a local server, for instance).
+    A stage that was interrupted and redone on ``--resume`` counts the calls of the attempt
+    that finished it; the calls of interrupted attempts (spent, but not behind any artifact)
+    are summed apart in ``interrupted``, and ``spent`` is everything the backend answered
+    (what the budget counts). ``cost_usd`` sums LiteLLM's price map over calls with a known
+    price; ``cost_known`` is false when some model had no price (a local server, for instance).
     """
 
     def empty() -> dict[str, Any]:
         return {"calls": 0, "prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0, "cost_usd": 0.0, "cost_known": True}
 
+    def add(target: dict[str, Any], record: dict[str, Any]) -> None:
+        usage = record.get("usage") or {}
+        target["calls"] += 1
+        for k in ("prompt_tokens", "completion_tokens", "total_tokens"):
+            target[k] += int(usage.get(k) or 0)
+        if record.get("cost_usd") is None:
+            target["cost_known"] = False
+        else:
+            target["cost_usd"] += float(record["cost_usd"])
+
+    records = read_calls(run_dir)
+    flags = superseded(records, finished_sessions(run_dir) if Path(run_dir).is_dir() else None)
     stages: dict[str, dict[str, Any]] = {}
-    total = empty()
-    for record in read_calls(run_dir):
-        usage = record.get("usage", {})
-        for target in (stages.setdefault(record["stage"], empty()), total):
-            target["calls"] += 1
-            for k in ("prompt_tokens", "completion_tokens", "total_tokens"):
-                target[k] += int(usage.get(k) or 0)
-            if record.get("cost_usd") is None:
-                target["cost_known"] = False
-            else:
-                target["cost_usd"] += float(record["cost_usd"])
-    for row in [*stages.values(), total]:
+    total, interrupted, spent = empty(), empty(), empty()
+    for record, old in zip(records, flags, strict=True):
+        add(spent, record)
+        if old:
+            add(interrupted, record)
+            continue
+        add(stages.setdefault(str(record.get("stage")), empty()), record)
+        add(total, record)
+    for row in [*stages.values(), total, interrupted, spent]:
         row["cost_usd"] = round(row["cost_usd"], 6)
-    return {"by_stage": stages, "total": total}
+    return {"by_stage": stages, "total": total, "interrupted": interrupted, "spent": spent}
 
 
 class ReplayBook:
@@ -262,10 +313,13 @@ class ReplayBook:
         if not records:
             msg = f"CELLFORGE_LLM_REPLAY={self.source}: no recorded calls there (expected a run directory or its {CALL_LOG})"
             raise ConfigError(msg)
+        run_dir = self.source if self.source.is_dir() else self.source.parent
+        # answers of interrupted stage attempts are not served: the replay follows the attempts that finished
+        flags = superseded(records, finished_sessions(run_dir))
         self.size = 0
         self.queues: dict[str, deque[dict[str, Any]]] = {}
-        for record in records:
-            if record.get("error") is None and "key" in record:
+        for record, old in zip(records, flags, strict=True):
+            if not old and record.get("error") is None and "key" in record:
                 self.queues.setdefault(record["key"], deque()).append(record)
                 self.size += 1
 
@@ -369,7 +423,8 @@ class LLMClient:
         self.backoff = _env_float("CELLFORGE_LLM_BACKOFF_S", 1.0) or 0.0
         self.budget_usd = _env_float("CELLFORGE_LLM_BUDGET_USD", None)
         self.max_tokens = _env_float("CELLFORGE_LLM_MAX_TOKENS", None)
-        spent = usage_summary(run_dir)["total"] if run_dir is not None else {"cost_usd": 0.0, "total_tokens": 0, "calls": 0}
+        # the budget counts every answered call, those of interrupted stage attempts too
+        spent = usage_summary(run_dir)["spent"] if run_dir is not None else {"cost_usd": 0.0, "total_tokens": 0, "calls": 0}
         self.spent_usd, self.tokens, self.calls = float(spent["cost_usd"]), int(spent["total_tokens"]), int(spent["calls"])
 
     def ask(self, spec: AgentSpec, context: dict[str, Any], schema: type[BaseModel]) -> BaseModel:
@@ -525,6 +580,7 @@ class LLMClient:
             "cost_usd": cost,
             "latency_s": round(latency, 4),
             "error": error,
+            "session": SESSION,
         }
-        with (self.run_dir / CALL_LOG).open("a") as fh:
-            fh.write(redact(json.dumps(record, default=str)) + "\n")
+        # one write of the whole line on an O_APPEND descriptor: a kill between calls leaves whole lines
+        append_line(self.run_dir / CALL_LOG, redact(json.dumps(record, default=str)), fsync=True)
