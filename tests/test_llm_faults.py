@@ -87,6 +87,9 @@ class _Server(BaseHTTPRequestHandler):
         elif model == "auth":
             error["error"].update(message="Incorrect API key provided", type="invalid_request_error", code="invalid_api_key")
             self._reply(401, error)
+        elif model == "bad400":  # a request the backend rejects: the same answer on every retry
+            error["error"].update(message=f"Invalid value for 'temperature' (request by {SECRET}): must be at most 2", type="invalid_request_error", code="invalid_value")
+            self._reply(400, error)
         elif model == "small" and size > 4000:
             error["error"].update(message="This model's maximum context length is 1000 tokens. However, your messages resulted in 5000 tokens.", type="invalid_request_error", code="context_length_exceeded")
             self._reply(400, error)
@@ -148,6 +151,18 @@ def test_server_errors_are_retried_then_fail_clearly(live, tmp_path):
         _ask(tmp_path)
     assert _Server.counts["err500"] == 3
     assert "internal failure" in read_calls(tmp_path)[-1]["error"]
+
+
+def test_a_bad_request_is_not_retried_and_says_what_the_backend_answered(live, tmp_path):
+    live("bad400")
+    with pytest.raises(LLMError) as info:
+        _ask(tmp_path)
+    message = str(info.value)
+    assert _Server.counts["bad400"] == 1  # one request: a 400 does not change on a retry
+    assert "the backend answered HTTP 400, BadRequestError" in message and "Invalid value for 'temperature'" in message
+    assert "not retried" in message and "tries" not in message
+    assert SECRET not in message and "[REDACTED]" in message
+    assert "Invalid value" in read_calls(tmp_path)[-1]["error"] and SECRET not in (tmp_path / "llm_calls.jsonl").read_text()
 
 
 def test_a_hang_past_the_timeout_is_retried_then_fails(live, tmp_path):

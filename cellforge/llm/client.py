@@ -389,6 +389,19 @@ def _fatal_message(exc: BaseException, model: str) -> str | None:
     return None
 
 
+def _failure_message(exc: BaseException, model: str, *, tries: int, error: str) -> str:
+    """What a failed call says: what the backend answered, and how often it was tried (or that it was not retried)."""
+    status = getattr(exc, "status_code", None)
+    answer = f"HTTP {status}, {type(exc).__name__}" if isinstance(status, int) else type(exc).__name__
+    if _transient(exc):
+        return f"LLM call to {model!r} failed after {tries} {'try' if tries == 1 else 'tries'} ({answer}): {error}"
+    said = f"the backend answered {answer}" if isinstance(status, int) else f"it raised {answer}"
+    return (
+        f"LLM call to {model!r} failed; {said}: {error} -- not retried (only rate limits, timeouts, connection "
+        "failures and 5xx answers are): check the request settings, the model name and CELLFORGE_LLM_* variables"
+    )
+
+
 def _env_float(name: str, default: float | None) -> float | None:
     value = os.environ.get(name)
     if value in (None, ""):
@@ -517,6 +530,7 @@ class LLMClient:
             if spec.max_tokens:
                 kwargs["max_tokens"] = spec.max_tokens
         start = time.monotonic()
+        tries = 0
         try:
             for trial in tenacity.Retrying(
                 retry=tenacity.retry_if_exception(_transient),
@@ -525,6 +539,7 @@ class LLMClient:
                 reraise=True,
             ):
                 with trial:
+                    tries += 1
                     return litellm.completion(**kwargs)
         except litellm.ContextWindowExceededError:
             raise
@@ -534,8 +549,7 @@ class LLMClient:
             fatal = _fatal_message(exc, model)
             if fatal:
                 raise LLMAuthError(fatal) from exc
-            msg = f"LLM call to {model!r} failed after {self.retries + 1} tries ({type(exc).__name__}): {error}"
-            raise LLMError(msg) from exc
+            raise LLMError(_failure_message(exc, model, tries=tries, error=error)) from exc
         raise AssertionError  # unreachable: tenacity returns or re-raises
 
     @staticmethod
