@@ -49,9 +49,11 @@ def benchmark(
 
     The last line printed is the run directory.
     """
+    from cellforge.console import quiet_console
     from cellforge.errors import CellforgeError
     from cellforge.pipeline import Run, RunConfig, run_pipeline
 
+    quiet_console()  # our progress lines only: no library logging or progress bars
     try:
         if resume is not None:
             run = Run.resume(resume)

