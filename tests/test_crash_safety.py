@@ -226,6 +226,7 @@ def test_calls_of_an_interrupted_stage_attempt_are_counted_apart(tmp_path):
     ]
     (tmp_path / "llm_calls.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
     assert superseded(records, client.finished_sessions(tmp_path)) == [False, True, True, False, True, False, False]
+    assert [r["usage"]["total_tokens"] for r in client.counted_calls(tmp_path)] == [1, 4, 6, 7]
     usage = usage_summary(tmp_path)
     assert {s: row["total_tokens"] for s, row in usage["by_stage"].items()} == {"analysis": 1, "design": 4, "codegen": 6, "evaluate": 7}
     assert usage["total"]["calls"] == 4 and usage["total"]["total_tokens"] == 18
@@ -280,3 +281,6 @@ def test_a_resumed_run_counts_each_llm_call_once(tmp_path, monkeypatch):
     assert usage["by_stage"]["design"]["calls"] == len(redone) > 3
     assert usage["interrupted"]["calls"] == 3
     assert usage["total"]["calls"] == usage["spent"]["calls"] - 3 == sum(row["calls"] for row in usage["by_stage"].values())
+    from cellforge.report.markdown import design_calls
+
+    assert sum(design_calls(run).values()) == len(redone)  # the report's design line agrees with the usage table

@@ -263,6 +263,17 @@ def superseded(records: list[dict[str, Any]], finished: dict[str, str | None] | 
     return flags
 
 
+def counted_calls(run_dir: Path) -> list[dict[str, Any]]:
+    """The call records of a run that count: those of :func:`superseded` stage attempts left out.
+
+    The records :func:`usage_summary` sums in ``by_stage`` and ``total``; anything that counts
+    calls of a run (a report line, for instance) should count these.
+    """
+    records = read_calls(run_dir)
+    flags = superseded(records, finished_sessions(run_dir) if Path(run_dir).is_dir() else None)
+    return [r for r, old in zip(records, flags, strict=True) if not old]
+
+
 def usage_summary(run_dir: Path) -> dict[str, Any]:
     """Calls, tokens and cost per stage and for the run, from its call log, each call counted once.
 

@@ -208,10 +208,10 @@ def design_calls(run: Any) -> dict[str, int]:
     -------
     Label (see :data:`DESIGN_ROLES`; other roles by name) -> number of calls; empty without a log.
     """
-    from cellforge.llm.client import read_calls
+    from cellforge.llm.client import counted_calls
 
     counts: dict[str, int] = {}
-    for record in read_calls(run.dir):
+    for record in counted_calls(run.dir):  # an interrupted attempt's calls left out, as in the usage table
         if record.get("stage") != "design":
             continue
         label = "failed, retried" if record.get("error") else DESIGN_ROLES.get(record.get("role", ""), str(record.get("role")))

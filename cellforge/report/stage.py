@@ -62,6 +62,7 @@ def collect_metrics(run: Run) -> dict[str, Any]:
             "cost_usd": usage["total"]["cost_usd"],
             "cost_known": usage["total"]["cost_known"],
             "by_stage": usage["by_stage"],
+            "interrupted": usage["interrupted"],  # calls of stage attempts redone on --resume: paid for, counted apart
         },
         "sandbox": run.read_json("sandbox.json"),
         "attempts": [
