@@ -11,14 +11,27 @@ their LLM call logs) and package versions.
 
 ``--replay DIR`` (``make paper REPLAY=DIR``) reruns a recorded paper run with the recorded
 LLM answers, split manifests and seeds, and checks that every metric is reproduced.
+
+Each data set runs as ``cellforge benchmark`` in a child process of its own process group
+(its log: ``runs/<name>.log``), with a progress line when it starts, at each stage and when
+it ends (with its wall time). The report and ``paper.json`` are rewritten after every data
+set, marked partial until the last one is done, so an interrupted paper run leaves the
+finished data sets' report. A data set that passes ``--timeout`` (seconds), or Ctrl-C /
+SIGTERM, stops its child: SIGINT to the group (the run closes its sandbox), then SIGKILL to
+the group and to every process the child started (the sandbox's own sessions included).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -39,14 +52,174 @@ def available_datasets() -> list[str]:
     return [c.name for c in list_datasets() if any((p / c.filename).is_file() for p in places)]
 
 
-def run_one(name: str, runs: Path, *, pilots: int, split_file: str | None = None, seed: int = 0) -> Path:
-    """One full offline pipeline run; returns its run directory."""
-    from cellforge.pipeline import Run, RunConfig, run_pipeline
+#: Seconds a stopped data set's run gets to close its sandbox after SIGINT, before SIGKILL.
+GRACE_S = 15.0
 
-    config = RunConfig(dataset=name, pilots=pilots, split_file=split_file, seed=seed)
-    run = Run.create(config, root=runs)
-    run_pipeline(run, echo=lambda _: None)
-    return run.dir
+
+def benchmark_command(name: str, runs: Path, *, pilots: int, split_file: str | None = None, seed: int = 0) -> list[str]:
+    """The ``cellforge benchmark`` command of one data set's paper run (its card's default task)."""
+    cmd = [sys.executable, "-m", "cellforge.cli", "benchmark", "--dataset", name, "--runs", str(runs), "--pilots", str(pilots), "--seed", str(seed)]
+    if split_file:
+        cmd += ["--split", str(split_file)]
+    return cmd
+
+
+def _process_table() -> dict[int, int]:
+    """pid -> parent pid of every process (from ``/proc``)."""
+    table = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            table[int(entry)] = int(stat[stat.rindex(")") + 2 :].split()[1])
+    return table
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process started by ``pid`` or its children, whatever their session or process group."""
+    table = _process_table()
+    out, frontier = [], [pid]
+    while frontier:
+        parent = frontier.pop()
+        children = [p for p, pp in table.items() if pp == parent]
+        out += children
+        frontier += children
+    return out
+
+
+def stop_child(proc: subprocess.Popen, *, grace_s: float = GRACE_S) -> list[int]:
+    """Stop a data set's run and everything it started; return the pids that had to be SIGKILLed.
+
+    SIGINT to the child's process group first (cellforge closes its sandbox on the way out),
+    SIGKILL after ``grace_s`` seconds; then SIGKILL to every process the child had started
+    (the local sandbox runs in sessions of its own, outside the group) that is still alive.
+    """
+    victims = descendants(proc.pid)
+    killed: list[int] = []
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGINT)
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        killed.append(proc.pid)
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    victims += [p for p in descendants(proc.pid) if p not in victims]
+    for pid in victims:
+        try:
+            os.kill(pid, signal.SIGKILL)
+            killed.append(pid)
+        except (ProcessLookupError, PermissionError):
+            continue
+    proc.wait()
+    deadline = time.monotonic() + 10  # SIGKILL is asynchronous: wait until they are gone
+    while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() and not _zombie(p) for p in victims):
+        time.sleep(0.05)
+    return killed
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat[stat.rindex(")") + 2] in "ZX"
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: SIGTERM when this script dies, even by SIGKILL (Linux)."""
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
+class Interrupted(Exception):  # noqa: N818 - the name says what happened
+    """SIGTERM or SIGHUP reached this script."""
+
+
+def _raise_interrupted(signum: int, _frame: object) -> None:
+    raise Interrupted(signal.Signals(signum).name)
+
+
+@contextlib.contextmanager
+def _signals_held():  # noqa: ANN202 - a context manager
+    """Ignore a second Ctrl-C / SIGTERM while a child is being stopped (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
+def run_one(name: str, cmd: list[str], *, log: Path, timeout_s: float, env: dict[str, str] | None = None, say=print, grace_s: float = GRACE_S) -> dict:  # noqa: ANN001
+    """One data set's run as a child process in its own process group.
+
+    Its stdout and stderr go to ``log``; each ``[stage]`` line is echoed through ``say``.
+    ``grace_s``: how long a stopped run may take to close its sandbox (:func:`stop_child`).
+
+    Returns
+    -------
+    dict
+        ``status`` (``done``, ``failed`` or ``timeout``), ``exit_code``, ``wall_s``,
+        ``run_dir`` (when the run got one), ``error`` (the end of the log) unless done and
+        ``killed`` (pids that had to be SIGKILLed).
+
+    Raises
+    ------
+    KeyboardInterrupt, Interrupted
+        After stopping the child (:func:`stop_child`).
+    """
+    start = time.monotonic()
+    log.parent.mkdir(parents=True, exist_ok=True)
+    run_dir: list[str] = []
+    with log.open("w") as sink:
+        proc = subprocess.Popen(  # noqa: S603 - our own CLI
+            cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
+            start_new_session=True, preexec_fn=_die_with_parent,  # noqa: PLW1509 - prctl only
+        )  # fmt: skip
+
+        def pump() -> None:
+            for line in proc.stdout:  # type: ignore[union-attr]
+                sink.write(line)
+                sink.flush()
+                text = line.strip()
+                if text.startswith("run directory: "):
+                    run_dir.append(text.removeprefix("run directory: "))
+                elif text.startswith(("[stage] ", "[skip] ")):
+                    say(f"  {name}: {text.split(' ', 1)[1]}")
+
+        reader = threading.Thread(target=pump, daemon=True)
+        reader.start()
+        status, killed = "done", []
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            status, killed = "timeout", stop_child(proc, grace_s=grace_s)
+        except BaseException:
+            with _signals_held():
+                stop_child(proc, grace_s=grace_s)
+            raise
+        finally:
+            reader.join(timeout=5)
+    record: dict = {"status": status, "exit_code": proc.returncode, "wall_s": round(time.monotonic() - start, 1), "log": str(log)}
+    if run_dir:
+        record["run_dir"] = run_dir[0]
+    if status == "done" and proc.returncode != 0:
+        record["status"] = "failed"
+    if record["status"] != "done":
+        lines = log.read_text(errors="replace").strip().splitlines()
+        errors = [line for line in lines if line.startswith("error: ")]  # the CLI's own message, when it gave one
+        said = errors[-1] if errors else " / ".join(line.strip() for line in lines[-3:])
+        record["error"] = f"timed out after {timeout_s:g} s" if status == "timeout" else said[-800:]
+        record["killed"] = killed
+    return record
 
 
 def summary_table(records: dict[str, dict]) -> pd.DataFrame:
@@ -88,13 +261,29 @@ def summary_figure(table: pd.DataFrame, path: Path) -> Path:
     return path
 
 
-def write_report(out: Path, records: dict[str, dict], settings: dict, replay: dict | None = None) -> Path:
-    """``report.md`` + ``report.html`` in ``out``: the table, the summary figure, each data set's figures."""
+def write_report(
+    out: Path, records: dict[str, dict], settings: dict, replay: dict | None = None, *, pending: list[str] | None = None, failed: dict[str, dict] | None = None
+) -> Path:
+    """``report.md`` + ``report.html`` in ``out``: the table, the summary figure, each data set's figures.
+
+    ``pending`` (data sets still to run) marks the report partial; ``failed`` (data set ->
+    :func:`run_one`'s record) lists the data sets that failed or timed out, with why.
+    """
     from cellforge.report.html import write_html
 
-    table = summary_table(records)
-    summary_figure(table, out / "summary.png")
-    lines = [f"# cellforge paper runs ({settings['date']})", "", f"Settings: {settings['settings']}", ""]
+    table = summary_table(records) if records else pd.DataFrame()
+    if records:
+        summary_figure(table, out / "summary.png")
+    lines = [f"# cellforge paper runs ({settings['date']})", ""]
+    if pending:
+        lines += [
+            f"**Partial report**: {len(records)} data set(s) finished, {len(pending)} still to run ({', '.join(pending)}); "
+            "this file is rewritten after each data set.",
+            "",
+        ]
+    lines += [f"Settings: {settings['settings']}", ""]
+    for name, rec in (failed or {}).items():
+        lines += [f"**{name}: {rec['status']}** ({rec.get('error', '')}); log: `{rec.get('log', '')}`", ""]
     if replay:
         lines += [f"Replay of {replay['source']}: {replay['verdict']}", ""]
     lines += ["| data set | task | n test | pearson_delta_de20 model | best baseline | mse_de20 model | best baseline | wins (pd_de20, mse_de20) |", "|---|---|---|---|---|---|---|---|"]
@@ -105,7 +294,9 @@ def write_report(out: Path, records: dict[str, dict], settings: dict, replay: di
         lines.append(
             f"| {name} | {row['task']} | {row['n_test']} | {row['pearson_delta_de20 model']:.4f} | {pd_base} | {row['mse_de20 model']:.4f} | {mse_base} | {wins} |"
         )
-    lines += ["", "One split per data set (its card's default task); `make bench-tasks` gives mean and spread over folds.", "", "![model vs best baseline per data set](summary.png)", ""]
+    lines += ["", "One split per data set (its card's default task); `make bench-tasks` gives mean and spread over folds.", ""]
+    if records:
+        lines += ["![model vs best baseline per data set](summary.png)", ""]
     for name, rec in records.items():
         metrics = rec["metrics"]
         figures = out / "figures" / name
@@ -134,37 +325,79 @@ def _record(run_dir: Path) -> dict:
     return {"run_dir": str(run_dir), "metrics": metrics, "model": f"{kept.get('template')} over {kept.get('baseline')}"}
 
 
-def main() -> None:
+def main() -> None:  # noqa: PLR0915 - the paper run, start to end
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", action="append", help="Data sets to run (default: every available one).")
     parser.add_argument("--pilots", type=int, default=0)
     parser.add_argument("--out", type=Path, default=None, help="Output folder (default runs/paper-<time>).")
     parser.add_argument("--replay", type=Path, default=None, help="A recorded paper folder to rerun and check.")
+    parser.add_argument("--timeout", type=float, default=3600.0, help="Seconds one data set's run may take (default 3600).")
     args = parser.parse_args()
     os.environ.setdefault("CELLFORGE_DATA_MIRROR", str(ROOT.parent / "shared" / "data"))
+    from cellforge.console import quiet_console
     from cellforge.pipeline import environment
 
+    quiet_console()
+    signal.signal(signal.SIGTERM, _raise_interrupted)  # `timeout make paper`, a closed terminal: stop the children too
+    signal.signal(signal.SIGHUP, _raise_interrupted)
     stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
     out = args.out or ROOT / "runs" / f"paper-{stamp}"
     (out / "runs").mkdir(parents=True, exist_ok=True)
     recorded = json.loads((args.replay / "paper.json").read_text()) if args.replay else None
     names = list(recorded["datasets"]) if recorded else (args.dataset or available_datasets())
+    pilots = recorded["settings"]["pilots"] if recorded else args.pilots
     records: dict[str, dict] = {}
+    failed: dict[str, dict] = {}
     start = time.monotonic()
-    for name in names:
-        if recorded:
-            entry = recorded["datasets"][name]
-            os.environ["CELLFORGE_LLM_MODE"] = "replay"
-            os.environ["CELLFORGE_LLM_REPLAY"] = entry["run_dir"]
-            run_dir = run_one(name, out / "runs", pilots=recorded["settings"]["pilots"], split_file=entry["split"], seed=entry["seed"])
-        else:
-            run_dir = run_one(name, out / "runs", pilots=args.pilots)
-        records[name] = _record(run_dir)
-        print(f"{name}: {records[name]['metrics']['model_beats_best_baseline']} ({run_dir})", flush=True)
-    settings = {
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "settings": {"pilots": recorded["settings"]["pilots"] if recorded else args.pilots, "llm": "replay" if recorded else "offline planner", "wall_s": round(time.monotonic() - start, 1)},
-    }
+    print(f"paper runs: {len(names)} data set(s) ({', '.join(names)}); report: {out / 'report.html'}", flush=True)
+
+    def settings() -> dict:
+        return {
+            "date": datetime.now(UTC).isoformat(timespec="seconds"),
+            "settings": {"pilots": pilots, "llm": "replay" if recorded else "offline planner", "wall_s": round(time.monotonic() - start, 1)},
+        }
+
+    def save(pending: list[str], replay: dict | None = None) -> Path:
+        paper = {
+            **settings(),
+            "partial": bool(pending),
+            "pending": pending,
+            "failed": failed,
+            "environment": environment(),
+            "datasets": {
+                name: {"run_dir": rec["run_dir"], "seed": rec["metrics"]["split"]["seed"], "split": str(Path(rec["run_dir"]) / "split.json"), "methods": rec["metrics"]["methods"]}
+                for name, rec in records.items()
+            },
+        }
+        from cellforge.safeio import atomic_write_text
+
+        atomic_write_text(out / "paper.json", json.dumps(paper, indent=1, default=float))
+        return write_report(out, records, paper, replay, pending=pending, failed=failed)
+
+    try:
+        for i, name in enumerate(names):
+            env = dict(os.environ)
+            if recorded:
+                entry = recorded["datasets"][name]
+                env.update({"CELLFORGE_LLM_MODE": "replay", "CELLFORGE_LLM_REPLAY": entry["run_dir"]})
+                cmd = benchmark_command(name, out / "runs", pilots=pilots, split_file=entry["split"], seed=entry["seed"])
+            else:
+                cmd = benchmark_command(name, out / "runs", pilots=pilots)
+            print(f"[{i + 1}/{len(names)}] {name}: started", flush=True)
+            result = run_one(name, cmd, log=out / "runs" / f"{name}.log", timeout_s=args.timeout, env=env, say=lambda s: print(s, flush=True))
+            if result["status"] == "done":
+                records[name] = _record(Path(result["run_dir"]))
+                verdict = records[name]["metrics"]["model_beats_best_baseline"]
+                print(f"[{i + 1}/{len(names)}] {name}: done in {result['wall_s']:.0f} s; model beats best baseline: {verdict} ({result['run_dir']})", flush=True)
+            else:
+                failed[name] = result
+                print(f"[{i + 1}/{len(names)}] {name}: {result['status']} after {result['wall_s']:.0f} s: {result['error']} (log: {result['log']})", flush=True)
+            save(names[i + 1 :])
+    except (KeyboardInterrupt, Interrupted) as exc:
+        left = [n for n in names if n not in records and n not in failed]
+        html = save(left)
+        print(f"interrupted ({type(exc).__name__} {exc}): its run was stopped; partial report of {len(records)} data set(s): {html}", flush=True)
+        raise SystemExit(130) from None
     replay = None
     if recorded:
         differ = [
@@ -174,21 +407,13 @@ def main() -> None:
             for metric, value in row.items()
             if abs(value - recorded["datasets"][name]["methods"][method][metric]) > 1e-9
         ]
-        verdict = "every metric reproduced" if not differ else f"{len(differ)} metrics differ: {differ[:10]}"
+        missing = [n for n in names if n not in records]
+        verdict = "every metric reproduced" if not differ and not missing else f"{len(differ)} metrics differ: {differ[:10]}; not rerun: {missing}"
         replay = {"source": str(args.replay), "verdict": verdict}
         print(verdict)
-    paper = {
-        **settings,
-        "environment": environment(),
-        "datasets": {
-            name: {"run_dir": rec["run_dir"], "seed": rec["metrics"]["split"]["seed"], "split": str(Path(rec["run_dir"]) / "split.json"), "methods": rec["metrics"]["methods"]}
-            for name, rec in records.items()
-        },
-    }
-    (out / "paper.json").write_text(json.dumps(paper, indent=1, default=float))
-    html = write_report(out, records, settings, replay)
+    html = save([], replay)
     print(html)
-    if replay and replay["verdict"] != "every metric reproduced":
+    if failed or (replay and replay["verdict"] != "every metric reproduced"):
         raise SystemExit(1)
 
 
