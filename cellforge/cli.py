@@ -12,7 +12,7 @@ from typing import Annotated
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Agentic design of virtual-cell models.")
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="Agentic design of virtual-cell models.")
 
 DEFAULT_DATASET = "norman_subset"
 
@@ -51,31 +51,23 @@ def benchmark(
     """
     from cellforge.console import quiet_console
     from cellforge.errors import CellforgeError
-    from cellforge.pipeline import Run, RunConfig, run_pipeline
+    from cellforge.pipeline import Run, run_pipeline
 
     quiet_console()  # our progress lines only: no library logging or progress bars
     try:
         if resume is not None:
             run = Run.resume(resume)
         else:
-            if task_type and task_type not in {"unseen_perturbation", "combination", "new_context", "drug_dose"}:
-                _fail(ValueError(f"--task-type {task_type!r}; valid: combination, drug_dose, new_context, unseen_perturbation"))
-            if task_file is not None and not task_file.exists():
-                _fail(FileNotFoundError(f"no task file at {task_file}"))
-            if data is None:
-                from cellforge.data import get_card
-
-                get_card(dataset)  # fail early on an unknown name
-            config = RunConfig(
+            config, adata = _checked_run_inputs(
                 dataset=data.stem if data else dataset,
-                h5ad=str(data.resolve()) if data else None,
+                h5ad=data,
                 perturbation_key=perturbation_key,
                 control_label=control_label,
                 context_key=context_key,
                 task_type=task_type,
                 task_description=task,
-                task_file=str(task_file.resolve()) if task_file else None,
-                split_file=str(split.resolve()) if split else None,
+                task_file=task_file,
+                split_file=split,
                 seed=seed,
                 sandbox=sandbox,
                 max_attempts=max_attempts,
@@ -86,12 +78,71 @@ def benchmark(
                 refine_patience=refine_patience,
                 refine_tolerance=refine_tolerance,
             )
-            run = Run.create(config, root=runs)
+            run = Run.create(config, root=runs, adata=adata)
         typer.echo(f"run directory: {run.dir}")
         out = run_pipeline(run, echo=lambda s: typer.echo(s, err=True))
     except CellforgeError as exc:
         _fail(exc)
     typer.echo(str(out))
+
+
+#: The command-line option of each RunConfig field whose name differs from the option's.
+_OPTION_OF_FIELD = {"h5ad": "--data", "timeout_s": "--timeout", "task_description": "--task", "split_file": "--split"}
+
+
+def _checked_run_inputs(**fields):  # noqa: ANN003, ANN202 - RunConfig's fields
+    """Check every option, the task file, the split file and the data before a run directory exists.
+
+    Returns the :class:`~cellforge.run.RunConfig` and the loaded canonical AnnData (so the data
+    stage does not read the file again).
+
+    Raises
+    ------
+    CellforgeError
+        The first problem found, naming the option, the file or the column and the valid choices.
+    """
+    from pydantic import ValidationError
+
+    from cellforge.analysis.task import SPLIT_OF_TASK, load_task_file
+    from cellforge.data import load_dataset
+    from cellforge.data.splits import SplitManifest
+    from cellforge.data.user import load_user_h5ad
+    from cellforge.errors import ConfigError, DatasetError
+    from cellforge.run import RunConfig
+
+    task_type = fields["task_type"]
+    if task_type and task_type not in SPLIT_OF_TASK:
+        msg = f"--task-type {task_type!r}; valid: {', '.join(sorted(SPLIT_OF_TASK))}"
+        raise ConfigError(msg)
+    for key in ("h5ad", "task_file", "split_file"):
+        path = fields[key]
+        if path is not None:
+            if not Path(path).exists():
+                cls = DatasetError if key == "h5ad" else ConfigError
+                raise cls(f"{_OPTION_OF_FIELD.get(key, '--' + key.replace('_', '-'))} {path}: no such file")
+            fields[key] = str(Path(path).resolve())
+    try:
+        config = RunConfig(**fields)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            field = str(err["loc"][0]) if err.get("loc") else ""
+            option = _OPTION_OF_FIELD.get(field, "--" + field.replace("_", "-"))
+            problems.append(f"{option} {err.get('input')!r:.40}: {err['msg'].removeprefix('Value error, ')}")
+        raise ConfigError("; ".join(problems)) from exc
+    if config.task_file:
+        load_task_file(config.task_file)
+    manifest = SplitManifest.load(Path(config.split_file)) if config.split_file else None
+    if config.h5ad:
+        adata = load_user_h5ad(Path(config.h5ad), perturbation_key=config.perturbation_key, control_label=config.control_label, context_key=config.context_key)
+    else:
+        adata = load_dataset(config.dataset)
+    if manifest is not None:
+        try:
+            manifest.check_against(adata)
+        except ConfigError as exc:
+            raise ConfigError(f"--split {config.split_file}: {exc}") from exc
+    return config, adata
 
 
 KeyOpts = {
@@ -126,10 +177,7 @@ def evaluate(
         if not split.exists():
             _fail(FileNotFoundError(f"no split manifest at {split}"))
         adata = load_any(data, perturbation_key=perturbation_key, control_label=control_label, context_key=context_key)
-        try:
-            manifest = SplitManifest.load(split)
-        except ValueError as exc:
-            _fail(ValueError(f"{split} is not a split manifest: {exc}"))
+        manifest = SplitManifest.load(split)
         result = evaluate_predictions(adata, manifest, pred, name=name, baselines=None if baselines else [])
     except CellforgeError as exc:
         _fail(exc)
@@ -207,12 +255,18 @@ def make_split_file(
 
 @app.command()
 def datasets() -> None:
-    """List registered data sets and their default tasks."""
+    """List registered data sets, their default tasks, and which are on this machine (cache or mirror)."""
     from cellforge.data import list_datasets
+    from cellforge.data.download import local_copy
+    from cellforge.paths import cache_dir, mirror_dirs, mirror_source
 
+    typer.echo(f"{'name':<22} {'task':<20} {'kind':<15} {'here':<6} title")
     for card in list_datasets():
         flag = "shipped subset" if card.shipped_subset else "full"
-        typer.echo(f"{card.name:<22} {card.task.type:<20} {flag:<15} {card.title}")
+        here = "yes" if local_copy(card) is not None else "-"
+        typer.echo(f"{card.name:<22} {card.task.type:<20} {flag:<15} {here:<6} {card.title}")
+    mirrors = ", ".join(str(m) for m in mirror_dirs()) or "none"
+    typer.echo(f"here = the file is in the cache ({cache_dir() / 'data'}) or a mirror ({mirrors}; {mirror_source()}); others are downloaded on first use", err=True)
 
 
 @app.command()
@@ -220,7 +274,7 @@ def doctor() -> None:
     """Show which LLM backend each role uses, the sandbox backend and data locations (no secrets)."""
     from cellforge.errors import ConfigError
     from cellforge.llm.client import ROLES, backend_label, llm_mode, model_for
-    from cellforge.paths import cache_dir, mirror_dirs
+    from cellforge.paths import cache_dir, mirror_dirs, mirror_source
     from runtime.docker import docker_engine_available
     from runtime.errors import SandboxUnavailableError
     from runtime.factory import choose_backend, resolve_backend
@@ -247,9 +301,39 @@ def doctor() -> None:
         typer.echo(f"sandbox used: {chosen} ({why})")
     except SandboxUnavailableError as exc:
         typer.echo(f"sandbox used: none ({exc})")
-    typer.echo(f"data cache: {cache_dir()}; mirrors: {[str(m) for m in mirror_dirs()] or 'none'}")
+    typer.echo(f"data cache: {cache_dir() / 'data'}; mirrors: {', '.join(str(m) for m in mirror_dirs()) or 'none'} ({mirror_source()})")
     typer.echo(f"python: {sys.version.split()[0]}")
 
 
+def main() -> None:
+    """Console entry point (``cellforge``): no traceback reaches the user.
+
+    Errors cellforge raises on purpose are printed by each command (exit code 2). Anything else
+    is a bug: its traceback goes to a file under the cache folder, and the console gets one line
+    naming the error and that file (exit code 1). Ctrl-C exits with 130.
+    """
+    import traceback
+    from datetime import UTC, datetime
+
+    from cellforge.paths import cache_dir
+
+    try:
+        app()
+    except KeyboardInterrupt:
+        typer.secho("interrupted; a run directory can be resumed with `cellforge benchmark --resume DIR`", fg=typer.colors.YELLOW, err=True)
+        raise SystemExit(130) from None
+    except Exception as exc:  # noqa: BLE001 - the last guard before the user's console
+        report = cache_dir() / "crashes" / f"crash-{datetime.now(UTC).strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.txt"
+        where = "not saved"
+        try:
+            report.parent.mkdir(parents=True, exist_ok=True)
+            report.write_text(f"cellforge {' '.join(sys.argv[1:])}\n\n{traceback.format_exc()}")
+            where = f"traceback saved to {report}"
+        except OSError as write_exc:
+            where = f"traceback not saved ({write_exc.strerror})"
+        typer.secho(f"internal error: {type(exc).__name__}: {exc} ({where}; please report it)", fg=typer.colors.RED, err=True)
+        raise SystemExit(1) from None
+
+
 if __name__ == "__main__":
-    app()
+    main()

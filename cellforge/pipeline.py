@@ -12,7 +12,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
-from cellforge.errors import StageError
+from cellforge.errors import ConfigError, DatasetError, StageError
 from cellforge.run import STAGES, Run, RunConfig, environment
 
 __all__ = ["STAGES", "Run", "RunConfig", "environment", "run_pipeline"]
@@ -42,9 +42,24 @@ def run_pipeline(run: Run, *, echo: Callable[[str], None] = print) -> Path:
             run.write_json(f"stages/{name}.json", marker)
         except StageError:
             raise
+        except (ConfigError, DatasetError) as exc:
+            if name != STAGES[0]:
+                raise StageError(failure_message(name, exc, run.dir)) from exc
+            # The inputs do not fit together (task, split, data): resuming cannot help, and a
+            # directory holding only run.json is not worth keeping.
+            _discard_if_empty(run)
+            raise type(exc)(f"{exc} (nothing was run; no run directory kept)") from exc
         except Exception as exc:
             raise StageError(failure_message(name, exc, run.dir)) from exc
     return run.dir
+
+
+def _discard_if_empty(run: Run) -> None:
+    """Remove a run directory that holds nothing but its ``run.json`` (and empty folders)."""
+    import shutil
+
+    if not [p for p in run.dir.rglob("*") if p.is_file() and p.name != "run.json"]:
+        shutil.rmtree(run.dir, ignore_errors=True)
 
 
 def failure_message(stage: str, exc: BaseException, run_dir: Path) -> str:

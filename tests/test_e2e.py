@@ -16,6 +16,9 @@ from typer.testing import CliRunner
 from cellforge.cli import app
 
 runner = CliRunner()
+#: The smallest settings that still cover every path of the main job: a debate with a second round,
+#: a pilot, a refinement round. The full defaults run in the slow-marked benchmarks.
+SMALL = ["--debate-rounds", "2", "--pilots", "1", "--refine-rounds", "1"]
 SECRETS = {"OPENAI_API_KEY": "sk-e2e-" + "q" * 30, "ANTHROPIC_API_KEY": "sk-ant-" + "w" * 30, "HF_TOKEN": "hf_" + "z" * 30}
 
 
@@ -32,7 +35,7 @@ def run_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for name, value in SECRETS.items():  # secrets in the environment must not reach the run directory
         mp.setenv(name, value)
     try:
-        result = runner.invoke(app, ["benchmark", "--dataset", "adamson_subset", "--runs", str(root)])
+        result = runner.invoke(app, ["benchmark", "--dataset", "adamson_subset", "--runs", str(root), *SMALL])
     finally:
         mp.undo()
     assert result.exit_code == 0, result.output
@@ -130,7 +133,7 @@ def _replay(recording: Path, runs: Path):  # noqa: ANN202 - click Result
     mp.setenv("CELLFORGE_LLM_MODE", "replay")
     mp.setenv("CELLFORGE_LLM_REPLAY", str(recording))
     try:
-        return runner.invoke(app, ["benchmark", "--dataset", "adamson_subset", "--runs", str(runs)])
+        return runner.invoke(app, ["benchmark", "--dataset", "adamson_subset", "--runs", str(runs), *SMALL])
     finally:
         mp.undo()
 
