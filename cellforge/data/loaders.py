@@ -100,11 +100,14 @@ def _r_sparse(obj: Any) -> sp.csr_matrix:
     raise DatasetError(msg)
 
 
-def load_sceptre_lowmoi(path: Path, *, dataset: str, perturbation_type: str = "CRISPR knock-out") -> ad.AnnData:
+def load_sceptre_lowmoi(
+    path: Path, *, dataset: str, perturbation_type: str = "CRISPR knock-out", context_key: str | None = None
+) -> ad.AnnData:
     """Papalexi 2021 ECCITE-seq (sceptredata ``lowmoi_example_data``): RNA counts, gRNA counts.
 
     Each cell gets the target of its highest-count gRNA; cells with no gRNA UMI are dropped.
-    ``non-targeting`` is the control.
+    ``non-targeting`` is the control. ``context_key`` names a column of ``extra_covariates``
+    (e.g. ``bio_rep``, the three biological replicates) to use as the context; default one context.
     """
     obj = _read_rdata(path)["lowmoi_example_data"]
     response = _r_sparse(obj["response_matrix"])  # genes x cells
@@ -134,6 +137,7 @@ def load_sceptre_lowmoi(path: Path, *, dataset: str, perturbation_type: str = "C
         dataset=dataset,
         perturbation_key="guide_target",
         control_labels=["non-targeting"],
+        context_key=context_key,
         perturbation_type=perturbation_type,
         log_normalised=False,
     )
