@@ -82,6 +82,7 @@ class Features:
         Xctrl = dense(ctrl.X).astype(np.float32)
         self.control_cells = Xctrl[:: max(1, len(Xctrl) // 4000)]
         self._cache = {}
+        self.guard = {}  # condition -> guarded_transfer's record, for the context references
 
     # -- conditions
     def pert(self, cond):
@@ -101,6 +102,7 @@ class Features:
         """Seen condition profiles -> deltas against their context's control mean."""
         self.seen = {c: profiles.loc[c].to_numpy() - self.control.loc[self.ctx(c)].to_numpy() for c in profiles.index}
         self._cache = {}
+        self.guard = {}
 
     def others(self, cond):
         """Seen conditions other than ``cond``."""
@@ -141,7 +143,11 @@ class Features:
                 return D.mean(axis=0)
             C = np.stack([self.control.loc[self.ctx(c)].to_numpy() for c in same])
             Ds = np.stack([self.seen[c] for c in same])
-            return context_transfer(kind, C, Ds, self.control.loc[self.ctx(cond)].to_numpy())
+            c0 = self.control.loc[self.ctx(cond)].to_numpy()
+            if kind == "context_shift" or not CONFIG.get("context_guard", True):
+                return context_transfer(kind, C, Ds, c0)
+            delta, self.guard[cond] = guarded_transfer(kind, C, Ds, c0)
+            return delta
         raise ValueError(
             f"unknown reference predictor {kind!r}; valid: training_mean, single_mean, on_target, additive, member_additive, observed_additive, "
             f"linear, {', '.join(CONTEXT_REFERENCES)}"
@@ -334,6 +340,127 @@ def context_transfer(kind, C, Ds, c0):
         errors = [_leave_one_out_error(lambda Cr, Dr, c, k=k: context_transfer(k, Cr, Dr, c), C, Ds) for k in kinds]
         return context_transfer(kinds[int(np.argmin(errors))], C, Ds, c0)
     raise ValueError(f"unknown context reference {kind!r}; valid: {', '.join(CONTEXT_REFERENCES)}")
+
+
+#: A new context lies *outside* the seen ones when its control mean is farther from the nearest seen
+#: context than GUARD_FAR_RATIO times the largest distance of any seen context to its own nearest
+#: other seen context (the k-nearest-neighbour applicability domain of QSAR models, Sahigara et al.,
+#: Molecules 17:4791, 2012). On the shipped new-context splits the ratio was 0.55-1.28; another
+#: normalisation or depth of the held-out cells (benchmarks/new_context_guard.py) put it at 1.9-3.3.
+GUARD_FAR_RATIO = 1.5
+#: A new context is a *blend* of the seen ones when the closest convex combination of their control
+#: means reproduces its own within GUARD_BLEND_RATIO times its distance to the nearest seen context:
+#: it lies between them, near none (unlabelled PBMCs against cell types: 0.15-0.29; every seen or
+#: held-out cell type, patient or line of the shipped data: 0.73 or more).
+GUARD_BLEND_RATIO = 0.5
+
+
+def _distances(C, c0):
+    """Euclidean distances (n_seen,) from c0 (n_genes,) to each row of C (n_seen, n_genes)."""
+    return np.sqrt(((C - c0) ** 2).sum(axis=1))
+
+
+def _hull_residual(C, c0):
+    """Distance from c0 (n_genes,) to the convex hull of the rows of C (n_seen, n_genes).
+
+    Non-negative least squares with the weights' sum pinned to 1 by a heavily weighted extra row
+    (Lawson & Hanson, *Solving Least Squares Problems*, 1974, ch. 23); returns (residual, weights (n_seen,)).
+    """
+    from scipy.optimize import nnls
+
+    rho = 1e3 * (1.0 + float(np.abs(C).max()))
+    A = np.vstack([C.T, np.full(len(C), rho)])
+    w = nnls(A, np.concatenate([c0, [rho]]), maxiter=50 * len(C) + 100)[0]
+    return float(np.sqrt(((C.T @ w - c0) ** 2).sum())), w
+
+
+def context_position(C, c0):
+    """Where a new context's control mean c0 (n_genes,) lies among the seen ones C (n_seen, n_genes).
+
+    Returns a dict: ``nearest`` (distance to the nearest seen context), ``seen_nearest_max`` (the
+    largest distance of a seen context to its nearest other seen context), ``far_ratio`` (their
+    ratio), ``blend_ratio`` (distance to the convex hull of the seen contexts / ``nearest``) and
+    ``position``: ``blend`` (``blend_ratio < GUARD_BLEND_RATIO``: a mixture of seen contexts that
+    resembles none of them, e.g. unlabelled PBMCs against cell types, however far from each),
+    else ``outside`` (``far_ratio > GUARD_FAR_RATIO``: farther from every seen context than they
+    are from each other, e.g. another study's normalisation), else ``within``. Fewer than 2 seen
+    contexts cannot be judged: ``within``.
+    """
+    if len(C) < 2:  # noqa: PLR2004
+        return {"position": "within"}
+    d = _distances(C, c0)
+    pair = np.sqrt(((C[:, None, :] - C[None, :, :]) ** 2).sum(axis=2))
+    np.fill_diagonal(pair, np.inf)
+    nearest, seen_max = float(d.min()), float(pair.min(axis=1).max())
+    far = nearest / max(seen_max, 1e-12)
+    blend = _hull_residual(C, c0)[0] / max(nearest, 1e-12)
+    position = "blend" if blend < GUARD_BLEND_RATIO else "outside" if far > GUARD_FAR_RATIO else "within"
+    return {"position": position, "nearest": nearest, "seen_nearest_max": seen_max, "far_ratio": far, "blend_ratio": blend}
+
+
+def quantile_calibrate(c0, C):
+    """c0 (n_genes,) mapped onto the seen contexts' value distribution, keeping its genes' ranks.
+
+    Quantile normalisation (Bolstad et al., Bioinformatics 19:185, 2003): the gene of rank r in c0
+    gets the mean over the rows of C (n_seen, n_genes) of their r-th smallest value. Another
+    normalisation target, depth or gene panel changes every value of a profile through one
+    increasing map (log1p(f * expm1(x))) but hardly the order of its genes; the map undoes it.
+    """
+    reference = np.sort(C, axis=1).mean(axis=0)
+    out = np.empty_like(reference)
+    out[np.argsort(c0, kind="stable")] = reference
+    return out
+
+
+def guarded_transfer(kind, C, Ds, c0):
+    """``context_transfer(kind, ...)`` unless the new context lies outside or between the seen ones.
+
+    C (n_seen, n_genes) seen control means, Ds (n_seen, n_genes) the perturbation's deltas there,
+    c0 (n_genes,) the new context's control mean. The regression and the kernel are fitted and
+    selected by leave-one-seen-context-out error, which speaks only for contexts like the
+    left-out ones: the regression extrapolates its slope along the whole of c0's offset (another
+    study's library sizes or gene set), the kernel hands c0 the response of whichever seen context
+    that offset happens to favour, or of its nearest cell type when c0 is a mixture of them. So:
+
+    - ``within`` (:func:`context_position`): ``kind`` as it is.
+    - ``outside``: c0 is calibrated onto the seen contexts' scale (:func:`quantile_calibrate`)
+      and judged again. A context whose offset was a normalisation or depth change then lies
+      within the seen ones, and ``kind`` predicts from the calibrated profile (the check that
+      mimics the shift: the reference is only trusted where the seen contexts' leave-one-out
+      validated it); one that stays outside, or turns out a blend, gets the plain mean shift
+      (``context_shift``, the best-supported pooled estimate).
+    - ``blend``: the plain mean shift, unless the seen contexts that, left out, are themselves
+      blends of the others (rarely any) favour ``kind``: its summed top-20 mse over them below
+      the shift's (a tie keeps the shift).
+
+    Returns (delta (n_genes,), record): the position figures of :func:`context_position` (and of
+    the calibrated profile, ``calibrated_*``), ``validation_folds`` and the two validation errors
+    for a blend, and ``reference``: the one used (``<kind> on the calibrated profile`` after a
+    calibration).
+    """
+    position = context_position(C, c0)
+    record = {"kind": kind, **position, "reference": kind}
+    if position["position"] == "within":
+        return context_transfer(kind, C, Ds, c0), record
+    if position["position"] == "outside":
+        calibrated = quantile_calibrate(c0, C)
+        record.update({f"calibrated_{k}": v for k, v in context_position(C, calibrated).items()})
+        if record["calibrated_position"] == "within":
+            record["reference"] = f"{kind} on the calibrated profile"
+            return context_transfer(kind, C, Ds, calibrated), record
+    else:
+        folds = [j for j in range(len(C)) if context_position(np.delete(C, j, axis=0), C[j])["position"] == "blend"]
+        record["validation_folds"] = len(folds)
+        if folds:
+            errors = {}
+            for name in (kind, "context_shift"):
+                pred = np.stack([context_transfer(name, np.delete(C, j, axis=0), np.delete(Ds, j, axis=0), C[j]) for j in folds])
+                errors[name] = float(top20_errors(pred, Ds[folds]).sum())
+            record["validation_mse_top20_reference"], record["validation_mse_top20_shift"] = errors[kind], errors["context_shift"]
+            if errors[kind] < errors["context_shift"]:
+                return context_transfer(kind, C, Ds, c0), record
+    record["reference"] = "context_shift"
+    return Ds.mean(axis=0), record
 
 
 def top_components(X, k, oversample=10, n_iter=4):
@@ -624,6 +751,47 @@ def top20_errors(pred, target):
     return np.mean((np.take_along_axis(pred, top, axis=1) - np.take_along_axis(target, top, axis=1)) ** 2, axis=1)
 
 
+def guard_summary(feats, conds):
+    """The new-context guard's decisions for ``conds`` as flat val_metrics entries (empty when it never ran).
+
+    Per context of ``conds`` whose reference went through :func:`guarded_transfer`:
+    ``context_guard:<context>:position`` (within, outside or blend), ``:reference`` (the reference
+    its predictions used; ``mixed`` when its perturbations differ), ``:changed_conditions`` (how
+    many did not use the planned reference as it is) and ``:conditions``, and the figures of its
+    first condition's record (``nearest``, ``seen_nearest_max``, ``far_ratio``, ``blend_ratio``,
+    ``calibrated_*`` for a context outside, ``validation_*`` for a blend). ``context_guard_rule``
+    says the rule.
+    """
+    out = {}
+    by_context = {}
+    for c in conds:
+        if c in feats.guard:
+            by_context.setdefault(feats.ctx(c), []).append(feats.guard[c])
+    for ctx, records in by_context.items():
+        key = f"context_guard:{ctx}:"
+        used = {r["reference"] for r in records}
+        out[key + "reference"] = used.pop() if len(used) == 1 else "mixed"
+        out[key + "changed_conditions"] = sum(r["reference"] != r["kind"] for r in records)
+        out[key + "conditions"] = len(records)
+        for name, value in records[0].items():
+            if name not in ("kind", "reference"):
+                out[key + name] = value
+    if out:
+        out["context_guard_rule"] = guard_rule()
+    return out
+
+
+def guard_rule():
+    """The new-context guard's rule in words (``context_guard_rule`` in val_metrics)."""
+    return (
+        f"a held-out context whose control mean lies outside the seen contexts (its nearest seen context > {GUARD_FAR_RATIO} x "
+        f"the largest seen nearest-neighbour distance) is quantile-calibrated onto the seen contexts' scale and keeps the "
+        f"planned reference only if it then lies within them; one that stays outside, or is a blend of the seen contexts "
+        f"(distance to their convex hull < {GUARD_BLEND_RATIO} x its nearest distance), gets context_shift (for a blend, "
+        f"unless seen contexts that are blends of the others, left out, favour the reference on top-20 mse)"
+    )
+
+
 def net_extra(feats):
     """Data-derived constants a template's network needs (default: none)."""
     return {}
@@ -680,6 +848,10 @@ def main():
     delta, base = predict(test)
     if metrics.get("residual") == "dropped":
         delta = base
+    guard = guard_summary(feats, test)
+    if guard and (OUT / "val_metrics.json").exists():
+        metrics.update(guard)
+        (OUT / "val_metrics.json").write_text(json.dumps(metrics, indent=2))
     control = np.stack([feats.control.loc[feats.ctx(c)].to_numpy() for c in test])
     obs = pd.DataFrame({"condition": test, "perturbation": [feats.pert(c) for c in test], "context": [feats.ctx(c) for c in test]}, index=test)
     pred = ad.AnnData(X=(control + delta).astype(np.float32), obs=obs, var=pd.DataFrame(index=train.var_names))

@@ -1,0 +1,128 @@
+"""The new-context guard of the template library: a held-out context outside or between the seen ones
+does not get an extrapolating reference; one within them, or one that only another normalisation put
+outside, keeps it."""
+
+from __future__ import annotations
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+
+N_GENES = 200
+
+
+def _lineages(rng: np.random.Generator):
+    """Six seen contexts in two lineages whose IFN-like responses differ by lineage.
+
+    Controls are log-scale profiles (non-negative, a wide spread of gene levels) near two
+    lineage centres; a lineage's response is shared by its contexts up to small noise.
+    """
+    centres = {"myeloid": rng.gamma(1.5, 1.0, N_GENES), "lymphoid": rng.gamma(1.5, 1.0, N_GENES)}
+    response = {"myeloid": rng.normal(size=N_GENES) * 2.0, "lymphoid": rng.normal(size=N_GENES) * 0.5}
+    controls, deltas = {}, {}
+    for lineage, centre in centres.items():
+        for i in range(3):
+            ctx = f"{lineage}{i}"
+            controls[ctx] = np.abs(centre + rng.normal(size=N_GENES) * 0.1)
+            deltas[ctx] = response[lineage] + rng.normal(size=N_GENES) * 0.05
+    return controls, deltas
+
+
+def _features(lib, controls: dict[str, np.ndarray], deltas: dict[str, np.ndarray], held: str, c0: np.ndarray):
+    """Features with every context of ``deltas`` seen (one 'stim' condition each) and ``held`` unseen, control c0."""
+    controls = {**controls, held: c0}
+    genes = [f"G{i}" for i in range(N_GENES)]
+    obs = pd.DataFrame({"condition": [f"{c}:ctrl" for c in controls], "context": list(controls), "is_control": True, "perturbation": "ctrl"})
+    obs.index = obs.index.astype(str)
+    train = ad.AnnData(X=np.stack(list(controls.values())), obs=obs, var=pd.DataFrame(index=genes))
+    table = {f"{c}:stim": {"perturbation": "stim", "context": c} for c in controls}
+    feats = lib.Features(train, table, k=2)
+    feats.set_seen(pd.DataFrame({f"{c}:stim": controls[c] + d for c, d in deltas.items()}, index=genes).T)
+    return feats
+
+
+@pytest.fixture
+def seen():
+    return _lineages(np.random.default_rng(7))
+
+
+def test_a_context_within_the_seen_ones_keeps_its_reference(lib, seen):
+    controls, deltas = seen
+    held = controls.pop("myeloid2")
+    truth = deltas.pop("myeloid2")
+    feats = _features(lib, controls, deltas, "new", held)
+    guarded = feats.base("new:stim", "context_kernel")
+    record = feats.guard["new:stim"]
+    assert record["position"] == "within" and record["reference"] == "context_kernel"
+    assert record["far_ratio"] < lib.GUARD_FAR_RATIO and record["blend_ratio"] > lib.GUARD_BLEND_RATIO
+    # identical to the unguarded kernel, which transfers the myeloid response
+    lib.CONFIG = {"context_guard": False}
+    feats.set_seen(pd.DataFrame({f"{c}:stim": controls[c] + d for c, d in deltas.items()}, index=feats.genes).T)
+    np.testing.assert_array_equal(guarded, feats.base("new:stim", "context_kernel"))
+    assert feats.guard == {}
+    shift = np.mean(list(deltas.values()), axis=0)
+    assert np.abs(guarded - truth).mean() < 0.2 * np.abs(shift - truth).mean()
+
+
+def test_a_context_far_outside_falls_back_to_the_shift(lib, seen):
+    controls, deltas = seen
+    # an unrelated profile far from every seen context: even calibrated onto their scale it resembles none
+    far = np.random.default_rng(11).gamma(1.5, 1.0, N_GENES) * 6.0
+    feats = _features(lib, controls, deltas, "other", far)
+    shift = np.mean(list(deltas.values()), axis=0)
+    for kind in ("context_kernel", "context_regression", "context_adaptive"):
+        np.testing.assert_allclose(feats.base("other:stim", kind), shift)
+        record = feats.guard["other:stim"]
+        assert record["position"] == "outside" and record["far_ratio"] > lib.GUARD_FAR_RATIO
+        assert record["calibrated_position"] != "within"
+        assert record["reference"] == "context_shift" and record["kind"] == kind
+    # the unguarded regression extrapolates along the far offset
+    lib.CONFIG = {"context_guard": False}
+    feats.set_seen(pd.DataFrame({f"{c}:stim": controls[c] + d for c, d in deltas.items()}, index=feats.genes).T)
+    assert np.abs(feats.base("other:stim", "context_regression") - shift).max() > 1.0
+
+
+def test_a_blend_of_the_seen_contexts_falls_back_to_the_shift(lib, seen):
+    controls, deltas = seen
+    # unlabelled cells of every type: their control is a mixture, near no single seen context
+    mixture = np.mean(list(controls.values()), axis=0)
+    feats = _features(lib, controls, deltas, "pbmc", mixture)
+    shift = np.mean(list(deltas.values()), axis=0)
+    np.testing.assert_allclose(feats.base("pbmc:stim", "context_kernel"), shift)
+    record = feats.guard["pbmc:stim"]
+    assert record["position"] == "blend" and record["blend_ratio"] < lib.GUARD_BLEND_RATIO
+    assert record["validation_folds"] == 0 and record["reference"] == "context_shift"
+
+
+def test_another_normalisation_of_a_seen_kind_of_context_is_calibrated_back(lib, seen):
+    controls, deltas = seen
+    held = controls.pop("myeloid2")
+    truth = deltas.pop("myeloid2")
+    # the same cells normalised to a 10x larger target: log1p(10 * expm1(x)), increasing in x
+    rescaled = np.log1p(10.0 * np.expm1(held))
+    feats = _features(lib, controls, deltas, "studyB", rescaled)
+    guarded = feats.base("studyB:stim", "context_kernel")
+    record = feats.guard["studyB:stim"]
+    assert record["position"] == "outside" and record["calibrated_position"] == "within"
+    assert record["reference"] == "context_kernel on the calibrated profile"
+    shift = np.mean(list(deltas.values()), axis=0)
+    assert np.abs(guarded - truth).mean() < 0.2 * np.abs(shift - truth).mean()
+    # what a run records: flat, JSON-ready val_metrics entries per held-out context
+    summary = lib.guard_summary(feats, ["studyB:stim"])
+    assert summary["context_guard:studyB:position"] == "outside"
+    assert summary["context_guard:studyB:reference"] == "context_kernel on the calibrated profile"
+    assert summary["context_guard:studyB:changed_conditions"] == 1
+    assert "quantile-calibrated" in summary["context_guard_rule"]
+    assert all(isinstance(v, int | float | str | bool) for v in summary.values())
+
+
+def test_quantile_calibration_undoes_an_increasing_map(lib):
+    rng = np.random.default_rng(3)
+    C = np.sort(rng.gamma(1.5, 1.0, (4, 50)), axis=1)
+    c0 = C[2].copy()
+    rng.shuffle(c0)
+    calibrated = lib.quantile_calibrate(np.log1p(5.0 * np.expm1(c0)), C)
+    # the genes keep their order and take the seen contexts' mean sorted values
+    np.testing.assert_allclose(np.sort(calibrated), C.mean(axis=0))
+    np.testing.assert_array_equal(np.argsort(calibrated), np.argsort(c0))
