@@ -264,3 +264,21 @@ def iter_jsonl(path: str | os.PathLike[str]) -> Iterator[Any]:
 def read_jsonl(path: str | os.PathLike[str]) -> list[Any]:
     """All records of a JSON Lines file (:func:`iter_jsonl`: bad lines skipped with a warning)."""
     return list(iter_jsonl(path))
+
+
+def read_setting_file(path: str | os.PathLike[str], *, what: str) -> str:
+    """The text of a file the user pointed cellforge at (task file, split manifest).
+
+    Raises
+    ------
+    ConfigError
+        The file cannot be read or is not text; the message names ``what`` and the path.
+    """
+    from cellforge.errors import ConfigError
+
+    p = Path(path)
+    try:
+        return p.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        msg = f"{what} {p}: cannot read it ({exc.strerror if isinstance(exc, OSError) else exc})"
+        raise ConfigError(msg) from exc

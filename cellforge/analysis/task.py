@@ -61,13 +61,10 @@ def load_task_file(path: str | Path) -> dict[str, Any]:
     from cellforge.data.splits import STRATEGIES
     from cellforge.errors import ConfigError
     from cellforge.evaluation.metrics import SOURCES
+    from cellforge.safeio import read_setting_file
 
     p = Path(path)
-    try:
-        text = p.read_text()
-    except (OSError, UnicodeDecodeError) as exc:
-        msg = f"task file {p}: cannot read it ({exc.strerror if isinstance(exc, OSError) else exc})"
-        raise ConfigError(msg) from exc
+    text = read_setting_file(p, what="task file")
     try:
         loaded = yaml.safe_load(text)
     except yaml.YAMLError as exc:

@@ -18,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from cellforge.data.canonical import COMBO_DELIMITER, CONTROL
 from cellforge.errors import ConfigError, pydantic_problems
+from cellforge.safeio import read_setting_file
 
 
 class SplitManifest(BaseModel):
@@ -51,11 +52,7 @@ class SplitManifest(BaseModel):
             the manifest (each named, with the valid fields); the message names the file.
         """
         p = Path(path)
-        try:
-            text = p.read_text()
-        except (OSError, UnicodeDecodeError) as exc:
-            msg = f"split manifest {p}: cannot read it ({exc.strerror if isinstance(exc, OSError) else exc})"
-            raise ConfigError(msg) from exc
+        text = read_setting_file(p, what="split manifest")
         try:
             return cls.model_validate(json.loads(text))
         except json.JSONDecodeError as exc:
