@@ -25,6 +25,11 @@ beside the harness's ``context_shift`` baseline, on two groups of tasks:
     replicate (``bio_rep``) as the context, one replicate held out (down-sampled to 30 %);
   - ``mcfaline_<line>_1e4``: the held-out line's pseudo-counts normalised to 1e4 + log1p.
 
+A third table (part c of the item) scores the unseen-perturbation reference ``on_target`` pooled
+over every context (before) and over the better-supported pool (after: ``Features.mean_pool``)
+beside the harness's same-context and pooled training means, on unseen knock-downs in all three
+McFaline lines and unseen knock-outs in all three Papalexi replicates (3 folds each).
+
 Each task is scored with the harness (``cellforge.evaluation``): pearson_delta,
 pearson_delta_de20 and mse_de20, mean over the test conditions. The reference is computed the
 way a training script computes its test predictions (features from the training cells, every
@@ -41,6 +46,7 @@ tasks ran).
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib.util
 import json
 import os
@@ -200,8 +206,7 @@ def count_tasks(rng: np.random.Generator) -> list[Task]:
         adata = canonical(c, gobs, glio.var_names, name=f"glioblastoma_{held}_depth0.25", log_normalised=False)
         manifest = make_split(adata, "new_context", seed=i, test_contexts=[held])
         tasks.append(Task(f"glioblastoma_{held}_depth0.25", "cross-batch", f"glioblastoma, patient {held} held out with its counts down-sampled to 25 %", adata, manifest))
-    card = get_card("papalexi_subset")
-    pap = load_sceptre_lowmoi(fetch(card, show_progress=False), dataset="papalexi_bio_rep", context_key="bio_rep")
+    pap = papalexi_by_replicate()
     pcounts = dense(pap, "counts")
     pobs = pd.DataFrame({"label": np.where(pap.obs["is_control"], "control", pap.obs["perturbation"].astype(str)), "context": pap.obs["context"].astype(str)}, index=pap.obs_names)
     for i, held in enumerate(sorted(pobs["context"].unique())):
@@ -229,12 +234,36 @@ def count_tasks(rng: np.random.Generator) -> list[Task]:
     return tasks
 
 
-# ------------------------------------------------------------------------- scoring
-def reference_predictions(lib, task: Task) -> tuple[dict[str, pd.DataFrame], dict]:
-    """Predicted test profiles ``(n_test, n_genes)`` of the reference without and with the guard, and the guard's records.
+@functools.cache
+def papalexi_by_replicate() -> ad.AnnData:
+    """Papalexi's knock-outs with the biological replicate (``bio_rep``: rep_1-3) as the context."""
+    card = get_card("papalexi_subset")
+    return load_sceptre_lowmoi(fetch(card, show_progress=False), dataset="papalexi_bio_rep", context_key="bio_rep")
 
-    As a training script makes its test predictions: features from the training cells (training
-    conditions and every control), every train + validation condition seen.
+
+def pool_tasks() -> list[Task]:
+    """Unseen perturbations in several contexts (3 folds each): where contexts respond alike, and where they do not.
+
+    ``mcfaline_kfold``: CRISPRi knock-downs held out in all three glioblastoma lines, whose
+    responses differ by line (the Datlinger-like case: pooling the lines dilutes each line's
+    own response). ``papalexi_kfold``: knock-outs held out in all three replicates of one line
+    (contexts that share nearly everything).
+    """
+    tasks = []
+    for name, adata in (("mcfaline_kfold", load_dataset("mcfaline_subset", show_progress=False)), ("papalexi_kfold", papalexi_by_replicate())):
+        for fold in range(3):
+            manifest = make_split(adata, "kfold", seed=0, n_folds=3, fold=fold)
+            tasks.append(Task(f"{name}{fold}", "pooled", f"{name.split('_')[0]}: unseen perturbations in every context, fold {fold} of 3", adata, manifest))
+    return tasks
+
+
+# ------------------------------------------------------------------------- scoring
+def features(lib, task: Task):
+    """Template-library features of a task as a training script builds them for its test predictions.
+
+    Features from the training cells (training conditions and every control), every train +
+    validation condition seen. Returns (features, seen profiles, test conditions, their
+    control means ``(n_test, n_genes)``).
     """
     adata, manifest = task.adata, task.manifest
     cond = adata.obs["condition"].astype(str)
@@ -245,12 +274,45 @@ def reference_predictions(lib, task: Task) -> tuple[dict[str, pd.DataFrame], dic
     seen = lib.group_means(adata[cond.isin(manifest.train + manifest.val).to_numpy()])
     test = list(manifest.test)
     control = np.stack([feats.control.loc[feats.ctx(c)].to_numpy() for c in test])
+    return feats, seen, test, control
+
+
+#: Part (c): the unseen-perturbation reference pooled over every context (before) or over the
+#: better-supported pool (after), beside the harness's same-context and pooled training means.
+POOL_METHODS = ["on_target_pooled", "on_target_context_pool", "training_mean", "training_mean_pooled"]
+
+
+def run_pool_task(lib, task: Task) -> dict:
+    """Scores of the ``on_target`` reference with and without the context pool, and of the two harness training means."""
+    inputs = baseline_inputs(task.adata, task.manifest)
+    truth = build_truth(task.adata, task.manifest, inputs=inputs)
+    feats, seen, test, control = features(lib, task)
+    preds = run_baselines(inputs, ["training_mean", "training_mean_pooled"])
+    pools = []
+    for method, pool in (("on_target_pooled", False), ("on_target_context_pool", True)):
+        lib.CONFIG = {"context_pool": pool}
+        feats.set_seen(seen)
+        preds[method] = pd.DataFrame(control + np.stack([feats.base(c, "on_target") for c in test]), index=test, columns=task.adata.var_names)
+        if pool:
+            pools = [feats.mean_pool(c, feats.others(c)) for c in test]
+    same = sum(all(feats.ctx(o) == feats.ctx(c) for o in pool) for c, pool in zip(test, pools, strict=True))
+    scores = {m: {k: float(v) for k, v in score_predictions(preds[m], truth)[METRICS].mean().items()} for m in POOL_METHODS}
+    return {"task": task.name, "what": task.what, "n_test": len(test), "same_context_pools": same, "scores": scores}
+
+
+def reference_predictions(lib, task: Task) -> tuple[dict[str, pd.DataFrame], dict]:
+    """Predicted test profiles ``(n_test, n_genes)`` of the reference without and with the guard, and the guard's records.
+
+    As a training script makes its test predictions: features from the training cells (training
+    conditions and every control), every train + validation condition seen.
+    """
+    feats, seen, test, control = features(lib, task)
     out = {}
     for method, guard in (("old_reference", False), ("guarded_reference", True)):
         lib.CONFIG = {"context_guard": guard}
         feats.set_seen(seen)
         delta = np.stack([feats.base(c, REFERENCE) for c in test])
-        out[method] = pd.DataFrame(control + delta, index=test, columns=adata.var_names)
+        out[method] = pd.DataFrame(control + delta, index=test, columns=task.adata.var_names)
     return out, lib.guard_summary(feats, test)
 
 
@@ -337,6 +399,21 @@ def markdown(results: dict) -> str:
             for key, c in s["guarded_vs"].items():
                 lines.append(f"- {key}: {c['better']} better, {c['worse']} worse, {c['equal']} equal")
         lines.append("")
+    if results.get("pooled"):
+        lines += [
+            "## Unseen perturbations in several contexts: the pooled estimate (part c)", "",
+            "The unseen-perturbation reference (`on_target`: the mean seen change, each measured target gene moved by the mean "
+            "on-target change) averaged over every context (`on_target_pooled`, before) or over the better-supported pool "
+            "(`on_target_context_pool`, after: the condition's own context when, leaving each of that context's seen conditions "
+            "out, the mean of the rest of the context predicts it better than the mean of the rest of every context), beside "
+            "the harness's `training_mean` (same context) and `training_mean_pooled`. `same-context pools`: test conditions "
+            "whose pool was their own context.", "",
+            "| task | n test | same-context pools | " + " | ".join(POOL_METHODS) + " |", "|---|---|---|" + "---|" * len(POOL_METHODS),
+        ]
+        for r in results["pooled"]:
+            cells = [" / ".join(f"{r['scores'][m][k]:.3f}" for k in METRICS) for m in POOL_METHODS]
+            lines.append(f"| {r['task']} | {r['n_test']} | {r['same_context_pools']} | " + " | ".join(cells) + " |")
+        lines.append("")
     lines += [
         "## Notes", "",
         "- Every reference predicts the held-out context's change in the seen contexts' scale (the deltas seen there); on the "
@@ -346,7 +423,7 @@ def markdown(results: dict) -> str:
         "for the first context of each data set, drawn by seed for the others (as `benchmarks/tasks.py` draws them).",
         "",
         "## Task definitions", "",
-    ] + [f"- `{r['task']}`: {r['what']}" for r in results["tasks"]]
+    ] + [f"- `{r['task']}`: {r['what']}" for r in results["tasks"] + results.get("pooled", [])]
     return "\n".join(lines) + "\n"
 
 
@@ -366,12 +443,18 @@ def main() -> None:
         row = run_task(lib, task)
         rows.append(row)
         print(task.name, {k: (round(v, 3) if isinstance(v, float) else v) for k, v in row["guard"].items()}, {m: [round(v, 4) for v in row["scores"][m].values()] for m in METHODS}, flush=True)
+    pooled = []
+    for task in pool_tasks():
+        if args.task and not any(task.name.startswith(p) for p in args.task):
+            continue
+        pooled.append(run_pool_task(lib, task))
+        print(task.name, pooled[-1]["same_context_pools"], {m: [round(v, 4) for v in pooled[-1]["scores"][m].values()] for m in POOL_METHODS}, flush=True)
     results = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": f"{os.cpu_count()} CPUs, Python {platform.python_version()}",
         "reference": REFERENCE,
         "rule": {"far_ratio": lib.GUARD_FAR_RATIO, "blend_ratio": lib.GUARD_BLEND_RATIO, "text": lib.guard_rule()},
-        "tasks": rows, "summary": summary(rows), "wall_s": round(time.monotonic() - start, 1),
+        "tasks": rows, "summary": summary(rows), "pooled": pooled, "wall_s": round(time.monotonic() - start, 1),
     }
     if args.task:
         print(json.dumps(results["summary"], indent=1))

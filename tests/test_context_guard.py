@@ -126,3 +126,44 @@ def test_quantile_calibration_undoes_an_increasing_map(lib):
     # the genes keep their order and take the seen contexts' mean sorted values
     np.testing.assert_allclose(np.sort(calibrated), C.mean(axis=0))
     np.testing.assert_array_equal(np.argsort(calibrated), np.argsort(c0))
+
+
+def _states(lib, rng: np.random.Generator, *, differ: bool):
+    """Eight perturbations in two stimulation states; their changes share a state-specific part, or not."""
+    genes = [f"G{i}" for i in range(40)]
+    state = {"rest": rng.normal(size=40) * 2.0, "stim": rng.normal(size=40) * 2.0 if differ else None}
+    state["stim"] = state["stim"] if differ else state["rest"]
+    deltas, table = {}, {}
+    for ctx in ("rest", "stim"):
+        for i in range(8):
+            cond = f"{ctx}:P{i}"
+            table[cond] = {"perturbation": f"P{i}", "context": ctx}
+            deltas[cond] = state[ctx] + rng.normal(size=40) * 0.3
+    obs = pd.DataFrame({"condition": ["rest:ctrl", "stim:ctrl"], "context": ["rest", "stim"], "is_control": True, "perturbation": "ctrl"})
+    obs.index = obs.index.astype(str)
+    train = ad.AnnData(X=np.zeros((2, 40)), obs=obs, var=pd.DataFrame(index=genes))
+    feats = lib.Features(train, table, k=2)
+    held = "stim:P7"
+    feats.set_seen(pd.DataFrame({c: d for c, d in deltas.items() if c != held}, index=genes).T)
+    return feats, held, deltas
+
+
+def test_states_that_respond_differently_get_their_own_training_mean(lib):
+    feats, held, deltas = _states(lib, np.random.default_rng(5), differ=True)
+    pool = feats.mean_pool(held, feats.others(held))
+    assert sorted(pool) == [f"stim:P{i}" for i in range(7)]
+    own = np.mean([deltas[c] for c in pool], axis=0)
+    np.testing.assert_allclose(feats.base(held, "training_mean"), own)
+    pooled = np.mean([d for c, d in deltas.items() if c != held], axis=0)
+    assert np.abs(own - deltas[held]).mean() < 0.5 * np.abs(pooled - deltas[held]).mean()
+    # switched off: the mean over both states, as before
+    lib.CONFIG = {"context_pool": False}
+    feats.set_seen(pd.DataFrame({c: d for c, d in deltas.items() if c != held}, index=feats.genes).T)
+    np.testing.assert_allclose(feats.base(held, "training_mean"), pooled)
+
+
+def test_states_that_respond_alike_keep_the_pooled_training_mean(lib):
+    feats, held, deltas = _states(lib, np.random.default_rng(5), differ=False)
+    # the larger pool predicts each seen condition of the state better: every state is kept
+    assert len(feats.mean_pool(held, feats.others(held))) == 15
+    np.testing.assert_allclose(feats.base(held, "on_target"), np.mean([d for c, d in deltas.items() if c != held], axis=0))

@@ -121,13 +121,13 @@ class Features:
         if not others:
             return np.zeros(n)
         D = np.stack([self.seen[c] for c in others])
-        if kind == "training_mean":
-            return D.mean(axis=0)
+        if kind in ("training_mean", "on_target"):
+            pool = self.mean_pool(cond, others)
+            D = np.stack([self.seen[c] for c in pool])
+            return D.mean(axis=0) if kind == "training_mean" else self._on_target(cond, pool, D)
         if kind == "single_mean":
             singles = [i for i, c in enumerate(others) if COMBO not in self.pert(c)]
             return D[singles].mean(axis=0) if singles else D.mean(axis=0)
-        if kind == "on_target":
-            return self._on_target(cond, others, D)
         if kind == "additive":
             observed = self._observed_singles(cond, others)
             return np.sum(observed, axis=0) if observed else np.zeros(n)
@@ -152,6 +152,28 @@ class Features:
             f"unknown reference predictor {kind!r}; valid: training_mean, single_mean, on_target, additive, member_additive, observed_additive, "
             f"linear, {', '.join(CONTEXT_REFERENCES)}"
         )
+
+    def mean_pool(self, cond, others):
+        """The seen conditions whose mean stands in for ``cond``: its own context's, or every context's.
+
+        With several contexts (stimulation states, lines) the same perturbations can act
+        differently in each (Datlinger-like screens), and the pooled mean dilutes a state's own
+        response. The pool is the one that predicts the other seen conditions of ``cond``'s
+        context better, leaving each out: summed top-20 mse of the mean of the rest of the context
+        against the mean of the rest of every context (a tie keeps every context, the larger
+        sample). ``cond`` itself never takes part. One context, no other seen condition in it, or
+        ``CONFIG["context_pool"]`` False: every context. Returns a list of condition names.
+        """
+        same = [c for c in others if self.ctx(c) == self.ctx(cond)]
+        if not CONFIG.get("context_pool", True) or len(same) == len(others) or len(same) < 2:  # noqa: PLR2004
+            return others
+        D = np.stack([self.seen[c] for c in others])
+        S = np.stack([self.seen[c] for c in same])
+        rest_same = (S.sum(axis=0) - S) / (len(S) - 1)
+        rest_all = (D.sum(axis=0) - S) / (len(D) - 1)
+        if top20_errors(rest_same, S).sum() < top20_errors(rest_all, S).sum():
+            return same
+        return others
 
     def _on_target(self, cond, others, D):
         """Training mean, with each measured target gene moved by the mean on-target change.
