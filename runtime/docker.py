@@ -42,6 +42,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from runtime.agent_server import TIMEOUT_EXIT, command_shell, stream_command, timed_out
 from runtime.base import CommandEvent, DiskWatch, Isolation, Limits, OutputCapture, RunResult, Sandbox, prepare_work_dir, sandbox_env, write_log
 from runtime.errors import SandboxInfraError, SandboxUnavailableError
 
@@ -52,8 +53,6 @@ DEFAULT_IMAGE = "cellforge-sandbox:latest"
 CONTROL_MOUNT = "/ctl"
 SOCKET_NAME = "agent.sock"
 HEALTH_TIMEOUT_S = 120.0
-#: Exit status reported when the wall-clock limit stopped the command (as coreutils ``timeout``).
-TIMEOUT_EXIT = 124
 
 
 def docker_engine_available() -> bool:
@@ -206,42 +205,6 @@ def unix_socket_workspace(socket_path: str, working_dir: str, api_key: str) -> A
             return self._client
 
     return UnixSocketWorkspace(host="http://sandbox", working_dir=working_dir, api_key=api_key)
-
-
-def stream_command(workspace: Any, command: str, *, cwd: str, timeout_s: float, capture: OutputCapture) -> int | None:
-    """Run ``command`` through the agent server and feed its ``BashOutput`` events to ``capture`` as they arrive.
-
-    Uses the agent server's bash API (``POST /bash/start_bash_command``, then
-    ``GET /bash/bash_events/search`` for the command's events after the last seen order),
-    the event stream OpenHands' ``RemoteWorkspace.execute_command`` collects.
-
-    Returns
-    -------
-    The command's exit code, or ``None`` when no exit event came within ``timeout_s``.
-    """
-    client, prefix = workspace.client, workspace.api_prefix
-    started = client.post(f"{prefix}/bash/start_bash_command", json={"command": command, "cwd": cwd, "timeout": int(timeout_s)}, timeout=30)
-    started.raise_for_status()
-    command_id = started.json()["id"]
-    last, deadline = -1, time.monotonic() + timeout_s + 5
-    while time.monotonic() < deadline:
-        params: dict[str, Any] = {"kind__eq": "BashOutput", "command_id__eq": command_id, "sort_order": "TIMESTAMP", "limit": 100}
-        if last >= 0:
-            params["order__gt"] = last
-        page = client.get(f"{prefix}/bash/bash_events/search", params=params, timeout=30)
-        page.raise_for_status()
-        items = page.json().get("items", [])
-        exit_code = None
-        for event in items:
-            last = max(last, int(event.get("order", last)))
-            capture.feed((event.get("stdout") or "") + (event.get("stderr") or ""))
-            if event.get("exit_code") is not None:
-                exit_code = int(event["exit_code"])
-        if exit_code is not None:
-            return exit_code
-        if not items:
-            time.sleep(0.2)
-    return None
 
 
 def remove_containers(work_dir: Path, *, runner: Any = subprocess.run) -> list[str]:
@@ -410,19 +373,10 @@ class DockerSandbox(Sandbox):
     # ------------------------------------------------------------------ the interface
     def container_command(self, command: list[str], *, timeout_s: float, memory_mb: int | None, env: dict[str, str]) -> str:
         """The shell line the agent server runs: cleared environment, ``timeout``, ``prlimit``, stderr into stdout."""
-        limit = ["timeout", "-s", "TERM", "-k", "5", f"{timeout_s:.0f}"]
-        if memory_mb:
-            limit += ["prlimit", f"--as={int(memory_mb) * 1024 * 1024}", "--"]
-        full_env = sandbox_env(self.work_dir, env)
-        inner = ["env", "-i", *(f"{k}={v}" for k, v in full_env.items()), *limit, *command]
-        # The output goes through a file in the container's /tmp that `tail --pid` streams until the command
-        # exits: a daemon the command left behind keeps that file open, not the agent server's pipe, so the
-        # exit is reported when the command ends (the daemon dies with the strays afterwards).
+        prlimits = [f"--as={int(memory_mb) * 1024 * 1024}"] if memory_mb else []
+        # the output file lives in the container's private /tmp (see runtime.agent_server.command_shell)
         out = f"/tmp/.cellforge-{secrets.token_hex(4)}.out"
-        return (
-            f"cd {shlex.quote(str(self.work_dir))} && : > {out} || exit 125\n{shlex.join(inner)} > {out} 2>&1 &\npid=$!\n"
-            f"tail -s 0.2 -n +1 -f --pid=$pid {out}\nwait $pid\nrc=$?\nrm -f {out}\nexit $rc"
-        )
+        return command_shell(command, cwd=str(self.work_dir), env=sandbox_env(self.work_dir, env), timeout_s=timeout_s, out_file=out, prlimits=prlimits)
 
     def run(
         self,
@@ -460,8 +414,7 @@ class DockerSandbox(Sandbox):
         if watch.exceeded:
             limit_hit = "disk"
             capture.feed(f"\n[sandbox] stopped: the work folder passed its limit of {self.limits.disk_mb} MiB\n")
-        elif exit_code is None or exit_code == TIMEOUT_EXIT or (exit_code in (137, -9, -1) and elapsed >= timeout_s):
-            # `timeout` exits 124, or dies by the KILL it sent when TERM was ignored; None: the server's own limit
+        elif timed_out(exit_code, elapsed, timeout_s):
             limit_hit, exit_code = "timeout", TIMEOUT_EXIT
         if exit_code == TIMEOUT_EXIT and elapsed > timeout_s + 20:
             self._remove()  # the in-container timeout was defeated: the container goes

@@ -17,8 +17,9 @@ import contextlib
 import errno
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path, PurePosixPath
+from typing import BinaryIO
 
 from runtime.errors import UntrustedFileError
 
@@ -106,6 +107,11 @@ def write_bytes(root: Path, rel: str | os.PathLike[str], data: bytes, *, owner: 
     UntrustedFileError
         A parent is a link or special file, or the target is a directory.
     """
+    write_chunks(root, rel, [data], owner=owner)
+
+
+def write_chunks(root: Path, rel: str | os.PathLike[str], chunks: Iterable[bytes], *, owner: tuple[int, int] | None = None) -> None:
+    """As :func:`write_bytes`, with the contents given as an iterable of byte strings (streamed)."""
     parts = _parts(rel)
     with _open_dir(root, parts[:-1], create=True, owner=owner) as dfd:
         with contextlib.suppress(FileNotFoundError):
@@ -115,11 +121,71 @@ def write_bytes(root: Path, rel: str | os.PathLike[str], data: bytes, *, owner: 
             os.unlink(parts[-1], dir_fd=dfd)
         fd = os.open(parts[-1], os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644, dir_fd=dfd)
         try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
+            for data in chunks:
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view):]
         finally:
             os.close(fd)
+
+
+@contextlib.contextmanager
+def open_read(root: Path, rel: str | os.PathLike[str]) -> Iterator[BinaryIO]:
+    """The regular file ``root/rel`` opened for reading, reached without following any link.
+
+    Raises
+    ------
+    FileNotFoundError
+        No such entry.
+    UntrustedFileError
+        A link or a non-regular file anywhere on the path.
+    """
+    parts = _parts(rel)
+    if not parts:
+        raise UntrustedFileError(f"{root}: not a file")
+    with _open_dir(root, parts[:-1]) as dfd:
+        try:
+            fd = os.open(parts[-1], _READ_FLAGS, dir_fd=dfd)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise UntrustedFileError(f"{root}/{rel}: is a symbolic link; not followed") from exc
+            raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UntrustedFileError(f"{root}/{rel}: not a regular file")
+    os.set_blocking(fd, True)
+    with open(fd, "rb") as handle:
+        yield handle
+
+
+def list_tree(root: Path) -> dict[str, tuple[str, int]]:
+    """Every entry under ``root``: relative POSIX path -> (kind, size); links are listed, never followed.
+
+    ``kind`` is ``'d'`` (folder), ``'f'`` (regular file) or ``'o'`` (a link or a special file);
+    ``size`` is the size in bytes of a regular file, else 0.
+    """
+    out: dict[str, tuple[str, int]] = {}
+    stack = [""]
+    while stack:
+        rel = stack.pop()
+        try:
+            entries = list(os.scandir(os.path.join(root, rel) if rel else root))
+        except OSError:
+            continue
+        for entry in entries:
+            name = f"{rel}/{entry.name}" if rel else entry.name
+            try:
+                info = entry.stat(follow_symlinks=False)
+            except OSError:
+                continue
+            if stat.S_ISDIR(info.st_mode):
+                out[name] = ("d", 0)
+                stack.append(name)
+            elif stat.S_ISREG(info.st_mode):
+                out[name] = ("f", info.st_size)
+            else:
+                out[name] = ("o", 0)
+    return out
 
 
 def make_dir(root: Path, rel: str | os.PathLike[str], *, owner: tuple[int, int] | None = None) -> None:
