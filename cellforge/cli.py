@@ -34,7 +34,7 @@ def benchmark(
     task_file: Annotated[Path | None, typer.Option("--task-file", help="YAML task file (type, description, metric_of_record, split, split_options).")] = None,
     split: Annotated[Path | None, typer.Option("--split", help="Split manifest JSON to use instead of the task's.")] = None,
     seed: Annotated[int, typer.Option(help="Seed of the split strategy.")] = 0,
-    sandbox: Annotated[str | None, typer.Option(help="auto, docker or local (default: CELLFORGE_SANDBOX or auto).")] = None,
+    sandbox: Annotated[str | None, typer.Option(help="auto, docker, local or remote (default: CELLFORGE_SANDBOX or auto).")] = None,
     max_attempts: Annotated[int, typer.Option(help="Bound on code attempts (patch-and-retry).")] = 4,
     timeout: Annotated[float, typer.Option(help="Wall-clock limit of one attempt, seconds.")] = 900,
     debate_rounds: Annotated[int, typer.Option(help="Round cap of the expert debate (at most 10).")] = 10,
@@ -279,6 +279,7 @@ def doctor() -> None:
     from runtime.errors import SandboxUnavailableError
     from runtime.factory import choose_backend, resolve_backend
     from runtime.local import bwrap_available
+    from runtime.remote import probe, remote_settings
 
     try:
         mode = llm_mode()
@@ -296,6 +297,13 @@ def doctor() -> None:
     typer.echo("llm limits: " + ", ".join(f"{k.lower()}={v or 'default'}" for k, v in limits.items()))
     backend, strict = resolve_backend()
     typer.echo(f"sandbox requested: {backend}{' (strict)' if strict else ''}; docker engine: {docker_engine_available()}; bwrap: {bwrap_available()}")
+    remote_url, remote_key = remote_settings()
+    if remote_url or backend == "remote":  # the URL, whether it answers; of the key only whether it is set
+        try:
+            answer = f"answers (OpenHands agent server {probe(remote_url, remote_key)})" if remote_url and remote_key else "not checked"
+        except SandboxUnavailableError as exc:
+            answer = f"not usable: {exc}"
+        typer.echo(f"sandbox remote: {remote_url or 'CELLFORGE_SANDBOX_REMOTE_URL not set'}; key {'set' if remote_key else 'not set'}; {answer}")
     try:
         chosen, why = choose_backend()
         typer.echo(f"sandbox used: {chosen} ({why})")

@@ -16,7 +16,8 @@ from pydantic import BaseModel, ConfigDict, Field
 import runtime.hostio as hostio
 from runtime.redaction import SECRET_NAME, redact
 
-Isolation = Literal["docker+no-network", "docker", "bubblewrap+rlimits", "rlimits", "none"]
+#: ``remote+rlimits``: rlimits set by cellforge on another machine, whose containment is that machine's own.
+Isolation = Literal["docker+no-network", "docker", "bubblewrap+rlimits", "rlimits", "remote+rlimits", "none"]
 
 
 class CommandEvent(BaseModel):
@@ -85,7 +86,7 @@ class RunResult(BaseModel):
     duration_s: float = Field(description="Wall-clock seconds.")
     log_tail: str = Field(description="Last lines of combined stdout and stderr.")
     log_path: str = Field(description="Full log (as the host kept it), relative to the sandbox's work folder.")
-    backend: str = Field(description="Sandbox backend that ran the command: 'docker' or 'local'.")
+    backend: str = Field(description="Sandbox backend that ran the command: 'docker', 'local' or 'remote'.")
     isolation: Isolation = Field(description="Isolation actually in force.")
     memory_limit_mb: int | None = Field(default=None, description="Address-space / container memory limit.")
     events: list[CommandEvent] = Field(default_factory=list, description="The last output events streamed from the runtime (redacted).")
@@ -262,18 +263,23 @@ class DiskWatch:
     """Polls the size of a work folder while a command runs; calls ``on_exceed`` once past the limit.
 
     Polling means a fast writer can pass the limit by what it writes in one interval
-    (``interval_s``); single files are also capped by RLIMIT_FSIZE.
+    (``interval_s``); single files are also capped by RLIMIT_FSIZE. ``measure`` returns the
+    size in bytes (default: :func:`runtime.hostio.tree_size` of ``root``; the remote backend
+    asks its agent server).
     """
 
-    def __init__(self, root: Path, *, limit_mb: int, on_exceed: object, interval_s: float = 0.1) -> None:
+    def __init__(
+        self, root: Path, *, limit_mb: int, on_exceed: object, interval_s: float = 0.1, measure: Callable[[], int] | None = None
+    ) -> None:
         self.root, self.limit, self.on_exceed, self.interval = root, limit_mb * 1024 * 1024, on_exceed, interval_s
+        self.measure = measure or (lambda: hostio.tree_size(self.root))
         self.exceeded = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
-            if hostio.tree_size(self.root) > self.limit:
+            if self.measure() > self.limit:
                 self.exceeded = True
                 self.on_exceed()  # type: ignore[operator]
                 return

@@ -11,7 +11,7 @@ from runtime.errors import SandboxUnavailableError
 
 logger = logging.getLogger(__name__)
 
-CHOICES = ("auto", "docker", "local")
+CHOICES = ("auto", "docker", "local", "remote")
 
 
 def resolve_backend(requested: str | None = None) -> tuple[str, bool]:
@@ -20,7 +20,10 @@ def resolve_backend(requested: str | None = None) -> tuple[str, bool]:
     ``auto`` takes Docker where an engine answers *and* the sandbox image is present, else
     local. ``docker`` or ``local`` alone prefer that backend and fall back;
     ``CELLFORGE_SANDBOX_STRICT=1`` (or a ``strict:`` prefix such as ``strict:docker``)
-    refuses to fall back (and, for ``local``, requires bubblewrap).
+    refuses to fall back (and, for ``local``, requires bubblewrap). ``remote`` (an OpenHands
+    agent server on another machine, :mod:`runtime.remote`) is strict by nature: it is never
+    chosen by ``auto`` and never falls back, since training meant for another machine must
+    not run on this one.
 
     Raises
     ------
@@ -34,7 +37,7 @@ def resolve_backend(requested: str | None = None) -> tuple[str, bool]:
     if raw not in CHOICES:
         msg = f"CELLFORGE_SANDBOX={raw!r} is not a sandbox backend; valid: {', '.join(CHOICES)} (optionally 'strict:<name>')"
         raise ValueError(msg)
-    return raw, strict
+    return raw, strict or raw == "remote"
 
 
 def choose_backend(requested: str | None = None) -> tuple[str, str]:
@@ -43,13 +46,24 @@ def choose_backend(requested: str | None = None) -> tuple[str, str]:
     Raises
     ------
     SandboxUnavailableError
-        Strict Docker was asked for and no engine answers or the image is missing.
+        Strict Docker was asked for and no engine answers or the image is missing; or
+        ``remote`` was asked for and its URL or key is missing, or its agent server does not
+        answer or refuses the key.
     """
     from runtime.docker import DEFAULT_IMAGE, docker_engine_available, image_present
 
     backend, strict = resolve_backend(requested)
     if backend == "local":
         return "local", "local backend requested"
+    if backend == "remote":
+        from runtime.remote import ENV_KEY, ENV_URL, check_url, probe, remote_settings
+
+        url, key = remote_settings()
+        if not url or not key:
+            msg = f"CELLFORGE_SANDBOX=remote needs {ENV_URL} and {ENV_KEY} (missing: {', '.join(n for n, v in ((ENV_URL, url), (ENV_KEY, key)) if not v)})"
+            raise SandboxUnavailableError(msg)
+        version = probe(url, key)
+        return "remote", f"the OpenHands agent server {version} at {check_url(url)} answers and accepts the key"
     engine = docker_engine_available()
     image = engine and image_present(DEFAULT_IMAGE)
     if engine and image:
@@ -77,6 +91,10 @@ def open_sandbox(work_dir: Path, *, requested: str | None = None, **options: obj
     backend, why = choose_backend(requested)
     _, strict = resolve_backend(requested)
     logger.info("sandbox backend %s: %s", backend, why)
+    if backend == "remote":
+        from runtime.remote import RemoteSandbox
+
+        return RemoteSandbox(work_dir, **options)  # type: ignore[arg-type]
     if backend == "docker":
         return DockerSandbox(work_dir, **options)  # type: ignore[arg-type]
     return LocalSandbox(work_dir, use_bwrap=True if strict else None, **options)  # type: ignore[arg-type]

@@ -25,10 +25,32 @@ SECRET_PATTERNS = [
 ]
 
 
+#: Secrets handed to cellforge other than through the environment (:func:`register_secret`).
+_REGISTERED: set[str] = set()
+
+
+def register_secret(value: str) -> None:
+    """Redact ``value`` from now on, wherever it appears (8 characters or longer; shorter ones are refused).
+
+    For credentials cellforge receives as arguments rather than environment variables, such as
+    a remote agent server's session key.
+
+    Raises
+    ------
+    ValueError
+        ``value`` is shorter than 8 characters (too short to redact without mangling text).
+    """
+    if len(value) < 8:  # noqa: PLR2004
+        msg = "a secret shorter than 8 characters cannot be redacted reliably"
+        raise ValueError(msg)
+    _REGISTERED.add(value)
+
+
 def host_secrets(host: Mapping[str, str] | None = None) -> list[str]:
-    """Values of the host's credential-like environment variables (8 characters or longer), longest first."""
+    """Values of the host's credential-like environment variables (8 characters or longer) and registered secrets, longest first."""
     host = os.environ if host is None else host
-    return sorted({v for k, v in host.items() if SECRET_NAME.search(k) and len(v) >= 8}, key=len, reverse=True)  # noqa: PLR2004
+    found = {v for k, v in host.items() if SECRET_NAME.search(k) and len(v) >= 8} | _REGISTERED  # noqa: PLR2004
+    return sorted(found, key=len, reverse=True)
 
 
 def redact(text: str, *, host: Mapping[str, str] | None = None) -> str:
