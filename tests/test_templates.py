@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import anndata as ad
 import numpy as np
@@ -372,12 +373,18 @@ def test_early_stopping_keeps_the_reference_when_no_epoch_beats_it_on_validation
     def loader(value):
         return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.full((4, 1), value)), batch_size=4)
 
-    keep = lib.best_weights()
-    module = Residual()
-    trainer = L.Trainer(max_epochs=5, logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, callbacks=[keep])
-    trainer.fit(module, loader(1.0), loader(-1.0))
+    def fit(val_target):
+        keep, module = lib.best_weights(), Residual()
+        trainer = L.Trainer(max_epochs=5, logger=False, enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False, callbacks=[keep])
+        trainer.fit(module, loader(1.0), loader(val_target))
+        return keep, module
+
+    keep, module = fit(-1.0)
     assert float(module.residual) > 0.5  # training moved away ...
-    assert float(keep.state["residual"]) == 0.0 and keep.best == 1.0  # ... but the reference is what is kept
+    assert float(keep.state["residual"]) == 0.0 and keep.best == 1.0 and keep.epoch == 0  # ... but the reference is what is kept
+    # when validation agrees with training, every epoch improves and the last one is kept
+    keep, module = fit(1.0)
+    assert keep.epoch == 5 and float(keep.state["residual"]) == float(module.residual) > 0.5
 
 
 def test_a_residual_that_does_not_help_in_cross_validation_is_dropped(lib, monkeypatch, tmp_path):
@@ -439,3 +446,116 @@ def test_the_residual_is_compared_with_its_reference_condition_by_condition(lib,
     single = {"val_mse_top20": 0.0, "val_baseline_mse_top20": 0.2, "val_pearson_delta_top20": 0.8, "val_baseline_pearson_delta_top20": 0.8}
     lib.keep_or_drop_residual(single)
     assert single["residual"] == "dropped" and single["residual_mse_top20_diff_se"] is None
+
+def _learnable_residual_task(seed: int = 0, n_genes: int = 30, n_perts: int = 30, k: int = 2) -> ad.AnnData:
+    """SYNTHETIC knock-downs whose change depends on the target gene's place in the control co-expression.
+
+    Control cells vary along ``k`` gene programmes (loadings ``L``, ``(k, n_genes)``); knocking
+    down gene ``g`` moves the cells by ``A @ L[:, g]``: targets with similar loadings act alike.
+    The training mean is wrong for every perturbation, in a way the template's input (the
+    target's gene-PCA embedding) predicts.
+    """
+    rng = np.random.default_rng(seed)
+    loadings = rng.normal(size=(k, n_genes))
+    response = rng.normal(size=(n_genes, k)) * 0.6
+    genes = [f"G{i}" for i in range(n_genes)]
+    blocks, labels = [], []
+    for label, delta, n in [("ctrl", 0.0, 300), *((genes[i], response @ loadings[:, i], 25) for i in range(n_perts))]:
+        blocks.append(5.0 + rng.normal(size=(n, k)) @ loadings + delta + 0.3 * rng.normal(size=(n, n_genes)))
+        labels += [label] * n
+    obs = pd.DataFrame({"perturbation": labels, "condition": labels, "context": "all", "is_control": [lab == "ctrl" for lab in labels]})
+    obs.index = [f"c{i}" for i in range(len(labels))]
+    return ad.AnnData(X=np.concatenate(blocks).astype(np.float32), obs=obs, var=pd.DataFrame(index=genes))
+
+
+def _run_in_process(script: Path) -> None:
+    """Run a rendered training script's ``main()`` in this process (no second torch/Lightning import),
+    restoring the global torch settings it changes."""
+    import importlib.util
+
+    import torch
+
+    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
+    spec = importlib.util.spec_from_file_location(f"rendered_{script.parent.name}", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    argv = sys.argv
+    try:
+        sys.argv = [str(script)]
+        module.main()
+    finally:
+        sys.argv = argv
+        torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
+
+
+def test_a_learnable_residual_moves_beats_its_reference_in_cross_validation_and_is_kept(tmp_path):
+    """The whole path (render, cross-validate, early-stop, paired rule, predict) lets a residual learn.
+
+    Fails if the residual cannot leave its zero start (a dead output layer, a learning rate of
+    ~0, best weights that never move past the untrained epoch, a gate that drops it).
+    """
+    from cellforge.data.splits import SplitManifest
+    from cellforge.evaluation.pseudobulk import control_means, pseudobulk
+
+    adata = _learnable_residual_task()
+    perts = [g for g in adata.obs["condition"].unique() if g != "ctrl"]
+    manifest = SplitManifest(strategy="user", train=perts[:18], val=perts[18:24], test=perts[24:])
+    contract.prepare_inputs(adata, manifest, tmp_path, task={"type": "unseen_perturbation", "description": "synthetic"})
+    config = {**SMALL, "baseline": "training_mean", "hidden_dim": 16, "learning_rate": 3e-2, "max_epochs": 40, "patience": 8,
+              "batch_size": 16, "cv_folds": 3, "n_components": 4}  # fmt: skip
+    (tmp_path / "train.py").write_text(render("pert_mlp", config))
+    _run_in_process(tmp_path / "train.py")
+    metrics = json.loads((tmp_path / contract.VAL_METRICS).read_text())
+    # out of fold, on every cross-validation condition: the learned model is well below its reference ...
+    assert metrics["val_scheme"].startswith("3-fold") and metrics["residual_n_conditions"] == 24
+    assert metrics["val_residual_mse_top20"] < 0.5 * metrics["val_baseline_mse_top20"]
+    assert metrics["residual_better_share"] >= 0.75 and metrics["residual"] == "kept"
+    # ... because training moved it: every fold (and the final model) kept weights from after epoch 0
+    assert all(int(e) > 0 for e in metrics["residual_fold_best_epochs"].split(", "))
+    assert metrics["residual_fold_train_conditions"] == "8, 8, 8" and metrics["best_epoch"] > 0
+    # the kept model's test predictions beat the reference on the held-out perturbations too
+    pred = contract.read_predictions(tmp_path / contract.PREDICTIONS, test=manifest.test, genes=list(adata.var_names))
+    control = control_means(adata).loc["all"].to_numpy()
+    profiles = pseudobulk(adata)
+    truth = profiles.loc[manifest.test].to_numpy() - control
+    reference = (profiles.loc[manifest.train + manifest.val].to_numpy() - control).mean(axis=0)
+    assert np.mean((pred.to_numpy() - control - truth) ** 2) < 0.5 * np.mean((reference - truth) ** 2)
+
+
+def test_a_residual_with_a_single_seen_condition_is_left_at_its_reference(lib, monkeypatch, tmp_path):
+    """One seen condition: its leave-one-out reference is zero, so the residual is not fitted to its whole change."""
+    import torch
+
+    train, conditions = _cells()
+    config = {"n_components": 3, "seed": 0, "baseline": "training_mean", "batch_size": 4, "learning_rate": 1e-2, "weight_decay": 0.0,
+              "de_weight": 0.0, "max_epochs": 3, "patience": 2}  # fmt: skip
+    monkeypatch.setattr(lib, "CONFIG", config)
+    monkeypatch.setattr(lib, "OUT", tmp_path)
+    monkeypatch.setattr(lib, "inputs", lambda feats, cond: feats.vector(cond), raising=False)
+
+    def build_net(n_inputs, n_genes, _config, _extra):  # noqa: ANN001, ANN202
+        net = torch.nn.Linear(n_inputs, n_genes)
+        torch.nn.init.zeros_(net.weight)
+        torch.nn.init.zeros_(net.bias)
+        return net
+
+    monkeypatch.setattr(lib, "build_net", build_net, raising=False)
+    labels = train.obs["condition"].to_numpy()
+    profiles = lib.group_means(train[np.isin(labels, ["A", "B", "C"])])
+    feats = lib.Features(train, conditions, 3)
+    predict, epochs = lib.fit_conditions(feats, ["A"], ["B"], profiles.loc[["A"]], profiles, False, ckpt=tmp_path / "one.ckpt")
+    assert predict.training == {"trained": False, "best_epoch": None, "train_conditions": 1} and epochs == 0
+    pred, base = predict(["B", "C"])
+    assert np.abs(base).sum() > 0
+    np.testing.assert_array_equal(pred, base)
+    # two seen conditions: each has the other for its reference, and the residual trains
+    predict, _ = lib.fit_conditions(feats, ["A", "B"], ["C"], profiles.loc[["A", "B"]], profiles, False, ckpt=tmp_path / "two.ckpt")
+    assert predict.training["trained"] and isinstance(predict.training["best_epoch"], int)
+    # cross-validation over three perturbations, one of them watched for early stopping: each fold
+    # trains on a single condition, so no fold fits the residual and the record says so
+    metrics, _ = lib.cross_validate(train, conditions, ["A", "B", "C"], profiles, "unseen_perturbation", 3)
+    assert metrics["residual_fold_best_epochs"] == "untrained, untrained, untrained"
+    assert metrics["residual_fold_train_conditions"] == "1, 1, 1"
+    saved = np.load(tmp_path / "val_predictions.npz")
+    np.testing.assert_array_equal(saved["pred"], saved["reference"])

@@ -572,7 +572,9 @@ def best_weights():
 
     For the condition-level models the untrained model counts as epoch 0: its output layer
     starts at zero (or at a ridge fit), so it is the reference predictor, and training only
-    moves away from it when some epoch beats it on the validation conditions.
+    moves away from it when some epoch beats it on the validation conditions. ``epoch`` is the
+    number of training epochs behind the kept weights (0: the untrained model; None before
+    any validation).
     """
     import copy
 
@@ -580,7 +582,7 @@ def best_weights():
 
     class BestWeights(L.Callback):
         def __init__(self):
-            self.best, self.state = float("inf"), None
+            self.best, self.state, self.epoch = float("inf"), None, None
 
         def on_train_start(self, trainer, module):
             loaders = trainer.val_dataloaders
@@ -591,12 +593,13 @@ def best_weights():
             with torch.no_grad():
                 losses = [float(module._loss([t.to(module.device) for t in batch])) for batch in loaders]
             module.train(was_training)
-            self.best, self.state = float(np.mean(losses)), copy.deepcopy(module.state_dict())
+            self.best, self.state, self.epoch = float(np.mean(losses)), copy.deepcopy(module.state_dict()), 0
 
         def on_validation_end(self, trainer, module):
             loss = trainer.callback_metrics.get("val_loss")
             if loss is not None and not trainer.sanity_checking and float(loss) < self.best:
                 self.best, self.state = float(loss), copy.deepcopy(module.state_dict())
+                self.epoch = int(trainer.current_epoch) + 1
 
     return BestWeights()
 
@@ -616,7 +619,21 @@ def make_tensors(feats, conds, profiles, mu, sd):
 
 
 def fit_conditions(feats, train_conds, val_conds, train_profiles, val_profiles, predict_only, ckpt=None):
-    """Train (or load) the condition-level model; returns predict(conds) -> (deltas, reference deltas)."""
+    """Train (or load) the condition-level model; returns (predict, epochs run).
+
+    ``predict(conds)`` -> (deltas, reference deltas), each (n_conds, n_genes); ``predict.training``
+    says how the weights were chosen: ``trained`` (False when the residual was left at its
+    initialisation, see below), ``best_epoch`` (training epochs behind the kept weights, 0 when
+    no epoch beat the untrained model on ``val_conds``; None without early stopping) and
+    ``train_conditions``.
+
+    The residual learns the error of each training condition's leave-one-out reference. With
+    fewer than two seen conditions (one training condition, as in a cross-validation fold of
+    three perturbations) that reference has no other condition to draw on (it is zero: no
+    change), and inputs standardised over a single condition are all zero: the residual would
+    fit the condition's whole change as a constant and add it on top of every other
+    condition's reference. It is not trained then; the model stays at its initialisation.
+    """
     import lightning as L
 
     Module = build_module_class()
@@ -629,7 +646,11 @@ def fit_conditions(feats, train_conds, val_conds, train_profiles, val_profiles, 
         mu, sd = np.zeros_like(mu), np.ones_like(sd)
     extra = net_extra(feats)
     epochs = 0
-    if not predict_only:
+    training = {"trained": False, "best_epoch": None, "train_conditions": len(train_conds)}
+    if not predict_only and len(feats.seen) < MIN_SEEN_CONDITIONS:
+        model = Module(x_tr.shape[1], n_genes, CONFIG, extra)
+        torch.save({"state_dict": model.state_dict(), "mu": mu, "sd": sd, "n_inputs": x_tr.shape[1]}, ckpt)
+    elif not predict_only:
         tr = make_tensors(feats, train_conds, train_profiles, mu, sd)
         loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(*tr), batch_size=CONFIG["batch_size"], shuffle=True)
         val_loader, callbacks = None, []
@@ -645,8 +666,10 @@ def fit_conditions(feats, train_conds, val_conds, train_profiles, val_profiles, 
         )
         trainer.fit(model, loader, val_loader)
         epochs = int(trainer.current_epoch)
+        training["trained"] = True
         if val_conds and callbacks[1].state is not None:
             model.load_state_dict(callbacks[1].state)
+            training["best_epoch"] = callbacks[1].epoch
         torch.save({"state_dict": model.state_dict(), "mu": mu, "sd": sd, "n_inputs": x_tr.shape[1]}, ckpt)
     state = torch.load(ckpt, weights_only=False)
     model = Module(state["n_inputs"], n_genes, CONFIG, extra)
@@ -658,7 +681,12 @@ def fit_conditions(feats, train_conds, val_conds, train_profiles, val_profiles, 
         with torch.no_grad():
             return model(x, base).numpy(), base.numpy()
 
+    predict.training = training
     return predict, epochs
+
+
+#: Fewest seen conditions for which the residual is trained (see :func:`fit_conditions`).
+MIN_SEEN_CONDITIONS = 2
 
 
 def cross_validate(train, conditions, pool, profiles, task_type, n_folds):
@@ -687,7 +715,7 @@ def cross_validate(train, conditions, pool, profiles, task_type, n_folds):
         return None, "too few groups to cross-validate"
     fit = fit_cells if CELL_LEVEL else fit_conditions
     labels = train.obs["condition"].astype(str).to_numpy()
-    folds, kept = [], []
+    folds, kept, trained = [], [], []
     parts = [set(part) for part in np.array_split(np.array(groups, dtype=object), k)]
     for i, held_groups in enumerate(parts):
         held = [c for c in movable if key(c) in held_groups]
@@ -699,6 +727,7 @@ def cross_validate(train, conditions, pool, profiles, task_type, n_folds):
         seen = profiles.drop(index=held)
         feats = Features(train[~np.isin(labels, held)], conditions, CONFIG["n_components"])
         predict, _ = fit(feats, rest, stop, seen.drop(index=stop), profiles, False, ckpt=OUT / f"cv{i}.ckpt")
+        trained.append(getattr(predict, "training", None))
         (OUT / f"cv{i}.ckpt").unlink(missing_ok=True)
         feats.set_seen(seen)
         pred, base = predict(held)
@@ -706,8 +735,30 @@ def cross_validate(train, conditions, pool, profiles, task_type, n_folds):
         folds.append(validation_metrics(pred, base, target))
         kept.append((held, pred, base, target))
     mean = {name: float(np.mean([f[name] for f in folds])) for name in folds[0]}
+    if all(trained):
+        mean.update(fold_training_summary(trained))
     save_val_predictions(*(sum((list(part[j]) for part in kept), []) for j in range(4)))
     return mean, f"{k}-fold cross-validation over {len(groups)} {'contexts' if task_type == 'new_context' else 'perturbations'}"
+
+
+def fold_training_summary(trained):
+    """How each cross-validation fold's residual was trained, as val_metrics entries (strings, one value per fold).
+
+    ``residual_fold_best_epochs``: training epochs behind the fold's kept weights (0: no epoch
+    beat the untrained residual, i.e. the reference, on the early-stopping conditions;
+    ``untrained``: too few seen conditions, see :func:`fit_conditions`; ``fixed``: no
+    early-stopping conditions, a short fixed training); ``residual_fold_train_conditions``: the
+    fold's training conditions.
+    """
+    def epoch(t):
+        if not t["trained"]:
+            return "untrained"
+        return "fixed" if t["best_epoch"] is None else str(t["best_epoch"])
+
+    return {
+        "residual_fold_best_epochs": ", ".join(epoch(t) for t in trained),
+        "residual_fold_train_conditions": ", ".join(str(t["train_conditions"]) for t in trained),
+    }
 
 
 def save_val_predictions(conds, pred, base, target):
@@ -844,6 +895,9 @@ def main():
     predict, epochs = fit(feats, train_conds, val_conds, train_profiles, val_profiles, args.predict_only)
     if not args.predict_only:
         metrics = {"n_train_conditions": len(train_conds), "n_val_conditions": len(val_conds), "epochs_run": epochs}
+        if getattr(predict, "training", None):
+            metrics["best_epoch"] = predict.training["best_epoch"]
+            metrics["residual_trained"] = predict.training["trained"]
         if val_conds:
             feats.set_seen(train_profiles)
             pred, base = predict(val_conds)
