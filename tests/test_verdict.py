@@ -78,6 +78,11 @@ def test_the_report_record_says_the_reference_was_scored_and_why(tmp_path):
     journal["attempts"][0]["val_metrics"].update(residual_mse_top20_diff=0.0, residual_mse_top20_diff_se=0.0, residual_better_share=0.0)
     journal["best_attempt"] = 0
     assert "equal the reference's on all 3 held-out conditions: the residual adds nothing" in scored_predictor(tmp_path, journal)["why"]
+    # with the script's per-fold training record, the reason is named: no fold's training beat the reference
+    journal["attempts"][0]["val_metrics"].update(residual_fold_best_epochs="0, untrained, 0", residual_fold_train_conditions="2, 1, 2")
+    why = scored_predictor(tmp_path, journal)["why"]
+    assert "the residual adds nothing (best epoch per cross-validation fold: 0, untrained, 0, where 0 means no training epoch" in why
+    assert "'untrained' a fold with a single seen condition" in why and why.endswith("training conditions per fold: 2, 1, 2)")
     # a script without a reference comparison is named as such, and an average names its members
     (tmp_path / "free").mkdir()
     free = {"attempts": [_attempt(tmp_path / "free", 0, {"seed": 1}, {"val_mse_top20": 0.2})], "best_attempt": None}

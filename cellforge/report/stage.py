@@ -131,6 +131,7 @@ def _attempt_predictor(run_dir: Path, attempt: dict[str, Any]) -> dict[str, Any]
         rule = "the (unpaired) one-standard-error rule of the code that ran"
     elif diff == 0 and se == 0:
         evidence = f"its validation errors equal the reference's on all {int(n)} held-out conditions: the residual adds nothing"
+        evidence += _fold_training(vm)
     else:
         share = vm.get("residual_better_share", float("nan"))
         spread = f" ± {se:.3g} (SE)" if isinstance(se, int | float) else " (no standard error from one condition)"
@@ -148,6 +149,18 @@ def _attempt_predictor(run_dir: Path, attempt: dict[str, Any]) -> dict[str, Any]
             f"reference by {rule} (a tie keeps the simpler model): {evidence}"
         )
     return out
+
+
+def _fold_training(vm: dict[str, Any]) -> str:
+    """Why a cross-validated residual equals its reference, from the script's per-fold training record ('' without one)."""
+    epochs, conds = vm.get("residual_fold_best_epochs"), vm.get("residual_fold_train_conditions")
+    if not isinstance(epochs, str) or not isinstance(conds, str):
+        return ""
+    return (
+        f" (best epoch per cross-validation fold: {epochs}, where 0 means no training epoch beat the untrained residual, "
+        f"i.e. the reference, on the fold's early-stopping conditions and 'untrained' a fold with a single seen "
+        f"condition, whose leave-one-out reference has nothing to draw on; training conditions per fold: {conds})"
+    )
 
 
 def scored_predictor(run_dir: Path, journal: dict[str, Any]) -> dict[str, Any]:
