@@ -43,6 +43,7 @@ def benchmark(
     refine_patience: Annotated[int, typer.Option(help="Stop refining after this many rounds without improvement.")] = 2,
     refine_tolerance: Annotated[float, typer.Option(help="Relative validation improvement that counts as progress where the one-standard-error rule cannot apply (no per-condition validation predictions), and the allowed fall of validation pearson.")] = 0.01,
     resume: Annotated[Path | None, typer.Option("--resume", help="Resume this run directory.")] = None,
+    until: Annotated[str | None, typer.Option("--until", help="Stop after this stage (data, profile, analysis, design, codegen, execute, evaluate, report), e.g. codegen to read the plan and code before training; --resume goes on.")] = None,
     runs: Annotated[Path | None, typer.Option(help="Parent folder of run directories (default ./runs).")] = None,
 ) -> None:
     """Run the main job: data -> profile -> plan -> code -> sandboxed training -> scores -> report.
@@ -50,11 +51,13 @@ def benchmark(
     The last line printed is the run directory.
     """
     from cellforge.console import quiet_console
-    from cellforge.errors import CellforgeError
-    from cellforge.pipeline import Run, run_pipeline
+    from cellforge.errors import CellforgeError, ConfigError
+    from cellforge.pipeline import STAGES, Run, run_pipeline
 
     quiet_console()  # our progress lines only: no library logging or progress bars
     try:
+        if until is not None and until not in STAGES:
+            raise ConfigError(f"--until {until!r}; valid: {', '.join(STAGES)}")
         if resume is not None:
             run = Run.resume(resume)
         else:
@@ -80,7 +83,7 @@ def benchmark(
             )
             run = Run.create(config, root=runs, adata=adata)
         typer.echo(f"run directory: {run.dir}")
-        out = run_pipeline(run, echo=lambda s: typer.echo(s, err=True))
+        out = run_pipeline(run, echo=lambda s: typer.echo(s, err=True), until=until)
     except CellforgeError as exc:
         _fail(exc)
     typer.echo(str(out))

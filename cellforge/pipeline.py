@@ -18,18 +18,34 @@ from cellforge.run import STAGES, Run, RunConfig, environment
 __all__ = ["STAGES", "Run", "RunConfig", "environment", "run_pipeline"]
 
 
-def run_pipeline(run: Run, *, echo: Callable[[str], None] = print) -> Path:
+def run_pipeline(run: Run, *, echo: Callable[[str], None] = print, until: str | None = None) -> Path:
     """Run every unfinished stage in order; return the run directory.
+
+    Parameters
+    ----------
+    run
+        The run directory and its configuration.
+    echo
+        Where progress lines go.
+    until
+        Stop after this stage (one of :data:`STAGES`), e.g. ``"codegen"`` to read the plan and the
+        code before any training; ``--resume`` goes on from there.
 
     Raises
     ------
+    ConfigError
+        ``until`` is not a stage name.
     StageError
         A stage failed; earlier stages' artifacts stay, and ``--resume`` retries from it.
     """
     from cellforge import stages
     from cellforge.llm.client import SESSION
 
-    for name in STAGES:
+    if until is not None and until not in STAGES:
+        msg = f"--until {until!r}; valid: {', '.join(STAGES)}"
+        raise ConfigError(msg)
+    last = STAGES.index(until) if until is not None else len(STAGES) - 1
+    for name in STAGES[: last + 1]:
         if run.done(name):
             echo(f"[skip] {name} (finished earlier)")
             continue
@@ -51,6 +67,8 @@ def run_pipeline(run: Run, *, echo: Callable[[str], None] = print) -> Path:
             raise type(exc)(f"{exc} (nothing was run; no run directory kept)") from exc
         except Exception as exc:
             raise StageError(failure_message(name, exc, run.dir)) from exc
+    if until is not None and last < len(STAGES) - 1:
+        echo(f"stopped after {until} (--until); go on with `cellforge benchmark --resume {run.dir}`")
     return run.dir
 
 

@@ -133,6 +133,7 @@ def test_duplicated_gene_names_are_a_recorded_warning(tmp_path):
         (["--sandbox", "vm"], "--sandbox 'vm': not a sandbox backend; valid: auto, docker, local"),
         (["--task-type", "regression"], "--task-type 'regression'; valid: combination, drug_dose, new_context, unseen_perturbation"),
         (["--dataset", "adamsom"], "adamson_subset"),
+        (["--until", "train"], "--until 'train'; valid: data, profile, analysis, design, codegen, execute, evaluate, report"),
     ],
 )
 def test_bad_options_fail_before_any_stage(tmp_path, args, message):
