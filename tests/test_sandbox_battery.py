@@ -268,10 +268,12 @@ def _sandbox_processes(sandbox) -> list[int]:  # noqa: ANN001
         done = subprocess.run(["docker", "top", sandbox._container, "-eo", "pid,args"], capture_output=True, text=True, check=False)  # noqa: SLF001
         return [int(line.split()[0]) for line in done.stdout.splitlines()[1:] if "agent_server" not in line and "uvicorn" not in line]
     found = []
+    home = f"HOME={sandbox.work_dir}".encode()  # this sandbox's processes, not another run's on the same host
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
-                if b"CELLFORGE_SANDBOX_ID=" in Path(f"/proc/{entry}/environ").read_bytes():
+                environ = Path(f"/proc/{entry}/environ").read_bytes().split(b"\0")
+                if any(v.startswith(b"CELLFORGE_SANDBOX_ID=") for v in environ) and home in environ:
                     found.append(int(entry))
             except OSError:
                 continue
