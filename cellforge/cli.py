@@ -106,17 +106,13 @@ def _checked_run_inputs(**fields):  # noqa: ANN003, ANN202 - RunConfig's fields
     """
     from pydantic import ValidationError
 
-    from cellforge.analysis.task import SPLIT_OF_TASK, load_task_file
+    from cellforge.analysis.task import load_task_file
     from cellforge.data import load_dataset
     from cellforge.data.splits import SplitManifest
     from cellforge.data.user import load_user_h5ad
     from cellforge.errors import ConfigError, DatasetError
     from cellforge.run import RunConfig
 
-    task_type = fields["task_type"]
-    if task_type and task_type not in SPLIT_OF_TASK:
-        msg = f"--task-type {task_type!r}; valid: {', '.join(sorted(SPLIT_OF_TASK))}"
-        raise ConfigError(msg)
     for key in ("h5ad", "task_file", "split_file"):
         path = fields[key]
         if path is not None:

@@ -53,6 +53,16 @@ class RunConfig(BaseModel):
     refine_patience: int = Field(default=2, ge=1, le=20, description="Rounds without enough improvement before stopping.")
     refine_tolerance: float = Field(default=0.01, ge=0.0, le=1.0, allow_inf_nan=False, description="Relative validation improvement that counts.")
 
+    @field_validator("task_type")
+    @classmethod
+    def _known_task_type(cls, value: str | None) -> str | None:
+        from cellforge.analysis.task import SPLIT_OF_TASK
+
+        if value is not None and value not in SPLIT_OF_TASK:
+            msg = f"not a task type; valid: {', '.join(sorted(SPLIT_OF_TASK))}"
+            raise ValueError(msg)
+        return value
+
     @field_validator("sandbox")
     @classmethod
     def _known_sandbox(cls, value: str | None) -> str | None:

@@ -131,7 +131,7 @@ def test_duplicated_gene_names_are_a_recorded_warning(tmp_path):
         (["--timeout", "nan"], "--timeout nan: Input should be a finite number"),
         (["--seed", "-3"], "--seed -3: Input should be greater than or equal to 0"),
         (["--sandbox", "vm"], "--sandbox 'vm': not a sandbox backend; valid: auto, docker, local"),
-        (["--task-type", "regression"], "--task-type 'regression'; valid: combination, drug_dose, new_context, unseen_perturbation"),
+        (["--task-type", "regression"], "--task-type 'regression': not a task type; valid: combination, drug_dose, new_context, unseen_perturbation"),
         (["--dataset", "adamsom"], "adamson_subset"),
         (["--until", "train"], "--until 'train'; valid: data, profile, analysis, design, codegen, execute, evaluate, report"),
     ],

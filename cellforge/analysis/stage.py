@@ -31,7 +31,6 @@ def _task(run: Run) -> dict[str, Any]:
     """The task: flag > task file > the user's words > the data card > the data profile."""
     from cellforge.analysis.task import SPLIT_OF_TASK, infer_task_spec, load_task_file, task_type_from_words
     from cellforge.data import get_card
-    from cellforge.errors import ConfigError
 
     c = run.config
     file_task: dict[str, Any] = {}
@@ -42,10 +41,6 @@ def _task(run: Run) -> dict[str, Any]:
     declared = c.task_type or file_task.get("type")
     if not declared and not task_type_from_words(c.task_description or "") and card_task:
         declared = card_task["type"]
-    valid = sorted(SPLIT_OF_TASK)
-    if declared and declared not in SPLIT_OF_TASK:
-        msg = f"task type {declared!r}; valid: {valid}"
-        raise ConfigError(msg)
     spec = infer_task_spec(description, _light_profile(run.adata()), declared=declared)
     if file_task.get("metric_of_record"):
         spec.metric_of_record = file_task["metric_of_record"]

@@ -23,7 +23,7 @@ from cellforge.data.validate import check_h5ad_file, read_error
 from cellforge.errors import DatasetError
 
 
-def read_h5ad_file(path: Path, *, backed: str | None = None) -> ad.AnnData:
+def read_h5ad_file(path: Path, *, backed: str | None = None, what: str = "data file") -> ad.AnnData:
     """``anndata.read_h5ad`` after :func:`~cellforge.data.validate.check_h5ad_file`, without the FutureWarnings of files written by older anndata.
 
     Raises
@@ -32,7 +32,7 @@ def read_h5ad_file(path: Path, *, backed: str | None = None) -> ad.AnnData:
         The file is missing, empty, not HDF5, or anndata cannot read it (truncated or damaged);
         the message names the file.
     """
-    check_h5ad_file(path)
+    check_h5ad_file(path, what=what)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
@@ -40,7 +40,7 @@ def read_h5ad_file(path: Path, *, backed: str | None = None) -> ad.AnnData:
             warnings.filterwarnings("ignore", message=".* names are not unique", category=UserWarning)
             return ad.read_h5ad(path, backed=backed)
     except (OSError, KeyError, ValueError, TypeError, AttributeError) as exc:
-        raise read_error(path, exc) from exc
+        raise read_error(path, exc, what=what) from exc
 
 
 def load_h5ad(

@@ -20,7 +20,7 @@ import numpy as np
 import pandas as pd
 
 from cellforge.data.splits import SplitManifest
-from cellforge.data.validate import check_h5ad_file, read_error
+from cellforge.data.loaders import read_h5ad_file
 from cellforge.errors import DatasetError, PredictionError
 from cellforge.evaluation.pseudobulk import condition_table
 from cellforge.safeio import write_h5ad, write_json
@@ -237,12 +237,9 @@ def load_predictions(path: Path, *, test: list[str], genes: list[str]) -> Predic
         msg = f"{path}: unsupported predictions format {suffix!r}; use .h5ad (obs['condition']) or .csv/.tsv (conditions x genes)"
         raise PredictionError(msg)
     try:
-        check_h5ad_file(path, what="predictions file")
-        pred = ad.read_h5ad(path)
+        pred = read_h5ad_file(path, what="predictions file")
     except DatasetError as exc:
         raise PredictionError(str(exc)) from exc
-    except (OSError, KeyError, ValueError, TypeError, AttributeError) as exc:
-        raise PredictionError(str(read_error(path, exc, what="predictions file"))) from exc
     if "condition" not in pred.obs:
         msg = f"{path}: obs has no 'condition' column; columns: {list(pred.obs.columns)}"
         raise PredictionError(msg)
