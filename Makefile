@@ -41,10 +41,10 @@ install-llm: | $(UV) ## Install with the optional local LLM (xllamacpp + Qwen2.5
 	@touch $(VENV)/.installed
 
 test: $(VENV)/.installed ## Run the test suite (includes one small end-to-end run)
-	$(PY) -m pytest -q -m "not slow and not docker" tests
+	$(PY) -m pytest -q -n auto --dist loadfile -m "not slow and not docker" tests
 
 test-all: $(VENV)/.installed ## Run every test, slow end-to-end runs included
-	$(PY) -m pytest -q -m "not docker" tests
+	$(PY) -m pytest -q -n auto --dist loadfile -m "not docker" tests
 
 test-docker: $(VENV)/.installed docker-engine docker-build ## Run the Docker sandbox for real (starts an engine and builds the image when needed)
 	$(PY) -m pytest -q -m docker tests --run-docker
