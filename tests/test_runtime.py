@@ -204,3 +204,38 @@ def test_refinement_can_change_the_code_and_keeps_it_only_when_it_wins(tmp_path)
     assert journal.best_attempt == 1 and 'x = CONFIG["x"] + 3' in script
     assert journal.attempts[1].patch == {"diagnosis": "change the model", "code_change": True}
     assert (sandbox.work_dir / "train.py").read_text() == script
+
+
+_UNTRAINED_SCRIPT = """CONFIG = {"template": "pert_mlp", "baseline": "on_target", "learning_rate": 0.001, "hidden_dim": 8, "folds": "untrained, untrained"}
+import json, pathlib
+out = pathlib.Path("outputs")
+out.mkdir(exist_ok=True)
+mse = {"on_target": 2.0, "linear": 1.5}[CONFIG["baseline"]]
+(out / "val_metrics.json").write_text(json.dumps({"val_mse_top20": mse, "residual_fold_best_epochs": CONFIG["folds"], "residual_fold_train_conditions": "1, 1"}))
+"""
+
+
+@pytest.mark.parametrize("folds", ["untrained, untrained", "4, untrained"])
+def test_changes_that_cannot_move_an_untrained_residual_are_not_run(tmp_path, folds):
+    from cellforge.execution.journal import RefineSettings, refine_until_settled
+
+    sandbox = LocalSandbox(tmp_path / "work")
+    common = {"sandbox": sandbox, "attempts_dir": tmp_path / "attempts", "journal_path": tmp_path / "journal.json", "check_outputs": _val_metrics, "timeout_s": 30}
+    proposals = iter([{"template": "latent_linear"}, {"baseline": "linear"}, {"learning_rate": 0.01}, {"hidden_dim": 64}, {"hidden_dim": 4}])
+
+    def refiner(config, history, _settings):  # noqa: ANN001, ANN202
+        return {"diagnosis": "next", "config_updates": next(proposals)}
+
+    journal, script = run_attempts(_UNTRAINED_SCRIPT.replace("untrained, untrained", folds), debugger=None, **common)
+    journal, _ = refine_until_settled(journal, script, refiner=refiner, settings=RefineSettings(max_rounds=3, patience=2, guard_metric=None), **common)
+    run = [a.patch["config_updates"] for a in journal.attempts[1:]]
+    if folds == "untrained, untrained":
+        # another condition-level template over the same reference, and tuning, cannot change out-of-fold
+        # predictions that are the reference's; another reference can, and is run (and wins)
+        assert run == [{"baseline": "linear"}]
+        assert [s["config_updates"] for s in journal.skipped] == [{"template": "latent_linear"}, {"learning_rate": 0.01}, {"hidden_dim": 64}]
+        assert all("untrained in every cross-validation fold" in s["reason"] for s in journal.skipped)
+        assert journal.refine_stop_reason.startswith("tuning cannot change the predictions")
+        assert journal.best_attempt == 1
+    else:  # one fold trained its residual: every proposal runs
+        assert journal.skipped == [] and run[:2] == [{"template": "latent_linear"}, {"baseline": "linear"}]

@@ -25,6 +25,20 @@ def templates() -> list[str]:
     return sorted(p.stem for p in TEMPLATE_DIR.glob("*.py") if not p.stem.startswith("_"))
 
 
+def is_cell_level(template: str) -> bool:
+    """True for a template whose model works on cells (``CELL_LEVEL = True``), not on condition profiles.
+
+    Raises
+    ------
+    ConfigError
+        Unknown template; the message lists the valid ones.
+    """
+    if template not in templates():
+        msg = f"unknown model template {template!r}; available: {templates()}"
+        raise ConfigError(msg)
+    return re.search(r"^CELL_LEVEL = True\b", (TEMPLATE_DIR / f"{template}.py").read_text(), re.MULTILINE) is not None
+
+
 def render(template: str, config: dict[str, Any]) -> str:
     """Script text of ``template`` with its ``CONFIG`` line set to ``config``.
 

@@ -85,6 +85,10 @@ class Journal(BaseModel):
     ensemble: EnsembleRecord | None = Field(
         default=None, description="Attempts averaged into the kept predictions, when averaging beat the best attempt on validation."
     )
+    skipped: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="Refinement proposals not run because they could not change the validation predictions: {config_updates, reason}.",
+    )
 
     def save(self, path: Path) -> None:
         """Write as JSON (rewritten after every attempt, atomically: a kill leaves the old journal or the new one)."""
@@ -383,6 +387,51 @@ def _score(attempt: Attempt, settings: RefineSettings) -> float | None:
 
 #: CONFIG keys whose change is model selection rather than tuning.
 MODEL_KEYS = {"template", "baseline"}
+#: CONFIG keys that shape only the learned residual (its network and its training), never the
+#: cross-validation folds (``cv_folds``, ``seed``, ``train_on``) or the reference predictors
+#: (``baseline``, ``member_ridge``, ``context_*``).
+RESIDUAL_ONLY_KEYS = {
+    "learning_rate", "weight_decay", "hidden_dim", "latent_dim", "dropout", "max_epochs", "patience", "batch_size",
+    "de_weight", "n_neighbours", "n_components", "dose_encoder", "clip_inputs", "standardise_inputs", "epochs_without_val",
+}
+
+
+def residual_untrained_everywhere(attempt: Attempt) -> bool:
+    """True when the attempt's residual was left untrained in every cross-validation fold.
+
+    The templates' ``fit_conditions`` does not train the residual of a fold with fewer than two
+    seen conditions (``residual_fold_best_epochs`` reads ``untrained`` for each fold): its
+    out-of-fold predictions are then exactly the reference predictor's.
+    """
+    folds = attempt.val_metrics.get("residual_fold_best_epochs")
+    return isinstance(folds, str) and bool(folds.strip()) and all(f.strip() == "untrained" for f in folds.split(","))
+
+
+def cannot_change_predictions(best: Attempt, best_config: dict[str, Any], config: dict[str, Any]) -> str | None:
+    """Why running ``config`` cannot change the best attempt's validation (or test) predictions; None if it can.
+
+    When every fold left the residual untrained (see :func:`residual_untrained_everywhere`),
+    any condition-level template with the same reference predictor, the same folds and only
+    residual hyperparameters changed (:data:`RESIDUAL_ONLY_KEYS`) leaves it untrained too: its
+    out-of-fold predictions equal the reference's, the paired rule drops the residual (a mean
+    difference of 0 is not below 0), and the test predictions are the reference's as well. The
+    cell-level template (``CELL_LEVEL = True``) is a different model and is always run.
+    """
+    from cellforge.execution.codegen import is_cell_level, templates
+
+    library = templates()
+    if best.failure is not None or not residual_untrained_everywhere(best):
+        return None
+    if config.get("template") not in library or best_config.get("template") not in library or is_cell_level(config["template"]):
+        return None  # hand-written code, or the cell-level model: run it
+    changed = sorted(k for k in set(config) | set(best_config) if config.get(k) != best_config.get(k))
+    if not changed or set(changed) - RESIDUAL_ONLY_KEYS - {"template"}:
+        return None
+    per_fold = best.val_metrics.get("residual_fold_train_conditions", "?")
+    return (
+        f"the residual was untrained in every cross-validation fold (training conditions per fold: {per_fold}), "
+        f"and this change ({', '.join(changed)}) shapes only the residual, so its predictions would equal attempt {best.index}'s"
+    )
 
 
 def _guarded(new: Attempt, old: Attempt, settings: RefineSettings) -> bool:
@@ -516,6 +565,18 @@ def refine_until_settled(
         # Model selection (another template or reference predictor of the plan's candidates) is
         # not a tuning round: it counts towards neither the round budget nor the patience.
         selection = bool(MODEL_KEYS & updates.keys())
+        why_not = cannot_change_predictions(best, get_config(best_script), config)
+        if why_not is not None:  # an early exit: the attempt's outcome is known without running it
+            journal.skipped.append({"config_updates": updates, "reason": f"not run: {why_not}"})
+            journal.save(journal_path)
+            if selection:
+                continue
+            rounds += 1
+            stale += 1
+            if stale >= settings.patience:
+                reason = f"tuning cannot change the predictions: {why_not}"
+                break
+            continue
         if config.get("template") and config["template"] != get_config(best_script).get("template"):
             # Model selection: another template of the library, same CONFIG keys where they apply.
             candidate = render(config["template"], {k: v for k, v in config.items() if k != "template"})

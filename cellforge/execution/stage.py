@@ -203,6 +203,8 @@ def stage_execute(run: Run, *, echo: Echo) -> None:
     if not journal.succeeded:
         msg = f"no attempt succeeded: {journal.stop_reason}; see {run.path('journal.json')}"
         raise RuntimeError(msg)
+    for skipped in journal.skipped:
+        echo(f"  proposal {skipped['config_updates']}: {skipped['reason']}")
     if journal.best_attempt is not None:
         echo(f"  kept attempt {journal.best_attempt} (best {settings.metric}); refinement stopped: {journal.refine_stop_reason}")
     if journal.ensemble is not None:

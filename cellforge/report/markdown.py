@@ -115,6 +115,14 @@ def _notes(notes: dict[str, str]) -> str:
     return "\nNotes on this split:\n\n" + "\n".join(f"- `{name}`: {note}." for name, note in notes.items()) + "\n"
 
 
+def _skipped_lines(skipped: list[dict[str, Any]]) -> str:
+    """Refinement proposals that were not run (their outcome was known), one bullet each."""
+    if not skipped:
+        return ""
+    rows = [f"- `{', '.join(f'{k}={v}' for k, v in s['config_updates'].items())}`: {s['reason']}" for s in skipped]
+    return "\nProposals not run:\n\n" + "\n".join(rows) + "\n"
+
+
 def _candidates(candidates: list[dict[str, Any]]) -> str:
     """Candidate models as `template` (its settings), separated by semicolons."""
     if not candidates:
@@ -355,6 +363,7 @@ Rationale:
 {attempts}
 
 Refinement: {metrics.get('refinement') or 'not run'}
+{_skipped_lines(metrics.get('skipped_proposals', []))}
 
 {_ensemble_line(metrics.get('ensemble'))}
 

@@ -72,6 +72,7 @@ def collect_metrics(run: Run) -> dict[str, Any]:
         "best_attempt": journal.get("best_attempt"),
         "ensemble": journal.get("ensemble"),
         "refinement": journal.get("refine_stop_reason", ""),
+        "skipped_proposals": journal.get("skipped", []),
         "stage_wall_s": times,
         "total_wall_s": round(sum(times.values()), 3),
         "environment": environment(),
