@@ -44,7 +44,7 @@ class ResearchPlan(BaseModel):
     perturbation_encoder: str
     context_encoder: str
     baseline: Literal[
-        "training_mean", "single_mean", "on_target", "additive", "member_additive", "observed_additive", "linear", "context_shift", "context_regression",
+        "training_mean", "single_mean", "on_target", "additive", "member_additive", "observed_additive", "linear", "coexpression", "context_shift", "context_regression",
         "context_kernel", "context_adaptive",
     ] = Field(description="Reference predictor the model learns a residual over (see templates/_common.py).")
     train_on: Literal["all", "combinations"] = Field(description="Which training conditions supervise the residual.")

@@ -68,6 +68,7 @@ def design_plan(ctx: dict[str, Any]) -> dict[str, Any]:
             {"template": "pert_mlp", "baseline": "on_target", "hidden_dim": hidden},
             {"template": "latent_linear", "baseline": "on_target", "hidden_dim": 8},
             {"template": "gene_gnn", "baseline": "linear", "hidden_dim": extra["hidden_dim"]},
+            {"template": "gene_gnn", "baseline": "coexpression", "hidden_dim": extra["hidden_dim"]},
         ]
         pert_enc = "gene-PCA embedding of the target gene (zero when the target is not measured)"
         rationale.append(
@@ -75,8 +76,10 @@ def design_plan(ctx: dict[str, Any]) -> dict[str, Any]:
             "reference is the training mean with each measured target gene moved by the mean on-target change seen in "
             "training (a knock-down lowers its own target); a GNN over the data's co-expression graph (GEARS-like) carries "
             "the perturbation from its target to the genes that co-vary with it. A residual MLP on the target's expression "
-            "embedding, a latent-linear model, and the GNN over the linear model of Ahlmann-Eltze et al. as reference "
-            "are compared on cross-validated held-out predictions, and averaged where that helps."
+            "embedding, a latent-linear model, the GNN over the linear model of Ahlmann-Eltze et al. as reference, and over "
+            "a co-expression prior (the target's change carried to the genes that co-vary with it in the control cells, "
+            "weighted by leave-one-out on the seen perturbations) are compared on cross-validated held-out predictions, "
+            "and averaged where that helps."
         )
     weight_decay = 0.1 if small else 0.01
     # the sizing line is written once the debate's hyperparameters are in, from the values the code gets

@@ -80,7 +80,10 @@ class Features:
         self.k = k
         self.control_center = self.control.mean(axis=0).to_numpy()
         Xctrl = dense(ctrl.X).astype(np.float32)
-        self.control_cells = Xctrl[:: max(1, len(Xctrl) // 4000)]
+        step = max(1, len(Xctrl) // 4000)
+        self.control_cells = Xctrl[::step]
+        self.control_cell_ctx = ctrl.obs["context"].astype(str).to_numpy()[::step]
+        self._slopes = {}
         self._cache = {}
         self.guard = {}  # condition -> guarded_transfer's record, for the context references
 
@@ -121,10 +124,13 @@ class Features:
         if not others:
             return np.zeros(n)
         D = np.stack([self.seen[c] for c in others])
-        if kind in ("training_mean", "on_target"):
+        if kind in ("training_mean", "on_target", "coexpression"):
             pool = self.mean_pool(cond, others)
             D = np.stack([self.seen[c] for c in pool])
-            return D.mean(axis=0) if kind == "training_mean" else self._on_target(cond, pool, D)
+            if kind == "training_mean":
+                return D.mean(axis=0)
+            on = self._on_target(cond, pool, D)
+            return on if kind == "on_target" else self._coexpression(cond, on, pool, D)
         if kind == "single_mean":
             singles = [i for i, c in enumerate(others) if COMBO not in self.pert(c)]
             return D[singles].mean(axis=0) if singles else D.mean(axis=0)
@@ -150,7 +156,7 @@ class Features:
             return delta
         raise ValueError(
             f"unknown reference predictor {kind!r}; valid: training_mean, single_mean, on_target, additive, member_additive, observed_additive, "
-            f"linear, {', '.join(CONTEXT_REFERENCES)}"
+            f"linear, coexpression, {', '.join(CONTEXT_REFERENCES)}"
         )
 
     def mean_pool(self, cond, others):
@@ -192,6 +198,86 @@ class Features:
             for t in self.targets(cond):
                 mean[t] = float(np.mean(on))
         return mean
+
+    # -- prior knowledge for unseen perturbations: co-expression in the control cells
+    def control_slopes(self, t):
+        """Slope of every gene on gene ``t`` across control cells, within contexts: (n_genes,), 0 at ``t``.
+
+        ``cov(x_g, x_t) / var(x_t)`` after centring each context's control cells on their own
+        mean (differences between contexts are not co-expression). The expected change of gene
+        ``g`` when ``t`` moves by ``d`` under a linear-Gaussian model of the control cells is
+        ``slope[g] * d``. All zero when ``t`` does not vary in the controls.
+        """
+        if t not in self._slopes:
+            X = self.control_cells.astype(np.float64)
+            for ctx in np.unique(self.control_cell_ctx):
+                rows = self.control_cell_ctx == ctx
+                X[rows] -= X[rows].mean(axis=0)
+            var = float(X[:, t] @ X[:, t])
+            slope = (X.T @ X[:, t]) / var if var > 1e-12 else np.zeros(X.shape[1])
+            slope[t] = 0.0
+            self._slopes[t] = slope
+        return self._slopes[t]
+
+    def _spread(self, cond, on, others, D):
+        """The change of ``cond``'s measured targets (``on_target`` minus the training mean there) carried
+        to the genes that co-vary with them in the control cells: (n_genes,), zero at the targets."""
+        out = np.zeros(len(self.genes))
+        targets = self.targets(cond)
+        for t in targets:
+            untargeted = [i for i, c in enumerate(others) if t not in self.targets(c)]
+            mean_t = float(D[untargeted, t].mean()) if untargeted else 0.0
+            out += (on[t] - mean_t) * self.control_slopes(t)
+        out[targets] = 0.0
+        return out
+
+    def _coexpression_shift(self, cond, on, pool, D, centred):
+        """What the co-expression prior adds to ``on_target`` for ``cond``: (n_genes,), zero at its targets.
+
+        The spread of ``cond``'s targets' change (:meth:`_spread`); ``centred``: minus the mean
+        spread of the pool's conditions (each from its own observed on-target change), for when
+        the training mean in ``on_target`` already holds the pool's average spread (perturbations
+        of several independent programmes). Uncentred suits screens whose targets share one
+        programme, where the training mean is diluted by weak perturbations.
+        """
+        shift = self._spread(cond, on, pool, D)
+        if centred:
+            observed = [self._spread(c, self.seen[c], pool, D) for c in pool if self.targets(c)]
+            shift = shift - (np.mean(observed, axis=0) if observed else 0.0)
+        shift[self.targets(cond)] = 0.0  # on_target's own estimate stands at the targets
+        return shift
+
+    def coexpression_choice(self, cond):
+        """Form and weight of the co-expression prior for ``cond``, chosen leaving ``cond`` out: (weight, centred).
+
+        Each seen condition with a measured target other than ``cond`` is predicted from the
+        others (``on_target`` plus ``w`` times :meth:`_coexpression_shift`, uncentred or
+        centred), for each ``w`` of :data:`COEXPRESSION_WEIGHTS`; the choice with the lowest
+        summed top-20 mse wins, ties to the earlier one (``w = 0`` first: ``on_target`` itself,
+        also with fewer than :data:`MIN_COEXPRESSION_CONDITIONS` such conditions).
+        """
+        choices = [(0.0, False)] + [(w, centred) for centred in (False, True) for w in COEXPRESSION_WEIGHTS if w > 0]
+        if "coexpr" not in self._cache:
+            rows = {}
+            for s in self.seen:
+                others = self.others(s)
+                if not self.targets(s) or not others:
+                    continue
+                pool = self.mean_pool(s, others)
+                D = np.stack([self.seen[c] for c in pool])
+                on = self._on_target(s, pool, D)
+                shifts = {centred: self._coexpression_shift(s, on, pool, D, centred) for centred in (False, True)}
+                preds = np.stack([on + w * shifts[centred] for w, centred in choices])
+                rows[s] = top20_errors(preds, np.repeat(self.seen[s][None], len(preds), axis=0))
+            self._cache["coexpr"] = rows
+        rows = {s: e for s, e in self._cache["coexpr"].items() if s != cond}
+        if len(rows) < MIN_COEXPRESSION_CONDITIONS:
+            return 0.0, False
+        return choices[int(np.argmin(np.sum(list(rows.values()), axis=0)))]
+
+    def _coexpression(self, cond, on, pool, D):
+        weight, centred = self.coexpression_choice(cond)
+        return on if weight == 0 else on + weight * self._coexpression_shift(cond, on, pool, D, centred)
 
     def _member_additive(self, cond, others, D):
         lists = [self.members(c) for c in others]
@@ -288,6 +374,10 @@ class Features:
         return (A / A.sum(axis=1, keepdims=True)).astype(np.float32)
 
 
+#: Weights of the co-expression spread tried by the ``coexpression`` reference (0: plain ``on_target``).
+COEXPRESSION_WEIGHTS = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)
+#: Fewest other seen conditions with a measured target for the ``coexpression`` reference to choose a weight.
+MIN_COEXPRESSION_CONDITIONS = 3
 CONTEXT_REFERENCES = ("context_shift", "context_regression", "context_kernel", "context_adaptive")
 #: Factor on the fitted control slope of ``context_regression``: a slope fitted from 2-4 seen contexts
 #: is shrunk halfway towards the plain shift (on the development glioblastoma splits the full slope
