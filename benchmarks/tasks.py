@@ -4,7 +4,12 @@ Each task is a data set plus a split strategy; every fold (or seed) is a full of
 ``cellforge benchmark`` run with its own saved split manifest. The table reports mean and
 standard deviation over folds of the headline metrics for the model and each baseline, says
 plainly whether the model beats the best baseline, and gives the wall time per task. Results
-go to ``benchmarks/results/tasks.json`` and ``tasks.md``.
+go to ``benchmarks/results/tasks.json`` and ``tasks.md``, rewritten (marked partial) as each run
+finishes.
+
+The runs are independent and fan out with :mod:`cellforge.fanout`: Ray tasks of one CPU each
+when Ray is installed (a local Ray, or the cluster at ``RAY_ADDRESS``), one after another
+otherwise or with ``CELLFORGE_FANOUT=sequential``; the numbers are the same either way.
 
 Usage: ``python benchmarks/tasks.py [--task NAME ...] [--folds N] [--pilots 0] [--refine-rounds 3]``.
 """
@@ -116,6 +121,9 @@ def verdict(table: pd.DataFrame, metric: str) -> str:
 def markdown(results: dict, *, title: str = "Task benchmark") -> str:
     """The results as a markdown table per task."""
     lines = [f"# {title} ({results['date']}, {results['machine']})", "", f"Settings: {results['settings']}", ""]
+    if results.get("elapsed_s") is not None:
+        lines += [f"Wall time of the whole benchmark: {results['elapsed_s']} s ({results['settings'].get('fan_out', 'sequential')}); "
+                  "a task's compute below is the sum of its runs' wall times.", ""]
     for task, entry in results["tasks"].items():
         table = pd.DataFrame.from_dict(entry["summary"], orient="index")
         lines += [f"## {task} ({entry['dataset']}, {entry['strategy']}, {len(entry['folds'])} folds, {entry['wall_s']} s)", ""]
@@ -154,29 +162,64 @@ def main() -> None:
         "settings": {"folds": args.folds, "pilots": args.pilots, "refine_rounds": args.refine_rounds, "llm": "offline planner"},
         "tasks": {},
     }
-    for task in args.task or sorted(TASKS):
-        start = time.monotonic()
-        dataset, strategy, _, n_folds = TASKS[task]
-        folds = [run_fold(task, f, runs=args.runs, pilots=args.pilots, refine_rounds=args.refine_rounds) for f in range(args.folds or n_folds)]
+    from cellforge import fanout
+
+    chosen = args.task or sorted(TASKS)
+    jobs = [(task, f, str(args.runs), args.pilots, args.refine_rounds) for task in chosen for f in range(args.folds or TASKS[task][3])]
+    results["settings"]["fan_out"] = fanout.describe()
+    print(f"{len(jobs)} runs ({len(chosen)} tasks), {results['settings']['fan_out']}", flush=True)
+    start = time.monotonic()
+    done: dict[int, dict] = {}
+
+    def finished(i: int, fold: dict) -> None:
+        done[i] = fold
+        print(f"[{len(done)}/{len(jobs)}] {jobs[i][0]} fold {jobs[i][1]}: {fold['wall_s']} s, {fold['model']}", flush=True)
+        write(collect(results, jobs, done, time.monotonic() - start), args, partial=len(done) < len(jobs))
+
+    folds = fanout.fan_out(run_job, jobs, resources=fanout.Resources(cpus=1, memory_mb=4096), on_result=finished)
+    results = collect(results, jobs, dict(enumerate(folds)), time.monotonic() - start)
+    path = write(results, args, partial=False)
+    for task, entry in results["tasks"].items():
+        print(f"{task}: {entry['verdict']} in {entry['wall_s']} s of run time", flush=True)
+    print(path)
+
+
+def run_job(job: tuple) -> dict:
+    """One (task, fold, runs, pilots, refine_rounds) job, as :func:`cellforge.fanout.fan_out` calls it."""
+    task, fold, runs, pilots, refine_rounds = job
+    return run_fold(task, fold, runs=Path(runs), pilots=pilots, refine_rounds=refine_rounds)
+
+
+def collect(results: dict, jobs: list[tuple], done: dict[int, dict], elapsed_s: float) -> dict:
+    """Results with every task whose folds have all finished; ``wall_s`` of a task is the sum of its runs' wall times."""
+    tasks = {}
+    for task in dict.fromkeys(j[0] for j in jobs):
+        idx = [i for i, j in enumerate(jobs) if j[0] == task]
+        if not all(i in done for i in idx):
+            continue
+        folds = [done[i] for i in idx]
+        dataset, strategy, _, _ = TASKS[task]
         table = summarise(folds)
-        results["tasks"][task] = {
-            "dataset": dataset,
-            "strategy": strategy,
-            "folds": folds,
-            "summary": table.to_dict(orient="index"),
+        tasks[task] = {
+            "dataset": dataset, "strategy": strategy, "folds": folds, "summary": table.to_dict(orient="index"),
             "verdict": {m: verdict(table, m) for m in ["pearson_delta_de20", "mse_de20"]},
-            "wall_s": round(time.monotonic() - start, 1),
+            "wall_s": round(sum(f["wall_s"] for f in folds), 1),
         }
-        print(f"{task}: {results['tasks'][task]['verdict']} in {results['tasks'][task]['wall_s']} s", flush=True)
+    return {**results, "tasks": tasks, "elapsed_s": round(elapsed_s, 1), "runs_done": f"{len(done)} of {len(jobs)}"}
+
+
+def write(results: dict, args: argparse.Namespace, *, partial: bool) -> Path:
+    """tasks.json and tasks.md (a partial rerun of some tasks keeps the others'); ``partial``: runs still going."""
     args.out.mkdir(parents=True, exist_ok=True)
     previous = args.out / "tasks.json"
     if args.task and previous.exists():  # a partial rerun updates its tasks and keeps the others
         merged = json.loads(previous.read_text())
         merged["tasks"].update(results["tasks"])
         results = {**results, "tasks": dict(sorted(merged["tasks"].items()))}
+    title = f"Task benchmark{' (PARTIAL: ' + results['runs_done'] + ' runs done)' if partial else ''}"
     (args.out / "tasks.json").write_text(json.dumps(results, indent=1, default=float))
-    (args.out / "tasks.md").write_text(markdown(results))
-    print(args.out / "tasks.md")
+    (args.out / "tasks.md").write_text(markdown(results, title=title))
+    return args.out / "tasks.md"
 
 
 if __name__ == "__main__":

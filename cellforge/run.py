@@ -96,10 +96,15 @@ class Run:
         """
         stamp = datetime.now(UTC).strftime("%Y%m%d-%H%M%S")
         base = (root or runs_dir()) / f"{config.dataset}-{stamp}"
+        base.parent.mkdir(parents=True, exist_ok=True)
         run_dir, n = base, 1
-        while run_dir.exists():
-            run_dir, n = Path(f"{base}-{n}"), n + 1
-        (run_dir / "stages").mkdir(parents=True)
+        while True:  # claimed by mkdir, atomically: runs started in the same second in parallel get -1, -2, ...
+            try:
+                run_dir.mkdir()
+                break
+            except FileExistsError:
+                run_dir, n = Path(f"{base}-{n}"), n + 1
+        (run_dir / "stages").mkdir()
         from cellforge.safeio import atomic_write_text
 
         atomic_write_text(run_dir / "run.json", config.model_dump_json(indent=2))
