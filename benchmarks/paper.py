@@ -12,6 +12,8 @@ their LLM call logs) and package versions.
 ``--replay DIR`` (``make paper REPLAY=DIR``) reruns a recorded paper run with the recorded
 LLM answers, split manifests and seeds, and checks that every metric is reproduced.
 
+The data sets fan out with :mod:`cellforge.fanout` (Ray tasks of one CPU each where Ray is
+installed, one after another otherwise or with ``CELLFORGE_FANOUT=sequential``).
 Each data set runs as ``cellforge benchmark`` in a child process of its own process group
 (its log: ``runs/<name>.log``), with a progress line when it starts, at each stage and when
 it ends (with its wall time). The report and ``paper.json`` are rewritten after every data
@@ -37,6 +39,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pandas as pd
+
+from cellforge.fanout import die_with_parent
 
 ROOT = Path(__file__).resolve().parent.parent
 HEADLINE = ["pearson_delta", "pearson_delta_de20", "mse_de20", "overlap_at_N", "discrimination_score_l1_common"]
@@ -128,14 +132,6 @@ def _zombie(pid: int) -> bool:
     return stat[stat.rindex(")") + 2] in "ZX"
 
 
-def _die_with_parent() -> None:
-    """In the child before exec: SIGTERM when this script dies, even by SIGKILL (Linux)."""
-    with contextlib.suppress(Exception):
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-
-
 class Interrupted(Exception):  # noqa: N818 - the name says what happened
     """SIGTERM or SIGHUP reached this script."""
 
@@ -182,7 +178,7 @@ def run_one(name: str, cmd: list[str], *, log: Path, timeout_s: float, env: dict
     with log.open("w") as sink:
         proc = subprocess.Popen(  # noqa: S603 - our own CLI
             cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1,
-            start_new_session=True, preexec_fn=_die_with_parent,  # noqa: PLW1509 - prctl only
+            start_new_session=True, preexec_fn=die_with_parent,  # noqa: PLW1509 - prctl only
         )  # fmt: skip
 
         def pump() -> None:
@@ -325,6 +321,15 @@ def _record(run_dir: Path) -> dict:
     return {"run_dir": str(run_dir), "metrics": metrics, "model": f"{kept.get('template')} over {kept.get('baseline')}"}
 
 
+def run_job(job: tuple) -> dict:
+    """One data set's run (name, command, log path, timeout, environment overrides), as :func:`cellforge.fanout.fan_out` calls it.
+
+    Sequentially its stage lines are printed here; as a Ray task they go to its log only.
+    """
+    name, cmd, log, timeout_s, env = job
+    return run_one(name, cmd, log=Path(log), timeout_s=timeout_s, env={**os.environ, **env}, say=lambda s: print(s, flush=True))
+
+
 def main() -> None:  # noqa: PLR0915 - the paper run, start to end
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", action="append", help="Data sets to run (default: every available one).")
@@ -374,25 +379,41 @@ def main() -> None:  # noqa: PLR0915 - the paper run, start to end
         atomic_write_text(out / "paper.json", json.dumps(paper, indent=1, default=float))
         return write_report(out, records, paper, replay, pending=pending, failed=failed)
 
-    try:
+    from cellforge import fanout
+
+    jobs = []
+    for name in names:
+        env = {}  # what this data set's run sets on top of the environment it runs in
+        if recorded:
+            entry = recorded["datasets"][name]
+            env = {"CELLFORGE_LLM_MODE": "replay", "CELLFORGE_LLM_REPLAY": entry["run_dir"]}
+            cmd = benchmark_command(name, out / "runs", pilots=pilots, split_file=entry["split"], seed=entry["seed"])
+        else:
+            cmd = benchmark_command(name, out / "runs", pilots=pilots)
+        jobs.append((name, cmd, str(out / "runs" / f"{name}.log"), args.timeout, env))
+    sequential = fanout.backend() == "sequential"
+    if not sequential:
+        print(f"fan-out: {fanout.describe()}; each data set's stages go to its log", flush=True)
         for i, name in enumerate(names):
-            env = dict(os.environ)
-            if recorded:
-                entry = recorded["datasets"][name]
-                env.update({"CELLFORGE_LLM_MODE": "replay", "CELLFORGE_LLM_REPLAY": entry["run_dir"]})
-                cmd = benchmark_command(name, out / "runs", pilots=pilots, split_file=entry["split"], seed=entry["seed"])
-            else:
-                cmd = benchmark_command(name, out / "runs", pilots=pilots)
             print(f"[{i + 1}/{len(names)}] {name}: started", flush=True)
-            result = run_one(name, cmd, log=out / "runs" / f"{name}.log", timeout_s=args.timeout, env=env, say=lambda s: print(s, flush=True))
-            if result["status"] == "done":
-                records[name] = _record(Path(result["run_dir"]))
-                verdict = records[name]["metrics"]["model_beats_best_baseline"]
-                print(f"[{i + 1}/{len(names)}] {name}: done in {result['wall_s']:.0f} s; model beats best baseline: {verdict} ({result['run_dir']})", flush=True)
-            else:
-                failed[name] = result
-                print(f"[{i + 1}/{len(names)}] {name}: {result['status']} after {result['wall_s']:.0f} s: {result['error']} (log: {result['log']})", flush=True)
-            save(names[i + 1 :])
+
+    def finished(i: int, result: dict) -> None:
+        name = names[i]
+        if result["status"] == "done":
+            records[name] = _record(Path(result["run_dir"]))
+            verdict = records[name]["metrics"]["model_beats_best_baseline"]
+            print(f"[{i + 1}/{len(names)}] {name}: done in {result['wall_s']:.0f} s; model beats best baseline: {verdict} ({result['run_dir']})", flush=True)
+        else:
+            failed[name] = result
+            print(f"[{i + 1}/{len(names)}] {name}: {result['status']} after {result['wall_s']:.0f} s: {result['error']} (log: {result['log']})", flush=True)
+        save([n for n in names if n not in records and n not in failed])
+        if sequential and i + 1 < len(names):
+            print(f"[{i + 2}/{len(names)}] {names[i + 1]}: started", flush=True)
+
+    try:
+        if sequential and names:
+            print(f"[1/{len(names)}] {names[0]}: started", flush=True)
+        fanout.fan_out(run_job, jobs, resources=fanout.Resources(cpus=1, memory_mb=4096), on_result=finished)
     except (KeyboardInterrupt, Interrupted) as exc:
         left = [n for n in names if n not in records and n not in failed]
         html = save(left)

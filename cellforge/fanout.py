@@ -85,6 +85,20 @@ def describe() -> str:
     return f"Ray cluster at {address}" if address else f"local Ray ({os.cpu_count()} CPUs)"
 
 
+def die_with_parent() -> None:
+    """``preexec_fn`` of a run's child process: SIGTERM to it when its parent dies, even by SIGKILL (Linux).
+
+    A Ray task cancelled with ``force=True`` (Ctrl-C in the driver) is a killed worker process;
+    the ``cellforge benchmark`` it started then stops its sandbox instead of running on.
+    """
+    import contextlib
+    import ctypes
+    import signal
+
+    with contextlib.suppress(Exception):
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+
+
 def _start_ray() -> Any:
     import ray
 

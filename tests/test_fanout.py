@@ -79,3 +79,52 @@ def test_ray_runs_in_other_processes_and_returns_results_in_item_order(local_ray
 def test_a_failing_ray_run_raises_its_own_error(local_ray):
     with pytest.raises(ValueError, match="run 1 failed"):
         fanout.fan_out(_fails, [0, 1, 2], resources=fanout.Resources(cpus=0.5, memory_mb=256))
+
+
+def _starts_a_child(marker: str) -> int:
+    """A run whose child process (like `cellforge benchmark`) would outlive it unless it dies with its parent."""
+    import subprocess
+    import sys
+
+    child = subprocess.Popen([sys.executable, "-c", f"import time; time.sleep(600)  # {marker}"], preexec_fn=fanout.die_with_parent)  # noqa: S603, PLW1509
+    time.sleep(600)
+    return child.pid
+
+
+def _alive_with(marker: str) -> list[int]:
+    from pathlib import Path
+
+    pids = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if marker in (proc / "cmdline").read_bytes().decode(errors="replace"):
+                pids.append(int(proc.name))
+        except OSError:
+            continue
+    return pids
+
+
+def test_an_interrupted_ray_fan_out_leaves_no_run_and_no_child_behind(local_ray):
+    import threading
+    import uuid
+
+    marker = f"cellforge-fanout-{uuid.uuid4().hex[:8]}"
+    seen: list[int] = []
+
+    def ctrl_c_once_both_children_run() -> None:
+        deadline = time.monotonic() + 60
+        while len(_alive_with(marker)) < 2 and time.monotonic() < deadline:  # noqa: PLR2004
+            time.sleep(0.2)
+        seen.extend(_alive_with(marker))
+        __import__("_thread").interrupt_main()
+
+    watcher = threading.Thread(target=ctrl_c_once_both_children_run, daemon=True)
+    watcher.start()
+    with pytest.raises(KeyboardInterrupt):
+        fanout.fan_out(_starts_a_child, [marker, marker], resources=fanout.Resources(cpus=0.5, memory_mb=256))
+    watcher.join()
+    assert len(seen) == 2  # both runs' children were running when Ctrl-C came  # noqa: PLR2004
+    deadline = time.monotonic() + 20
+    while _alive_with(marker) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert _alive_with(marker) == []  # the cancelled runs' workers were killed, and their children died with them

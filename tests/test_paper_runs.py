@@ -135,6 +135,7 @@ def test_an_interrupted_make_paper_leaves_a_partial_report_and_no_process(tmp_pa
     proc = subprocess.Popen(  # noqa: S603
         [sys.executable, str(ROOT / "benchmarks" / "paper.py"), "--dataset", "adamson_subset", "--dataset", "kang_subset", "--out", str(out)],
         cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "CELLFORGE_FANOUT": "sequential"},  # stage lines stream here; the Ray path: tests/test_fanout.py
     )  # fmt: skip
     lines = []
     assert proc.stdout is not None
