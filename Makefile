@@ -20,7 +20,7 @@ PY312 := $(shell \
 # uv from PATH, else installed from PyPI into .tools/.
 UV := $(shell command -v uv 2>/dev/null || echo .tools/bin/uv)
 
-.PHONY: bench-llm help install install-llm test test-all test-docker benchmark bench bench-perf bench-tasks bench-heldback paper docker-engine docker-build clean
+.PHONY: bench-fanout bench-prior bench-llm help install install-llm test test-all test-docker benchmark bench bench-perf bench-tasks bench-heldback paper docker-engine docker-build clean
 
 help: ## Show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-14s %s\n", $$1, $$2}'
@@ -54,8 +54,15 @@ benchmark: $(VENV)/.installed ## Run the main job: make benchmark DATASET=<name>
 
 bench: bench-tasks bench-perf ## Every benchmark: the real tasks, then performance; written to benchmarks/results/
 
-bench-perf: $(VENV)/.installed ## Performance benchmarks (scoring, sandbox overhead, profiling)
+bench-perf: $(VENV)/.installed ## Performance benchmarks (scoring, sandbox overhead, profiling; the main job's wall time per shipped data set and stage)
 	$(PY) benchmarks/bench.py
+	$(PY) benchmarks/mainjob.py --label latest
+
+bench-fanout: $(VENV)/.installed ## The same task benchmark sequential, on a local Ray and on a two-node local Ray cluster: speed-up and equality
+	$(PY) benchmarks/fanout.py
+
+bench-prior: $(VENV)/.installed ## The co-expression prior for unseen perturbations against the references, over folds (no training)
+	$(PY) benchmarks/prior_knowledge.py
 
 bench-llm: install-llm ## The main job with the real local LLM (Qwen2.5-Coder-1.5B) for every role, 5 seeds: benchmarks/results/llm.md
 	$(PY) benchmarks/llm.py $(if $(SEEDS),--seeds $(SEEDS))

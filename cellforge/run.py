@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -191,4 +192,11 @@ def environment() -> dict[str, str]:
         except Exception:  # noqa: BLE001 - missing optional package
             out[pkg] = "not installed"
     out["cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    out["hostname"] = platform.node()
+    ray = sys.modules.get("ray")  # a run fanned out as a Ray task (cellforge.fanout) records its node
+    if ray is not None and getattr(ray, "is_initialized", lambda: False)():
+        try:
+            out["ray_node"] = ray.get_runtime_context().get_node_id()
+        except Exception:  # noqa: BLE001 - the driver, or an older Ray
+            pass
     return out
