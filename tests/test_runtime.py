@@ -221,10 +221,14 @@ def test_changes_that_cannot_move_an_untrained_residual_are_not_run(tmp_path, fo
 
     sandbox = LocalSandbox(tmp_path / "work")
     common = {"sandbox": sandbox, "attempts_dir": tmp_path / "attempts", "journal_path": tmp_path / "journal.json", "check_outputs": _val_metrics, "timeout_s": 30}
-    proposals = iter([{"template": "latent_linear"}, {"baseline": "linear"}, {"learning_rate": 0.01}, {"hidden_dim": 64}, {"hidden_dim": 4}])
+    proposals = [{"template": "latent_linear"}, {"baseline": "linear"}, {"learning_rate": 0.01}, {"hidden_dim": 64}, {"hidden_dim": 4}]
 
-    def refiner(config, history, _settings):  # noqa: ANN001, ANN202
-        return {"diagnosis": "next", "config_updates": next(proposals)}
+    def refiner(config, history, _settings):  # noqa: ANN001, ANN202 - like the offline refiner: the first change not yet tried
+        tried = [h["config"] for h in history]
+        for change in proposals:
+            if {**config, **change} not in tried:
+                return {"diagnosis": "next", "config_updates": change}
+        return {"diagnosis": "all tried", "stop": True}
 
     journal, script = run_attempts(_UNTRAINED_SCRIPT.replace("untrained, untrained", folds), debugger=None, **common)
     journal, _ = refine_until_settled(journal, script, refiner=refiner, settings=RefineSettings(max_rounds=3, patience=2, guard_metric=None), **common)
@@ -233,7 +237,9 @@ def test_changes_that_cannot_move_an_untrained_residual_are_not_run(tmp_path, fo
         # another condition-level template over the same reference, and tuning, cannot change out-of-fold
         # predictions that are the reference's; another reference can, and is run (and wins)
         assert run == [{"baseline": "linear"}]
-        assert [s["config_updates"] for s in journal.skipped] == [{"template": "latent_linear"}, {"learning_rate": 0.01}, {"hidden_dim": 64}]
+        # latent_linear is skipped over either reference (the outcome is known both times); the candidates
+        # after a skipped one are still tried, then two residual-only tuning steps end refinement
+        assert [s["config_updates"] for s in journal.skipped] == [{"template": "latent_linear"}, {"template": "latent_linear"}, {"learning_rate": 0.01}, {"hidden_dim": 64}]
         assert all("untrained in every cross-validation fold" in s["reason"] for s in journal.skipped)
         assert journal.refine_stop_reason.startswith("tuning cannot change the predictions")
         assert journal.best_attempt == 1

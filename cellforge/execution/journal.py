@@ -527,13 +527,14 @@ def refine_until_settled(
     tried = [get_config(script)]
     tried_code = {sha(script)}
     stale = rounds = 0
+    skipped_history: list[dict[str, Any]] = []
     reason = f"refinement budget of {settings.max_rounds} rounds used"
     while rounds < settings.max_rounds:
         history = [
             {"attempt": a.index, "stage": a.stage, "config": get_config((attempts_dir / f"attempt-{a.index:03d}" / "train.py").read_text()),
              "val_metrics": a.val_metrics, "failure": a.failure.value if a.failure else None}
             for a in journal.attempts
-        ]
+        ] + skipped_history  # a proposal not run counts as tried, with its known outcome
         proposal = refiner(get_config(best_script), history, settings)
         updates = proposal.get("config_updates") or {}
         if not proposal.get("stop") and (proposal.get("diff") or proposal.get("script")):
@@ -568,6 +569,7 @@ def refine_until_settled(
         why_not = cannot_change_predictions(best, get_config(best_script), config)
         if why_not is not None:  # an early exit: the attempt's outcome is known without running it
             journal.skipped.append({"config_updates": updates, "reason": f"not run: {why_not}"})
+            skipped_history.append({"attempt": None, "stage": "skipped", "config": config, "val_metrics": best.val_metrics, "failure": None})
             journal.save(journal_path)
             if selection:
                 continue
