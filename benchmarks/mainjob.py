@@ -97,6 +97,8 @@ def _markdown(records: dict[str, dict[str, Any]]) -> str:
     for label in labels:
         rec = records[label]
         lines += ["", f"## {label} ({rec['date']}, commit {rec['commit']}, {rec['machine']['cpus']} CPUs, load before/after {rec['load_before']} / {rec['load_after']})", ""]
+        if rec.get("note"):
+            lines += [f"Note: {rec['note']}.", ""]
         lines.append("| data set | cells x genes | " + " | ".join(STAGES) + " | total s | attempts | peak RSS MiB | kept attempt: sandbox s / plain s |")
         lines.append("|---|---|" + "---|" * len(STAGES) + "---|---|---|---|")
         for row in rec["datasets"]:
@@ -162,6 +164,12 @@ def main() -> None:
     record["load_after"] = round(os.getloadavg()[0], 2)
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"mainjob-{args.label}.json"
+    if path.exists() and set(names) != set(SHIPPED):  # a rerun of some data sets replaces their rows only
+        earlier = json.loads(path.read_text())
+        rerun = {row["dataset"] for row in record["datasets"]}
+        kept = [row for row in earlier["datasets"] if row["dataset"] not in rerun]
+        record["datasets"] = sorted(kept + record["datasets"], key=lambda row: SHIPPED.index(row["dataset"]))
+        record["note"] = f"{', '.join(sorted(rerun))} rerun at {record['date']} (commit {record['commit']}); the others from {earlier['date']} (commit {earlier['commit']})"
     path.write_text(json.dumps(record, indent=1))
     records = {}
     for p in sorted(args.out.glob("mainjob-*.json")):
