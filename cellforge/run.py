@@ -167,6 +167,16 @@ class Run:
         """Wall seconds of each finished stage."""
         return {s: self.read_json(f"stages/{s}.json")["wall_s"] for s in STAGES if self.done(s)}
 
+    def stage_peaks(self) -> dict[str, dict[str, float]]:
+        """Peak memory (MiB) recorded when each finished stage ended (see :func:`cellforge.pipeline.peak_memory`)."""
+        out = {}
+        for s in STAGES:
+            if self.done(s):
+                marker = self.read_json(f"stages/{s}.json")
+                if "peak_rss_mib" in marker:
+                    out[s] = {"peak_rss_mib": marker["peak_rss_mib"], "children_peak_rss_mib": marker["children_peak_rss_mib"]}
+        return out
+
     # ------------------------------------------------------------------ data
     def adata(self) -> ad.AnnData:
         """The canonical AnnData of this run (loaded once per process)."""
