@@ -20,7 +20,7 @@ PY312 := $(shell \
 # uv from PATH, else installed from PyPI into .tools/.
 UV := $(shell command -v uv 2>/dev/null || echo .tools/bin/uv)
 
-.PHONY: bench-fanout bench-prior bench-llm help install install-llm test test-all test-docker benchmark bench bench-perf bench-tasks bench-heldback paper docker-engine docker-build clean
+.PHONY: bench-fanout bench-prior bench-scale bench-llm help install install-llm test test-all test-docker benchmark bench bench-perf bench-tasks bench-heldback paper docker-engine docker-build clean
 
 help: ## Show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-14s %s\n", $$1, $$2}'
@@ -60,6 +60,9 @@ bench-perf: $(VENV)/.installed ## Performance benchmarks (scoring, sandbox overh
 
 bench-fanout: $(VENV)/.installed ## The same task benchmark sequential, on a local Ray and on a two-node local Ray cluster: speed-up and equality
 	$(PY) benchmarks/fanout.py
+
+bench-scale: $(VENV)/.installed ## The main job's wall time and peak memory per stage on synthetic data up to Norman's size: benchmarks/results/scale.md
+	$(PY) benchmarks/scale.py $(if $(SIZES),$(foreach s,$(SIZES),--size $(s)))
 
 bench-prior: $(VENV)/.installed ## The co-expression prior for unseen perturbations against the references, over folds (no training)
 	$(PY) benchmarks/prior_knowledge.py

@@ -54,7 +54,10 @@ def run_pipeline(run: Run, *, echo: Callable[[str], None] = print, until: str | 
         try:
             getattr(stages, f"stage_{name}")(run, echo=echo)
             # the session that finished the stage: its LLM calls are the ones counted (see usage_summary)
-            marker = {"stage": name, "wall_s": round(time.monotonic() - start, 3), "finished": datetime.now(UTC).isoformat(), "session": SESSION}
+            marker = {
+                "stage": name, "wall_s": round(time.monotonic() - start, 3), "finished": datetime.now(UTC).isoformat(), "session": SESSION,
+                **peak_memory(),
+            }
             run.write_json(f"stages/{name}.json", marker)
         except StageError:
             raise
@@ -70,6 +73,19 @@ def run_pipeline(run: Run, *, echo: Callable[[str], None] = print, until: str | 
     if until is not None and last < len(STAGES) - 1:
         echo(f"stopped after {until} (--until); go on with `cellforge benchmark --resume {run.dir}`")
     return run.dir
+
+
+def peak_memory() -> dict[str, float]:
+    """Peak resident memory so far, MiB: this process (``peak_rss_mib``) and the largest finished child
+    process tree, sandbox attempts included (``children_peak_rss_mib``; Linux ``ru_maxrss``).
+
+    Both only grow: a stage's own peak is its value where it exceeds the earlier stages'.
+    """
+    import resource
+
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return {"peak_rss_mib": round(own, 1), "children_peak_rss_mib": round(children, 1)}
 
 
 def _discard_if_empty(run: Run) -> None:

@@ -48,6 +48,10 @@ class RunConfig(BaseModel):
     timeout_s: float = Field(default=900, gt=0, le=MAX_TIMEOUT_S, allow_inf_nan=False, description="Wall-clock limit of one attempt, seconds.")
     memory_mb: int = Field(default=8192, ge=256, description="Memory limit of one attempt, MiB.")
     threads: int = Field(default=2, ge=1, le=256, description="CPU threads of one attempt.")
+    max_genes: int = Field(
+        default=8000, ge=100, le=1_000_000,
+        description="Most genes handed to the sandbox; above it a selection (cellforge.execution.genes), the rest predicted by training_mean.",
+    )
     debate_rounds: int = Field(default=10, ge=1, le=10, description="Round cap of the expert debate.")
     pilots: int = Field(default=2, ge=0, le=10, description="Pilot runs the debate may ask for (0: none).")
     refine_rounds: int = Field(default=3, ge=0, le=20, description="Refinement rounds after the first clean run (0: none).")
@@ -162,6 +166,16 @@ class Run:
     def stage_times(self) -> dict[str, float]:
         """Wall seconds of each finished stage."""
         return {s: self.read_json(f"stages/{s}.json")["wall_s"] for s in STAGES if self.done(s)}
+
+    def stage_peaks(self) -> dict[str, dict[str, float]]:
+        """Peak memory (MiB) recorded when each finished stage ended (see :func:`cellforge.pipeline.peak_memory`)."""
+        out = {}
+        for s in STAGES:
+            if self.done(s):
+                marker = self.read_json(f"stages/{s}.json")
+                if "peak_rss_mib" in marker:
+                    out[s] = {"peak_rss_mib": marker["peak_rss_mib"], "children_peak_rss_mib": marker["children_peak_rss_mib"]}
+        return out
 
     # ------------------------------------------------------------------ data
     def adata(self) -> ad.AnnData:

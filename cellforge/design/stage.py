@@ -37,7 +37,9 @@ def _pilot_runner(run: Run, echo: Echo) -> Callable[[str, Any], dict[str, Any]]:
         if work.exists():
             shutil.rmtree(work)
         work.mkdir(parents=True)
-        contract.prepare_inputs(run.adata(), SplitManifest.load(run.path("split.json")), work, task=run.read_json("data.json")["task"])
+        contract.prepare_inputs(
+            run.adata(), SplitManifest.load(run.path("split.json")), work, task=run.read_json("data.json")["task"], max_genes=run.config.max_genes,
+        )
         n_train = len(run.read_json("split.json")["train"])
         hp = {**Hyperparameters().model_dump(), "n_components": min(16, max(2, n_train)), "batch_size": max(1, min(16, n_train)), "seed": 0}
         hp.update(proposal.hyperparameters)

@@ -21,6 +21,7 @@ import pandas as pd
 
 from cellforge.data.splits import SplitManifest
 from cellforge.data.loaders import read_h5ad_file
+from cellforge.execution.genes import GeneSelection
 from cellforge.errors import DatasetError, PredictionError
 from cellforge.evaluation.pseudobulk import condition_table
 from cellforge.safeio import write_h5ad, write_json
@@ -29,8 +30,18 @@ PREDICTIONS = "outputs/predictions.h5ad"
 VAL_METRICS = "outputs/val_metrics.json"
 
 
-def prepare_inputs(adata: ad.AnnData, manifest: SplitManifest, work_dir: Path, *, task: dict) -> None:
-    """Write the sandbox's inputs into ``work_dir``; test cells are left out."""
+def prepare_inputs(adata: ad.AnnData, manifest: SplitManifest, work_dir: Path, *, task: dict, max_genes: int | None = None) -> GeneSelection:
+    """Write the sandbox's inputs into ``work_dir``; test cells are left out.
+
+    Above ``max_genes`` genes (default :data:`cellforge.execution.genes.MAX_GENES`) only a
+    selection made from training and validation cells goes in (:func:`~cellforge.execution.genes.select_genes`);
+    ``task.json`` lists the genes handed over. Returns the selection.
+    """
+    from cellforge.execution.genes import MAX_GENES, select_genes
+
+    selection = select_genes(adata, manifest, max_genes=max_genes or MAX_GENES)
+    if not selection.complete:
+        adata = adata[:, selection.genes]
     data = work_dir / "data"
     data.mkdir(parents=True, exist_ok=True)
     cond = adata.obs["condition"].astype(str)
@@ -54,8 +65,10 @@ def prepare_inputs(adata: ad.AnnData, manifest: SplitManifest, work_dir: Path, *
         "val_conditions": list(manifest.val),
         "test_conditions": list(manifest.test),
         "genes": [str(g) for g in adata.var_names],
+        "n_genes_in_data": selection.n_total,
     }
     write_json(work_dir / "task.json", payload, indent=1)
+    return selection
 
 
 def _condition_doses(adata: ad.AnnData) -> dict[str, float]:

@@ -137,8 +137,11 @@ def stage_execute(run: Run, *, echo: Echo) -> None:
         shutil.rmtree(work)  # an interrupted execute stage restarts clean
     work.mkdir()
     task = run.read_json("data.json")["task"]
-    contract.prepare_inputs(adata, manifest, work, task=task)
-    genes = [str(g) for g in adata.var_names]
+    selection = contract.prepare_inputs(adata, manifest, work, task=task, max_genes=run.config.max_genes)
+    run.write_json("gene_selection.json", selection.record())
+    if not selection.complete:
+        echo(f"  {len(selection.genes)} of {selection.n_total} genes handed to the sandbox ({selection.reasons}); the others get training_mean")
+    genes = selection.genes
     client = LLMClient(run.dir, stage="execute")
 
     def check_outputs(outputs: Path) -> dict[str, Any]:
@@ -219,3 +222,9 @@ def stage_execute(run: Run, *, echo: Echo) -> None:
     atomic_write_text(run.path("code") / "final_train.py", script)
     # the kept predictions, read without following links (the sandbox is hostile until proven otherwise)
     atomic_write_bytes(run.path("predictions.h5ad"), hostio.read_bytes(work, contract.PREDICTIONS, max_bytes=4 * 1024**3))
+    if not selection.complete:  # every other gene: the host's training_mean (cellforge.execution.genes)
+        from cellforge.execution.genes import fill_unselected
+        from cellforge.safeio import write_h5ad
+
+        pred = contract.read_h5ad_file(run.path("predictions.h5ad"), what="predictions file")
+        write_h5ad(fill_unselected(pred, adata, manifest), run.path("predictions.h5ad"))

@@ -150,6 +150,15 @@ def _data_warnings(run: Any) -> str:
     """What loading changed in the user's data (``data.json``: duplicated names made unique, ...)."""
     path = run.path("data.json")
     warnings = json.loads(path.read_text()).get("provenance", {}).get("warnings", []) if path.exists() else []
+    selection = run.path("gene_selection.json")
+    if selection.exists():
+        record = json.loads(selection.read_text())
+        if record.get("n_selected", record.get("n_total")) != record.get("n_total"):
+            warnings = [
+                *warnings,
+                f"the model was trained on {record['n_selected']} of the data's {record['n_total']} genes ({record.get('reasons')}, "
+                "chosen from training cells; `gene_selection.json`); the other genes' predictions are the training mean",
+            ]
     if not warnings:
         return ""
     return "\n**Warnings about the data** (the run went on):\n\n" + "\n".join(f"- {w}" for w in warnings) + "\n\n"

@@ -74,6 +74,7 @@ def collect_metrics(run: Run) -> dict[str, Any]:
         "refinement": journal.get("refine_stop_reason", ""),
         "skipped_proposals": journal.get("skipped", []),
         "stage_wall_s": times,
+        "stage_peak_memory_mib": run.stage_peaks(),
         "total_wall_s": round(sum(times.values()), 3),
         "environment": environment(),
     }

@@ -31,10 +31,18 @@ def dense(x):
 
 
 def group_means(adata):
-    """Mean profile per condition: DataFrame (n_conditions, n_genes)."""
+    """Mean profile per condition: DataFrame (n_conditions, n_genes), sorted by condition.
+
+    Sums by a sparse condition-by-cell indicator product, so a sparse ``X`` is never densified
+    whole (only the (n_conditions, n_genes) result is dense).
+    """
     labels = adata.obs["condition"].astype(str).to_numpy()
-    frame = pd.DataFrame(dense(adata.X).astype(np.float64), columns=adata.var_names)
-    return frame.groupby(labels).mean()
+    names, codes = np.unique(labels, return_inverse=True)
+    onehot = sp.csr_matrix((np.ones(len(codes)), (codes, np.arange(len(codes)))), shape=(len(names), len(codes)))
+    X = adata.X.astype(np.float64) if sp.issparse(adata.X) else np.asarray(adata.X, dtype=np.float64)
+    sums = dense(onehot @ X)
+    counts = np.bincount(codes, minlength=len(names)).astype(np.float64)
+    return pd.DataFrame(sums / counts[:, None], index=pd.Index(names), columns=adata.var_names)
 
 
 def ridge_members(deltas, member_lists, members, lam):
@@ -71,17 +79,20 @@ class Features:
         means = group_means(ctrl)
         ctx_of = ctrl.obs.groupby("condition", observed=True)["context"].first().astype(str)
         self.control = pd.DataFrame(means.to_numpy(), index=[ctx_of[c] for c in means.index], columns=self.genes)
-        X = dense(train.X).astype(np.float64)
-        Xc = X - X.mean(axis=0)
-        s, vt = top_components(Xc[:: max(1, len(Xc) // 3000)], k)
+        # PCA of the cells: the mean from all cells, the components from at most ~3,000 of them;
+        # only those rows are densified (a full-size screen's cells x genes never is)
+        n = train.n_obs
+        X = train.X
+        mean = np.asarray(X.astype(np.float64).mean(axis=0)).ravel() if sp.issparse(X) else np.asarray(X, dtype=np.float64).mean(axis=0)
+        Xc = dense(X[:: max(1, n // 3000)]).astype(np.float64) - mean
+        s, vt = top_components(Xc, k)
         k = min(k, vt.shape[0])
         self.expr_pcs = vt[:k]  # (k, n_genes)
-        self.gene_emb = (vt[:k] * s[:k, None]).T / np.sqrt(len(Xc))  # (n_genes, k)
+        self.gene_emb = (vt[:k] * s[:k, None]).T / np.sqrt(n)  # (n_genes, k)
         self.k = k
         self.control_center = self.control.mean(axis=0).to_numpy()
-        Xctrl = dense(ctrl.X).astype(np.float32)
-        step = max(1, len(Xctrl) // 4000)
-        self.control_cells = Xctrl[::step]
+        step = max(1, ctrl.n_obs // 4000)
+        self.control_cells = dense(ctrl.X[::step]).astype(np.float32)
         self.control_cell_ctx = ctrl.obs["context"].astype(str).to_numpy()[::step]
         self._slopes = {}
         self._cache = {}

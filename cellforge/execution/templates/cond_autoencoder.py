@@ -63,6 +63,27 @@ def build_cell_module():
     return CellAutoEncoder
 
 
+class _Rows(torch.utils.data.Dataset):
+    """Rows of a sparse or dense cell matrix, densified a mini-batch at a time (``dataset[list of positions]``)."""
+
+    def __init__(self, X, rows):
+        self.X, self.rows = X, rows
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, positions):
+        return (torch.tensor(dense(self.X[self.rows[positions]]), dtype=torch.float32),)
+
+
+def row_batches(X, rows, batch_size, *, shuffle):
+    """Mini-batches of cells ``rows`` of ``X`` (n_cells, n_genes): the same batches, in the same
+    seeded order, as a shuffled ``TensorDataset`` loader, without a dense copy of every cell."""
+    sampler = torch.utils.data.RandomSampler(range(len(rows))) if shuffle else torch.utils.data.SequentialSampler(range(len(rows)))
+    batches = torch.utils.data.BatchSampler(sampler, batch_size=batch_size, drop_last=False)
+    return torch.utils.data.DataLoader(_Rows(X, rows), sampler=batches, batch_size=None)
+
+
 def _cells():
     """Training and validation cells in one AnnData (conditions say which is which)."""
     train = ad.read_h5ad(HERE / "data" / "train.h5ad")
@@ -74,7 +95,7 @@ def fit_cells(feats, train_conds, val_conds, train_profiles, val_profiles, predi
     import lightning as L
 
     cells = _cells()
-    X = dense(cells.X).astype(np.float32)
+    X = cells.X.tocsr().astype(np.float32) if sp.issparse(cells.X) else np.asarray(cells.X, dtype=np.float32)  # never densified whole
     labels = cells.obs["condition"].astype(str).to_numpy()
     is_ctrl = cells.obs["is_control"].to_numpy().astype(bool)
     contexts = cells.obs["context"].astype(str).to_numpy()
@@ -83,11 +104,11 @@ def fit_cells(feats, train_conds, val_conds, train_profiles, val_profiles, predi
     epochs = 0
     if not predict_only:
         keep = is_ctrl | np.isin(labels, train_conds)
-        loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.tensor(X[keep])), batch_size=CONFIG["batch_size"], shuffle=True)
+        loader = row_batches(X, np.flatnonzero(keep), CONFIG["batch_size"], shuffle=True)
         held = np.isin(labels, val_conds)
         val_loader, callbacks = None, []
         if held.any():
-            val_loader = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.tensor(X[held])), batch_size=4096)
+            val_loader = row_batches(X, np.flatnonzero(held), 4096, shuffle=False)
             callbacks = [L.pytorch.callbacks.EarlyStopping("val_loss", patience=CONFIG["patience"]), best_weights()]
         model = Module(X.shape[1], CONFIG)
         trainer = L.Trainer(
@@ -103,8 +124,8 @@ def fit_cells(feats, train_conds, val_conds, train_profiles, val_profiles, predi
     model = Module(X.shape[1], CONFIG)
     model.load_state_dict(torch.load(ckpt, weights_only=False)["state_dict"])
     model.eval()
-    with torch.no_grad():
-        Z = model.ae.encoder(torch.tensor(X)).numpy()
+    with torch.no_grad():  # encoded in chunks: one chunk of cells dense at a time
+        Z = np.concatenate([model.ae.encoder(torch.tensor(dense(X[i : i + 8192]), dtype=torch.float32)).numpy() for i in range(0, X.shape[0], 8192)])
     ctrl_latent = {c: Z[is_ctrl & (contexts == c)].mean(axis=0) for c in np.unique(contexts[is_ctrl])}
 
     def latent_shift(cond):

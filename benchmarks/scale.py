@@ -1,0 +1,270 @@
+"""Cost of the main job against data size (``make bench-scale``): ``benchmarks/results/scale.{json,md,png}``.
+
+SYNTHETIC data, generated to the shapes of real families; its purpose is cost (wall time and
+peak memory per stage), not accuracy. Each size is a count matrix of Poisson draws, CSR,
+normalised to 1e4 per cell + log1p as the loaders do:
+
+- genes' base rates from a gamma distribution (shape 0.25: most genes rare, a few abundant),
+  per-cell library sizes log-normal (median and spread of the shipped Adamson subset's
+  counts, measured when the file is in the mirror; 4,000 UMIs, sd 0.5 otherwise);
+- one control label (10 % of cells) and ``n_conditions`` knock-downs, each lowering its own
+  target gene to 20 % and moving 30 random genes 2-fold up or down;
+- sizes from 5,000 x 2,000 up to the full files' shapes: Adamson 2016 10X010 (about 65,000
+  cells x 32,738 genes, 90 conditions) and Norman 2019 (111,445 cells x 33,694 genes, 237
+  conditions; scPerturb's files).
+
+Each size runs ``cellforge benchmark --data FILE --task-type unseen_perturbation`` with small
+settings (``--debate-rounds 2 --pilots 0 --refine-rounds 1``: the stages' costs, not the
+debate's length) in a fresh process, one after another; per stage: wall time and the peak
+resident memory of the cellforge process and of its largest child (the sandbox's training
+script), from the run's ``stages/*.json``. The exponents of cells and genes are a least-squares
+fit of log(total wall time) and log(peak memory) on log(cells) and log(genes) over the sizes run.
+
+Usage: ``python benchmarks/scale.py [--size NAME ...] [--out benchmarks/results]``; results of
+sizes run earlier are kept (``scale.json`` is merged by size name).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks" / "results"
+STAGES = ("data", "profile", "analysis", "design", "codegen", "execute", "evaluate", "report")
+#: name -> (cells, genes, perturbation conditions)
+SIZES = {
+    "5k_x_2k": (5_000, 2_000, 40),
+    "20k_x_2k": (20_000, 2_000, 40),
+    "5k_x_8k": (5_000, 8_000, 40),
+    "20k_x_8k": (20_000, 8_000, 40),
+    "adamson_10X010_sized": (65_000, 32_738, 90),
+    "norman_sized": (111_445, 33_694, 237),
+}
+SETTINGS = ["--debate-rounds", "2", "--pilots", "0", "--refine-rounds", "1"]
+
+
+def library_sizes() -> tuple[float, float]:
+    """Median and sd of log library sizes of the shipped Adamson subset's counts (or 4,000 UMIs, 0.5)."""
+    try:
+        sys.path.insert(0, str(ROOT))
+        from cellforge.data import load_dataset
+
+        adata = load_dataset("adamson_subset", show_progress=False)
+        counts = adata.layers["counts"] if "counts" in adata.layers else None
+        if counts is None:
+            return float(np.log(4000)), 0.5
+        lib = np.log(np.asarray(counts.sum(axis=1)).ravel() + 1)
+        return float(np.median(lib)), float(lib.std())
+    except Exception:  # noqa: BLE001 - no mirror here: documented default
+        return float(np.log(4000)), 0.5
+
+
+def generate(path: Path, cells: int, genes: int, n_conditions: int, *, seed: int = 0, chunk: int = 4000) -> dict:
+    """Write a synthetic screen to ``path`` (.h5ad, CSR float32 log1p-normalised); its shape and sparsity."""
+    import anndata as ad
+    import pandas as pd
+    import scipy.sparse as sp
+
+    rng = np.random.default_rng(seed)
+    mu, sd = library_sizes()
+    base = rng.gamma(0.25, 1.0, genes)
+    base /= base.sum()
+    names = [f"GENE{i:05d}" for i in range(genes)]
+    perts = [f"GENE{g:05d}" for g in rng.choice(genes, size=n_conditions, replace=False)]
+    labels = np.where(rng.random(cells) < 0.1, "control", np.array(perts, dtype=object)[rng.integers(0, n_conditions, cells)])
+    effects = {}
+    for p in perts:
+        factor = np.ones(genes)
+        factor[int(p[4:])] = 0.2
+        moved = rng.choice(genes, size=30, replace=False)
+        factor[moved] *= np.where(rng.random(30) < 0.5, 0.5, 2.0)
+        effects[p] = factor
+    blocks = []
+    for start in range(0, cells, chunk):
+        lab = labels[start : start + chunk]
+        lib = np.exp(rng.normal(mu, sd, len(lab)))
+        rate = np.outer(lib, base)
+        for i, p in enumerate(lab):
+            if p != "control":
+                rate[i] *= effects[p]
+        counts = rng.poisson(rate).astype(np.float32)
+        size = counts.sum(axis=1, keepdims=True)
+        size[size == 0] = 1.0
+        blocks.append(sp.csr_matrix(np.log1p(counts / size * 1e4).astype(np.float32)))
+    X = sp.vstack(blocks, format="csr")
+    obs = pd.DataFrame({"perturbation": labels}, index=[f"cell{i}" for i in range(cells)])
+    ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=names)).write_h5ad(path)
+    return {"cells": cells, "genes": genes, "conditions": n_conditions, "nnz_share": round(X.nnz / (cells * genes), 4), "file_mb": round(path.stat().st_size / 2**20, 1)}
+
+
+def run_size(name: str, work: Path) -> dict:
+    """Generate one size and run the main job on it; its costs per stage."""
+    cells, genes, n_conditions = SIZES[name]
+    path = work / f"{name}.h5ad"
+    t0 = time.monotonic()
+    shape = generate(path, cells, genes, n_conditions)
+    generated_s = time.monotonic() - t0
+    cmd = [
+        sys.executable, "-m", "cellforge.cli", "benchmark", "--data", str(path), "--perturbation-key", "perturbation",
+        "--control-label", "control", "--task-type", "unseen_perturbation", "--runs", str(work / "runs"), *SETTINGS,
+    ]  # fmt: skip
+    t0 = time.monotonic()
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False, env={**os.environ, "CELLFORGE_SANDBOX": "local"})  # noqa: S603
+    wall = time.monotonic() - t0
+    peak_children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    record = {"name": name, **shape, "generate_s": round(generated_s, 1), "wall_s": round(wall, 1), "exit_code": done.returncode}
+    path.unlink(missing_ok=True)
+    if done.returncode != 0:
+        record["error"] = (done.stderr.strip().splitlines() or ["?"])[-1][-500:]
+        return record
+    run_dir = Path(done.stdout.strip().splitlines()[-1])
+    stages = {}
+    for stage in STAGES:
+        marker = run_dir / "stages" / f"{stage}.json"
+        if marker.exists():
+            m = json.loads(marker.read_text())
+            stages[stage] = {k: m.get(k) for k in ("wall_s", "peak_rss_mib", "children_peak_rss_mib")}
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    selection = json.loads((run_dir / "gene_selection.json").read_text()) if (run_dir / "gene_selection.json").exists() else {}
+    record.update({
+        "stages": stages, "run_dir": str(run_dir), "attempts": len(metrics.get("attempts", [])),
+        "genes_to_sandbox": selection.get("n_selected", genes), "peak_rss_mib_process_tree": round(peak_children, 1),
+    })  # fmt: skip
+    return record
+
+
+def exponents(rows: list[dict], key: str) -> dict | None:
+    """Least-squares fit log(y) = a log(cells) + b log(genes) + c over the sizes run; None with fewer than 3 sizes."""
+    ok = [r for r in rows if "error" not in r and r.get(key)]
+    if len(ok) < 3:  # noqa: PLR2004
+        return None
+    A = np.column_stack([np.log([r["cells"] for r in ok]), np.log([r["genes"] for r in ok]), np.ones(len(ok))])
+    y = np.log([r[key] for r in ok])
+    coef, *_ = np.linalg.lstsq(A, y, rcond=None)
+    return {"cells": round(float(coef[0]), 2), "genes": round(float(coef[1]), 2), "n_sizes": len(ok)}
+
+
+def peak(row: dict) -> float:
+    return max([row.get("peak_rss_mib_process_tree") or 0.0] + [s.get("peak_rss_mib") or 0.0 for s in row.get("stages", {}).values()])
+
+
+def figure(rows: list[dict], path: Path) -> None:
+    import matplotlib as mpl
+
+    mpl.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ok = sorted((r for r in rows if "error" not in r), key=lambda r: r["cells"] * r["genes"])
+    if not ok:
+        return
+    size = [r["cells"] * r["genes"] for r in ok]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 4.8))
+    for stage in STAGES:
+        ys = [r["stages"].get(stage, {}).get("wall_s") for r in ok]
+        if any(y for y in ys):
+            left.plot(size, [y or np.nan for y in ys], marker="o", label=stage)
+    left.plot(size, [r["wall_s"] for r in ok], marker="s", color="black", label="total")
+    left.set(xscale="log", yscale="log", xlabel="cells x genes (synthetic)", ylabel="wall time, s", title="Wall time per stage")
+    left.legend(fontsize=8)
+    right.plot(size, [r["stages"].get("execute", {}).get("children_peak_rss_mib") or np.nan for r in ok], marker="o", label="sandbox (largest child)")
+    right.plot(size, [max(s.get("peak_rss_mib") or 0 for s in r["stages"].values()) for r in ok], marker="o", label="cellforge process")
+    right.axhline(24 * 1024, color="red", linestyle="--", label="24 GiB")
+    right.set(xscale="log", yscale="log", xlabel="cells x genes (synthetic)", ylabel="peak RSS, MiB", title="Peak memory")
+    right.legend(fontsize=8)
+    for ax, r in ((left, None), (right, None)):
+        del r
+        for x, row in zip(size, ok, strict=True):
+            ax.annotate(row["name"], (x, ax.get_ylim()[0]), fontsize=6, rotation=90, va="bottom")
+    fig.suptitle("cellforge main job on SYNTHETIC data shaped like real screens (cost, not accuracy)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def markdown(record: dict) -> str:
+    rows = record["rows"]
+    lines = [
+        "# Cost of the main job against data size (`benchmarks/scale.py`, SYNTHETIC data)",
+        "",
+        f"{record['date']}, commit {record['commit']}, {record['cpus']} CPUs. Synthetic count matrices shaped like real screens "
+        f"(the purpose is cost, not accuracy); `cellforge benchmark --data FILE` with `{' '.join(SETTINGS)}`, local sandbox. "
+        "Wall time per stage in seconds; peak memory in MiB (cellforge process / largest child: the sandbox's training script).",
+        "",
+        "| size | cells x genes | conditions | nnz share | genes to sandbox | " + " | ".join(STAGES) + " | total s | peak MiB (process / sandbox) |",
+        "|---|---|---|---|---|" + "---|" * len(STAGES) + "---|---|",
+    ]
+    for r in sorted(rows, key=lambda r: r["cells"] * r["genes"]):
+        if "error" in r:
+            lines.append(f"| {r['name']} | {r['cells']} x {r['genes']} | {r['conditions']} | {r.get('nnz_share')} | | FAILED after {r['wall_s']} s: {r['error']} |")
+            continue
+        stages = " | ".join(f"{r['stages'][s]['wall_s']:.0f}" if s in r["stages"] else "" for s in STAGES)
+        own = max(s.get("peak_rss_mib") or 0 for s in r["stages"].values())
+        sandbox = r["stages"].get("execute", {}).get("children_peak_rss_mib")
+        lines.append(
+            f"| {r['name']} | {r['cells']} x {r['genes']} | {r['conditions']} | {r['nnz_share']} | {r['genes_to_sandbox']} | {stages} | "
+            f"{r['wall_s']:.0f} | {own:.0f} / {sandbox if sandbox is not None else '?'} |"
+        )
+    for key, what in (("wall_s", "total wall time"), ("peak_mib", "peak memory")):
+        fit = record["exponents"].get(key)
+        if fit:
+            lines += ["", f"{what} ~ cells^{fit['cells']} x genes^{fit['genes']} (least squares on log scale over {fit['n_sizes']} sizes)"]
+    lines += ["", "![cost against size](scale.png)"]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", action="append", choices=sorted(SIZES), help="Sizes to run (default: all).")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    args = parser.parse_args()
+    os.environ.setdefault("CELLFORGE_DATA_MIRROR", str(ROOT.parent / "shared" / "data"))
+    previous = args.out / "scale.json"
+    rows = {r["name"]: r for r in json.loads(previous.read_text())["rows"]} if previous.exists() else {}
+    names = args.size or list(SIZES)
+    with tempfile.TemporaryDirectory(prefix="cellforge-scale-") as tmp:
+        for i, name in enumerate(names, 1):
+            print(f"[{i}/{len(names)}] {name} {SIZES[name]} ...", flush=True)
+            # each size in its own process, so its peak memory is its own
+            child = subprocess.run([sys.executable, __file__, "--one", name, "--work", tmp], capture_output=True, text=True, check=False)  # noqa: S603
+            row = json.loads(child.stdout.strip().splitlines()[-1]) if child.returncode == 0 else {"name": name, "cells": SIZES[name][0], "genes": SIZES[name][1], "conditions": SIZES[name][2], "wall_s": 0, "error": child.stderr[-500:]}
+            rows[name] = row
+            print(f"    {row.get('wall_s')} s" + (f", FAILED: {row['error']}" if "error" in row else ""), flush=True)
+            write(list(rows.values()), args.out)
+    print(args.out / "scale.md")
+
+
+def write(rows: list[dict], out: Path) -> None:
+    for r in rows:
+        if "error" not in r:
+            r["peak_mib"] = peak(r)
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()  # noqa: S607
+    record = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"), "commit": commit, "cpus": os.cpu_count(), "settings": SETTINGS,
+        "rows": rows, "exponents": {"wall_s": exponents(rows, "wall_s"), "peak_mib": exponents(rows, "peak_mib")},
+    }  # fmt: skip
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "scale.json").write_text(json.dumps(record, indent=1, default=float))
+    (out / "scale.md").write_text(markdown(record))
+    figure(rows, out / "scale.png")
+
+
+if __name__ == "__main__":
+    if "--one" in sys.argv:
+        one = argparse.ArgumentParser()
+        one.add_argument("--one")
+        one.add_argument("--work", type=Path)
+        a = one.parse_args()
+        print(json.dumps(run_size(a.one, a.work)))
+    else:
+        main()

@@ -1,0 +1,204 @@
+"""Which genes go into the sandbox, and the host's predictions for the others.
+
+A full-size screen has 20,000-36,000 measured genes; the templates' gene-level parts (the
+co-expression graph, gene embeddings, a cell-level decoder) grow with the square of that or
+with cells x genes. Above ``max_genes`` the sandbox gets a selection, made on the host from the
+training and validation cells only (test cells are never read):
+
+1. every measured target gene of every condition (the perturbation labels, which are inputs of
+   the task, not outcomes);
+2. each training and validation condition's largest changes, by |pseudobulk mean minus its
+   context's control mean|, taken in turn (every condition's largest, then every second
+   largest, up to :data:`TOP_PER_CONDITION` each), where the test conditions' DE genes are most
+   likely to be (the same biology moves the same genes);
+3. the most variable genes across the training cells (variance of the log-normalised values,
+   computed on the sparse matrix), up to ``max_genes``.
+
+The model's predictions cover the selected genes; every other gene gets the host's
+``training_mean`` prediction (its context's control mean plus the mean change of the seen
+perturbations of that context), the field's standard reference, so that the scored predictions
+cover every gene and the metrics (DE genes computed on all genes on the host) are unchanged in
+kind. ``gene_selection.json`` in the run directory says what was kept and why.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from cellforge.data.splits import SplitManifest
+
+#: Genes a sandbox gets at most, by default (every shipped subset has fewer: nothing is dropped there).
+MAX_GENES = 8000
+#: Largest changes kept per training or validation condition.
+TOP_PER_CONDITION = 50
+COMBO = "+"
+
+
+@dataclass
+class GeneSelection:
+    """The genes handed to the sandbox (in the data's order) and why.
+
+    Attributes
+    ----------
+    genes
+        Selected gene names, in the order of ``adata.var_names``.
+    n_total
+        Genes in the data.
+    reasons
+        Selected genes per reason: ``all`` (no selection needed), ``targets``, ``changes``, ``variable``.
+    """
+
+    genes: list[str]
+    n_total: int
+    reasons: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def complete(self) -> bool:
+        """True when every gene is selected."""
+        return len(self.genes) == self.n_total
+
+    def record(self) -> dict:
+        """JSON-ready summary (the gene list only when it is a selection)."""
+        out = asdict(self)
+        out["n_selected"] = len(self.genes)
+        if self.complete:
+            out.pop("genes")
+        return out
+
+
+def _column_var(X) -> np.ndarray:  # noqa: ANN001 - dense or sparse (n_cells, n_genes)
+    """Per-gene variance of a (sparse) matrix, float64, without densifying it."""
+    if sp.issparse(X):
+        X = X.tocsr().astype(np.float64)
+        mean = np.asarray(X.mean(axis=0)).ravel()
+        sq = np.asarray(X.multiply(X).mean(axis=0)).ravel()
+        return sq - mean**2
+    return np.asarray(X, dtype=np.float64).var(axis=0)
+
+
+def condition_means(adata: ad.AnnData, labels: np.ndarray) -> pd.DataFrame:
+    """Mean profile per label ``(n_labels, n_genes)``, from a sparse or dense ``X`` without densifying all cells.
+
+    Parameters
+    ----------
+    adata
+        Cells ``(n_cells, n_genes)``.
+    labels
+        One label per cell.
+    """
+    codes, uniques = pd.factorize(pd.Series(labels, dtype=str), sort=True)
+    onehot = sp.csr_matrix((np.ones(len(codes)), (codes, np.arange(len(codes)))), shape=(len(uniques), len(codes)))
+    counts = np.asarray(onehot.sum(axis=1)).ravel()
+    X = adata.X
+    sums = onehot @ (X.astype(np.float64) if sp.issparse(X) else np.asarray(X, dtype=np.float64))
+    sums = sums.toarray() if sp.issparse(sums) else np.asarray(sums)
+    return pd.DataFrame(sums / counts[:, None], index=list(uniques), columns=adata.var_names.astype(str))
+
+
+def select_genes(adata: ad.AnnData, manifest: SplitManifest, *, max_genes: int = MAX_GENES) -> GeneSelection:
+    """Genes for the sandbox: all of them up to ``max_genes``, else targets, largest training changes, most variable.
+
+    Parameters
+    ----------
+    adata
+        Canonical data ``(n_cells, n_genes)`` (``obs``: ``condition``, ``perturbation``,
+        ``context``, ``is_control``).
+    manifest
+        The split; only its training and validation conditions' cells (and the controls) are read.
+    max_genes
+        Most genes selected (targets are kept even beyond it).
+
+    Returns
+    -------
+    GeneSelection
+    """
+    genes = adata.var_names.astype(str)
+    if adata.n_vars <= max_genes:
+        return GeneSelection(genes=list(genes), n_total=adata.n_vars, reasons={"all": adata.n_vars})
+    obs = adata.obs
+    position = pd.Series(np.arange(adata.n_vars), index=genes)
+    position = position[~position.index.duplicated()]
+    chosen: dict[int, str] = {}
+    members = {m for p in obs["perturbation"].astype(str).unique() for m in p.split(COMBO)}
+    for m in sorted(members):
+        if m in position.index:
+            chosen.setdefault(int(position[m]), "targets")
+    cond = obs["condition"].astype(str).to_numpy()
+    seen = np.isin(cond, [*manifest.train, *manifest.val]) | obs["is_control"].to_numpy(dtype=bool)
+    part = adata[seen]
+    means = condition_means(part, cond[seen])
+    table = part.obs.groupby("condition", observed=True).agg(context=("context", "first"), is_control=("is_control", "first"))
+    table.index = table.index.astype(str)
+    control = {ctx: means.loc[table.index[(table["context"] == ctx) & table["is_control"]]].mean(axis=0).to_numpy() for ctx in table["context"].unique()}
+    ranked = [
+        np.argsort(-np.abs(means.loc[c].to_numpy() - control[table.loc[c, "context"]]), kind="stable")[:TOP_PER_CONDITION]
+        for c in [*manifest.train, *manifest.val]
+        if c in means.index
+    ]
+    for rank in range(TOP_PER_CONDITION):  # every condition's largest change first, then every second largest, ...
+        for order in ranked:
+            if len(chosen) >= max_genes:
+                break
+            if rank < len(order):
+                chosen.setdefault(int(order[rank]), "changes")
+    if len(chosen) < max_genes:
+        variance = _column_var(part.X)
+        for g in np.argsort(-variance, kind="stable"):
+            if len(chosen) >= max_genes:
+                break
+            chosen.setdefault(int(g), "variable")
+    order = sorted(chosen)
+    reasons = pd.Series([chosen[g] for g in order]).value_counts().to_dict()
+    return GeneSelection(genes=[str(genes[g]) for g in order], n_total=adata.n_vars, reasons={k: int(v) for k, v in reasons.items()})
+
+
+def fill_unselected(pred: ad.AnnData, adata: ad.AnnData, manifest: SplitManifest) -> ad.AnnData:
+    """Predictions over every gene: the model's on its genes, ``training_mean`` on the others.
+
+    Parameters
+    ----------
+    pred
+        The sandbox's predictions, one row per test condition (``obs["condition"]``, ``obs["context"]``),
+        on the selected genes.
+    adata
+        The whole data; only control cells and training + validation conditions' cells are read.
+    manifest
+        The split.
+
+    Returns
+    -------
+    AnnData ``(n_test, adata.n_vars)`` in the data's gene order, ``uns["cellforge_genes"]`` saying
+    how many genes came from the model.
+    """
+    genes = adata.var_names.astype(str)
+    if list(pred.var_names.astype(str)) == list(genes):
+        return pred
+    obs = adata.obs
+    cond = obs["condition"].astype(str).to_numpy()
+    is_control = obs["is_control"].to_numpy(dtype=bool)
+    seen_conditions = [*manifest.train, *manifest.val]
+    seen = np.isin(cond, seen_conditions) | is_control
+    part = adata[seen]
+    means = condition_means(part, cond[seen])
+    ctx_of = part.obs.groupby("condition", observed=True)["context"].first().astype(str)
+    ctx_of.index = ctx_of.index.astype(str)
+    controls = {ctx: means.loc[[c for c in means.index if ctx_of[c] == ctx and c not in seen_conditions]].mean(axis=0) for ctx in ctx_of.unique()}
+    deltas = pd.DataFrame({c: means.loc[c] - controls[ctx_of[c]] for c in seen_conditions if c in means.index}).T
+    pooled = deltas.mean(axis=0)
+    rows = []
+    for c, ctx in zip(pred.obs["condition"].astype(str), pred.obs["context"].astype(str), strict=True):
+        same = [s for s in deltas.index if ctx_of[s] == ctx]
+        delta = deltas.loc[same].mean(axis=0) if same else pooled
+        control = controls.get(ctx, pd.concat(list(controls.values()), axis=1).mean(axis=1))
+        rows.append((control + delta).to_numpy())
+    full = pd.DataFrame(np.stack(rows), index=pred.obs_names, columns=genes)
+    model = pd.DataFrame(np.asarray(pred.X.toarray() if sp.issparse(pred.X) else pred.X, dtype=np.float64), index=pred.obs_names, columns=pred.var_names.astype(str))
+    full.loc[:, model.columns] = model.to_numpy()
+    out = ad.AnnData(X=full.to_numpy(dtype=np.float32), obs=pred.obs.copy(), var=pd.DataFrame(index=genes))
+    out.uns["cellforge_genes"] = {"from_model": int(model.shape[1]), "from_training_mean": int(len(genes) - model.shape[1])}
+    return out
