@@ -90,8 +90,12 @@ class RunResult(BaseModel):
     isolation: Isolation = Field(description="Isolation actually in force.")
     memory_limit_mb: int | None = Field(default=None, description="Address-space / container memory limit.")
     events: list[CommandEvent] = Field(default_factory=list, description="The last output events streamed from the runtime (redacted).")
-    limit_hit: Literal["timeout", "disk"] | None = Field(
-        default=None, description="A limit the sandbox enforced by stopping the command ('disk': the work folder passed its size limit)."
+    limit_hit: Literal["timeout", "disk", "memory"] | None = Field(
+        default=None,
+        description=(
+            "A limit the sandbox enforced by stopping the command ('disk': the work folder passed its size limit; "
+            "'memory': resident memory passed the limit, where it is polled rather than an address-space limit)."
+        ),
     )
 
 
@@ -208,10 +212,14 @@ class Limits(BaseModel):
 #: Host environment variables passed into a sandbox when set (nothing else of the host's is).
 ENV_ALLOWLIST = ("LANG", "LC_ALL", "TZ", "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "PYTHONHASHSEED", "CUBLAS_WORKSPACE_CONFIG")
 
-def sandbox_env(work_dir: Path, extra: Mapping[str, str] | None = None, *, host: Mapping[str, str] | None = None) -> dict[str, str]:
+def sandbox_env(
+    work_dir: Path, extra: Mapping[str, str] | None = None, *, host: Mapping[str, str] | None = None, gpu: bool = False
+) -> dict[str, str]:
     """The whole environment of a sandboxed command: fixed entries, allowlisted host values, ``extra``.
 
     Nothing else of the host's environment enters, so API keys cannot leak by inheritance.
+    ``gpu``: the command may use the GPUs (:mod:`runtime.gpu`): the host's ``CUDA_VISIBLE_DEVICES``
+    is passed when set, left unset otherwise; without, it is ``""`` (no GPU visible).
 
     Raises
     ------
@@ -235,6 +243,10 @@ def sandbox_env(work_dir: Path, extra: Mapping[str, str] | None = None, *, host:
         "CUDA_VISIBLE_DEVICES": host.get("CUDA_VISIBLE_DEVICES", ""),
         "HF_HUB_OFFLINE": "1",
     }
+    if gpu and "CUDA_VISIBLE_DEVICES" not in host:
+        del env["CUDA_VISIBLE_DEVICES"]  # every GPU the sandbox was given
+    elif not gpu:
+        env["CUDA_VISIBLE_DEVICES"] = ""
     env.update({k: host[k] for k in ENV_ALLOWLIST if k in host})
     for key, value in (extra or {}).items():
         if SECRET_NAME.search(key):

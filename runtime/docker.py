@@ -231,7 +231,9 @@ class DockerSandbox(Sandbox):
     memory_mb, cpus
         Container-wide memory (no swap) and CPU limits.
     enable_gpu
-        Pass ``--gpus all``.
+        Pass ``--gpus all`` (default: :func:`runtime.gpu.use_gpu`, i.e. when the host has NVIDIA
+        devices unless ``CELLFORGE_SANDBOX_GPU=off``); the address-space limit is then dropped,
+        the container's memory limit stays.
     limits
         Process, file, disk and tmpfs bounds (:class:`runtime.base.Limits`).
 
@@ -252,13 +254,17 @@ class DockerSandbox(Sandbox):
         image: str = DEFAULT_IMAGE,
         memory_mb: int = 8192,
         cpus: float = 2.0,
-        enable_gpu: bool = False,
+        enable_gpu: bool | None = None,
         limits: Limits | None = None,
         runner: Any = subprocess.run,
     ) -> None:
         super().__init__(work_dir, limits=limits)
+        from runtime.gpu import use_gpu
+
         self.isolation: Isolation = "docker+no-network"
         self.python = sys.executable
+        # GPUs: default from CELLFORGE_SANDBOX_GPU and the host's devices (runtime.gpu)
+        enable_gpu = use_gpu() if enable_gpu is None else enable_gpu
         self.image, self.memory_mb, self.cpus, self.enable_gpu = image, memory_mb, cpus, enable_gpu
         self._runner = runner
         self.user = container_user()
@@ -373,10 +379,12 @@ class DockerSandbox(Sandbox):
     # ------------------------------------------------------------------ the interface
     def container_command(self, command: list[str], *, timeout_s: float, memory_mb: int | None, env: dict[str, str]) -> str:
         """The shell line the agent server runs: cleared environment, ``timeout``, ``prlimit``, stderr into stdout."""
-        prlimits = [f"--as={int(memory_mb) * 1024 * 1024}"] if memory_mb else []
+        # with GPUs, RLIMIT_AS breaks CUDA: the container's memory cgroup (--memory) is the bound
+        prlimits = [f"--as={int(memory_mb) * 1024 * 1024}"] if memory_mb and not self.enable_gpu else []
         # the output file lives in the container's private /tmp (see runtime.agent_server.command_shell)
         out = f"/tmp/.cellforge-{secrets.token_hex(4)}.out"
-        return command_shell(command, cwd=str(self.work_dir), env=sandbox_env(self.work_dir, env), timeout_s=timeout_s, out_file=out, prlimits=prlimits)
+        full = sandbox_env(self.work_dir, env, gpu=self.enable_gpu)
+        return command_shell(command, cwd=str(self.work_dir), env=full, timeout_s=timeout_s, out_file=out, prlimits=prlimits)
 
     def run(
         self,

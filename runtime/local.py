@@ -29,6 +29,7 @@ whose ``execute_command`` cannot set a parent-death signal or kill a process tre
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -56,6 +57,7 @@ from runtime.base import (
     sandbox_env,
     write_log,
 )
+from runtime.gpu import resident_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -230,8 +232,15 @@ class LocalSandbox(Sandbox):
 
     backend = "local"
 
-    def __init__(self, work_dir: Path, *, use_bwrap: bool | None = None, network: bool = False, limits: Limits | None = None) -> None:
+    def __init__(
+        self, work_dir: Path, *, use_bwrap: bool | None = None, network: bool = False, limits: Limits | None = None, gpu: bool | None = None
+    ) -> None:
         super().__init__(work_dir, limits=limits)
+        from runtime.gpu import nvidia_devices, use_gpu
+
+        #: The command gets the host's GPUs (runtime.gpu; default: CELLFORGE_SANDBOX_GPU and the host's devices).
+        self.gpu = use_gpu() if gpu is None else gpu
+        self.gpu_devices = nvidia_devices() if self.gpu else []
         works = bwrap_available()
         if use_bwrap and not works:
             from runtime.errors import SandboxUnavailableError
@@ -286,7 +295,7 @@ class LocalSandbox(Sandbox):
             f"--nofile={lim.open_files}",
             "--core=0",
         ]
-        if memory_mb:
+        if memory_mb and not self.gpu:  # with a GPU, RLIMIT_AS breaks CUDA: resident memory is polled instead (run)
             args.append(f"--as={int(memory_mb) * 1024 * 1024}")
         return [*args, "--", "setpriv", "--pdeathsig", "KILL", "--"]
 
@@ -319,6 +328,8 @@ class LocalSandbox(Sandbox):
             args += ["--setenv", key, value]
         # private /dev, /proc and tmpfs first, so that binds below /tmp land inside the new /tmp
         args += ["--dev", "/dev", "--proc", "/proc"]
+        for node in self.gpu_devices:  # the GPUs and the driver's control nodes, nothing else of the host's /dev
+            args += ["--dev-bind", node, node]
         args += ["--size", str(lim.tmp_mb * 1024 * 1024), "--perms", "1777", "--tmpfs", "/tmp"]
         args += ["--size", str(lim.shm_mb * 1024 * 1024), "--perms", "1777", "--tmpfs", "/dev/shm"]
         system = _system_binds()
@@ -355,7 +366,7 @@ class LocalSandbox(Sandbox):
             raise ValueError(msg)
         prepare_work_dir(self.work_dir, self.owner if self.use_bwrap else None)
         marker = secrets.token_hex(8)
-        full_env = {**sandbox_env(self.work_dir, env), "CELLFORGE_SANDBOX_ID": marker}
+        full_env = {**sandbox_env(self.work_dir, env, gpu=self.gpu), "CELLFORGE_SANDBOX_ID": marker}
         full = self.wrap(command, memory_mb=memory_mb, env=full_env)
         capture = OutputCapture(on_event)
         start = time.monotonic()
@@ -367,7 +378,12 @@ class LocalSandbox(Sandbox):
         reader = threading.Thread(target=_pump, args=(proc.stdout, capture), daemon=True)
         reader.start()
         limit_hit = None
-        with DiskWatch(self.work_dir, limit_mb=self.limits.disk_mb, on_exceed=lambda: kill_tree(proc.pid, marker)) as watch:
+        # with a GPU the memory bound is the tree's resident size, polled (RLIMIT_AS breaks CUDA)
+        memory = DiskWatch(
+            self.work_dir, limit_mb=int(memory_mb or 0), on_exceed=lambda: kill_tree(proc.pid, marker), interval_s=0.2,
+            measure=lambda: resident_bytes([proc.pid, *_descendants(proc.pid), *_marked(marker)]),
+        ) if self.gpu and memory_mb else contextlib.nullcontext(None)  # fmt: skip
+        with DiskWatch(self.work_dir, limit_mb=self.limits.disk_mb, on_exceed=lambda: kill_tree(proc.pid, marker)) as watch, memory as rss:
             try:
                 proc.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:
@@ -380,6 +396,9 @@ class LocalSandbox(Sandbox):
         if watch.exceeded and limit_hit is None:
             limit_hit = "disk"
             capture.feed(f"\n[sandbox] stopped: the work folder passed its limit of {self.limits.disk_mb} MiB\n")
+        if rss is not None and rss.exceeded and limit_hit is None:
+            limit_hit = "memory"
+            capture.feed(f"\n[sandbox] stopped: resident memory passed its limit of {memory_mb} MiB (MemoryError)\n")
         write_log(self.work_dir, log_name, capture)
         return RunResult(
             command=command,

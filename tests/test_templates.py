@@ -222,6 +222,10 @@ def test_template_trains_and_predicts_on_real_data(template, load, tmp_path):
     assert pred.shape == (len(manifest.test), adata.n_vars) and np.isfinite(pred.to_numpy()).all()
     metrics = json.loads((tmp_path / contract.VAL_METRICS).read_text())
     assert {"val_mse_top20", "val_baseline_mse_top20", "val_pearson_delta_top20", "epochs_run"} <= set(metrics)
+    import torch
+
+    # the device it trained on
+    assert metrics["device"].startswith("cuda:") if torch.cuda.is_available() else metrics["device"] == "cpu"
     if template == "gene_gnn":  # the checkpoint alone reproduces the predictions
         first = pred.to_numpy().copy()
         again = subprocess.run([sys.executable, "train.py", "--predict-only"], cwd=tmp_path, capture_output=True, text=True, timeout=600)

@@ -101,12 +101,15 @@ def classify(exit_code: int, timed_out: bool, log_tail: str, *, limit_hit: str |
     """Failure class of a finished command (``None`` for a clean exit).
 
     ``limit_hit='disk'`` (the sandbox stopped a command whose work folder passed its size
-    limit) is a :attr:`FailureKind.DISK_LIMIT`.
+    limit) is a :attr:`FailureKind.DISK_LIMIT`; ``'memory'`` (its resident memory passed the
+    limit) a :attr:`FailureKind.OOM`.
     """
     if timed_out:
         return FailureKind.TIMEOUT
     if limit_hit == "disk":
         return FailureKind.DISK_LIMIT
+    if limit_hit == "memory":  # the sandbox's resident-memory watch (GPU sandboxes, see runtime.gpu)
+        return FailureKind.OOM
     if exit_code == 0:
         return None
     if exit_code in (137, -9) or _OOM.search(log_tail):  # noqa: PLR2004 - SIGKILL, usually the OOM killer

@@ -202,7 +202,9 @@ def stage_execute(run: Run, *, echo: Echo) -> None:
         val = attempt.val_metrics.get(settings.metric)
         val_text = f", {settings.metric} {val:.5f}" if isinstance(val, int | float) else ""
         echo(f"  attempt {attempt.index} ({attempt.stage}): {status} in {attempt.duration_s}s{val_text} [{attempt.backend}, {attempt.isolation}]")
-    run.write_json("sandbox.json", sandbox.describe())
+    kept = next((a for a in journal.attempts if a.index == journal.best_attempt), journal.attempts[-1] if journal.attempts else None)
+    device = kept.val_metrics.get("device") if kept is not None else None
+    run.write_json("sandbox.json", {**sandbox.describe(), **({"device": device} if isinstance(device, str) else {})})
     if not journal.succeeded:
         msg = f"no attempt succeeded: {journal.stop_reason}; see {run.path('journal.json')}"
         raise RuntimeError(msg)

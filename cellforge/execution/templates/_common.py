@@ -971,6 +971,14 @@ def net_extra(feats):
     return {}
 
 
+def device_used():
+    """Where Lightning trains (``accelerator="auto"``): ``cuda:<i> (<name>)`` when torch sees a GPU, else ``cpu``."""
+    if torch.cuda.is_available():
+        i = torch.cuda.current_device()
+        return f"cuda:{i} ({torch.cuda.get_device_name(i)})"
+    return "cpu"
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--predict-only", action="store_true", help="load outputs/model.ckpt and predict")
@@ -995,7 +1003,7 @@ def main():
     fit = fit_cells if CELL_LEVEL else fit_conditions
     predict, epochs = fit(feats, train_conds, val_conds, train_profiles, val_profiles, args.predict_only)
     if not args.predict_only:
-        metrics = {"n_train_conditions": len(train_conds), "n_val_conditions": len(val_conds), "epochs_run": epochs}
+        metrics = {"n_train_conditions": len(train_conds), "n_val_conditions": len(val_conds), "epochs_run": epochs, "device": device_used()}
         if getattr(predict, "training", None):
             metrics["best_epoch"] = predict.training["best_epoch"]
             metrics["residual_trained"] = predict.training["trained"]
