@@ -308,22 +308,39 @@ def main() -> None:
     start = time.monotonic()
     done: dict[int, dict] = {}
 
+    stem = f"heldback-{args.round}"
+    partial = args.out / f"{stem}.partial.md"
+
+    def tabulate(finished_runs: dict[int, dict]) -> dict:
+        """The tasks whose splits have all finished."""
+        tasks = {}
+        for task in chosen:
+            idx = [k for k, j in enumerate(jobs) if j[0] == task]
+            if not all(k in finished_runs for k in idx):
+                continue
+            part = [finished_runs[k] for k in idx]
+            dataset, strategy, _ = heldback[task]
+            table = summarise(part)
+            tasks[task] = {
+                "dataset": dataset, "strategy": strategy, "folds": part, "summary": table.to_dict(orient="index"),
+                "verdict": {m: verdict(table, m) for m in ["pearson_delta_de20", "mse_de20"]}, "wall_s": round(sum(r["wall_s"] for r in part), 1),
+            }
+        return tasks
+
     def finished(i: int, run: dict) -> None:
         done[i] = run
         print(f"[{len(done)}/{len(jobs)}] {jobs[i][0]} split {jobs[i][1]}: {run['wall_s']} s, {run['model']}", flush=True)
+        if len(done) < len(jobs):  # a partial report beside the round's (which is written once, complete)
+            args.out.mkdir(parents=True, exist_ok=True)
+            title = f"Held-back splits, round {args.round} (PARTIAL: {len(done)} of {len(jobs)} runs done)"
+            partial.write_text(markdown({**results, "tasks": tabulate(done)}, title=title))
 
     runs = fanout.fan_out(run_job, jobs, resources=fanout.Resources(cpus=1, memory_mb=4096), on_result=finished)
-    for task in chosen:
-        part = [r for j, r in zip(jobs, runs, strict=True) if j[0] == task]
-        dataset, strategy, _ = heldback[task]
-        table = summarise(part)
-        results["tasks"][task] = {
-            "dataset": dataset, "strategy": strategy, "folds": part, "summary": table.to_dict(orient="index"),
-            "verdict": {m: verdict(table, m) for m in ["pearson_delta_de20", "mse_de20"]}, "wall_s": round(sum(r["wall_s"] for r in part), 1),
-        }
-        print(f"{task}: {results['tasks'][task]['verdict']} in {results['tasks'][task]['wall_s']} s of run time", flush=True)
+    partial.unlink(missing_ok=True)
+    results["tasks"] = tabulate(dict(enumerate(runs)))
+    for task, entry in results["tasks"].items():
+        print(f"{task}: {entry['verdict']} in {entry['wall_s']} s of run time", flush=True)
     results["elapsed_s"] = round(time.monotonic() - start, 1)
-    stem = f"heldback-{args.round}"
     previous = args.out / f"{stem}.json"
     if args.task and previous.exists():  # a partial rerun updates its tasks and keeps the others
         merged = json.loads(previous.read_text())
