@@ -25,8 +25,8 @@ def templates() -> list[str]:
     return sorted(p.stem for p in TEMPLATE_DIR.glob("*.py") if not p.stem.startswith("_"))
 
 
-def is_cell_level(template: str) -> bool:
-    """True for a template whose model works on cells (``CELL_LEVEL = True``), not on condition profiles.
+def template_source(template: str) -> str:
+    """The source of one template's own file.
 
     Raises
     ------
@@ -36,7 +36,18 @@ def is_cell_level(template: str) -> bool:
     if template not in templates():
         msg = f"unknown model template {template!r}; available: {templates()}"
         raise ConfigError(msg)
-    return re.search(r"^CELL_LEVEL = True\b", (TEMPLATE_DIR / f"{template}.py").read_text(), re.MULTILINE) is not None
+    return (TEMPLATE_DIR / f"{template}.py").read_text()
+
+
+def is_cell_level(template: str) -> bool:
+    """True for a template whose model works on cells (``CELL_LEVEL = True``), not on condition profiles.
+
+    Raises
+    ------
+    ConfigError
+        Unknown template (see :func:`template_source`).
+    """
+    return re.search(r"^CELL_LEVEL = True\b", template_source(template), re.MULTILINE) is not None
 
 
 def render(template: str, config: dict[str, Any]) -> str:
@@ -47,10 +58,7 @@ def render(template: str, config: dict[str, Any]) -> str:
     ConfigError
         Unknown template; the message lists the valid ones.
     """
-    if template not in templates():
-        msg = f"unknown model template {template!r}; available: {templates()}"
-        raise ConfigError(msg)
-    text = (TEMPLATE_DIR / f"{template}.py").read_text()
+    text = template_source(template)
     body = ast.parse(text).body
     doc_end = body[0].end_lineno if body and isinstance(body[0], ast.Expr) else 0
     lines = text.splitlines(keepends=True)
