@@ -128,3 +128,29 @@ def test_a_run_above_max_genes_trains_on_the_selection_and_scores_every_gene(tmp
     assert pred.n_vars == 1000 and pred.uns["cellforge_genes"]["from_model"] == 300  # noqa: PLR2004
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert np.isfinite(metrics["methods"]["cellforge_model"]["mse_de20"])  # scored on the DE genes of all 1,000
+
+
+def test_the_cell_autoencoder_batches_are_the_same_sparse_or_dense(tmp_path):
+    """Above its dense limit the autoencoder densifies one mini-batch at a time: the same batches, same order."""
+    import importlib.util
+
+    import torch
+
+    from cellforge.execution.codegen import render
+
+    (tmp_path / "ae.py").write_text(render("cond_autoencoder", {"seed": 0}))
+    spec = importlib.util.spec_from_file_location("ae_under_test", tmp_path / "ae.py")
+    ae = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ae)
+    X = sp.random(500, 40, density=0.2, format="csr", dtype=np.float32, random_state=0)
+    rows = np.arange(3, 480)
+
+    def batches(limit: int) -> list[np.ndarray]:
+        ae.DENSE_CELLS_MAX_BYTES = limit
+        torch.manual_seed(0)
+        return [b[0].numpy() for b in ae.row_batches(X, rows, 64, shuffle=True)]
+
+    dense_batches, sparse_batches = batches(2 * 1024**3), batches(0)
+    assert len(dense_batches) == len(sparse_batches) == 8  # noqa: PLR2004
+    for a, b in zip(dense_batches, sparse_batches, strict=True):
+        np.testing.assert_array_equal(a, b)

@@ -76,9 +76,20 @@ class _Rows(torch.utils.data.Dataset):
         return (torch.tensor(dense(self.X[self.rows[positions]]), dtype=torch.float32),)
 
 
+#: Largest dense copy of the training cells the autoencoder makes, bytes (float32); above it, sparse mini-batches.
+DENSE_CELLS_MAX_BYTES = 2 * 1024**3
+
+
 def row_batches(X, rows, batch_size, *, shuffle):
-    """Mini-batches of cells ``rows`` of ``X`` (n_cells, n_genes): the same batches, in the same
-    seeded order, as a shuffled ``TensorDataset`` loader, without a dense copy of every cell."""
+    """Mini-batches of cells ``rows`` of ``X`` (n_cells, n_genes).
+
+    Up to :data:`DENSE_CELLS_MAX_BYTES` a ``TensorDataset`` of the rows (fastest under
+    Lightning); above it the rows stay sparse and each mini-batch is densified alone: the
+    same batches in the same seeded order, without a dense copy of every cell.
+    """
+    if len(rows) * X.shape[1] * 4 <= DENSE_CELLS_MAX_BYTES:
+        data = torch.utils.data.TensorDataset(torch.tensor(dense(X[rows]), dtype=torch.float32))
+        return torch.utils.data.DataLoader(data, batch_size=batch_size, shuffle=shuffle)
     sampler = torch.utils.data.RandomSampler(range(len(rows))) if shuffle else torch.utils.data.SequentialSampler(range(len(rows)))
     batches = torch.utils.data.BatchSampler(sampler, batch_size=batch_size, drop_last=False)
     return torch.utils.data.DataLoader(_Rows(X, rows), sampler=batches, batch_size=None)
