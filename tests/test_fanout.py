@@ -81,14 +81,22 @@ def test_a_failing_ray_run_raises_its_own_error(local_ray):
         fanout.fan_out(_fails, [0, 1, 2], resources=fanout.Resources(cpus=0.5, memory_mb=256))
 
 
-def _starts_a_child(marker: str) -> int:
-    """A run whose child process (like `cellforge benchmark`) would outlive it unless it dies with its parent."""
-    import subprocess
-    import sys
+_DRIVER = """
+import sys, time
+from cellforge import fanout
 
-    child = subprocess.Popen([sys.executable, "-c", f"import time; time.sleep(600)  # {marker}"], preexec_fn=fanout.die_with_parent)  # noqa: S603, PLW1509
+def starts_a_child(marker):
+    # a run whose child process (like `cellforge benchmark`) would outlive it unless it dies with its parent
+    import subprocess
+    subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)  # " + marker], preexec_fn=fanout.die_with_parent)
     time.sleep(600)
-    return child.pid
+
+try:
+    fanout.fan_out(starts_a_child, [sys.argv[1]] * 2, resources=fanout.Resources(cpus=0.5, memory_mb=256))
+except KeyboardInterrupt:
+    print("interrupted", flush=True)
+    sys.exit(130)
+"""
 
 
 def _alive_with(marker: str) -> list[int]:
@@ -104,27 +112,32 @@ def _alive_with(marker: str) -> list[int]:
     return pids
 
 
-def test_an_interrupted_ray_fan_out_leaves_no_run_and_no_child_behind(local_ray):
-    import threading
+def test_ctrl_c_in_a_ray_fan_out_leaves_no_run_and_no_child_behind(tmp_path):
+    """A real driver process fans out two runs on a local Ray, each starting a child; Ctrl-C (SIGINT) to the driver."""
+    import signal
+    import subprocess
+    import sys
     import uuid
 
+    pytest.importorskip("ray")
     marker = f"cellforge-fanout-{uuid.uuid4().hex[:8]}"
-    seen: list[int] = []
-
-    def ctrl_c_once_both_children_run() -> None:
-        deadline = time.monotonic() + 60
-        while len(_alive_with(marker)) < 2 and time.monotonic() < deadline:  # noqa: PLR2004
+    script = tmp_path / "driver.py"
+    script.write_text(_DRIVER)
+    env = {**os.environ, "CELLFORGE_FANOUT": "ray"}
+    env.pop("RAY_ADDRESS", None)
+    driver = subprocess.Popen([sys.executable, str(script), marker], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # noqa: S603
+    try:
+        deadline = time.monotonic() + 90
+        while len(_alive_with(marker)) < 2 and time.monotonic() < deadline and driver.poll() is None:  # noqa: PLR2004
             time.sleep(0.2)
-        seen.extend(_alive_with(marker))
-        __import__("_thread").interrupt_main()
-
-    watcher = threading.Thread(target=ctrl_c_once_both_children_run, daemon=True)
-    watcher.start()
-    with pytest.raises(KeyboardInterrupt):
-        fanout.fan_out(_starts_a_child, [marker, marker], resources=fanout.Resources(cpus=0.5, memory_mb=256))
-    watcher.join()
-    assert len(seen) == 2  # both runs' children were running when Ctrl-C came  # noqa: PLR2004
-    deadline = time.monotonic() + 20
+        assert len(_alive_with(marker)) == 2  # both runs' children are running ...  # noqa: PLR2004
+        driver.send_signal(signal.SIGINT)
+        out, _ = driver.communicate(timeout=60)
+    finally:
+        if driver.poll() is None:
+            driver.kill()
+    assert driver.returncode == 130 and "interrupted" in out, out[-2000:]
+    deadline = time.monotonic() + 30
     while _alive_with(marker) and time.monotonic() < deadline:
         time.sleep(0.5)
-    assert _alive_with(marker) == []  # the cancelled runs' workers were killed, and their children died with them
+    assert _alive_with(marker) == []  # ... and the cancelled runs' workers were killed, their children with them
