@@ -43,7 +43,8 @@ def run_tasks(label: str, tasks: list[str], folds: int, work: Path, env: dict[st
         cmd += ["--task", task]
     print(f"{label}: {' '.join(cmd[1:])}", flush=True)
     start = time.monotonic()
-    done = subprocess.run(cmd, cwd=ROOT, env={**os.environ, **env}, capture_output=True, text=True, check=False)  # noqa: S603
+    full = {"CELLFORGE_SANDBOX": "local", **os.environ, **env}  # the same sandbox backend for every leg
+    done = subprocess.run(cmd, cwd=ROOT, env=full, capture_output=True, text=True, check=False)  # noqa: S603
     wall = time.monotonic() - start
     if done.returncode != 0:
         msg = f"{label} failed (exit code {done.returncode}): {done.stderr[-2000:]}"
