@@ -84,7 +84,8 @@ def identical(a: dict, b: dict) -> list[str]:
 def two_node_cluster(work: Path) -> tuple[str, list[list[str]]]:
     """Start a head and a second node on this machine (one CPU each); their address and the commands to stop them."""
     port = 26379
-X
+    del work  # the nodes keep Ray's own temporary folder
+    head = [str(RAY), "start", "--head", f"--port={port}", "--num-cpus=1", "--include-dashboard=false"]
     subprocess.run(head, check=True, capture_output=True, text=True)  # noqa: S603
     address = f"127.0.0.1:{port}"
     worker = [str(RAY), "start", f"--address={address}", "--num-cpus=1"]
