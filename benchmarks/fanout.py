@@ -89,10 +89,12 @@ def two_node_cluster(work: Path) -> tuple[str, list[list[str]]]:
     subprocess.run(head, check=True, capture_output=True, text=True)  # noqa: S603
     address = f"127.0.0.1:{port}"
     worker = [str(RAY), "start", f"--address={address}", "--num-cpus=1"]
-    subprocess.run(worker, check=True, capture_output=True, text=True)  # noqa: S603
+    # Ray's head requires its token (~/.ray/auth_token, written by the head): a joining node and a driver say so
+    token = {**os.environ, "RAY_AUTH_MODE": "token"}
+    subprocess.run(worker, check=True, capture_output=True, text=True, env=token)  # noqa: S603
     probe = subprocess.run(  # noqa: S603
         [sys.executable, "-c", "import ray; ray.init(); print(len([n for n in ray.nodes() if n['Alive']]))"],
-        env={**os.environ, "RAY_ADDRESS": address}, capture_output=True, text=True, check=True,
+        env={**token, "RAY_ADDRESS": address}, capture_output=True, text=True, check=True,
     )
     nodes = int(probe.stdout.strip().splitlines()[-1])
     if nodes != 2:  # noqa: PLR2004
@@ -135,7 +137,7 @@ def main() -> None:
     runs.append(run_tasks("local-ray", tasks, args.folds, work, {"CELLFORGE_FANOUT": "ray", "RAY_ADDRESS": ""}))
     address, stop = two_node_cluster(work)
     try:
-        runs.append(run_tasks("two-node-cluster", tasks, args.folds, work, {"CELLFORGE_FANOUT": "ray", "RAY_ADDRESS": address}))
+        runs.append(run_tasks("two-node-cluster", tasks, args.folds, work, {"CELLFORGE_FANOUT": "ray", "RAY_ADDRESS": address, "RAY_AUTH_MODE": "token"}))
     finally:
         for cmd in stop:
             subprocess.run(cmd, capture_output=True, check=False)  # noqa: S603
