@@ -11,7 +11,8 @@ import pytest
 import scipy.sparse as sp
 
 from cellforge.data.splits import SplitManifest
-from cellforge.execution.genes import condition_means, fill_unselected, select_genes
+from cellforge.evaluation.pseudobulk import pseudobulk
+from cellforge.execution.genes import fill_unselected, select_genes
 
 N_GENES = 300
 
@@ -74,7 +75,7 @@ def test_unselected_genes_get_the_training_mean_of_their_context():
     assert list(full.var_names) == list(adata.var_names) and list(full.obs_names) == test
     out = pd.DataFrame(full.X, index=test, columns=adata.var_names)
     assert (out[selection.genes] == 7.0).all().all()  # the model's genes untouched
-    means = condition_means(adata, adata.obs["condition"].astype(str).to_numpy())
+    means = pseudobulk(adata)
     for c in test:
         ctx = c.split(":")[0]
         seen = [s for s in [*manifest.train, *manifest.val] if s.startswith(ctx)]

@@ -31,6 +31,8 @@ import pandas as pd
 import scipy.sparse as sp
 
 from cellforge.data.splits import SplitManifest
+from cellforge.evaluation.baselines import training_mean
+from cellforge.evaluation.harness import baseline_inputs
 
 #: Genes a sandbox gets at most, by default (every shipped subset has fewer: nothing is dropped there).
 MAX_GENES = 8000
@@ -81,25 +83,6 @@ def _column_var(X) -> np.ndarray:  # noqa: ANN001 - dense or sparse (n_cells, n_
     return np.asarray(X, dtype=np.float64).var(axis=0)
 
 
-def condition_means(adata: ad.AnnData, labels: np.ndarray) -> pd.DataFrame:
-    """Mean profile per label ``(n_labels, n_genes)``, from a sparse or dense ``X`` without densifying all cells.
-
-    Parameters
-    ----------
-    adata
-        Cells ``(n_cells, n_genes)``.
-    labels
-        One label per cell.
-    """
-    codes, uniques = pd.factorize(pd.Series(labels, dtype=str), sort=True)
-    onehot = sp.csr_matrix((np.ones(len(codes)), (codes, np.arange(len(codes)))), shape=(len(uniques), len(codes)))
-    counts = np.asarray(onehot.sum(axis=1)).ravel()
-    X = adata.X
-    sums = onehot @ (X.astype(np.float64) if sp.issparse(X) else np.asarray(X, dtype=np.float64))
-    sums = sums.toarray() if sp.issparse(sums) else np.asarray(sums)
-    return pd.DataFrame(sums / counts[:, None], index=list(uniques), columns=adata.var_names.astype(str))
-
-
 def select_genes(adata: ad.AnnData, manifest: SplitManifest, *, max_genes: int = MAX_GENES) -> GeneSelection:
     """Genes for the sandbox: all of them up to ``max_genes``, else targets, largest training changes, most variable.
 
@@ -130,16 +113,9 @@ def select_genes(adata: ad.AnnData, manifest: SplitManifest, *, max_genes: int =
             chosen.setdefault(int(position[m]), "targets")
     cond = obs["condition"].astype(str).to_numpy()
     seen = np.isin(cond, [*manifest.train, *manifest.val]) | obs["is_control"].to_numpy(dtype=bool)
-    part = adata[seen]
-    means = condition_means(part, cond[seen])
-    table = part.obs.groupby("condition", observed=True).agg(context=("context", "first"), is_control=("is_control", "first"))
-    table.index = table.index.astype(str)
-    control = {ctx: means.loc[table.index[(table["context"] == ctx) & table["is_control"]]].mean(axis=0).to_numpy() for ctx in table["context"].unique()}
-    ranked = [
-        np.argsort(-np.abs(means.loc[c].to_numpy() - control[table.loc[c, "context"]]), kind="stable")[:TOP_PER_CONDITION]
-        for c in [*manifest.train, *manifest.val]
-        if c in means.index
-    ]
+    inputs = baseline_inputs(adata, manifest)  # training + validation profiles and control means only
+    deltas = inputs.seen.to_numpy() - inputs.controls.loc[inputs.conditions.loc[inputs.seen.index, "context"]].to_numpy()
+    ranked = [np.argsort(-np.abs(row), kind="stable")[:TOP_PER_CONDITION] for row in deltas]
     for rank in range(TOP_PER_CONDITION):  # every condition's largest change first, then every second largest, ...
         for order in ranked:
             if len(chosen) >= max_genes:
@@ -147,7 +123,7 @@ def select_genes(adata: ad.AnnData, manifest: SplitManifest, *, max_genes: int =
             if rank < len(order):
                 chosen.setdefault(int(order[rank]), "changes")
     if len(chosen) < max_genes:
-        variance = _column_var(part.X)
+        variance = _column_var(adata.X[seen])
         for g in np.argsort(-variance, kind="stable"):
             if len(chosen) >= max_genes:
                 break
@@ -158,15 +134,15 @@ def select_genes(adata: ad.AnnData, manifest: SplitManifest, *, max_genes: int =
 
 
 def fill_unselected(pred: ad.AnnData, adata: ad.AnnData, manifest: SplitManifest) -> ad.AnnData:
-    """Predictions over every gene: the model's on its genes, ``training_mean`` on the others.
+    """Predictions over every gene: the model's on its genes, the harness's ``training_mean`` on the others.
 
     Parameters
     ----------
     pred
-        The sandbox's predictions, one row per test condition (``obs["condition"]``, ``obs["context"]``),
-        on the selected genes.
+        The sandbox's predictions, one row per test condition (``obs["condition"]``), on the selected genes.
     adata
-        The whole data; only control cells and training + validation conditions' cells are read.
+        The whole data; only control cells and training + validation conditions' cells are read
+        (:func:`cellforge.evaluation.harness.baseline_inputs`).
     manifest
         The split.
 
@@ -178,27 +154,9 @@ def fill_unselected(pred: ad.AnnData, adata: ad.AnnData, manifest: SplitManifest
     genes = adata.var_names.astype(str)
     if list(pred.var_names.astype(str)) == list(genes):
         return pred
-    obs = adata.obs
-    cond = obs["condition"].astype(str).to_numpy()
-    is_control = obs["is_control"].to_numpy(dtype=bool)
-    seen_conditions = [*manifest.train, *manifest.val]
-    seen = np.isin(cond, seen_conditions) | is_control
-    part = adata[seen]
-    means = condition_means(part, cond[seen])
-    ctx_of = part.obs.groupby("condition", observed=True)["context"].first().astype(str)
-    ctx_of.index = ctx_of.index.astype(str)
-    controls = {ctx: means.loc[[c for c in means.index if ctx_of[c] == ctx and c not in seen_conditions]].mean(axis=0) for ctx in ctx_of.unique()}
-    deltas = pd.DataFrame({c: means.loc[c] - controls[ctx_of[c]] for c in seen_conditions if c in means.index}).T
-    pooled = deltas.mean(axis=0)
-    rows = []
-    for c, ctx in zip(pred.obs["condition"].astype(str), pred.obs["context"].astype(str), strict=True):
-        same = [s for s in deltas.index if ctx_of[s] == ctx]
-        delta = deltas.loc[same].mean(axis=0) if same else pooled
-        control = controls.get(ctx, pd.concat(list(controls.values()), axis=1).mean(axis=1))
-        rows.append((control + delta).to_numpy())
-    full = pd.DataFrame(np.stack(rows), index=pred.obs_names, columns=genes)
-    model = pd.DataFrame(np.asarray(pred.X.toarray() if sp.issparse(pred.X) else pred.X, dtype=np.float64), index=pred.obs_names, columns=pred.var_names.astype(str))
-    full.loc[:, model.columns] = model.to_numpy()
+    full = training_mean(baseline_inputs(adata, manifest)).loc[pred.obs["condition"].astype(str)]
+    model = np.asarray(pred.X.toarray() if sp.issparse(pred.X) else pred.X, dtype=np.float64)
+    full.loc[:, pred.var_names.astype(str)] = model
     out = ad.AnnData(X=full.to_numpy(dtype=np.float32), obs=pred.obs.copy(), var=pd.DataFrame(index=genes))
-    out.uns["cellforge_genes"] = {"from_model": int(model.shape[1]), "from_training_mean": int(len(genes) - model.shape[1])}
+    out.uns["cellforge_genes"] = {"from_model": int(pred.n_vars), "from_training_mean": int(len(genes) - pred.n_vars)}
     return out
