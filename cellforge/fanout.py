@@ -8,6 +8,11 @@ the items' order whatever the order they finish in, so a fanned-out benchmark wr
 numbers as a sequential one (each run has its own seed; nothing is shared between runs).
 ``on_result`` is called in the order runs finish, for progress lines and partial reports.
 
+A single run goes to Ray only when ``RAY_ADDRESS`` names a cluster (a local Ray would only add
+its start-up); a local Ray started by :func:`fan_out` is shut down when the call returns. Fan-outs
+nest: a run that fans out again (a benchmark's debate pilots inside a fanned-out benchmark) runs
+its own items one after another, since the outer fan-out already fills the cores.
+
 Ray tasks declare their resources (:class:`Resources`: CPUs, memory, GPUs); Ray starts no more
 runs at once than the cluster holds. On a cluster every node needs the same checkout and
 virtual environment at the same path (``ray start`` from it); the ``CELLFORGE_*`` environment
@@ -103,7 +108,8 @@ def _start_ray() -> Any:
     import ray
 
     if not ray.is_initialized():
-        env = {k: v for k, v in os.environ.items() if k.startswith("CELLFORGE_") and k != "CELLFORGE_FANOUT"}
+        env = {k: v for k, v in os.environ.items() if k.startswith("CELLFORGE_")}
+        env["CELLFORGE_FANOUT"] = "sequential"  # runs inside a run: the outer fan-out already fills the cores
         ray.init(
             address=os.environ.get("RAY_ADDRESS", "").strip() or None,
             include_dashboard=False,
@@ -146,13 +152,17 @@ def fan_out(
         same type); runs not yet finished are cancelled.
     """
     resources = resources or Resources()
-    if backend() == "sequential" or not items:
+    cluster = bool(os.environ.get("RAY_ADDRESS", "").strip())
+    if backend() == "sequential" or not items or (len(items) == 1 and not cluster):
         results = []
         for i, item in enumerate(items):
             results.append(fn(item))
             if on_result is not None:
                 on_result(i, results[-1])
         return results
+    import ray as _ray
+
+    started_here = not _ray.is_initialized() and not cluster
     ray = _start_ray()
     module = sys.modules.get(fn.__module__)
     if module is not None and fn.__module__ != "__main__" and not fn.__module__.startswith(("cellforge.", "runtime.")):
@@ -174,4 +184,7 @@ def fan_out(
         for ref in pending:
             ray.cancel(ref, force=True)
         raise
+    finally:
+        if started_here:
+            ray.shutdown()
     return [out[i] for i in range(len(items))]

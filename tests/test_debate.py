@@ -59,11 +59,11 @@ def test_a_pilot_that_contradicts_a_proposal_lowers_its_authors_confidence():
         def expert(name, context):  # noqa: ANN001, ANN202
             return ExpertTurn(proposal=A, ratings=_similar_ratings(name, context, A), self_confidence=0.9, request_pilot=name == "data")
 
-        def pilot(name, proposal):  # noqa: ANN001, ANN202
-            return {"val_mse_top20": pilot_val, "val_baseline_mse_top20": 1.0}
+        def pilots(requests):  # noqa: ANN001, ANN202
+            return [{"val_mse_top20": pilot_val, "val_baseline_mse_top20": 1.0} for _ in requests]
 
         settings = DebateSettings(min_rounds=1, max_rounds=1)
-        return run_debate(EXPERTS, ask_expert=expert, ask_critic=_critic_prefers(A), pilot=pilot, settings=settings).confidences[-1]
+        return run_debate(EXPERTS, ask_expert=expert, ask_critic=_critic_prefers(A), run_pilots=pilots, settings=settings).confidences[-1]
 
     supported, contradicted = run(0.5), run(1.2)  # better / worse than the proposal's own baseline
     assert contradicted["data"] == pytest.approx(supported["data"] - DebateSettings().evidence_penalty)

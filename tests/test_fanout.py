@@ -86,6 +86,57 @@ def test_a_failing_ray_run_raises_its_own_error(local_ray):
         fanout.fan_out(_fails, [0, 1, 2], resources=fanout.Resources(cpus=0.5, memory_mb=256))
 
 
+def _env_of_run(_item: int) -> dict:
+    return {"pid": os.getpid(), "fanout": os.environ.get("CELLFORGE_FANOUT")}
+
+
+def test_a_ray_fan_out_shuts_its_local_ray_down_and_nested_fan_outs_run_in_place(local_ray):
+    out = fanout.fan_out(_env_of_run, [0, 1], resources=fanout.Resources(cpus=0.5, memory_mb=256))
+    # a run that fans out again runs its items one after another (the outer fan-out fills the cores)
+    assert {r["fanout"] for r in out} == {"sequential"}
+    assert not local_ray.is_initialized()  # the local Ray started for the call is gone
+    # one run alone is not worth starting a local Ray for
+    assert fanout.fan_out(_env_of_run, [0])[0]["pid"] == os.getpid()
+    assert not local_ray.is_initialized()
+
+
+def test_debate_pilots_fanned_out_on_ray_give_the_sequential_debate(tmp_path, monkeypatch):
+    """The two pilots the offline panel asks for in round 1, run as Ray tasks: the same debate as one after another."""
+    import shutil
+
+    from tests.conftest import MIRROR
+
+    from cellforge import stages
+    from cellforge.run import Run, RunConfig
+
+    pytest.importorskip("ray")
+    if not MIRROR.exists():
+        pytest.skip("offline mirror not present")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("CELLFORGE_DATA_MIRROR", str(MIRROR))  # the local_ray fixture's is a fake
+    first = Run.create(RunConfig(dataset="adamson_subset", pilots=2, debate_rounds=1, sandbox="local"), root=tmp_path / "a")
+    for stage in ("data", "profile", "analysis"):
+        getattr(stages, f"stage_{stage}")(first, echo=lambda _: None)
+    shutil.copytree(first.dir, tmp_path / "b" / first.dir.name)
+    second = Run.resume(tmp_path / "b" / first.dir.name)
+    out = {}
+    for mode, run in (("sequential", first), ("ray", second)):
+        monkeypatch.setenv("CELLFORGE_FANOUT", mode)
+        lines: list[str] = []
+        stages.stage_design(run, echo=lines.append)
+        out[mode] = (run.read_json("debate.json"), lines)
+    (seq, seq_lines), (par, par_lines) = out["sequential"], out["ray"]
+    assert list(seq["pilots"]) == list(par["pilots"]) == ["pilot-0-expert_architecture", "pilot-1-expert_statistics"]
+    for pilots in (seq["pilots"], par["pilots"]):
+        for pilot in pilots.values():
+            assert pilot["exit_code"] == 0 and pilot["val_mse_top20"] is not None
+            pilot.pop("duration_s")
+    assert seq == par  # pilots' metrics, confidences, consensus: identical
+    assert any("2 pilots: local Ray" in line for line in par_lines)
+    assert any("2 pilots: sequential" in line for line in seq_lines)
+    assert sum("val_mse_top20" in line for line in par_lines) == 2
+
+
 _DRIVER = """
 import sys, time
 from cellforge import fanout

@@ -148,7 +148,7 @@ def run_debate(
     ask_expert: Callable[[str, dict[str, Any]], ExpertTurn],
     ask_critic: Callable[[dict[str, Any]], CriticTurn],
     settings: DebateSettings | None = None,
-    pilot: Callable[[str, DesignProposal], dict[str, Any]] | None = None,
+    run_pilots: Callable[[list[tuple[str, DesignProposal]]], list[dict[str, Any]]] | None = None,
     evidence: dict[str, Any] | None = None,
 ) -> Debate:
     """Run the debate until confidences converge or the round cap.
@@ -163,8 +163,10 @@ def run_debate(
         it, the pilot results so far and ``evidence`` (profile, task analysis, retrieved cards).
     ask_critic
         ``(context) -> CriticTurn``; sees every proposal, the pilot results and ``evidence``.
-    pilot
-        ``(name, proposal) -> validation metrics`` of a short sandbox run; ``None`` disables pilots.
+    run_pilots
+        ``[(pilot name, proposal), ...] -> [validation metrics, ...]`` (same order): short sandbox
+        runs of the designs the experts of one round asked for, which may run at once (the
+        stage fans them out); ``None`` disables pilots.
 
     Returns
     -------
@@ -192,13 +194,19 @@ def run_debate(
             turns[name] = ask_expert(name, context)
             debate.calls += 1
         latest.update(turns)
-        # pilots the experts asked for (distinct designs only, within the budget)
-        if pilot is not None:
+        # pilots the experts asked for (distinct designs only, within the budget), run together
+        if run_pilots is not None:
+            requests: list[tuple[str, str, DesignProposal]] = []
+            piloted = [p["proposal"] for p in debate.pilots.values()]
             for name, turn in turns.items():
-                piloted = [p["proposal"] for p in debate.pilots.values()]
-                if turn.request_pilot and len(debate.pilots) < s.max_pilots and turn.proposal.model_dump() not in piloted:
-                    metrics = pilot(f"pilot-{len(debate.pilots)}-{name}", turn.proposal)
-                    debate.pilots[f"pilot-{len(debate.pilots)}-{name}"] = {"author": name, "round": round_index, "proposal": turn.proposal.model_dump(), **metrics}
+                design = turn.proposal.model_dump()
+                if turn.request_pilot and len(debate.pilots) + len(requests) < s.max_pilots and design not in piloted:
+                    requests.append((f"pilot-{len(debate.pilots) + len(requests)}-{name}", name, turn.proposal))
+                    piloted.append(design)
+            if requests:
+                results = run_pilots([(pilot_name, proposal) for pilot_name, _, proposal in requests])
+                for (pilot_name, name, proposal), metrics in zip(requests, results, strict=True):
+                    debate.pilots[pilot_name] = {"author": name, "round": round_index, "proposal": proposal.model_dump(), **metrics}
         critic = ask_critic(
             {"round": round_index, "proposals": {n: t.proposal.model_dump() for n, t in latest.items()}, "pilots": pilot_evidence(debate.pilots), "evidence": evidence or {}}
         )

@@ -20,14 +20,25 @@ DOMAIN_EXPERT = {
 CORE_EXPERTS = ["expert_data", "expert_biology", "expert_architecture", "expert_training", "expert_statistics"]
 
 
-def _pilot_runner(run: Run, echo: Echo) -> Callable[[str, Any], dict[str, Any]]:
-    """Short sandbox runs of a proposal on the validation split (at most 60 epochs)."""
-    from cellforge.data.splits import SplitManifest
-    from cellforge.execution import contract
-    from runtime import open_sandbox
+#: Measured peak of a training script on the shipped subsets (Python, torch, Lightning), MiB;
+#: a pilot declares it plus four times its inputs to the fan-out (the sandbox enforces ``memory_mb``).
+PILOT_BASE_MIB = 1536
 
-    def pilot(name: str, proposal: Any) -> dict[str, Any]:
+
+def _pilot_runner(run: Run, echo: Echo) -> Callable[[list[tuple[str, Any]]], list[dict[str, Any]]]:
+    """Short sandbox runs of the proposals of one round on the validation split (at most 60 epochs).
+
+    The coder writes each pilot's script here, in request order (its LLM calls are logged and
+    replayed in that order); the sandbox runs then go through :func:`cellforge.fanout.fan_out`
+    (Ray tasks, several at once, or one after another), each in its own work folder
+    ``pilots/<name>``. The metrics do not depend on which.
+    """
+    from cellforge import fanout
+
+    def prepare(name: str, proposal: Any) -> dict[str, Any]:
+        from cellforge.data.splits import SplitManifest
         from cellforge.design.plan import CodeChoice, Hyperparameters
+        from cellforge.execution import contract
         from cellforge.execution.codegen import render, templates
         from cellforge.execution.stage import coder_context
         from cellforge.llm.client import LLMClient
@@ -55,25 +66,63 @@ def _pilot_runner(run: Run, echo: Echo) -> Callable[[str, Any], dict[str, Any]]:
             "train_on": proposal.train_on, "hyperparameters": hp, "architecture": arch.model_dump(), "pilot": True,
         }  # fmt: skip
         choice = LLMClient(run.dir, stage="design").ask(load_spec("coder"), coder_context(run, plan=pilot_plan), CodeChoice)
-        script = choice.script or render(choice.template, {**choice.config, "seed": 0})
-        sandbox = open_sandbox(work, requested=run.config.sandbox)
-        try:
-            sandbox.write_text("train.py", script)
-            result = sandbox.run([sandbox.python, "train.py"], timeout_s=min(run.config.timeout_s, 600), memory_mb=run.config.memory_mb, log_name="pilot.log")
-            metrics = contract.sandbox_val_metrics(sandbox) if result.exit_code == 0 else {}
-        finally:
-            sandbox.close()
-        # the design's own validation error: a residual the template would drop still tells designs apart
-        own = {k.replace("val_residual_", "val_"): v for k, v in metrics.items() if k.startswith("val_residual_")}
-        out = {k: own.get(k, metrics.get(k)) for k in ("val_mse_top20", "val_baseline_mse_top20", "val_pearson_delta", "epochs_run")}
-        out.update({"architecture": arch.template, "exit_code": result.exit_code, "duration_s": result.duration_s, "backend": result.backend, "isolation": result.isolation})
-        if result.exit_code != 0:
-            out["log_tail"] = result.log_tail[-800:]
-        val = out["val_mse_top20"]
-        echo(f"  {name} ({arch.template}): val_mse_top20 {val if val is None else f'{val:.5f}'} (baseline {out['val_baseline_mse_top20']}) in {result.duration_s}s")
-        return out
+        (work / "train.py").write_text(choice.script or render(choice.template, {**choice.config, "seed": 0}))
+        inputs_mib = sum(f.stat().st_size for f in work.rglob("*") if f.is_file()) / 2**20
+        return {
+            "name": name, "work": str(work), "architecture": arch.template, "sandbox": run.config.sandbox,
+            "timeout_s": min(run.config.timeout_s, 600), "memory_mb": run.config.memory_mb,
+            "declared_mib": int(min(run.config.memory_mb, PILOT_BASE_MIB + 4 * inputs_mib)),
+        }  # fmt: skip
 
-    return pilot
+    def run_pilots(requests: list[tuple[str, Any]]) -> list[dict[str, Any]]:
+        specs = [prepare(name, proposal) for name, proposal in requests]
+        if len(specs) > 1:
+            echo(f"  {len(specs)} pilots: {fanout.describe()}")
+
+        def finished(i: int, out: dict[str, Any]) -> None:
+            val = out["val_mse_top20"]
+            echo(f"  {specs[i]['name']} ({out['architecture']}): val_mse_top20 {val if val is None else f'{val:.5f}'} (baseline {out['val_baseline_mse_top20']}) in {out['duration_s']}s")
+
+        declared = fanout.Resources(cpus=1, memory_mb=max(s["declared_mib"] for s in specs))
+        return fanout.fan_out(run_pilot, specs, resources=declared, on_result=finished)
+
+    return run_pilots
+
+
+def run_pilot(spec: dict[str, Any]) -> dict[str, Any]:
+    """Run one pilot's ``train.py`` in a sandbox on its work folder; its validation metrics.
+
+    Parameters
+    ----------
+    spec
+        ``name``, ``work`` (folder with the inputs and ``train.py``), ``architecture``,
+        ``sandbox`` (requested backend or None), ``timeout_s``, ``memory_mb``.
+
+    Returns
+    -------
+    ``val_mse_top20``, ``val_baseline_mse_top20``, ``val_pearson_delta``, ``epochs_run`` (the
+    design's own residual when the template reports one; None where the run failed), plus
+    ``architecture``, ``exit_code``, ``duration_s``, ``backend``, ``isolation`` and, on failure,
+    ``log_tail``.
+    """
+    from pathlib import Path
+
+    from cellforge.execution import contract
+    from runtime import open_sandbox
+
+    sandbox = open_sandbox(Path(spec["work"]), requested=spec["sandbox"])
+    try:
+        result = sandbox.run([sandbox.python, "train.py"], timeout_s=spec["timeout_s"], memory_mb=spec["memory_mb"], log_name="pilot.log")
+        metrics = contract.sandbox_val_metrics(sandbox) if result.exit_code == 0 else {}
+    finally:
+        sandbox.close()
+    # the design's own validation error: a residual the template would drop still tells designs apart
+    own = {k.replace("val_residual_", "val_"): v for k, v in metrics.items() if k.startswith("val_residual_")}
+    out = {k: own.get(k, metrics.get(k)) for k in ("val_mse_top20", "val_baseline_mse_top20", "val_pearson_delta", "epochs_run")}
+    out.update({"architecture": spec["architecture"], "exit_code": result.exit_code, "duration_s": result.duration_s, "backend": result.backend, "isolation": result.isolation})
+    if result.exit_code != 0:
+        out["log_tail"] = result.log_tail[-800:]
+    return out
 
 
 def stage_design(run: Run, *, echo: Echo) -> None:
@@ -113,7 +162,7 @@ def stage_design(run: Run, *, echo: Echo) -> None:
         ask_expert=lambda name, ctx: client.ask(load_spec(name), ctx, ExpertTurn),
         ask_critic=lambda ctx: client.ask(load_spec("critic"), ctx, CriticTurn),
         settings=settings,
-        pilot=_pilot_runner(run, echo) if settings.max_pilots else None,
+        run_pilots=_pilot_runner(run, echo) if settings.max_pilots else None,
         evidence=evidence,
     )
     run.write_json("debate.json", {"settings": settings.model_dump(), **debate.model_dump()})
