@@ -58,7 +58,7 @@ bench-perf: $(VENV)/.installed ## Performance benchmarks (scoring, sandbox overh
 	$(PY) benchmarks/bench.py
 	$(PY) benchmarks/mainjob.py --label latest
 
-bench-fanout: $(VENV)/.installed ## The same task benchmark sequential, on a local Ray and on a two-node local Ray cluster: speed-up and equality
+bench-fanout: $(VENV)/.installed ## The same task benchmark sequential, on a local Ray and on a two-node local Ray cluster, and debate pilots sequential vs Ray: speed-up and equality
 	$(PY) benchmarks/fanout.py
 
 bench-scale: $(VENV)/.installed ## The main job's wall time and peak memory per stage on synthetic data up to Norman's size: benchmarks/results/scale.md

@@ -14,7 +14,13 @@ It records each command's wall time, the speed-up over the sequential run, which
 each run (from the run's ``metrics.json`` environment) and whether every metric of every
 method and fold is identical to the sequential run's.
 
-Usage: ``python benchmarks/fanout.py [--task NAME ...] [--folds 2]``.
+Debate pilots (``--part pilots``, in ``fanout-pilots.{json,md}``): on each shipped set named,
+the stages up to the analysis run once; the design stage (the debate, ``--pilots 2``: the
+offline panel asks for both pilots in round 1) then runs on two copies of that run directory,
+its pilots one after another and as tasks of a local Ray; its wall time (Ray's start-up
+included) and whether the debate (pilot metrics, confidences, consensus) is identical.
+
+Usage: ``python benchmarks/fanout.py [--part tasks|pilots] [--task NAME ...] [--folds 2] [--dataset NAME ...]``.
 """
 
 from __future__ import annotations
@@ -103,6 +109,68 @@ def two_node_cluster(work: Path) -> tuple[str, list[list[str]]]:
     return address, [[str(RAY), "stop", "--force"]]
 
 
+def design_stage(run_dir: Path, mode: str) -> dict:
+    """The design stage of a copied run directory in a fresh process with ``CELLFORGE_FANOUT=mode``; its wall time and debate."""
+    code = (
+        "import sys, time; from pathlib import Path; from cellforge import stages; from cellforge.run import Run; "
+        "run = Run.resume(Path(sys.argv[1])); t = time.monotonic(); stages.stage_design(run, echo=print); print(f'WALL {time.monotonic() - t:.2f}')"
+    )
+    env = {**os.environ, "CELLFORGE_FANOUT": mode, "RAY_ADDRESS": ""}
+    done = subprocess.run([sys.executable, "-c", code, str(run_dir)], cwd=ROOT, env=env, capture_output=True, text=True, check=True)  # noqa: S603
+    wall = float(next(line for line in done.stdout.splitlines() if line.startswith("WALL"))[5:])
+    debate = json.loads((run_dir / "debate.json").read_text())
+    return {"wall_s": wall, "debate": debate, "echo": [line for line in done.stdout.splitlines() if "pilot" in line]}
+
+
+def pilots_part(datasets: list[str], work: Path) -> dict:
+    """Each data set's design stage with its pilots sequential and on a local Ray (see the module docstring)."""
+    sys.path.insert(0, str(ROOT))
+    from cellforge import stages
+    from cellforge.run import Run, RunConfig
+
+    rows = []
+    for name in datasets:
+        first = Run.create(RunConfig(dataset=name, pilots=2, sandbox="local"), root=work / name / "sequential")
+        for stage in ("data", "profile", "analysis"):
+            getattr(stages, f"stage_{stage}")(first, echo=lambda _: None)
+        copy = work / name / "ray" / first.dir.name
+        shutil.copytree(first.dir, copy)
+        legs = {"sequential": design_stage(first.dir, "sequential"), "ray": design_stage(copy, "ray")}
+        debates = []
+        for leg in legs.values():
+            debate = json.loads(json.dumps(leg["debate"]))
+            for pilot in debate["pilots"].values():
+                pilot.pop("duration_s", None)
+            debates.append(debate)
+        pilots = legs["sequential"]["debate"]["pilots"]
+        row = {
+            "dataset": name, "pilots": len(pilots), "pilot_rounds": sorted({p["round"] for p in pilots.values()}),
+            "pilot_s": {k: p.get("duration_s") for k, p in pilots.items()},
+            "design_s": {leg: v["wall_s"] for leg, v in legs.items()}, "identical": debates[0] == debates[1],
+            "echo_ray": legs["ray"]["echo"],
+        }  # fmt: skip
+        print(f"{name}: design {row['design_s']['sequential']:.1f} s sequential, {row['design_s']['ray']:.1f} s on Ray; identical: {row['identical']}", flush=True)
+        rows.append(row)
+    return {"rows": rows}
+
+
+def pilots_markdown(record: dict) -> str:
+    lines = [
+        "# Fan-out of debate pilots: the design stage with its pilots one after another and on a local Ray (`benchmarks/fanout.py --part pilots`)",
+        "",
+        f"{record['date']}, commit {record['commit']}, {record['cpus']} CPUs. `RunConfig(pilots=2)`, offline planner, local sandbox; "
+        "the same run directory (stages up to the analysis run once, then copied) for both; wall time of the design stage in a fresh process, Ray's start-up included.",
+        "",
+        "| data set | pilots (round) | pilot run s (sequential leg) | design stage s, sequential | design stage s, local Ray | speed-up | debate identical |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in record["rows"]:
+        seq, par = r["design_s"]["sequential"], r["design_s"]["ray"]
+        pilot_s = ", ".join(f"{v}" for v in r["pilot_s"].values())
+        lines.append(f"| {r['dataset']} | {r['pilots']} ({', '.join(map(str, r['pilot_rounds']))}) | {pilot_s} | {seq:.1f} | {par:.1f} | {seq / par:.2f}x | {'yes' if r['identical'] else 'NO'} |")
+    return "\n".join(lines) + "\n"
+
+
 def markdown(record: dict) -> str:
     seq = record["runs"][0]
     lines = [
@@ -126,30 +194,40 @@ def markdown(record: dict) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--part", choices=["tasks", "pilots"], action="append", help="What to measure (default: both).")
     parser.add_argument("--task", action="append", help="Tasks of benchmarks/tasks.py (default: adamson_unseen_knockdowns, papalexi_unseen_knockouts).")
     parser.add_argument("--folds", type=int, default=2)
+    parser.add_argument("--dataset", action="append", help="Shipped sets for the pilots part (default: adamson_subset, papalexi_subset).")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args()
-    tasks = args.task or ["adamson_unseen_knockdowns", "papalexi_unseen_knockouts"]
+    parts = args.part or ["tasks", "pilots"]
     os.environ.setdefault("CELLFORGE_DATA_MIRROR", str(ROOT.parent / "shared" / "data"))
-    work = Path(tempfile.mkdtemp(prefix="cellforge-fanout-"))
-    runs = [run_tasks("sequential", tasks, args.folds, work, {"CELLFORGE_FANOUT": "sequential"})]
-    runs.append(run_tasks("local-ray", tasks, args.folds, work, {"CELLFORGE_FANOUT": "ray", "RAY_ADDRESS": ""}))
-    address, stop = two_node_cluster(work)
-    try:
-        runs.append(run_tasks("two-node-cluster", tasks, args.folds, work, {"CELLFORGE_FANOUT": "ray", "RAY_ADDRESS": address, "RAY_AUTH_MODE": "token"}))
-    finally:
-        for cmd in stop:
-            subprocess.run(cmd, capture_output=True, check=False)  # noqa: S603
-    for run in runs:
-        run["differ"] = identical(runs[0], run)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()  # noqa: S607
-    record = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "commit": commit, "cpus": os.cpu_count(), "tasks": tasks, "folds": args.folds, "runs": runs}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "fanout.json").write_text(json.dumps(record, indent=1, default=float))
-    (args.out / "fanout.md").write_text(markdown(record))
+    work = Path(tempfile.mkdtemp(prefix="cellforge-fanout-"))
+    if "tasks" in parts:
+        tasks = args.task or ["adamson_unseen_knockdowns", "papalexi_unseen_knockouts"]
+        runs = [run_tasks("sequential", tasks, args.folds, work, {"CELLFORGE_FANOUT": "sequential"})]
+        runs.append(run_tasks("local-ray", tasks, args.folds, work, {"CELLFORGE_FANOUT": "ray", "RAY_ADDRESS": ""}))
+        address, stop = two_node_cluster(work)
+        try:
+            runs.append(run_tasks("two-node-cluster", tasks, args.folds, work, {"CELLFORGE_FANOUT": "ray", "RAY_ADDRESS": address, "RAY_AUTH_MODE": "token"}))
+        finally:
+            for cmd in stop:
+                subprocess.run(cmd, capture_output=True, check=False)  # noqa: S603
+        for run in runs:
+            run["differ"] = identical(runs[0], run)
+        record = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "commit": commit, "cpus": os.cpu_count(), "tasks": tasks, "folds": args.folds, "runs": runs}
+        (args.out / "fanout.json").write_text(json.dumps(record, indent=1, default=float))
+        (args.out / "fanout.md").write_text(markdown(record))
+        print(args.out / "fanout.md")
+    if "pilots" in parts:
+        record = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "commit": commit, "cpus": os.cpu_count(),
+                  **pilots_part(args.dataset or ["adamson_subset", "papalexi_subset"], work)}  # fmt: skip
+        (args.out / "fanout-pilots.json").write_text(json.dumps(record, indent=1, default=float))
+        (args.out / "fanout-pilots.md").write_text(pilots_markdown(record))
+        print(args.out / "fanout-pilots.md")
     shutil.rmtree(work, ignore_errors=True)
-    print(args.out / "fanout.md")
 
 
 if __name__ == "__main__":

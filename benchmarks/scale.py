@@ -16,12 +16,15 @@ normalised to 1e4 per cell + log1p as the loaders do:
 Each size runs ``cellforge benchmark --data FILE --task-type unseen_perturbation`` with small
 settings (``--debate-rounds 2 --pilots 0 --refine-rounds 1``: the stages' costs, not the
 debate's length) in a fresh process, one after another; per stage: wall time and the peak
-resident memory of the cellforge process and of its largest child (the sandbox's training
-script), from the run's ``stages/*.json``. The exponents of cells and genes are a least-squares
+resident memory of the cellforge process (``VmHWM``, from the run's ``stages/*.json``) and of the
+largest training script (each attempt's ``peak_rss_mib``, polled by the local sandbox). The exponents of cells and genes are a least-squares
 fit of log(total wall time) and log(peak memory) on log(cells) and log(genes) over the sizes run.
 
-Usage: ``python benchmarks/scale.py [--size NAME ...] [--out benchmarks/results]``; results of
-sizes run earlier are kept (``scale.json`` is merged by size name).
+Usage: ``python benchmarks/scale.py [--size NAME ...] [--out benchmarks/results] [--work runs/scale]``;
+results of sizes run earlier are kept (``scale.json`` is merged by size name). The generated
+files stay in ``--work`` (``data/<size>.h5ad``, reused by a later call: the Norman-sized file is
+4.6 GB and takes minutes to draw) with the runs (``runs/``), so a failed size can be looked at
+and resumed; ``--clean`` removes the data files afterwards.
 """
 
 from __future__ import annotations
@@ -29,10 +32,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
-import tempfile
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -109,11 +110,16 @@ def generate(path: Path, cells: int, genes: int, n_conditions: int, *, seed: int
 
 
 def run_size(name: str, work: Path) -> dict:
-    """Generate one size and run the main job on it; its costs per stage."""
+    """Generate one size (or reuse its file in ``work/data``) and run the main job on it; its costs per stage."""
     cells, genes, n_conditions = SIZES[name]
-    path = work / f"{name}.h5ad"
+    path = work / "data" / f"{name}.h5ad"
+    shape_file = path.with_suffix(".json")
     t0 = time.monotonic()
-    shape = generate(path, cells, genes, n_conditions)
+    if not (path.exists() and shape_file.exists()):
+        # drawn in a process of its own, which ends before the run starts: its memory is not the run's
+        path.parent.mkdir(parents=True, exist_ok=True)
+        subprocess.run([sys.executable, __file__, "--generate", name, "--work", str(work)], check=True)  # noqa: S603
+    shape = json.loads(shape_file.read_text())
     generated_s = time.monotonic() - t0
     cmd = [
         sys.executable, "-m", "cellforge.cli", "benchmark", "--data", str(path), "--perturbation-key", "perturbation",
@@ -122,9 +128,7 @@ def run_size(name: str, work: Path) -> dict:
     t0 = time.monotonic()
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False, env={**os.environ, "CELLFORGE_SANDBOX": "local"})  # noqa: S603
     wall = time.monotonic() - t0
-    peak_children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     record = {"name": name, **shape, "generate_s": round(generated_s, 1), "wall_s": round(wall, 1), "exit_code": done.returncode}
-    path.unlink(missing_ok=True)
     if done.returncode != 0:
         record["error"] = (done.stderr.strip().splitlines() or ["?"])[-1][-500:]
         return record
@@ -134,12 +138,15 @@ def run_size(name: str, work: Path) -> dict:
         marker = run_dir / "stages" / f"{stage}.json"
         if marker.exists():
             m = json.loads(marker.read_text())
-            stages[stage] = {k: m.get(k) for k in ("wall_s", "peak_rss_mib", "children_peak_rss_mib")}
+            stages[stage] = {k: m.get(k) for k in ("wall_s", "peak_rss_mib")}
     metrics = json.loads((run_dir / "metrics.json").read_text())
+    # the training scripts' own peaks, measured by the local sandbox (polled VmRSS / VmHWM of the script's processes)
+    script_peaks = [a["peak_rss_mib"] for a in metrics.get("attempts", []) if a.get("peak_rss_mib")]
     selection = json.loads((run_dir / "gene_selection.json").read_text()) if (run_dir / "gene_selection.json").exists() else {}
     record.update({
         "stages": stages, "run_dir": str(run_dir), "attempts": len(metrics.get("attempts", [])),
-        "genes_to_sandbox": selection.get("n_selected", genes), "peak_rss_mib_process_tree": round(peak_children, 1),
+        "genes_to_sandbox": selection.get("n_selected", genes), "sandbox_peak_rss_mib": max(script_peaks) if script_peaks else None,
+        "sandbox_input_mb": round(sum(f.stat().st_size for f in (run_dir / "sandbox" / "data").glob("*.h5ad")) / 2**20, 1) if (run_dir / "sandbox" / "data").exists() else None,
     })  # fmt: skip
     return record
 
@@ -156,7 +163,8 @@ def exponents(rows: list[dict], key: str) -> dict | None:
 
 
 def peak(row: dict) -> float:
-    return max([row.get("peak_rss_mib_process_tree") or 0.0] + [s.get("peak_rss_mib") or 0.0 for s in row.get("stages", {}).values()])
+    """The run's peak memory, MiB: the larger of the cellforge process's and the largest training script's."""
+    return max([row.get("sandbox_peak_rss_mib") or 0.0] + [s.get("peak_rss_mib") or 0.0 for s in row.get("stages", {}).values()])
 
 
 def figure(rows: list[dict], path: Path) -> None:
@@ -177,7 +185,7 @@ def figure(rows: list[dict], path: Path) -> None:
     left.plot(size, [r["wall_s"] for r in ok], marker="s", color="black", label="total")
     left.set(xscale="log", yscale="log", xlabel="cells x genes (synthetic)", ylabel="wall time, s", title="Wall time per stage")
     left.legend(fontsize=8)
-    right.plot(size, [r["stages"].get("execute", {}).get("children_peak_rss_mib") or np.nan for r in ok], marker="o", label="sandbox (largest child)")
+    right.plot(size, [r.get("sandbox_peak_rss_mib") or np.nan for r in ok], marker="o", label="training script (largest attempt)")
     right.plot(size, [max(s.get("peak_rss_mib") or 0 for s in r["stages"].values()) for r in ok], marker="o", label="cellforge process")
     right.axhline(24 * 1024, color="red", linestyle="--", label="24 GiB")
     right.set(xscale="log", yscale="log", xlabel="cells x genes (synthetic)", ylabel="peak RSS, MiB", title="Peak memory")
@@ -199,7 +207,7 @@ def markdown(record: dict) -> str:
         "",
         f"{record['date']}, commit {record['commit']}, {record['cpus']} CPUs. Synthetic count matrices shaped like real screens "
         f"(the purpose is cost, not accuracy); `cellforge benchmark --data FILE` with `{' '.join(SETTINGS)}`, local sandbox. "
-        "Wall time per stage in seconds; peak memory in MiB (cellforge process / largest child: the sandbox's training script).",
+        "Wall time per stage in seconds; peak memory in MiB (cellforge process / largest training script, as the sandbox measured it).",
         "",
         "| size | cells x genes | conditions | nnz share | genes to sandbox | " + " | ".join(STAGES) + " | total s | peak MiB (process / sandbox) |",
         "|---|---|---|---|---|" + "---|" * len(STAGES) + "---|---|",
@@ -210,7 +218,7 @@ def markdown(record: dict) -> str:
             continue
         stages = " | ".join(f"{r['stages'][s]['wall_s']:.0f}" if s in r["stages"] else "" for s in STAGES)
         own = max(s.get("peak_rss_mib") or 0 for s in r["stages"].values())
-        sandbox = r["stages"].get("execute", {}).get("children_peak_rss_mib")
+        sandbox = r.get("sandbox_peak_rss_mib")
         lines.append(
             f"| {r['name']} | {r['cells']} x {r['genes']} | {r['conditions']} | {r['nnz_share']} | {r['genes_to_sandbox']} | {stages} | "
             f"{r['wall_s']:.0f} | {own:.0f} / {sandbox if sandbox is not None else '?'} |"
@@ -227,20 +235,28 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--size", action="append", choices=sorted(SIZES), help="Sizes to run (default: all).")
     parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--work", type=Path, default=ROOT / "runs" / "scale", help="Generated data and runs (kept).")
+    parser.add_argument("--clean", action="store_true", help="Remove the generated data files afterwards.")
     args = parser.parse_args()
     os.environ.setdefault("CELLFORGE_DATA_MIRROR", str(ROOT.parent / "shared" / "data"))
     previous = args.out / "scale.json"
     rows = {r["name"]: r for r in json.loads(previous.read_text())["rows"]} if previous.exists() else {}
     names = args.size or list(SIZES)
-    with tempfile.TemporaryDirectory(prefix="cellforge-scale-") as tmp:
-        for i, name in enumerate(names, 1):
-            print(f"[{i}/{len(names)}] {name} {SIZES[name]} ...", flush=True)
-            # each size in its own process, so its peak memory is its own
-            child = subprocess.run([sys.executable, __file__, "--one", name, "--work", tmp], capture_output=True, text=True, check=False)  # noqa: S603
-            row = json.loads(child.stdout.strip().splitlines()[-1]) if child.returncode == 0 else {"name": name, "cells": SIZES[name][0], "genes": SIZES[name][1], "conditions": SIZES[name][2], "wall_s": 0, "error": child.stderr[-500:]}
-            rows[name] = row
-            print(f"    {row.get('wall_s')} s" + (f", FAILED: {row['error']}" if "error" in row else ""), flush=True)
-            write(list(rows.values()), args.out)
+    args.work.mkdir(parents=True, exist_ok=True)
+    for i, name in enumerate(names, 1):
+        print(f"[{i}/{len(names)}] {name} {SIZES[name]} ...", flush=True)
+        # each size in its own process, so its peak memory is its own
+        child = subprocess.run([sys.executable, __file__, "--one", name, "--work", str(args.work)], capture_output=True, text=True, check=False)  # noqa: S603
+        if child.returncode == 0:
+            row = json.loads(child.stdout.strip().splitlines()[-1])
+        else:
+            row = {"name": name, "cells": SIZES[name][0], "genes": SIZES[name][1], "conditions": SIZES[name][2], "wall_s": 0, "error": child.stderr[-500:]}
+        rows[name] = row
+        print(f"    {row.get('wall_s')} s" + (f", FAILED: {row['error']}" if "error" in row else ""), flush=True)
+        write(list(rows.values()), args.out)
+        if args.clean:
+            for f in (args.work / "data").glob(f"{name}.*"):
+                f.unlink()
     print(args.out / "scale.md")
 
 
@@ -260,7 +276,15 @@ def write(rows: list[dict], out: Path) -> None:
 
 
 if __name__ == "__main__":
-    if "--one" in sys.argv:
+    if "--generate" in sys.argv:
+        gen = argparse.ArgumentParser()
+        gen.add_argument("--generate")
+        gen.add_argument("--work", type=Path)
+        a = gen.parse_args()
+        target = a.work / "data" / f"{a.generate}.h5ad"
+        drawn = generate(target, *SIZES[a.generate])
+        target.with_suffix(".json").write_text(json.dumps(drawn))
+    elif "--one" in sys.argv:
         one = argparse.ArgumentParser()
         one.add_argument("--one")
         one.add_argument("--work", type=Path)

@@ -76,16 +76,23 @@ def run_pipeline(run: Run, *, echo: Callable[[str], None] = print, until: str | 
 
 
 def peak_memory() -> dict[str, float]:
-    """Peak resident memory so far, MiB: this process (``peak_rss_mib``) and the largest finished child
-    process tree, sandbox attempts included (``children_peak_rss_mib``; Linux ``ru_maxrss``).
+    """Peak resident memory of this process so far, MiB (``peak_rss_mib``).
 
-    Both only grow: a stage's own peak is its value where it exceeds the earlier stages'.
+    Linux ``VmHWM`` (the address space's high-water mark): unlike ``ru_maxrss`` it does not count
+    the process this one was started from (``ru_maxrss`` survives ``exec``, so a run started from
+    a large notebook or generator process would report that process's size). It only grows: a
+    stage's own peak is its value where it exceeds the earlier stages'. The training scripts'
+    peaks are the attempts' ``peak_rss_mib`` (measured by the sandbox).
     """
     import resource
 
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    return {"peak_rss_mib": round(own, 1), "children_peak_rss_mib": round(children, 1)}
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return {"peak_rss_mib": round(int(line.split()[1]) / 1024, 1)}
+    except (OSError, ValueError):
+        pass
+    return {"peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
 
 def _discard_if_empty(run: Run) -> None:

@@ -174,7 +174,7 @@ class Run:
             if self.done(s):
                 marker = self.read_json(f"stages/{s}.json")
                 if "peak_rss_mib" in marker:
-                    out[s] = {"peak_rss_mib": marker["peak_rss_mib"], "children_peak_rss_mib": marker["children_peak_rss_mib"]}
+                    out[s] = {"peak_rss_mib": marker["peak_rss_mib"]}
         return out
 
     # ------------------------------------------------------------------ data

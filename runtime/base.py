@@ -90,6 +90,14 @@ class RunResult(BaseModel):
     isolation: Isolation = Field(description="Isolation actually in force.")
     memory_limit_mb: int | None = Field(default=None, description="Address-space / container memory limit.")
     events: list[CommandEvent] = Field(default_factory=list, description="The last output events streamed from the runtime (redacted).")
+    peak_rss_mib: float | None = Field(
+        default=None,
+        description=(
+            "Largest resident memory of the command's processes, MiB: per poll (every 0.2 s) the larger of their summed VmRSS and "
+            "the largest single VmHWM (a process's own high-water mark), maximised over polls; None where the backend cannot see "
+            "the processes (docker, remote)."
+        ),
+    )
     limit_hit: Literal["timeout", "disk", "memory"] | None = Field(
         default=None,
         description=(
@@ -277,7 +285,7 @@ class DiskWatch:
     Polling means a fast writer can pass the limit by what it writes in one interval
     (``interval_s``); single files are also capped by RLIMIT_FSIZE. ``measure`` returns the
     size in bytes (default: :func:`runtime.hostio.tree_size` of ``root``; the remote backend
-    asks its agent server).
+    asks its agent server). ``peak`` keeps the largest value measured.
     """
 
     def __init__(
@@ -286,12 +294,15 @@ class DiskWatch:
         self.root, self.limit, self.on_exceed, self.interval = root, limit_mb * 1024 * 1024, on_exceed, interval_s
         self.measure = measure or (lambda: hostio.tree_size(self.root))
         self.exceeded = False
+        self.peak = 0  # the largest value measured, bytes
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
 
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
-            if self.measure() > self.limit:
+            value = self.measure()
+            self.peak = max(self.peak, value)
+            if value > self.limit:
                 self.exceeded = True
                 self.on_exceed()  # type: ignore[operator]
                 return

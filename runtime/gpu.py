@@ -58,15 +58,24 @@ def use_gpu(host: Mapping[str, str] | None = None, dev: Path = Path("/dev")) -> 
     return found and value != "off"
 
 
-def resident_bytes(pids: list[int]) -> int:
-    """Summed resident memory (``VmRSS``) of ``pids``, bytes; processes that are gone count 0."""
-    total = 0
-    for pid in pids:
-        try:
-            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmRSS:"):
-                    total += int(line.split()[1]) * 1024
-                    break
-        except (OSError, ValueError):
-            continue
-    return total
+def tree_memory(pids: list[int]) -> int:
+    """Memory of a process tree for its peak, bytes: the larger of the summed ``VmRSS`` and the largest ``VmHWM``.
+
+    ``VmHWM`` is a process's own resident high-water mark (per address space, reset by
+    ``exec``), so a short allocation between two polls still counts while the process lives;
+    unlike ``ru_maxrss`` it is not raised by having been forked from a large parent.
+    """
+    status = [_status(pid) for pid in pids]
+    return max(sum(s.get("VmRSS", 0) for s in status), max((s.get("VmHWM", 0) for s in status), default=0))
+
+
+def _status(pid: int) -> dict[str, int]:
+    """``VmRSS`` and ``VmHWM`` of ``pid`` in bytes (empty when it is gone)."""
+    out = {}
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(("VmRSS:", "VmHWM:")):
+                out[line[:5]] = int(line.split()[1]) * 1024
+    except (OSError, ValueError):
+        return {}
+    return out

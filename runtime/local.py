@@ -29,7 +29,6 @@ whose ``execute_command`` cannot set a parent-death signal or kill a process tre
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -57,7 +56,7 @@ from runtime.base import (
     sandbox_env,
     write_log,
 )
-from runtime.gpu import resident_bytes
+from runtime.gpu import tree_memory
 
 logger = logging.getLogger(__name__)
 
@@ -378,11 +377,12 @@ class LocalSandbox(Sandbox):
         reader = threading.Thread(target=_pump, args=(proc.stdout, capture), daemon=True)
         reader.start()
         limit_hit = None
-        # with a GPU the memory bound is the tree's resident size, polled (RLIMIT_AS breaks CUDA)
+        # the tree's memory is polled for its peak; with a GPU it is also the memory bound (RLIMIT_AS breaks CUDA)
+        bounded = bool(self.gpu and memory_mb)
         memory = DiskWatch(
-            self.work_dir, limit_mb=int(memory_mb or 0), on_exceed=lambda: kill_tree(proc.pid, marker), interval_s=0.2,
-            measure=lambda: resident_bytes([proc.pid, *_descendants(proc.pid), *_marked(marker)]),
-        ) if self.gpu and memory_mb else contextlib.nullcontext(None)  # fmt: skip
+            self.work_dir, limit_mb=int(memory_mb) if bounded else 2**40, on_exceed=lambda: kill_tree(proc.pid, marker), interval_s=0.2,
+            measure=lambda: tree_memory([proc.pid, *_descendants(proc.pid), *(_marked(marker) if bounded else [])]),
+        )  # fmt: skip
         with DiskWatch(self.work_dir, limit_mb=self.limits.disk_mb, on_exceed=lambda: kill_tree(proc.pid, marker)) as watch, memory as rss:
             try:
                 proc.wait(timeout=timeout_s)
@@ -396,7 +396,7 @@ class LocalSandbox(Sandbox):
         if watch.exceeded and limit_hit is None:
             limit_hit = "disk"
             capture.feed(f"\n[sandbox] stopped: the work folder passed its limit of {self.limits.disk_mb} MiB\n")
-        if rss is not None and rss.exceeded and limit_hit is None:
+        if rss.exceeded and limit_hit is None:
             limit_hit = "memory"
             capture.feed(f"\n[sandbox] stopped: resident memory passed its limit of {memory_mb} MiB (MemoryError)\n")
         write_log(self.work_dir, log_name, capture)
@@ -412,6 +412,7 @@ class LocalSandbox(Sandbox):
             memory_limit_mb=memory_mb,
             events=list(capture.events),
             limit_hit=limit_hit,
+            peak_rss_mib=round(rss.peak / 2**20, 1) if rss.peak else None,
         )
 
     def close(self) -> None:

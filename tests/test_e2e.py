@@ -61,6 +61,10 @@ def test_run_writes_report_and_metrics(run_dir):
     # only a change that beats the best by more than the 1% tolerance replaces it
     assert min(vals.values()) >= vals[metrics["best_attempt"]] * 0.99 - 1e-12 and "(kept)" in report
     assert metrics["llm"]["by_stage"]["design"]["calls"] >= 1 and metrics["llm"]["cost_usd"] == 0
+    # memory: each stage's peak of the cellforge process, each training script's own (the local sandbox measures it)
+    assert set(metrics["stage_peak_memory_mib"]) == set(metrics["stage_wall_s"])
+    assert all(100 < p["peak_rss_mib"] < 8192 for p in metrics["stage_peak_memory_mib"].values())
+    assert all(100 < a["peak_rss_mib"] < 8192 for a in metrics["attempts"] if a["exit_code"] == 0)
 
 
 def test_held_out_truth_never_enters_the_sandbox(run_dir):

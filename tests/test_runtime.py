@@ -38,6 +38,17 @@ def test_allocation_past_the_memory_limit_is_out_of_memory(tmp_path):
     assert classify(result.exit_code, result.timed_out, result.log_tail) is FailureKind.OOM
 
 
+def test_peak_memory_is_the_scripts_own_not_its_large_parents(tmp_path):
+    """The attempt's peak memory (cost benchmarks, reports): a 400 MiB allocation freed before exit is seen; the 600 MiB
+    the host process holds is not (``ru_maxrss`` of a child counts the parent it was forked from)."""
+    held = b"h" * (600 * 2**20)  # the host process is large, as with a full-size data set loaded
+    spike = _run(tmp_path / "a", "import time\nx = b'x' * (400 * 2**20)\ntime.sleep(0.5)\ndel x\ntime.sleep(0.5)\n")
+    quiet = _run(tmp_path / "b", "import time\ntime.sleep(0.5)\n")
+    assert len(held) and spike.exit_code == quiet.exit_code == 0
+    assert 400 <= spike.peak_rss_mib < 520, spike.peak_rss_mib
+    assert quiet.peak_rss_mib < 100, quiet.peak_rss_mib
+
+
 def test_shape_error_is_patched_and_succeeds(tmp_path):
     script = (
         "import json, pathlib\nfrom torch import nn\nimport torch\n"

@@ -53,6 +53,7 @@ class Attempt(BaseModel):
     command: list[str]
     exit_code: int | None = None
     duration_s: float | None = None
+    peak_rss_mib: float | None = Field(default=None, description="Largest resident memory of the script's processes, MiB (local sandbox; see runtime.base.RunResult).")
     log_tail: str = ""
     failure: FailureKind | None = None
     failure_detail: str = ""
@@ -221,6 +222,7 @@ class _Executor:
             msg = f"sandbox failure in attempt {index}: {exc}"
             raise SandboxError(msg) from exc
         attempt.exit_code, attempt.duration_s, attempt.log_tail = result.exit_code, result.duration_s, result.log_tail
+        attempt.peak_rss_mib = result.peak_rss_mib
         attempt.events = [e.model_dump() for e in result.events[-EVENTS_KEPT:]]
         attempt.backend, attempt.isolation = result.backend, result.isolation
         (folder / "log_tail.txt").write_text(result.log_tail)

@@ -59,7 +59,8 @@ def _table(methods: dict[str, dict[str, float]]) -> str:
 def _attempt_row(a: dict[str, Any], best: int | None) -> str:
     val = a.get("val_mse_top20")
     label = f"{a['index']} (kept)" if a["index"] == best else str(a["index"])
-    return f"| {label} | {a['stage']} | {a['exit_code']} | {a['failure'] or 'ok'} | {'' if val is None else f'{val:.5f}'} | {a['duration_s']} |"
+    peak = a.get("peak_rss_mib")
+    return f"| {label} | {a['stage']} | {a['exit_code']} | {a['failure'] or 'ok'} | {'' if val is None else f'{val:.5f}'} | {a['duration_s']} | {'' if peak is None else f'{peak:.0f}'} |"
 
 
 def _ensemble_line(ensemble: dict[str, Any] | None) -> str:
@@ -367,8 +368,8 @@ Rationale:
 
 ## Attempts
 
-| attempt | stage | exit code | outcome | val_mse_top20 | seconds |
-|---|---|---|---|---|---|
+| attempt | stage | exit code | outcome | val_mse_top20 | seconds | peak memory MiB |
+|---|---|---|---|---|---|---|
 {attempts}
 
 Refinement: {metrics.get('refinement') or 'not run'}

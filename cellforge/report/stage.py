@@ -66,7 +66,7 @@ def collect_metrics(run: Run) -> dict[str, Any]:
         },
         "sandbox": run.read_json("sandbox.json"),
         "attempts": [
-            {**{k: a[k] for k in ["index", "stage", "exit_code", "failure", "duration_s"]}, "val_mse_top20": a["val_metrics"].get("val_mse_top20")}
+            {**{k: a[k] for k in ["index", "stage", "exit_code", "failure", "duration_s"]}, "peak_rss_mib": a.get("peak_rss_mib"), "val_mse_top20": a["val_metrics"].get("val_mse_top20")}
             for a in journal["attempts"]
         ],
         "best_attempt": journal.get("best_attempt"),

@@ -30,19 +30,47 @@ def dense(x):
     return x.toarray() if sp.issparse(x) else np.asarray(x)
 
 
+#: Rows summed at a time by :func:`group_means` and :func:`column_means`: a full-size screen's
+#: sparse X is converted to float64 one block at a time, never whole.
+CHUNK_ROWS = 20000
+
+
+def _as64(block):
+    return block.astype(np.float64) if sp.issparse(block) else np.asarray(block, dtype=np.float64)
+
+
 def group_means(adata):
     """Mean profile per condition: DataFrame (n_conditions, n_genes), sorted by condition.
 
-    Sums by a sparse condition-by-cell indicator product, so a sparse ``X`` is never densified
-    whole (only the (n_conditions, n_genes) result is dense).
+    Sums by a sparse condition-by-cell indicator product, :data:`CHUNK_ROWS` cells at a time in
+    float64, so a sparse ``X`` is never densified or copied whole (only the (n_conditions,
+    n_genes) result is dense).
     """
     labels = adata.obs["condition"].astype(str).to_numpy()
     names, codes = np.unique(labels, return_inverse=True)
-    onehot = sp.csr_matrix((np.ones(len(codes)), (codes, np.arange(len(codes)))), shape=(len(names), len(codes)))
-    X = adata.X.astype(np.float64) if sp.issparse(adata.X) else np.asarray(adata.X, dtype=np.float64)
-    sums = dense(onehot @ X)
+    X = adata.X
+    sums = np.zeros((len(names), adata.n_vars))
+    for start in range(0, max(len(codes), 1), CHUNK_ROWS):
+        block = codes[start : start + CHUNK_ROWS]
+        onehot = sp.csr_matrix((np.ones(len(block)), (block, np.arange(len(block)))), shape=(len(names), len(block)))
+        sums += dense(onehot @ _as64(X[start : start + CHUNK_ROWS] if len(codes) > CHUNK_ROWS else X))
     counts = np.bincount(codes, minlength=len(names)).astype(np.float64)
     return pd.DataFrame(sums / counts[:, None], index=pd.Index(names), columns=adata.var_names)
+
+
+def column_means(X):
+    """Mean of each column of a cells x genes matrix (sparse or dense), float64: (n_genes,).
+
+    :data:`CHUNK_ROWS` rows at a time above that many rows, so a sparse ``X`` is never copied
+    whole to float64.
+    """
+    n = X.shape[0]
+    if n <= CHUNK_ROWS:
+        return np.asarray(_as64(X).mean(axis=0)).ravel()
+    total = np.zeros(X.shape[1])
+    for start in range(0, n, CHUNK_ROWS):
+        total += np.asarray(_as64(X[start : start + CHUNK_ROWS]).sum(axis=0)).ravel()
+    return total / n
 
 
 def ridge_members(deltas, member_lists, members, lam):
@@ -83,7 +111,7 @@ class Features:
         # only those rows are densified (a full-size screen's cells x genes never is)
         n = train.n_obs
         X = train.X
-        mean = np.asarray(X.astype(np.float64).mean(axis=0)).ravel() if sp.issparse(X) else np.asarray(X, dtype=np.float64).mean(axis=0)
+        mean = column_means(X)
         Xc = dense(X[:: max(1, n // 3000)]).astype(np.float64) - mean
         s, vt = top_components(Xc, k)
         k = min(k, vt.shape[0])
