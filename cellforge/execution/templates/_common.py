@@ -30,47 +30,66 @@ def dense(x):
     return x.toarray() if sp.issparse(x) else np.asarray(x)
 
 
-#: Rows summed at a time by :func:`group_means` and :func:`column_means`: a full-size screen's
-#: sparse X is converted to float64 one block at a time, never whole.
-CHUNK_ROWS = 20000
+#: Stored values (non-zeros of a sparse X) converted to float64 at a time by :func:`group_means`
+#: and :func:`column_means`: a full-size screen's X is summed a block of rows at a time, never
+#: copied whole (below this size, in one piece).
+CHUNK_VALUES = 20_000_000
 
 
 def _as64(block):
     return block.astype(np.float64) if sp.issparse(block) else np.asarray(block, dtype=np.float64)
 
 
-def group_means(adata):
-    """Mean profile per condition: DataFrame (n_conditions, n_genes), sorted by condition.
+def _row_blocks(X, rows):
+    """``rows`` (positions into X) cut into blocks of about :data:`CHUNK_VALUES` stored values."""
+    stored = X.nnz if sp.issparse(X) else X.size
+    if stored * len(rows) / max(X.shape[0], 1) <= CHUNK_VALUES:
+        return [rows]
+    per_row = max(stored / max(X.shape[0], 1), 1.0)
+    size = max(1, int(CHUNK_VALUES // per_row))
+    return [rows[i : i + size] for i in range(0, len(rows), size)]
 
-    Sums by a sparse condition-by-cell indicator product, :data:`CHUNK_ROWS` cells at a time in
-    float64, so a sparse ``X`` is never densified or copied whole (only the (n_conditions,
-    n_genes) result is dense).
+
+def _take(X, rows):
+    """Rows ``rows`` of X (X itself when they are all of its rows, in order)."""
+    return X if len(rows) == X.shape[0] and (len(rows) == 0 or (rows[0] == 0 and np.all(np.diff(rows) == 1))) else X[rows]
+
+
+def group_means(adata, rows=None):
+    """Mean profile per condition of the cells ``rows`` (positions; default all): DataFrame (n_conditions, n_genes), sorted by condition.
+
+    Sums by a sparse condition-by-cell indicator product in float64, a block of rows at a time
+    (:data:`CHUNK_VALUES`); neither ``X`` nor the selected rows are densified or copied whole,
+    only the (n_conditions, n_genes) result is dense. Pass ``rows`` rather than an AnnData view:
+    a view's ``X`` is a copy of every selected row.
     """
-    labels = adata.obs["condition"].astype(str).to_numpy()
+    rows = np.arange(adata.n_obs) if rows is None else np.asarray(rows)
+    labels = adata.obs["condition"].astype(str).to_numpy()[rows]
     names, codes = np.unique(labels, return_inverse=True)
-    X = adata.X
     sums = np.zeros((len(names), adata.n_vars))
-    for start in range(0, max(len(codes), 1), CHUNK_ROWS):
-        block = codes[start : start + CHUNK_ROWS]
-        onehot = sp.csr_matrix((np.ones(len(block)), (block, np.arange(len(block)))), shape=(len(names), len(block)))
-        sums += dense(onehot @ _as64(X[start : start + CHUNK_ROWS] if len(codes) > CHUNK_ROWS else X))
+    done = 0
+    for block in _row_blocks(adata.X, rows):
+        c = codes[done : done + len(block)]
+        onehot = sp.csr_matrix((np.ones(len(c)), (c, np.arange(len(c)))), shape=(len(names), len(c)))
+        sums += dense(onehot @ _as64(_take(adata.X, block)))
+        done += len(block)
     counts = np.bincount(codes, minlength=len(names)).astype(np.float64)
     return pd.DataFrame(sums / counts[:, None], index=pd.Index(names), columns=adata.var_names)
 
 
-def column_means(X):
-    """Mean of each column of a cells x genes matrix (sparse or dense), float64: (n_genes,).
+def column_means(X, rows=None):
+    """Mean of each column over the cells ``rows`` (positions; default all) of a cells x genes matrix, float64: (n_genes,).
 
-    :data:`CHUNK_ROWS` rows at a time above that many rows, so a sparse ``X`` is never copied
-    whole to float64.
+    A block of rows at a time (:data:`CHUNK_VALUES`), so a sparse ``X`` is never copied whole to float64.
     """
-    n = X.shape[0]
-    if n <= CHUNK_ROWS:
-        return np.asarray(_as64(X).mean(axis=0)).ravel()
+    rows = np.arange(X.shape[0]) if rows is None else np.asarray(rows)
+    blocks = _row_blocks(X, rows)
+    if len(blocks) == 1:
+        return np.asarray(_as64(_take(X, rows)).mean(axis=0)).ravel()
     total = np.zeros(X.shape[1])
-    for start in range(0, n, CHUNK_ROWS):
-        total += np.asarray(_as64(X[start : start + CHUNK_ROWS]).sum(axis=0)).ravel()
-    return total / n
+    for block in blocks:
+        total += np.asarray(_as64(X[block]).sum(axis=0)).ravel()
+    return total / len(rows)
 
 
 def ridge_members(deltas, member_lists, members, lam):
@@ -99,29 +118,32 @@ class Features:
     itself out, so training targets are never part of their own inputs.
     """
 
-    def __init__(self, train, conditions, k):
+    def __init__(self, train, conditions, k, rows=None):
+        """``rows``: the cells of ``train`` to build from (boolean mask or positions; default all)."""
         self.genes = pd.Index(train.var_names.astype(str))
         self.gene_pos = pd.Series(np.arange(len(self.genes)), index=self.genes)
         self.conditions = conditions
-        ctrl = train[train.obs["is_control"].to_numpy()]
-        means = group_means(ctrl)
-        ctx_of = ctrl.obs.groupby("condition", observed=True)["context"].first().astype(str)
+        X = train.X
+        rows = np.arange(train.n_obs) if rows is None else (np.flatnonzero(rows) if np.asarray(rows).dtype == bool else np.asarray(rows))
+        ctrl_rows = rows[train.obs["is_control"].to_numpy()[rows]]
+        ctrl_obs = train.obs.iloc[ctrl_rows]
+        means = group_means(train, ctrl_rows)
+        ctx_of = ctrl_obs.groupby("condition", observed=True)["context"].first().astype(str)
         self.control = pd.DataFrame(means.to_numpy(), index=[ctx_of[c] for c in means.index], columns=self.genes)
         # PCA of the cells: the mean from all cells, the components from at most ~3,000 of them;
         # only those rows are densified (a full-size screen's cells x genes never is)
-        n = train.n_obs
-        X = train.X
-        mean = column_means(X)
-        Xc = dense(X[:: max(1, n // 3000)]).astype(np.float64) - mean
+        n = len(rows)
+        mean = column_means(X, rows)
+        Xc = dense(X[rows[:: max(1, n // 3000)]]).astype(np.float64) - mean
         s, vt = top_components(Xc, k)
         k = min(k, vt.shape[0])
         self.expr_pcs = vt[:k]  # (k, n_genes)
         self.gene_emb = (vt[:k] * s[:k, None]).T / np.sqrt(n)  # (n_genes, k)
         self.k = k
         self.control_center = self.control.mean(axis=0).to_numpy()
-        step = max(1, ctrl.n_obs // 4000)
-        self.control_cells = dense(ctrl.X[::step]).astype(np.float32)
-        self.control_cell_ctx = ctrl.obs["context"].astype(str).to_numpy()[::step]
+        step = max(1, len(ctrl_rows) // 4000)
+        self.control_cells = dense(X[ctrl_rows[::step]]).astype(np.float32)
+        self.control_cell_ctx = ctrl_obs["context"].astype(str).to_numpy()[::step]
         self._slopes = {}
         self._cache = {}
         self.guard = {}  # condition -> guarded_transfer's record, for the context references
@@ -854,7 +876,7 @@ def cross_validate(train, conditions, pool, profiles, task_type, n_folds):
         rest = [c for c in pool if c not in held and c not in stop]
         # Every condition but the held-out ones stays seen (singles too when only combinations train).
         seen = profiles.drop(index=held)
-        feats = Features(train[~np.isin(labels, held)], conditions, CONFIG["n_components"])
+        feats = Features(train, conditions, CONFIG["n_components"], rows=~np.isin(labels, held))
         predict, _ = fit(feats, rest, stop, seen.drop(index=stop), profiles, False, ckpt=OUT / f"cv{i}.ckpt")
         trained.append(getattr(predict, "training", None))
         (OUT / f"cv{i}.ckpt").unlink(missing_ok=True)
@@ -1022,7 +1044,7 @@ def main():
     conditions = {c["condition"]: c for c in task["conditions"]}
     feats = Features(train, conditions, CONFIG["n_components"])
     FEATURE_GENES[:] = list(feats.genes)
-    train_profiles = group_means(train[~train.obs["is_control"].to_numpy()])
+    train_profiles = group_means(train, np.flatnonzero(~train.obs["is_control"].to_numpy()))
     val_profiles = group_means(val) if val.n_obs else train_profiles.iloc[:0]
     train_conds = [c for c in task["train_conditions"] if CONFIG.get("train_on", "all") == "all" or COMBO in feats.pert(c)]
     train_conds = [c for c in train_conds if c in train_profiles.index] or [c for c in task["train_conditions"] if c in train_profiles.index]

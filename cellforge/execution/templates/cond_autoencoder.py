@@ -106,7 +106,7 @@ def fit_cells(feats, train_conds, val_conds, train_profiles, val_profiles, predi
     import lightning as L
 
     cells = _cells()
-    X = cells.X.tocsr().astype(np.float32) if sp.issparse(cells.X) else np.asarray(cells.X, dtype=np.float32)  # never densified whole
+    X = cells.X.tocsr().astype(np.float32, copy=False) if sp.issparse(cells.X) else np.asarray(cells.X, dtype=np.float32)  # never densified whole
     labels = cells.obs["condition"].astype(str).to_numpy()
     is_ctrl = cells.obs["is_control"].to_numpy().astype(bool)
     contexts = cells.obs["context"].astype(str).to_numpy()
