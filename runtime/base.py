@@ -88,7 +88,7 @@ class RunResult(BaseModel):
     log_path: str = Field(description="Full log (as the host kept it), relative to the sandbox's work folder.")
     backend: str = Field(description="Sandbox backend that ran the command: 'docker', 'local' or 'remote'.")
     isolation: Isolation = Field(description="Isolation actually in force.")
-    memory_limit_mb: int | None = Field(default=None, description="Address-space / container memory limit.")
+    memory_limit_mb: int | None = Field(default=None, description="Memory limit, MiB (resident memory; the address space may reach twice it).")
     events: list[CommandEvent] = Field(default_factory=list, description="The last output events streamed from the runtime (redacted).")
     peak_rss_mib: float | None = Field(
         default=None,
@@ -277,6 +277,20 @@ def tail(root: Path, rel: str, *, n_lines: int = 40, max_chars: int = 4000) -> s
 def write_log(work_dir: Path, log_name: str, capture: OutputCapture) -> None:
     """Write the host's redacted copy of a command's output to ``logs/<log_name>`` (never through a link)."""
     hostio.write_bytes(work_dir, f"logs/{log_name}", capture.text().encode())
+
+
+#: RLIMIT_AS as a multiple of an attempt's memory limit. Address space counts reservations that
+#: are never resident (importing torch and Lightning maps ~3.6 GB with ~0.8 GB resident, measured
+#: here), so an address-space limit equal to the memory limit left a "8 GiB" attempt about 4 GiB
+#: for its data. The bound on memory is resident memory (local: polled, see ``LocalSandbox.run``;
+#: Docker: the container's cgroup); the address-space limit is the backstop that fails a runaway
+#: allocation at once with a MemoryError.
+ADDRESS_SPACE_FACTOR = 2
+
+
+def address_space_bytes(memory_mb: int) -> int:
+    """RLIMIT_AS (bytes) of a command whose memory limit is ``memory_mb`` MiB (:data:`ADDRESS_SPACE_FACTOR` times it)."""
+    return ADDRESS_SPACE_FACTOR * int(memory_mb) * 1024 * 1024
 
 
 class DiskWatch:

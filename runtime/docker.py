@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from runtime.agent_server import TIMEOUT_EXIT, command_shell, stream_command, timed_out
-from runtime.base import CommandEvent, DiskWatch, Isolation, Limits, OutputCapture, RunResult, Sandbox, prepare_work_dir, sandbox_env, write_log
+from runtime.base import CommandEvent, DiskWatch, address_space_bytes, Isolation, Limits, OutputCapture, RunResult, Sandbox, prepare_work_dir, sandbox_env, write_log
 from runtime.errors import SandboxInfraError, SandboxUnavailableError
 
 logger = logging.getLogger(__name__)
@@ -380,7 +380,7 @@ class DockerSandbox(Sandbox):
     def container_command(self, command: list[str], *, timeout_s: float, memory_mb: int | None, env: dict[str, str]) -> str:
         """The shell line the agent server runs: cleared environment, ``timeout``, ``prlimit``, stderr into stdout."""
         # with GPUs, RLIMIT_AS breaks CUDA: the container's memory cgroup (--memory) is the bound
-        prlimits = [f"--as={int(memory_mb) * 1024 * 1024}"] if memory_mb and not self.enable_gpu else []
+        prlimits = [f"--as={address_space_bytes(memory_mb)}"] if memory_mb and not self.enable_gpu else []
         # the output file lives in the container's private /tmp (see runtime.agent_server.command_shell)
         out = f"/tmp/.cellforge-{secrets.token_hex(4)}.out"
         full = sandbox_env(self.work_dir, env, gpu=self.enable_gpu)

@@ -9,7 +9,10 @@ but the user's is unshared (network: only ``lo``). When cellforge runs as root, 
 runs as an unprivileged uid (``CELLFORGE_SANDBOX_UID``, default 61000) with no capabilities
 and ``no_new_privs``; otherwise as the calling user in a user namespace.
 
-Limits: RLIMIT_AS (memory), RLIMIT_NPROC, RLIMIT_FSIZE, RLIMIT_NOFILE, no core files, the
+Limits: resident memory (the command's processes, polled every 0.2 s; past ``memory_mb`` the
+tree is killed and the result says ``limit_hit='memory'``), RLIMIT_AS at twice it as the backstop
+of a runaway allocation (:func:`runtime.base.address_space_bytes`; none with a GPU, where CUDA's
+reservations do not fit under any), RLIMIT_NPROC, RLIMIT_FSIZE, RLIMIT_NOFILE, no core files, the
 work folder's total size (polled, see :class:`runtime.base.DiskWatch`), the tmpfs sizes.
 The environment is cleared and rebuilt from an allowlist (:func:`runtime.base.sandbox_env`).
 
@@ -46,6 +49,7 @@ from typing import IO
 
 from runtime.base import (
     CommandEvent,
+    address_space_bytes,
     DiskWatch,
     Isolation,
     Limits,
@@ -294,8 +298,8 @@ class LocalSandbox(Sandbox):
             f"--nofile={lim.open_files}",
             "--core=0",
         ]
-        if memory_mb and not self.gpu:  # with a GPU, RLIMIT_AS breaks CUDA: resident memory is polled instead (run)
-            args.append(f"--as={int(memory_mb) * 1024 * 1024}")
+        if memory_mb and not self.gpu:  # the backstop; with a GPU, RLIMIT_AS breaks CUDA (resident memory, polled in run, is the bound)
+            args.append(f"--as={address_space_bytes(memory_mb)}")
         return [*args, "--", "setpriv", "--pdeathsig", "KILL", "--"]
 
     def _drop_args(self) -> list[str]:
@@ -377,8 +381,8 @@ class LocalSandbox(Sandbox):
         reader = threading.Thread(target=_pump, args=(proc.stdout, capture), daemon=True)
         reader.start()
         limit_hit = None
-        # the tree's memory is polled for its peak; with a GPU it is also the memory bound (RLIMIT_AS breaks CUDA)
-        bounded = bool(self.gpu and memory_mb)
+        # the tree's resident memory is polled: its peak, and the memory bound (RLIMIT_AS is only the backstop)
+        bounded = bool(memory_mb)
         memory = DiskWatch(
             self.work_dir, limit_mb=int(memory_mb) if bounded else 2**40, on_exceed=lambda: kill_tree(proc.pid, marker), interval_s=0.2,
             measure=lambda: tree_memory([proc.pid, *_descendants(proc.pid), *(_marked(marker) if bounded else [])]),

@@ -59,7 +59,7 @@ from urllib.parse import urlsplit
 
 from runtime import hostio
 from runtime.agent_server import TIMEOUT_EXIT, command_shell, download_file, kill_marked_script, run_control, stream_command, timed_out, upload_file
-from runtime.base import CommandEvent, DiskWatch, Isolation, Limits, OutputCapture, RunResult, Sandbox, prepare_work_dir, sandbox_env, write_log
+from runtime.base import CommandEvent, DiskWatch, address_space_bytes, Isolation, Limits, OutputCapture, RunResult, Sandbox, prepare_work_dir, sandbox_env, write_log
 from runtime.errors import SandboxInfraError, SandboxUnavailableError, UntrustedFileError
 from runtime.redaction import redact, register_secret
 
@@ -165,7 +165,8 @@ class RemoteSandbox(Sandbox):
         Process, file and disk bounds (:class:`runtime.base.Limits`); ``shm_mb`` and ``tmp_mb``
         cannot be enforced remotely.
     address_space_limit
-        Apply ``memory_mb`` as RLIMIT_AS (default: on unless ``CELLFORGE_SANDBOX_REMOTE_AS_LIMIT=0``).
+        Bound memory by RLIMIT_AS at twice ``memory_mb`` (:func:`runtime.base.address_space_bytes`; default: on unless
+        ``CELLFORGE_SANDBOX_REMOTE_AS_LIMIT=0``; the agent server's container memory bounds resident memory).
     disk_poll_s
         Seconds between two measures of the remote folder's size.
 
@@ -387,7 +388,7 @@ class RemoteSandbox(Sandbox):
         lim = self.limits
         prlimits = [f"--nproc={lim.processes}", f"--fsize={lim.file_size_mb * 1024 * 1024}", f"--nofile={lim.open_files}", "--core=0"]
         if memory_mb and self.address_space_limit:
-            prlimits.append(f"--as={int(memory_mb) * 1024 * 1024}")
+            prlimits.append(f"--as={address_space_bytes(memory_mb)}")
         return command_shell(
             command, cwd=work, env=full, timeout_s=timeout_s, out_file=f"{attempt}/out.log", prlimits=prlimits,
             prologue=f"echo $$ > {shlex.quote(attempt + '/sid')}\n",

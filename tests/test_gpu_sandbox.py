@@ -61,7 +61,7 @@ def test_a_gpu_sandbox_binds_the_devices_and_drops_the_address_space_limit(tmp_p
         cpu_line = plain.wrap(["python", "train.py"], memory_mb=2048, env={})
     finally:
         plain.close()
-    assert f"--as={2048 * 1024 * 1024}" in cpu_line and "--dev-bind" not in cpu_line
+    assert f"--as={2 * 2048 * 1024 * 1024}" in cpu_line and "--dev-bind" not in cpu_line
 
 
 def test_without_an_address_space_limit_resident_memory_is_still_bounded(tmp_path):
@@ -86,4 +86,4 @@ def test_a_docker_sandbox_with_gpus_keeps_its_memory_cgroup_and_drops_rlimit_as(
     line = box.container_command(["python", "train.py"], timeout_s=10, memory_mb=2048, env={})
     assert "--as=" not in line and "CUDA_VISIBLE_DEVICES=''" not in line and "CUDA_VISIBLE_DEVICES= " not in line
     box.enable_gpu = False
-    assert f"--as={2048 * 1024 * 1024}" in box.container_command(["python", "train.py"], timeout_s=10, memory_mb=2048, env={})
+    assert f"--as={2 * 2048 * 1024 * 1024}" in box.container_command(["python", "train.py"], timeout_s=10, memory_mb=2048, env={})

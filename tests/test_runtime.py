@@ -38,6 +38,18 @@ def test_allocation_past_the_memory_limit_is_out_of_memory(tmp_path):
     assert classify(result.exit_code, result.timed_out, result.log_tail) is FailureKind.OOM
 
 
+def test_memory_limit_bounds_resident_memory_not_reserved_address_space(tmp_path):
+    """Torch reserves address space it never touches; a 400 MiB attempt may reserve 600 MiB, not fill 500 MiB."""
+    reserve = "import mmap\nm = mmap.mmap(-1, 600 * 2**20)\nm[:10 * 2**20] = b'x' * (10 * 2**20)\nprint('RESERVED')\n"
+    fill = "import time\nblocks = []\nfor _ in range(40):\n    blocks.append(b'x' * (25 * 2**20))\n    time.sleep(0.1)\nprint('FILLED')\n"
+    reserved = _run(tmp_path / "a", reserve, memory_mb=400)
+    filled = _run(tmp_path / "b", fill, memory_mb=400)
+    assert reserved.exit_code == 0 and "RESERVED" in reserved.log_tail, reserved.log_tail
+    assert filled.limit_hit == "memory" and "FILLED" not in filled.log_tail
+    assert "resident memory passed its limit of 400 MiB" in filled.log_tail
+    assert classify(filled.exit_code, filled.timed_out, filled.log_tail, limit_hit=filled.limit_hit) is FailureKind.OOM
+
+
 def test_peak_memory_is_the_scripts_own_not_its_large_parents(tmp_path):
     """The attempt's peak memory (cost benchmarks, reports): a 400 MiB allocation freed before exit is seen; the 600 MiB
     the host process holds is not (``ru_maxrss`` of a child counts the parent it was forked from)."""
