@@ -65,7 +65,7 @@ def tree_memory(pids: list[int]) -> int:
     ``exec``), so a short allocation between two polls still counts while the process lives;
     unlike ``ru_maxrss`` it is not raised by having been forked from a large parent.
     """
-    status = [_status(pid) for pid in pids]
+    status = [_status(pid) for pid in set(pids)]  # a process found twice (descendant and marked) counts once
     return max(sum(s.get("VmRSS", 0) for s in status), max((s.get("VmHWM", 0) for s in status), default=0))
 
 

@@ -112,18 +112,19 @@ def standardise(
             f"labels seen: {sorted(labels.unique())[:20]}"
         )
         raise DatasetError(msg)
+    # no copy of a CSR float32 X (a full-size screen's X is gigabytes): the output may share its buffers with the input's
     X = adata.X.tocsr() if sp.issparse(adata.X) else sp.csr_matrix(np.asarray(adata.X))  # noqa: N806
-    X = X.astype(np.float32)  # noqa: N806
+    X = X.astype(np.float32, copy=False)  # noqa: N806
     check_expression(X, source=source or repr(dataset), modality=modality, log_normalised=log_normalised)
     warnings = [w for w in [duplicated_names(adata.var_names, what="gene names (var_names)", source=source or repr(dataset))] if w]
     is_counts = looks_like_counts(X) if log_normalised is None else not log_normalised
     layers = {}
     if is_counts:
-        layers["counts"] = X.copy()
+        layers["counts"] = X  # the normalised X below is a new matrix
         size = np.asarray(X.sum(axis=1)).ravel()
         size[size == 0] = 1.0
         X = sp.csr_matrix(sp.diags(1e4 / size) @ X)  # noqa: N806
-        X.data = np.log1p(X.data)
+        np.log1p(X.data, out=X.data)
         normalisation = "log1p(counts / total * 1e4), computed by cellforge"
     else:
         normalisation = "log-normalised values as provided by the source"
