@@ -96,6 +96,21 @@ def test_the_sandbox_inputs_hold_only_the_selected_genes(tmp_path):
     assert sp.issparse(train.X)  # handed over sparse, as read
 
 
+def test_sandbox_inputs_cut_in_blocks_of_rows_equal_the_one_shot_cut(tmp_path, monkeypatch):
+    from cellforge.execution import contract
+
+    adata, manifest = _screen()
+    contract.prepare_inputs(adata, manifest, tmp_path / "whole", task={"type": "unseen_perturbation"}, max_genes=120)
+    monkeypatch.setattr(contract, "BLOCK_ROWS", 7)
+    contract.prepare_inputs(adata, manifest, tmp_path / "blocks", task={"type": "unseen_perturbation"}, max_genes=120)
+    for name in ("train", "val"):
+        whole, blocks = (ad.read_h5ad(tmp_path / d / "data" / f"{name}.h5ad") for d in ("whole", "blocks"))
+        assert whole.n_obs > 7 and (whole.X != blocks.X).nnz == 0 and whole.obs.equals(blocks.obs)
+        assert list(whole.var_names) == list(blocks.var_names)
+        expected = adata[adata.obs_names.isin(whole.obs_names), whole.var_names]
+        assert (whole.X != expected.X).nnz == 0  # the training rows at the selected genes, as an AnnData view cuts them
+
+
 @pytest.mark.parametrize("as_sparse", [True, False])
 def test_template_group_means_match_pandas_without_densifying(lib, as_sparse):
     adata, _ = _screen()
