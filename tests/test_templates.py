@@ -253,6 +253,25 @@ def test_template_trains_and_predicts_on_real_data(template, load, tmp_path):
         np.testing.assert_allclose(redo.to_numpy(), first, rtol=1e-5, atol=1e-6)
 
 
+def test_gene_gnn_with_a_sparse_graph_predicts_what_the_dense_one_does(load, tmp_path):
+    """Above SPARSE_GRAPH_GENES the gene graph is sparse (full-size screens); the same model, the same numbers."""
+    dataset, (strategy, options), updates = CASES["gene_gnn"]
+    adata = load(dataset)
+    manifest = make_split(adata, strategy, seed=0, **options)
+    preds = {}
+    for kind in ("dense", "sparse"):
+        work = tmp_path / kind
+        contract.prepare_inputs(adata, manifest, work, task={"type": strategy, "description": "test"})
+        script = render("gene_gnn", {**SMALL, **updates})
+        assert "SPARSE_GRAPH_GENES = 2000" in script and adata.n_vars < 2000
+        (work / "train.py").write_text(script if kind == "dense" else script.replace("SPARSE_GRAPH_GENES = 2000", "SPARSE_GRAPH_GENES = 10"))
+        for args in ([], ["--predict-only"]):  # the sparse graph is rebuilt, not read from the checkpoint
+            done = subprocess.run([sys.executable, "train.py", *args], cwd=work, capture_output=True, text=True, timeout=600)
+            assert done.returncode == 0, done.stderr[-3000:]
+        preds[kind] = contract.read_predictions(work / contract.PREDICTIONS, test=manifest.test, genes=[str(g) for g in adata.var_names]).to_numpy()
+    np.testing.assert_allclose(preds["sparse"], preds["dense"], rtol=1e-4, atol=1e-5)
+
+
 def test_task_json_carries_numeric_doses(load, tmp_path):
     adata = load("norman_subset")
     manifest = make_split(adata, "combination", seed=0)
