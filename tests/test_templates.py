@@ -253,6 +253,19 @@ def test_template_trains_and_predicts_on_real_data(template, load, tmp_path):
         np.testing.assert_allclose(redo.to_numpy(), first, rtol=1e-5, atol=1e-6)
 
 
+def test_the_sparse_coexpression_graph_built_in_blocks_is_the_dense_graph(lib):
+    feats = lib.Features.__new__(lib.Features)
+    feats.control_cells = np.random.default_rng(0).gamma(1.0, 1.0, (300, 90)).astype(np.float32)
+    dense = feats.coexpression_graph(6)
+    sparse = feats.coexpression_graph(6, sparse=True)
+    centred = feats.control_cells - feats.control_cells.mean(axis=0)
+    in_blocks_of_7 = lib.Features._sparse_graph(centred, 6, block=7).toarray()
+    np.testing.assert_allclose(in_blocks_of_7, lib.Features._sparse_graph(centred, 6).toarray(), rtol=1e-6)
+    assert sparse.nnz < 90 * 14  # about 2 x 6 partners and itself a gene
+    np.testing.assert_allclose(sparse.toarray(), dense, rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(np.asarray(sparse.sum(axis=1)).ravel(), 1.0, rtol=1e-5)
+
+
 def test_gene_gnn_with_a_sparse_graph_predicts_what_the_dense_one_does(load, tmp_path):
     """Above SPARSE_GRAPH_GENES the gene graph is sparse (full-size screens); the same model, the same numbers."""
     dataset, (strategy, options), updates = CASES["gene_gnn"]

@@ -28,7 +28,8 @@ def inputs(feats, cond):
 
 
 def net_extra(feats):
-    return {"graph": feats.coexpression_graph(CONFIG.get("n_neighbours", 10)), "gene_emb": feats.gene_emb.astype(np.float32)}
+    graph = feats.coexpression_graph(CONFIG.get("n_neighbours", 10), sparse=len(feats.genes) > SPARSE_GRAPH_GENES)
+    return {"graph": graph, "gene_emb": feats.gene_emb.astype(np.float32)}
 
 
 #: Genes above which the graph is held sparse; at or below it the dense product (the shipped results were made with it).
@@ -40,9 +41,11 @@ class GeneGNN(nn.Module):
 
     def __init__(self, n_genes, graph, gene_emb, hidden, dropout):
         super().__init__()
-        self.sparse = n_genes > SPARSE_GRAPH_GENES
+        self.sparse = sp.issparse(graph)
         if self.sparse:  # rebuilt from the data on every run, so not in the checkpoint
-            self.register_buffer("graph", torch.tensor(graph).to_sparse_coo().coalesce(), persistent=False)
+            coo = graph.tocoo()
+            indices = torch.tensor(np.vstack([coo.row, coo.col]), dtype=torch.long)
+            self.register_buffer("graph", torch.sparse_coo_tensor(indices, torch.tensor(coo.data), coo.shape).coalesce(), persistent=False)
         else:
             self.register_buffer("graph", torch.tensor(graph))
         self.register_buffer("gene_emb", torch.tensor(gene_emb))
