@@ -145,6 +145,8 @@ class Features:
         self.control_cells = dense(X[ctrl_rows[::step]]).astype(np.float32)
         self.control_cell_ctx = ctrl_obs["context"].astype(str).to_numpy()[::step]
         self._slopes = {}
+        self._targets = {}
+        self._centred_controls = None
         self._cache = {}
         self.guard = {}  # condition -> guarded_transfer's record, for the context references
 
@@ -159,8 +161,10 @@ class Features:
         return self.pert(cond).split(COMBO)
 
     def targets(self, cond):
-        """Positions of the condition's target genes that are measured genes."""
-        return [int(self.gene_pos[m]) for m in self.members(cond) if m in self.gene_pos.index]
+        """Positions of the condition's target genes that are measured genes (a new list; computed once a condition)."""
+        if cond not in self._targets:
+            self._targets[cond] = [int(self.gene_pos[m]) for m in self.members(cond) if m in self.gene_pos.index]
+        return list(self._targets[cond])
 
     def set_seen(self, profiles):
         """Seen condition profiles -> deltas against their context's control mean."""
@@ -270,10 +274,13 @@ class Features:
         ``slope[g] * d``. All zero when ``t`` does not vary in the controls.
         """
         if t not in self._slopes:
-            X = self.control_cells.astype(np.float64)
-            for ctx in np.unique(self.control_cell_ctx):
-                rows = self.control_cell_ctx == ctx
-                X[rows] -= X[rows].mean(axis=0)
+            if self._centred_controls is None:  # once: a full-size screen has thousands of targets
+                X = self.control_cells.astype(np.float64)
+                for ctx in np.unique(self.control_cell_ctx):
+                    rows = self.control_cell_ctx == ctx
+                    X[rows] -= X[rows].mean(axis=0)
+                self._centred_controls = X
+            X = self._centred_controls
             var = float(X[:, t] @ X[:, t])
             slope = (X.T @ X[:, t]) / var if var > 1e-12 else np.zeros(X.shape[1])
             slope[t] = 0.0
