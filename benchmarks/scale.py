@@ -109,7 +109,7 @@ def generate(path: Path, cells: int, genes: int, n_conditions: int, *, seed: int
     return {"cells": cells, "genes": genes, "conditions": n_conditions, "nnz_share": round(X.nnz / (cells * genes), 4), "file_mb": round(path.stat().st_size / 2**20, 1)}
 
 
-def run_size(name: str, work: Path) -> dict:
+def run_size(name: str, work: Path, timeout_s: float = 7200) -> dict:
     """Generate one size (or reuse its file in ``work/data``) and run the main job on it; its costs per stage."""
     cells, genes, n_conditions = SIZES[name]
     path = work / "data" / f"{name}.h5ad"
@@ -126,34 +126,74 @@ def run_size(name: str, work: Path) -> dict:
         "--control-label", "control", "--task-type", "unseen_perturbation", "--runs", str(work / "runs"), *SETTINGS,
     ]  # fmt: skip
     t0 = time.monotonic()
-    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False, env={**os.environ, "CELLFORGE_SANDBOX": "local"})  # noqa: S603
-    wall = time.monotonic() - t0
-    record = {"name": name, **shape, "generate_s": round(generated_s, 1), "wall_s": round(wall, 1), "exit_code": done.returncode}
-    if done.returncode != 0:
-        record["error"] = (done.stderr.strip().splitlines() or ["?"])[-1][-500:]
+    child = subprocess.Popen(  # noqa: S603 - our own CLI, in its own process group so a timeout stops its sandbox too
+        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, env={**os.environ, "CELLFORGE_SANDBOX": "local"},
+    )  # fmt: skip
+    try:
+        out, err = child.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        hwm = _vm_hwm_mib(child.pid)
+        stage = _running_stage(work / "runs", name, t0)
+        os.killpg(child.pid, 9)
+        child.wait()
+        record = {"name": name, **shape, "generate_s": round(generated_s, 1), "wall_s": round(time.monotonic() - t0, 1), "exit_code": None}
+        run_dir = _newest_run(work / "runs", name)
+        record.update(describe_run(run_dir, shape["genes"]) if run_dir else {})
+        record["unfinished"] = {"stage": stage, "after_s": timeout_s, "peak_rss_mib_so_far": hwm}
         return record
-    run_dir = Path(done.stdout.strip().splitlines()[-1])
+    wall = time.monotonic() - t0
+    record = {"name": name, **shape, "generate_s": round(generated_s, 1), "wall_s": round(wall, 1), "exit_code": child.returncode}
+    if child.returncode != 0:
+        record["error"] = (err.strip().splitlines() or ["?"])[-1][-500:]
+        return record
+    record.update(describe_run(Path(out.strip().splitlines()[-1]), shape["genes"]))
+    return record
+
+
+def describe_run(run_dir: Path, genes: int) -> dict:
+    """Wall time and peak memory per finished stage of a run directory, its attempts and what went to the sandbox."""
     stages = {}
     for stage in STAGES:
         marker = run_dir / "stages" / f"{stage}.json"
         if marker.exists():
             m = json.loads(marker.read_text())
             stages[stage] = {k: m.get(k) for k in ("wall_s", "peak_rss_mib")}
-    metrics = json.loads((run_dir / "metrics.json").read_text())
+    journal = json.loads((run_dir / "journal.json").read_text()) if (run_dir / "journal.json").exists() else {}
     # the training scripts' own peaks, measured by the local sandbox (polled VmRSS / VmHWM of the script's processes)
-    script_peaks = [a["peak_rss_mib"] for a in metrics.get("attempts", []) if a.get("peak_rss_mib")]
+    script_peaks = [a["peak_rss_mib"] for a in journal.get("attempts", []) if a.get("peak_rss_mib")]
     selection = json.loads((run_dir / "gene_selection.json").read_text()) if (run_dir / "gene_selection.json").exists() else {}
-    record.update({
-        "stages": stages, "run_dir": str(run_dir), "attempts": len(metrics.get("attempts", [])),
+    data = run_dir / "sandbox" / "data"
+    return {
+        "stages": stages, "run_dir": str(run_dir), "attempts": len(journal.get("attempts", [])),
         "genes_to_sandbox": selection.get("n_selected", genes), "sandbox_peak_rss_mib": max(script_peaks) if script_peaks else None,
-        "sandbox_input_mb": round(sum(f.stat().st_size for f in (run_dir / "sandbox" / "data").glob("*.h5ad")) / 2**20, 1) if (run_dir / "sandbox" / "data").exists() else None,
-    })  # fmt: skip
-    return record
+        "sandbox_input_mb": round(sum(f.stat().st_size for f in data.glob("*.h5ad")) / 2**20, 1) if data.exists() else None,
+    }  # fmt: skip
+
+
+def _newest_run(runs: Path, name: str) -> Path | None:
+    found = sorted(runs.glob(f"{name}-*"), key=lambda p: p.stat().st_mtime)
+    return found[-1] if found else None
+
+
+def _running_stage(runs: Path, name: str, since: float) -> str:
+    """The first stage of the newest run without a marker (the one running)."""
+    del since
+    run_dir = _newest_run(runs, name)
+    done = {p.stem for p in (run_dir / "stages").glob("*.json")} if run_dir else set()
+    return next((s for s in STAGES if s not in done), "?")
+
+
+def _vm_hwm_mib(pid: int) -> float | None:
+    try:
+        line = next(x for x in Path(f"/proc/{pid}/status").read_text().splitlines() if x.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return None
+    return round(int(line.split()[1]) / 1024, 1)
 
 
 def exponents(rows: list[dict], key: str) -> dict | None:
     """Least-squares fit log(y) = a log(cells) + b log(genes) + c over the sizes run; None with fewer than 3 sizes."""
-    ok = [r for r in rows if "error" not in r and r.get(key)]
+    ok = [r for r in rows if "error" not in r and "unfinished" not in r and r.get(key)]
     if len(ok) < 3:  # noqa: PLR2004
         return None
     A = np.column_stack([np.log([r["cells"] for r in ok]), np.log([r["genes"] for r in ok]), np.ones(len(ok))])
@@ -182,7 +222,7 @@ def figure(rows: list[dict], path: Path) -> None:
         ys = [r["stages"].get(stage, {}).get("wall_s") for r in ok]
         if any(y for y in ys):
             left.plot(size, [y or np.nan for y in ys], marker="o", label=stage)
-    left.plot(size, [r["wall_s"] for r in ok], marker="s", color="black", label="total")
+    left.plot([x for x, r in zip(size, ok, strict=True) if "unfinished" not in r], [r["wall_s"] for r in ok if "unfinished" not in r], marker="s", color="black", label="total (finished runs)")
     left.set(xscale="log", yscale="log", xlabel="cells x genes (synthetic)", ylabel="wall time, s", title="Wall time per stage")
     left.legend(fontsize=8)
     right.plot(size, [r.get("sandbox_peak_rss_mib") or np.nan for r in ok], marker="o", label="training script (largest attempt)")
@@ -216,13 +256,22 @@ def markdown(record: dict) -> str:
         if "error" in r:
             lines.append(f"| {r['name']} | {r['cells']} x {r['genes']} | {r['conditions']} | {r.get('nnz_share')} | | FAILED after {r['wall_s']} s: {r['error']} |")
             continue
-        stages = " | ".join(f"{r['stages'][s]['wall_s']:.0f}" if s in r["stages"] else "" for s in STAGES)
-        own = max(s.get("peak_rss_mib") or 0 for s in r["stages"].values())
+        unfinished = r.get("unfinished")
+        stages = " | ".join(
+            f"{r['stages'][s]['wall_s']:.0f}" if s in r["stages"] else (f"> {unfinished['after_s'] - sum(v['wall_s'] for v in r['stages'].values()):.0f} (stopped)" if unfinished and s == unfinished["stage"] else "")
+            for s in STAGES
+        )
+        own = max([s.get("peak_rss_mib") or 0 for s in r["stages"].values()] + [(unfinished or {}).get("peak_rss_mib_so_far") or 0])
         sandbox = r.get("sandbox_peak_rss_mib")
         lines.append(
             f"| {r['name']} | {r['cells']} x {r['genes']} | {r['conditions']} | {r['nnz_share']} | {r['genes_to_sandbox']} | {stages} | "
-            f"{r['wall_s']:.0f} | {own:.0f} / {sandbox if sandbox is not None else '?'} |"
+            f"{'> ' if unfinished else ''}{r['wall_s']:.0f} | {own:.0f} / {sandbox if sandbox is not None else '?'} |"
         )
+    for r in rows:
+        if r.get("unfinished"):
+            u = r["unfinished"]
+            lines += ["", f"{r['name']}: stopped after {u['after_s']:.0f} s while in stage `{u['stage']}` (its peak so far: {u.get('peak_rss_mib_so_far')} MiB); "
+                      f"the stages before it finished; not in the exponent fits. {u.get('why', '')}".rstrip()]
     for key, what in (("wall_s", "total wall time"), ("peak_mib", "peak memory")):
         fit = record["exponents"].get(key)
         if fit:
@@ -237,8 +286,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "scale", help="Generated data and runs (kept).")
     parser.add_argument("--clean", action="store_true", help="Remove the generated data files afterwards.")
+    parser.add_argument("--timeout-s", type=float, default=7200, help="Stop a size's run after this long; its finished stages are recorded.")
+    parser.add_argument("--record-run", type=Path, help="Record this run directory of --size (run outside this script) instead of running it.")
+    parser.add_argument("--stopped-after", type=float, help="With --record-run: the run was stopped after this many seconds.")
+    parser.add_argument("--why", default="", help="With --record-run: a note on why it was stopped.")
     args = parser.parse_args()
     os.environ.setdefault("CELLFORGE_DATA_MIRROR", str(ROOT.parent / "shared" / "data"))
+    if args.record_run:
+        record_run(args)
+        return
     previous = args.out / "scale.json"
     rows = {r["name"]: r for r in json.loads(previous.read_text())["rows"]} if previous.exists() else {}
     names = args.size or list(SIZES)
@@ -246,7 +302,8 @@ def main() -> None:
     for i, name in enumerate(names, 1):
         print(f"[{i}/{len(names)}] {name} {SIZES[name]} ...", flush=True)
         # each size in its own process, so its peak memory is its own
-        child = subprocess.run([sys.executable, __file__, "--one", name, "--work", str(args.work)], capture_output=True, text=True, check=False)  # noqa: S603
+        one = [sys.executable, __file__, "--one", name, "--work", str(args.work), "--timeout-s", str(args.timeout_s)]
+        child = subprocess.run(one, capture_output=True, text=True, check=False)  # noqa: S603
         if child.returncode == 0:
             row = json.loads(child.stdout.strip().splitlines()[-1])
         else:
@@ -258,6 +315,21 @@ def main() -> None:
             for f in (args.work / "data").glob(f"{name}.*"):
                 f.unlink()
     print(args.out / "scale.md")
+
+
+def record_run(args: argparse.Namespace) -> None:
+    """Add a run made outside this script (``--record-run DIR --size NAME``) to the results."""
+    (name,) = args.size
+    shape = json.loads((args.work / "data" / f"{name}.json").read_text())
+    row = {"name": name, **shape, **describe_run(args.record_run, shape["genes"])}
+    row["wall_s"] = round(args.stopped_after or sum(v["wall_s"] for v in row["stages"].values()), 1)
+    missing = [s for s in STAGES if s not in row["stages"]]
+    if missing:
+        row["unfinished"] = {"stage": missing[0], "after_s": row["wall_s"], "peak_rss_mib_so_far": None, "why": args.why}
+    previous = args.out / "scale.json"
+    rows = {r["name"]: r for r in json.loads(previous.read_text())["rows"]} if previous.exists() else {}
+    rows[name] = row
+    write(list(rows.values()), args.out)
 
 
 def write(rows: list[dict], out: Path) -> None:
@@ -288,7 +360,8 @@ if __name__ == "__main__":
         one = argparse.ArgumentParser()
         one.add_argument("--one")
         one.add_argument("--work", type=Path)
+        one.add_argument("--timeout-s", type=float, default=7200)
         a = one.parse_args()
-        print(json.dumps(run_size(a.one, a.work)))
+        print(json.dumps(run_size(a.one, a.work, a.timeout_s)))
     else:
         main()

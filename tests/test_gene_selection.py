@@ -96,6 +96,17 @@ def test_the_sandbox_inputs_hold_only_the_selected_genes(tmp_path):
     assert sp.issparse(train.X)  # handed over sparse, as read
 
 
+def test_gene_variance_over_the_seen_cells_in_blocks_is_numpys(monkeypatch):
+    from cellforge.execution import genes
+
+    X = sp.random(500, 40, density=0.3, format="csr", dtype=np.float32, random_state=2)
+    rows = np.flatnonzero(np.random.default_rng(1).random(500) < 0.6)
+    monkeypatch.setattr(genes, "BLOCK_ROWS", 33)
+    expected = X.toarray().astype(np.float64)[rows].var(axis=0)
+    np.testing.assert_allclose(genes._column_var(X, rows), expected, rtol=1e-9, atol=1e-12)
+    np.testing.assert_allclose(genes._column_var(X.toarray(), rows), expected, rtol=1e-9, atol=1e-12)
+
+
 def test_sandbox_inputs_cut_in_blocks_of_rows_equal_the_one_shot_cut(tmp_path, monkeypatch):
     from cellforge.execution import contract
 
