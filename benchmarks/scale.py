@@ -191,9 +191,9 @@ def _vm_hwm_mib(pid: int) -> float | None:
     return round(int(line.split()[1]) / 1024, 1)
 
 
-def exponents(rows: list[dict], key: str) -> dict | None:
+def exponents(rows: list[dict], key: str, *, unfinished_too: bool = False) -> dict | None:
     """Least-squares fit log(y) = a log(cells) + b log(genes) + c over the sizes run; None with fewer than 3 sizes."""
-    ok = [r for r in rows if "error" not in r and "unfinished" not in r and r.get(key)]
+    ok = [r for r in rows if "error" not in r and (unfinished_too or "unfinished" not in r) and r.get(key)]
     if len(ok) < 3:  # noqa: PLR2004
         return None
     A = np.column_stack([np.log([r["cells"] for r in ok]), np.log([r["genes"] for r in ok]), np.ones(len(ok))])
@@ -272,7 +272,7 @@ def markdown(record: dict) -> str:
             u = r["unfinished"]
             lines += ["", f"{r['name']}: stopped after {u['after_s']:.0f} s while in stage `{u['stage']}` (its peak so far: {u.get('peak_rss_mib_so_far')} MiB); "
                       f"the stages before it finished; not in the exponent fits. {u.get('why', '')}".rstrip()]
-    for key, what in (("wall_s", "total wall time"), ("peak_mib", "peak memory")):
+    for key, what in (("wall_s", "total wall time"), ("peak_mib", "peak memory"), ("through_execute_s", "wall time from data to the trained model (data ... execute; sizes stopped later included)")):
         fit = record["exponents"].get(key)
         if fit:
             lines += ["", f"{what} ~ cells^{fit['cells']} x genes^{fit['genes']} (least squares on log scale over {fit['n_sizes']} sizes)"]
@@ -333,13 +333,20 @@ def record_run(args: argparse.Namespace) -> None:
 
 
 def write(rows: list[dict], out: Path) -> None:
+    model_stages = STAGES[: STAGES.index("execute") + 1]
     for r in rows:
         if "error" not in r:
             r["peak_mib"] = peak(r)
+            if all(st in r.get("stages", {}) for st in model_stages):  # data to a trained model's predictions
+                r["through_execute_s"] = round(sum(r["stages"][st]["wall_s"] for st in model_stages), 1)
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()  # noqa: S607
     record = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"), "commit": commit, "cpus": os.cpu_count(), "settings": SETTINGS,
-        "rows": rows, "exponents": {"wall_s": exponents(rows, "wall_s"), "peak_mib": exponents(rows, "peak_mib")},
+        "rows": rows,
+        "exponents": {
+            "wall_s": exponents(rows, "wall_s"), "peak_mib": exponents(rows, "peak_mib"),
+            "through_execute_s": exponents(rows, "through_execute_s", unfinished_too=True),
+        },
     }  # fmt: skip
     out.mkdir(parents=True, exist_ok=True)
     (out / "scale.json").write_text(json.dumps(record, indent=1, default=float))
