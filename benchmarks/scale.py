@@ -133,7 +133,7 @@ def run_size(name: str, work: Path, timeout_s: float = 7200) -> dict:
         out, err = child.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
         hwm = _vm_hwm_mib(child.pid)
-        stage = _running_stage(work / "runs", name, t0)
+        stage = _running_stage(work / "runs", name)
         os.killpg(child.pid, 9)
         child.wait()
         record = {"name": name, **shape, "generate_s": round(generated_s, 1), "wall_s": round(time.monotonic() - t0, 1), "exit_code": None}
@@ -175,9 +175,8 @@ def _newest_run(runs: Path, name: str) -> Path | None:
     return found[-1] if found else None
 
 
-def _running_stage(runs: Path, name: str, since: float) -> str:
+def _running_stage(runs: Path, name: str) -> str:
     """The first stage of the newest run without a marker (the one running)."""
-    del since
     run_dir = _newest_run(runs, name)
     done = {p.stem for p in (run_dir / "stages").glob("*.json")} if run_dir else set()
     return next((s for s in STAGES if s not in done), "?")

@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 from runtime.agent_server import TIMEOUT_EXIT, command_shell, stream_command, timed_out
-from runtime.base import CommandEvent, DiskWatch, address_space_bytes, Isolation, Limits, OutputCapture, RunResult, Sandbox, prepare_work_dir, sandbox_env, write_log
+from runtime.base import CommandEvent, DiskWatch, Isolation, Limits, OutputCapture, RunResult, Sandbox, address_space_bytes, prepare_work_dir, sandbox_env, write_log
 from runtime.errors import SandboxInfraError, SandboxUnavailableError
 
 logger = logging.getLogger(__name__)
