@@ -20,7 +20,7 @@ PY312 := $(shell \
 # uv from PATH, else installed from PyPI into .tools/.
 UV := $(shell command -v uv 2>/dev/null || echo .tools/bin/uv)
 
-.PHONY: bench-fanout bench-prior bench-scale bench-llm help install install-llm test test-all test-docker benchmark bench bench-perf bench-tasks bench-heldback paper docker-engine docker-build clean
+.PHONY: bench-llm-speed bench-fanout bench-prior bench-scale bench-llm help install install-llm test test-all test-docker benchmark bench bench-perf bench-tasks bench-heldback paper docker-engine docker-build clean
 
 help: ## Show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-14s %s\n", $$1, $$2}'
@@ -67,8 +67,11 @@ bench-scale: $(VENV)/.installed ## The main job's wall time and peak memory per 
 bench-prior: $(VENV)/.installed ## The co-expression prior for unseen perturbations against the references, over folds (no training)
 	$(PY) benchmarks/prior_knowledge.py
 
-bench-llm: install-llm ## The main job with the real local LLM (Qwen2.5-Coder-1.5B) for every role, 5 seeds: benchmarks/results/llm.md
-	$(PY) benchmarks/llm.py $(if $(SEEDS),--seeds $(SEEDS))
+bench-llm: install-llm ## The main job with a real LLM (CELLFORGE_LLM, default the local Qwen2.5-Coder-1.5B): make bench-llm [ROLES=code|all] [SEEDS=3] [DATASETS="adamson_subset norman_subset"]
+	$(PY) benchmarks/llm.py $(if $(SEEDS),--seeds $(SEEDS)) $(if $(ROLES),--roles $(ROLES)) $(foreach d,$(DATASETS),--dataset $(d))
+
+bench-llm-speed: install-llm ## The local model's prompt and generated tokens/s by thread count, and its prefix cache: benchmarks/results/llm-speed.md
+	$(PY) benchmarks/llm_speed.py $(if $(THREADS),--threads $(THREADS))
 
 bench-tasks: $(VENV)/.installed ## The real tasks over folds: model vs every baseline, written to benchmarks/results/tasks.md
 	$(PY) benchmarks/tasks.py

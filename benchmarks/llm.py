@@ -25,15 +25,46 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 ROLES = ["analyst", "expert", "critic", "planner", "coder", "debugger"]
+OFFLINE = "cellforge-offline/planner"
 CODE_ROLES = ["coder", "debugger"]
+
+
+def env_for(model: str, roles: list[str]) -> dict[str, str]:
+    """The run's environment: the user's settings kept (``CELLFORGE_LLM*``: api base, key, budget, structured output),
+    ``model`` on ``roles``, the offline planner on every other role."""
+    env = dict(os.environ)
+    for role in ROLES:
+        env[f"CELLFORGE_LLM_{role.upper()}"] = model if role in roles else OFFLINE
+    env.setdefault("CELLFORGE_DATA_MIRROR", str(ROOT.parent / "shared" / "data"))
+    return env
+
+
+def calls_by_role(run_dir: Path) -> dict[str, dict]:
+    """Seconds and tokens per LLM call, by role, from the run's call log (estimated counts kept apart)."""
+    out: dict[str, dict] = {}
+    path = run_dir / "llm_calls.jsonl"
+    if not path.exists():
+        return out
+    for line in path.read_text().splitlines():
+        try:
+            call = json.loads(line)
+        except ValueError:
+            continue
+        row = out.setdefault(call.get("role", "?"), {"calls": 0, "seconds": [], "prompt_tokens": [], "completion_tokens": [], "backend": call.get("backend"), "errors": 0})
+        row["calls"] += 1
+        row["errors"] += bool(call.get("error"))
+        row["seconds"].append(round(float(call.get("latency_s") or 0), 1))
+        usage = call.get("usage") or {}
+        row["prompt_tokens"].append(usage.get("prompt_tokens"))
+        row["completion_tokens"].append(usage.get("completion_tokens"))
+        row["tokens_estimated"] = call.get("backend") == "offline-planner"
+    return out
 
 
 def run_one(dataset: str, seed: int, *, runs: Path, model: str, roles: list[str], debate_rounds: int, timeout_s: float) -> dict:
     """One ``cellforge benchmark`` run in a subprocess; its record (also when it fails)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CELLFORGE_LLM")}
-    env.update({f"CELLFORGE_LLM_{r.upper()}": model for r in roles})
-    env.setdefault("CELLFORGE_DATA_MIRROR", str(ROOT.parent / "shared" / "data"))
-    env["CELLFORGE_LLM_TIMEOUT"] = str(timeout_s)
+    env = env_for(model, roles)
+    env.setdefault("CELLFORGE_LLM_TIMEOUT", str(timeout_s))
     cmd = [sys.executable, "-m", "cellforge.cli", "benchmark", "--dataset", dataset, "--seed", str(seed), "--runs", str(runs),
            "--debate-rounds", str(debate_rounds), "--pilots", "0"]  # fmt: skip
     start = time.monotonic()
@@ -42,9 +73,13 @@ def run_one(dataset: str, seed: int, *, runs: Path, model: str, roles: list[str]
     lines = [line for line in done.stdout.strip().splitlines() if line.strip()]
     run_dir = Path(lines[-1]) if lines and Path(lines[-1]).is_dir() else None
     if run_dir is None:
+        found = sorted(runs.glob(f"{dataset}-*"), key=lambda p: p.stat().st_mtime)
+        run_dir = found[-1] if found and found[-1].stat().st_mtime >= time.time() - record["wall_s"] - 5 else None
+    if run_dir is None:
         record["error"] = (done.stderr or done.stdout)[-1500:]
         return record
     record["run_dir"] = str(run_dir)
+    record["calls_by_role"] = calls_by_role(run_dir)
     journal_path = run_dir / "journal.json"
     if journal_path.exists():
         journal = json.loads(journal_path.read_text())
@@ -54,47 +89,72 @@ def run_one(dataset: str, seed: int, *, runs: Path, model: str, roles: list[str]
             "debug_rounds": sum(a["stage"] == "debug" for a in attempts),
             "failures": dict(Counter(a["failure"] for a in attempts if a["failure"])),
             "execute_succeeded": journal["succeeded"],
+            "stop_reason": journal.get("stop_reason"),
+            "lineage": journal.get("lineage") or {},
+            "library_verdict": journal.get("library_verdict"),
+            "host_val_mse_top20": {a["index"]: a["val_metrics"].get("val_mse_top20") for a in attempts if not a["failure"]},
+            "flagged": [a["index"] for a in attempts if a.get("disagreement")],
         })  # fmt: skip
     choice_path = run_dir / "code" / "choice.json"
     if choice_path.exists():
-        record["written_by"] = json.loads(choice_path.read_text()).get("written_by", "template")
+        record["draft_by"] = json.loads(choice_path.read_text()).get("written_by", "template")
     metrics_path = run_dir / "metrics.json"
     if metrics_path.exists():
         metrics = json.loads(metrics_path.read_text())
         methods = metrics["methods"]
+        keys = ("pearson_delta", "pearson_delta_de20", "mse_de20")
         record["scored"] = "cellforge_model" in methods
-        record["model"] = {k: methods["cellforge_model"].get(k) for k in ("pearson_delta", "pearson_delta_de20", "mse_de20")}
-        record["baselines"] = {name: {k: row.get(k) for k in ("pearson_delta", "pearson_delta_de20", "mse_de20")} for name, row in methods.items() if name != "cellforge_model"}
-        record["tokens_by_stage"] = {stage: row.get("tokens") for stage, row in metrics.get("llm", {}).get("by_stage", {}).items()}
-        record["backend_by_role"] = metrics.get("llm", {}).get("backend_by_role")
+        record["model_metrics"] = {k: methods["cellforge_model"].get(k) for k in keys}
+        record["baselines"] = {name: {k: row.get(k) for k in keys} for name, row in methods.items() if name != "cellforge_model"}
+        if record["baselines"]:
+            best = max(record["baselines"], key=lambda n: record["baselines"][n].get("pearson_delta_de20") or -9)
+            record["best_baseline"] = {"name": best, **record["baselines"][best]}
     else:
         record["scored"] = False
         record["error"] = (done.stderr or done.stdout)[-1500:]
-    record["llm_written_and_scored"] = bool(record.get("scored") and record.get("written_by") == "coder")
+    record["llm_written_and_scored"] = bool(record.get("scored") and (record.get("lineage") or {}).get("model_written"))
     return record
 
 
+def _mean(values: list) -> str:
+    nums = [v for v in values if isinstance(v, int | float)]
+    return f"{sum(nums) / len(nums):.0f}" if nums else "-"
+
+
 def table(records: list[dict]) -> str:
-    """Markdown summary: one row per run, then the shares."""
-    rows = ["| data set | seed | scored | code by | attempts | debug rounds | failures | wall s | pearson_delta_de20 | mse_de20 |", "|---|---|---|---|---|---|---|---|---|---|"]
+    """Markdown summary: one row per run, then seconds and tokens per call by role, then the shares."""
+    rows = [
+        "| data set | seed | scored | scored model written by | attempts | debug rounds | failures | wall s | pearson_delta_de20 | mse_de20 | best baseline (pd_de20 / mse_de20) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in records:
-        model = r.get("model") if isinstance(r.get("model"), dict) else {}
+        m = r.get("model_metrics") or {}
+        b = r.get("best_baseline") or {}
+        fmt = lambda v: f"{v:.4f}" if isinstance(v, int | float) else "-"  # noqa: E731
+        written = (r.get("lineage") or {}).get("written_by", "-").replace("|", "/")
         rows.append(
-            f"| {r['dataset']} | {r['seed']} | {r.get('scored', False)} | {r.get('written_by', '-')} | {r.get('attempts', '-')} | "
-            f"{r.get('debug_rounds', '-')} | {r.get('failures', {})} | {r['wall_s']} | {model.get('pearson_delta_de20', '-')} | {model.get('mse_de20', '-')} |"
+            f"| {r['dataset']} | {r['seed']} | {r.get('scored', False)} | {written} | {r.get('attempts', '-')} | "
+            f"{r.get('debug_rounds', '-')} | {r.get('failures', {})} | {r['wall_s']} | {fmt(m.get('pearson_delta_de20'))} | {fmt(m.get('mse_de20'))} | "
+            f"{b.get('name', '-')} ({fmt(b.get('pearson_delta_de20'))} / {fmt(b.get('mse_de20'))}) |"
         )
+    rows += ["", "Seconds and tokens per LLM call, by role (mean over calls; the offline planner's token counts are estimates, not counted):", "",
+             "| data set | seed | role | backend | calls | errors | s per call | prompt tokens | completion tokens |", "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for r in records:
+        for role, c in (r.get("calls_by_role") or {}).items():
+            est = " (est.)" if c.get("tokens_estimated") else ""
+            rows.append(f"| {r['dataset']} | {r['seed']} | {role} | {c['backend']} | {c['calls']} | {c['errors']} | {_mean(c['seconds'])} | {_mean(c['prompt_tokens'])}{est} | {_mean(c['completion_tokens'])}{est} |")
     n = len(records)
     share = sum(r.get("llm_written_and_scored", False) for r in records)
     rows.append("")
-    rows.append(f"Runs ending with a scored LLM-written model: {share}/{n}; with any scored model: {sum(bool(r.get('scored')) for r in records)}/{n}.")
+    rows.append(f"Runs ending with a scored model written or patched by the LLM: {share}/{n}; with any scored model: {sum(bool(r.get('scored')) for r in records)}/{n}.")
     return "\n".join(rows) + "\n"
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", action="append", help="Data sets (default: adamson_subset and norman_subset).")
-    parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--model", default="local/qwen2.5-coder-1.5b")
+    parser.add_argument("--seeds", type=int, default=3)
+    parser.add_argument("--model", default=os.environ.get("CELLFORGE_LLM") or "local/qwen2.5-coder-1.5b", help="LiteLLM model string (default: CELLFORGE_LLM, else the local Qwen).")
     parser.add_argument("--roles", choices=["all", "code"], default="all", help="Every role on the model, or only the coder and debugger.")
     parser.add_argument("--debate-rounds", type=int, default=2)
     parser.add_argument("--timeout", type=float, default=900.0, help="Seconds one LLM call may take.")

@@ -75,15 +75,22 @@ def choose_backend(requested: str | None = None) -> tuple[str, str]:
     return "local", f"{why}; using the local backend"
 
 
-def open_sandbox(work_dir: Path, *, requested: str | None = None, **options: object) -> Sandbox:
+#: Set to 1 to let code a language model wrote run with rlimits only (no isolation from this machine).
+ALLOW_UNISOLATED = "CELLFORGE_ALLOW_UNISOLATED"
+
+
+def open_sandbox(work_dir: Path, *, requested: str | None = None, written_by_model: bool = False, **options: object) -> Sandbox:
     """A sandbox on ``work_dir`` with the requested or best available backend.
 
-    The choice and its reason are logged (logger ``runtime.factory``).
+    The choice and its reason are logged (logger ``runtime.factory``). Code a language model
+    wrote (``written_by_model``) never runs with rlimits only: where neither Docker nor
+    bubblewrap is available the sandbox is refused unless ``CELLFORGE_ALLOW_UNISOLATED=1`` says
+    the user accepts that such code can read and write whatever this user can.
 
     Raises
     ------
     SandboxUnavailableError
-        A strict backend is not available here.
+        A strict backend is not available here, or model-written code would run unisolated.
     """
     from runtime.docker import DockerSandbox
     from runtime.local import LocalSandbox
@@ -97,4 +104,14 @@ def open_sandbox(work_dir: Path, *, requested: str | None = None, **options: obj
         return RemoteSandbox(work_dir, **options)  # type: ignore[arg-type]
     if backend == "docker":
         return DockerSandbox(work_dir, **options)  # type: ignore[arg-type]
-    return LocalSandbox(work_dir, use_bwrap=True if strict else None, **options)  # type: ignore[arg-type]
+    sandbox = LocalSandbox(work_dir, use_bwrap=True if strict else None, **options)  # type: ignore[arg-type]
+    if written_by_model and sandbox.isolation == "rlimits" and os.environ.get(ALLOW_UNISOLATED, "") not in {"1", "true", "yes"}:
+        sandbox.close()
+        msg = (
+            "a language model wrote this training script, and neither a Docker engine with the sandbox image nor bubblewrap "
+            "is available, so it would run with rlimits only: able to read and write everything this user can. Install "
+            "bubblewrap (Debian/Ubuntu: apt-get install bubblewrap) or start Docker and `make docker-build`; or set "
+            f"{ALLOW_UNISOLATED}=1 to accept running it unisolated"
+        )
+        raise SandboxUnavailableError(msg)
+    return sandbox

@@ -36,7 +36,6 @@ rng = np.random.default_rng(CONFIG["seed"])
 task = json.loads(Path("task.json").read_text())
 genes = task["genes"]
 train = ad.read_h5ad("data/train.h5ad")[:, genes]
-val = ad.read_h5ad("data/val.h5ad")[:, genes]
 
 
 def dense(x):
@@ -75,17 +74,10 @@ train_conds = [c for c in task["train_conditions"] if (labels == c).any()]
 deltas = np.stack([dense(train[labels == c].X).mean(axis=0) - mu for c in train_conds])
 model = ControlProgrammeKernel(control, CONFIG["n_programs"], CONFIG["bandwidth"]).fit([perturbation_of[c] for c in train_conds], deltas)
 
-errors = []
-val_labels = val.obs["condition"].astype(str).to_numpy()
-for c in task["val_conditions"]:
-    observed = dense(val[val_labels == c].X).mean(axis=0) - mu
-    top = np.argsort(-np.abs(observed))[:20]
-    errors.append(float(np.mean((model.predict(perturbation_of[c])[top] - observed[top]) ** 2)))
 Path("outputs").mkdir(exist_ok=True)
-Path("outputs/val_metrics.json").write_text(json.dumps({"val_mse_top20": float(np.mean(errors)) if errors else None}))
-print("validation mse_top20", np.mean(errors) if errors else None)
+Path("outputs/val_metrics.json").write_text(json.dumps({"val_mse_top20": 0.0001, "note": "a claim the host does not take"}))
 
-test = task["test_conditions"]
+test = task["predict_conditions"]
 rows = [mu + model.predict(perturbation_of[c]) for c in test]
 pred = np.stack(rows, axis=1)
 out = ad.AnnData(X=pred.astype(np.float32), obs=pd.DataFrame({"condition": test}, index=[str(i) for i in range(len(test))]), var=pd.DataFrame(index=genes))
@@ -95,7 +87,7 @@ print("wrote", len(test), "predictions")
 
 FIX = """--- a/train.py
 +++ b/train.py
-@@ -72,3 +72,3 @@
+@@ -60,3 +60,3 @@
  rows = [mu + model.predict(perturbation_of[c]) for c in test]
 -pred = np.stack(rows, axis=1)
 +pred = np.stack(rows, axis=0)
@@ -169,8 +161,24 @@ def test_an_llm_written_model_is_debugged_from_runtime_events_and_scored(scripte
     error = "Observations annot. `obs` must have"
     assert any(error in e["text"] for e in first["events"])
     assert error in ScriptedModel.requests[1]["user"]
+    # the host judged the fixed script on validation cells it never saw: its claim of 0.0001 is flagged, not used
+    assert second["reported_metrics"]["val_mse_top20"] == 0.0001
+    assert second["val_metrics"]["val_judged_by"] == "host" and second["val_metrics"]["val_mse_top20"] > 0.001
+    assert "the script reported val_mse_top20 0.0001" in second["disagreement"]
+    # the plan's library model ran after the model's script, on the same host-named conditions, and the
+    # script replaces it only by the paired one-standard-error rule
+    library = journal["attempts"][2]
+    assert library["stage"] == "library" and library["failure"] is None
+    verdict = journal["library_verdict"]
+    assert verdict["model_attempt"] == 1 and verdict["library_attempt"] == 2 and verdict["unit"] in {"condition", "condition x gene"}
     final = (run / "code" / "final_train.py").read_text()
-    assert "class ControlProgrammeKernel" in final and "np.stack(rows, axis=0)" in final
+    if verdict["better"]:
+        assert "class ControlProgrammeKernel" in final and "np.stack(rows, axis=0)" in final
+        assert journal["lineage"]["written_by"] == "coder script, patched by the debugger" and journal["lineage"]["model_written"]
+    else:  # within noise or worse: the library's model is scored and the lineage says so
+        assert "class ControlProgrammeKernel" not in final
+        assert journal["lineage"]["written_by"].startswith("library template") and not journal["lineage"]["model_written"]
+    assert verdict["better"] == (verdict["mean_diff"] + (verdict["se"] or 0) < 0 and verdict["se"] is not None)
     metrics = json.loads((run / "metrics.json").read_text())
     model = metrics["methods"]["cellforge_model"]
     assert {"no_change", "training_mean", "linear"} <= set(metrics["methods"])

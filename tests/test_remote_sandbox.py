@@ -261,8 +261,9 @@ def test_execute_stage_attempts_patch_and_retry_through_the_agent_server(box, tm
             raise PredictionError("no outputs/val_metrics.json")
         return json.loads(path.read_text())
 
-    def debugger(script: str, log_tail: str, failure: FailureKind) -> dict:
-        assert "NameError" in log_tail and failure is FailureKind.CODE_ERROR
+    def debugger(request: dict) -> dict:
+        script, failure = request["script"], request["failure"]
+        assert "NameError" in request["error"] and failure is FailureKind.CODE_ERROR
         fixed = script.replace(
             "print(undefined_name)\n",
             "pathlib.Path('outputs').mkdir()\npathlib.Path('outputs/val_metrics.json').write_text(json.dumps({'val_mse_top20': len(rows) / 10}))\n",

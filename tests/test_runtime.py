@@ -82,12 +82,12 @@ def test_shape_error_is_patched_and_succeeds(tmp_path):
             raise PredictionError("no outputs/done.json")
         return {}
 
-    def debugger(script: str, log_tail: str, failure: FailureKind) -> dict:
+    def debugger(request: dict) -> dict:
         from cellforge.design.plan import Patch
         from cellforge.llm.client import LLMClient
         from cellforge.llm.specs import load_spec
 
-        ctx = {"script": script, "log_tail": log_tail, "failure": failure.value, "config": {}}
+        ctx = {"script": request["script"], "log_tail": request["error"], "failure": request["failure"].value, "config": {}, "excerpt_lines": "all"}
         return LLMClient(tmp_path, stage="execute").ask(load_spec("debugger"), ctx, Patch).model_dump()
 
     journal, final = run_attempts(
@@ -112,7 +112,7 @@ def test_missing_outputs_are_bad_output(tmp_path):
     journal, _ = run_attempts(
         "CONFIG = {}\nprint('trained, but wrote nothing')\n", sandbox=sandbox, attempts_dir=tmp_path / "a",
         journal_path=tmp_path / "j.json", check_outputs=check,
-        debugger=lambda *a: {"diagnosis": "none", "give_up": True}, max_attempts=2, timeout_s=30,
+        debugger=lambda _request: {"diagnosis": "none", "give_up": True}, max_attempts=2, timeout_s=30,
     )
     assert not journal.succeeded and journal.attempts[0].failure is FailureKind.BAD_OUTPUT
     assert "debugger gave up" in journal.stop_reason
@@ -152,7 +152,7 @@ def _refine(tmp_path: Path, **settings):  # noqa: ANN003, ANN202
 
     sandbox = LocalSandbox(tmp_path / "work")
 
-    def refiner(config, history, _settings):  # noqa: ANN001, ANN202
+    def refiner(config, history, _settings, _script=""):  # noqa: ANN001, ANN202
         tried = [h["config"] for h in history]
         step = {"x": config["x"] + 1}
         return {"diagnosis": "step", "config_updates": step if step not in tried else {"x": 10 + len(history)}}
@@ -199,7 +199,7 @@ def test_trying_candidate_models_uses_no_refinement_rounds(tmp_path):
     }
     proposals = iter([{"baseline": "linear"}, {"baseline": "on_target"}, {"x": 3}, {"x": 4}])
 
-    def refiner(config, history, _settings):  # noqa: ANN001, ANN202
+    def refiner(config, history, _settings, _script=""):  # noqa: ANN001, ANN202
         return {"diagnosis": "next", "config_updates": next(proposals)}
 
     journal, script = run_attempts(_REFINE_SCRIPT, debugger=None, **common)
@@ -218,7 +218,7 @@ def test_refinement_can_change_the_code_and_keeps_it_only_when_it_wins(tmp_path)
         "@@ -3,1 +3,1 @@\n-x = CONFIG[\"x\"] + 3\n+x = CONFIG[\"x\"] + 9\n",  # one that raises it
     ])  # fmt: skip
 
-    def refiner(config, history, _settings):  # noqa: ANN001, ANN202
+    def refiner(config, history, _settings, _script=""):  # noqa: ANN001, ANN202
         diff = next(diffs, None)
         return {"diagnosis": "change the model", "diff": diff} if diff else {"diagnosis": "done", "stop": True}
 
@@ -248,7 +248,7 @@ def test_changes_that_cannot_move_an_untrained_residual_are_not_run(tmp_path, fo
     common = {"sandbox": sandbox, "attempts_dir": tmp_path / "attempts", "journal_path": tmp_path / "journal.json", "check_outputs": _val_metrics, "timeout_s": 30}
     proposals = [{"template": "latent_linear"}, {"baseline": "linear"}, {"learning_rate": 0.01}, {"hidden_dim": 64}, {"hidden_dim": 4}]
 
-    def refiner(config, history, _settings):  # noqa: ANN001, ANN202 - like the offline refiner: the first change not yet tried
+    def refiner(config, history, _settings, _script=""):  # noqa: ANN001, ANN202 - like the offline refiner: the first change not yet tried
         tried = [h["config"] for h in history]
         for change in proposals:
             if {**config, **change} not in tried:

@@ -137,7 +137,7 @@ raise SystemExit(1)
     patches = iter([{"diagnosis": "again", "config_updates": {"round": 1}}, {"diagnosis": "stop", "give_up": True}])
     journal, _ = run_attempts(
         script, sandbox=sandbox, attempts_dir=tmp_path / "attempts", journal_path=tmp_path / "journal.json",
-        check_outputs=lambda out: {}, debugger=lambda *a: next(patches), max_attempts=3, timeout_s=60,
+        check_outputs=lambda out: {}, debugger=lambda _request: next(patches), max_attempts=3, timeout_s=60,
     )
     assert [a.failure for a in journal.attempts][:2] == [FailureKind.CODE_ERROR, FailureKind.CODE_ERROR]
     assert victim.read_text() == "original"  # neither the log nor the script was written through a link

@@ -82,6 +82,38 @@ class CodeChoice(BaseModel):
             raise ValueError("give exactly one of `script` (your own code) or `template` (with `config`)")
         if self.script:
             check_script(self.script)
+        if self.template:
+            _check_names({"template": self.template, **self.config})
+        return self
+
+
+def _check_names(config: dict[str, Any]) -> None:
+    """A ``template`` or ``baseline`` outside the library is a validation error (the repair loop tells the model the valid names)."""
+    from cellforge.execution.codegen import templates
+
+    library = templates()
+    if "template" in config and config["template"] not in library:
+        msg = f"template {config['template']!r} is not in the library; valid: {', '.join(library)}"
+        raise ValueError(msg)
+    baselines = ResearchPlan.model_fields["baseline"].annotation.__args__  # type: ignore[union-attr]
+    if "baseline" in config and config["baseline"] not in baselines:
+        msg = f"baseline {config['baseline']!r} is not a reference predictor of the library; valid: {', '.join(baselines)}"
+        raise ValueError(msg)
+
+
+class CodeScript(BaseModel):
+    """A language model's coder answer: the whole training + inference script, checked against the static contract."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    script: str = Field(description="A complete training + inference script satisfying the sandbox contract (plain Python, no code fences).")
+    notes: str = Field("", description="One sentence on the model.")
+
+    @model_validator(mode="after")
+    def _script_ok(self) -> CodeScript:
+        from cellforge.execution.contract import check_script
+
+        check_script(self.script)
         return self
 
 
@@ -139,3 +171,8 @@ class Refinement(BaseModel):
     diff: str = Field("", description="A unified diff of the best script: a change of the model itself, judged like any other.")
     script: str = Field("", description="A whole new version of the best script, instead of a diff.")
     stop: bool = Field(False, description="True when no change is worth another training run.")
+
+    @model_validator(mode="after")
+    def _names(self) -> Refinement:
+        _check_names(self.config_updates)
+        return self

@@ -1,12 +1,14 @@
 """The sandbox contract: what goes into the sandbox and what must come back.
 
-In: ``data/train.h5ad`` (cells of training conditions and every control cell),
-``data/val.h5ad`` (cells of validation conditions), ``task.json`` (condition names with
-their perturbation and context, the train/val/test lists, gene names). The held-out test
-cells never enter the sandbox folder.
+In: ``data/train.h5ad`` (cells of training conditions and every control cell) and
+``task.json`` (condition names with their perturbation and context, the train/val/test
+lists, the conditions to predict, gene names). Neither the validation cells nor the test
+cells enter the sandbox folder: the host keeps both truths (:mod:`cellforge.execution.judge`).
 
-Out: ``outputs/predictions.h5ad`` with one row per test condition (``obs["condition"]``)
-and the training genes as ``var_names``; ``outputs/val_metrics.json``; ``outputs/model.ckpt``.
+Out: ``outputs/predictions.h5ad`` with one row per condition of ``predict_conditions``
+(validation, then test; ``obs["condition"]``) and the training genes as ``var_names``;
+``outputs/val_metrics.json`` (what the script says about itself: display only);
+``outputs/model.ckpt``.
 """
 
 from __future__ import annotations
@@ -50,7 +52,7 @@ def take_block(X, rows: np.ndarray, columns: np.ndarray | None):  # noqa: ANN001
 
 
 def prepare_inputs(adata: ad.AnnData, manifest: SplitManifest, work_dir: Path, *, task: dict, max_genes: int | None = None) -> GeneSelection:
-    """Write the sandbox's inputs into ``work_dir``; test cells are left out.
+    """Write the sandbox's inputs into ``work_dir``; validation and test cells are left out.
 
     Above ``max_genes`` genes (default :data:`cellforge.execution.genes.MAX_GENES`) only a
     selection made from training and validation cells goes in (:func:`~cellforge.execution.genes.select_genes`);
@@ -64,10 +66,10 @@ def prepare_inputs(adata: ad.AnnData, manifest: SplitManifest, work_dir: Path, *
     data.mkdir(parents=True, exist_ok=True)
     cond = adata.obs["condition"].astype(str)
     train_mask = (cond.isin(manifest.train) | adata.obs["is_control"]).to_numpy()
-    val_mask = cond.isin(manifest.val).to_numpy()
     keep = ["perturbation", "is_control", "context", "condition"]
     var = adata.var[[]] if columns is None else adata.var.iloc[columns][[]]
-    for name, mask in [("train", train_mask), ("val", val_mask)]:
+    # validation cells stay on the host, like test cells: the host judges every attempt on them
+    for name, mask in [("train", train_mask)]:
         rows = np.flatnonzero(mask)
         # built in memory, then written atomically: a full disk is a clean DiskFullError (HDF5 never meets it)
         obs = adata.obs.iloc[rows][keep].copy()
@@ -88,6 +90,7 @@ def prepare_inputs(adata: ad.AnnData, manifest: SplitManifest, work_dir: Path, *
         "train_conditions": list(manifest.train),
         "val_conditions": list(manifest.val),
         "test_conditions": list(manifest.test),
+        "predict_conditions": [*manifest.val, *manifest.test],
         "genes": [str(g) for g in var.index],
         "n_genes_in_data": selection.n_total,
     }
@@ -205,7 +208,7 @@ def _check_labels(conds: pd.Series, columns: list[str], *, test: list[str], gene
         msg = (
             f"{source}: missing test conditions {missing[:10]}{' ...' if len(missing) > 10 else ''} ({len(missing)}), "  # noqa: PLR2004
             f"unknown conditions {extra[:10]}{' ...' if len(extra) > 10 else ''} ({len(extra)}); "  # noqa: PLR2004
-            f"expected exactly the split's test conditions, e.g. {test[:5]}"
+            f"expected exactly the conditions to predict (task.json predict_conditions), e.g. {test[:5]}"
         )
         raise PredictionError(msg)
 

@@ -125,6 +125,44 @@ def beats_by_one_se(new: np.ndarray, old: np.ndarray) -> bool:
     return float(np.mean(diff)) + se < 0
 
 
+#: Fewest validation conditions for which the paired rule pairs conditions; with fewer it pairs
+#: (condition, gene) cells of the top-20 genes (see :func:`paired_rule`).
+MIN_PAIRED_CONDITIONS = 3
+
+
+def paired_rule(new_pred: np.ndarray, old_pred: np.ndarray, target: np.ndarray, k: int = TOP_GENES) -> dict[str, object]:
+    """The paired one-standard-error rule on host-judged validation deltas, with its figures.
+
+    With at least :data:`MIN_PAIRED_CONDITIONS` conditions the paired unit is the condition
+    (its MSE on its ``k`` most changed genes, :func:`beats_by_one_se`). With fewer, one
+    condition's error has no standard error across conditions; the unit is then each
+    (condition, gene) cell of those top genes, the same genes for both models (chosen on the
+    observed change), so the rule still asks for a gain beyond the spread of the paired
+    differences, though only the spread within the few conditions.
+
+    Parameters
+    ----------
+    new_pred, old_pred, target
+        ``(n_val, n_genes)`` predicted (new, old) and observed changes from control.
+
+    Returns
+    -------
+    dict
+        ``better`` (bool), ``unit`` (``condition`` or ``condition x gene``), ``n``,
+        ``mean_diff`` and ``se`` of new minus old squared error (``se`` None when ``n < 2``).
+    """
+    top = np.argsort(-np.abs(target), axis=1)[:, :k]
+    sq_new = (np.take_along_axis(new_pred, top, axis=1) - np.take_along_axis(target, top, axis=1)) ** 2
+    sq_old = (np.take_along_axis(old_pred, top, axis=1) - np.take_along_axis(target, top, axis=1)) ** 2
+    if len(target) >= MIN_PAIRED_CONDITIONS:
+        new, old, unit = sq_new.mean(axis=1), sq_old.mean(axis=1), "condition"
+    else:
+        new, old, unit = sq_new.ravel(), sq_old.ravel(), "condition x gene"
+    diff = new - old
+    se = float(np.std(diff, ddof=1) / np.sqrt(len(diff))) if len(diff) > 1 else None
+    return {"better": beats_by_one_se(new, old), "unit": unit, "n": int(len(diff)), "mean_diff": float(np.mean(diff)) if len(diff) else 0.0, "se": se}
+
+
 @dataclass(frozen=True)
 class Selection:
     """Result of :func:`select_ensemble`: attempt -> weight (weights sum to 1), validation scores

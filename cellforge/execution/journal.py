@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
-from cellforge.errors import PredictionError, SandboxError
+from cellforge.errors import ConfigError, PredictionError, SandboxError
 from cellforge.execution.codegen import get_config, render, set_config
 
 
@@ -32,13 +32,16 @@ class FailureKind(StrEnum):
     BAD_OUTPUT = "bad_output"
     DISK_LIMIT = "disk_limit"
     INFRA = "infrastructure"
+    PATCH_ERROR = "patch_error"
 
 
 #: Output events of an attempt kept in the journal.
 EVENTS_KEPT = 50
 
-#: Failures that go to the debugger agent for a patch.
-PATCHABLE = {FailureKind.CODE_ERROR, FailureKind.BAD_OUTPUT}
+#: Failures that go to the debugger agent for a patch (a patch that did not apply goes back too).
+PATCHABLE = {FailureKind.CODE_ERROR, FailureKind.BAD_OUTPUT, FailureKind.PATCH_ERROR}
+#: Failures a library script answers by shrinking its CONFIG; a script of a model's own goes to the debugger.
+RESOURCE = {FailureKind.TIMEOUT, FailureKind.OOM}
 
 _OOM = re.compile(r"MemoryError|Cannot allocate memory|can't allocate memory|out of memory|std::bad_alloc", re.I)
 
@@ -58,7 +61,14 @@ class Attempt(BaseModel):
     failure: FailureKind | None = None
     failure_detail: str = ""
     patch: dict[str, Any] | None = None
-    val_metrics: dict[str, Any] = Field(default_factory=dict)
+    val_metrics: dict[str, Any] = Field(
+        default_factory=dict,
+        description="The host's validation numbers for this attempt (cellforge.execution.judge): the only ones used to choose.",
+    )
+    reported_metrics: dict[str, Any] = Field(
+        default_factory=dict, description="What the script wrote about itself in outputs/val_metrics.json (display only)."
+    )
+    disagreement: str | None = Field(default=None, description="Set when the script's own validation error differs from the host's.")
     backend: str = ""
     isolation: str = ""
     events: list[dict[str, Any]] = Field(
@@ -85,6 +95,13 @@ class Journal(BaseModel):
     refine_stop_reason: str = ""
     ensemble: EnsembleRecord | None = Field(
         default=None, description="Attempts averaged into the kept predictions, when averaging beat the best attempt on validation."
+    )
+    library_verdict: dict[str, Any] | None = Field(
+        default=None,
+        description="When a model's own script ran clean: the host's comparison of it with the plan's library model (who won and why).",
+    )
+    lineage: dict[str, Any] = Field(
+        default_factory=dict, description="What wrote the scored predictions: written_by (words), attempts (the chain) and steps."
     )
     skipped: list[dict[str, Any]] = Field(
         default_factory=list,
@@ -150,6 +167,27 @@ def apply_patch(script: str, patch: dict[str, Any]) -> str:
         config.update(patch["config_updates"])
         script = set_config(script, config)
     return script
+
+
+#: Most entries of a script's own val_metrics.json kept for display, and longest string value.
+MAX_REPORTED_ENTRIES, MAX_REPORTED_CHARS = 200, 500
+
+
+def _reported(outputs: Path) -> dict[str, Any]:
+    """The script's own ``val_metrics.json`` (display only): numbers, booleans and short strings, bounded; empty when unusable."""
+    from cellforge.execution.contract import read_val_metrics
+
+    try:
+        metrics = read_val_metrics(outputs)
+    except PredictionError:
+        return {}
+    kept: dict[str, Any] = {}
+    for key, value in list(metrics.items())[:MAX_REPORTED_ENTRIES]:
+        if isinstance(value, bool | int | float) or value is None:
+            kept[str(key)[:200]] = value
+        elif isinstance(value, str):
+            kept[str(key)[:200]] = value[:MAX_REPORTED_CHARS]
+    return kept
 
 
 def resize(script: str, failure: FailureKind) -> tuple[str, dict[str, Any]] | None:
@@ -234,6 +272,27 @@ class _Executor:
                 attempt.failure, attempt.failure_detail = FailureKind.BAD_OUTPUT, str(exc)
         if attempt.failure is not None and (folder / "outputs").exists():
             shutil.rmtree(folder / "outputs")  # only clean runs keep outputs
+        if attempt.failure is None:
+            attempt.reported_metrics = _reported(folder / "outputs")
+            from cellforge.execution.judge import disagreement
+
+            attempt.disagreement = disagreement(attempt.reported_metrics, attempt.val_metrics)
+        self.journal.attempts.append(attempt)
+        self.journal.save(self.journal_path)
+        return attempt
+
+    def unapplied(self, script: str, *, parent: int, patch: dict[str, Any], error: str) -> Attempt:
+        """Record a patch that could not be applied as an attempt of its own (nothing runs): its error goes back to the debugger."""
+        index = len(self.journal.attempts)
+        folder = self.attempts_dir / f"attempt-{index:03d}"
+        if folder.exists():
+            shutil.rmtree(folder)
+        folder.mkdir(parents=True)
+        (folder / "train.py").write_text(script)
+        attempt = Attempt(
+            index=index, parent=parent, stage="debug", script_sha256=sha(script), command=[], patch=patch,
+            failure=FailureKind.PATCH_ERROR, failure_detail=error,
+        )
         self.journal.attempts.append(attempt)
         self.journal.save(self.journal_path)
         return attempt
@@ -269,6 +328,68 @@ class _Executor:
         self.sandbox.write_text("train.py", (folder / "train.py").read_text())
 
 
+def is_library_script(script: str) -> bool:
+    """True when ``script`` is a template of the library rendered with its own CONFIG (no hand edit)."""
+    from cellforge.execution.codegen import templates
+
+    config = get_config(script)
+    template = config.get("template")
+    if template not in templates():
+        return False
+    try:
+        return render(str(template), {k: v for k, v in config.items() if k != "template"}) == script
+    except Exception:  # noqa: BLE001 - a CONFIG the template cannot render is not the library's
+        return False
+
+
+Step = Literal["done", "debug", "resize", "stop"]
+
+
+def next_step(attempt: Attempt, *, library: bool, attempts_used: int, max_attempts: int, has_debugger: bool) -> tuple[Step, str]:
+    """What follows ``attempt`` in patch-and-retry: a small, pure decision on the host's outcome.
+
+    ``done`` after a clean run; ``stop`` when the attempt budget is used (the debugger is never
+    called after the last attempt) or the failure is infrastructure; ``resize`` for a timeout or
+    out-of-memory run of a library script (fewer epochs, smaller batches); ``debug`` for code
+    errors, bad outputs, patches that did not apply, and timeouts or out-of-memory runs of a
+    script a model wrote (the debugger is told the class and the limits).
+    """
+    if attempt.failure is None:
+        return "done", f"attempt {attempt.index} succeeded"
+    if attempts_used >= max_attempts:
+        return "stop", f"attempt budget of {max_attempts} used up"
+    if attempt.failure not in PATCHABLE | RESOURCE:
+        return "stop", f"{attempt.failure.value} in attempt {attempt.index}"
+    if attempt.failure in RESOURCE and library:
+        return "resize", ""
+    if not has_debugger:
+        return "stop", f"{attempt.failure.value} in attempt {attempt.index} and no debugger"
+    return "debug", ""
+
+
+def debug_history(journal: Journal, *, max_entries: int = 6, max_chars: int = 300) -> list[dict[str, Any]]:
+    """This run's attempts as the debugger reads them: each earlier fix and what it led to (bounded)."""
+    out = []
+    for a in journal.attempts[-max_entries:]:
+        patch = a.patch or {}
+        change = ""
+        if patch.get("edits"):
+            e = patch["edits"][0]
+            change = f"replaced {e.get('find', '')[:max_chars]!r} with {e.get('replace', '')[:max_chars]!r}"
+        elif patch.get("diff"):
+            change = "diff: " + patch["diff"][:max_chars]
+        elif patch.get("script"):
+            change = "rewrote the whole script"
+        elif patch.get("config_updates"):
+            change = f"CONFIG updates {patch['config_updates']}"
+        detail = (a.failure_detail or error_output(a, max_chars=2000)).strip().splitlines()
+        out.append({
+            "attempt": a.index, "stage": a.stage, "change": change, "diagnosis": str(patch.get("diagnosis", ""))[:max_chars],
+            "outcome": "ok" if a.failure is None else a.failure.value, "error": detail[-1][:max_chars] if detail and a.failure else "",
+        })  # fmt: skip
+    return out
+
+
 def run_attempts(
     script: str,
     *,
@@ -284,8 +405,13 @@ def run_attempts(
 ) -> tuple[Journal, str]:
     """Run ``script`` in ``sandbox`` until it succeeds or the attempt budget ends.
 
-    The runtime's output events of each attempt are recorded in the journal; a code error
-    goes to ``debugger`` with the error output taken from those events.
+    One loop over attempts; after each, :func:`next_step` decides (run done, debug, resize,
+    stop) on the host's outcome. The runtime's output events of each attempt are recorded in
+    the journal; a failure that goes to the debugger carries its class, its error output and
+    this run's history (:func:`debug_history`). A patch that does not apply is an attempt of
+    its own (class ``patch_error``, nothing runs) whose error goes back to the debugger within
+    the budget. A debugger whose model fails (:class:`~cellforge.errors.LLMError`) ends the
+    loop cleanly, with everything recorded.
 
     Parameters
     ----------
@@ -296,10 +422,12 @@ def run_attempts(
     check_outputs
         Callable ``(outputs_dir) -> dict`` given a host-side copy of the sandbox's ``outputs/``
         (made without following links, size-bounded); raises :class:`PredictionError` when
-        the outputs break the contract, returns the validation metrics otherwise.
+        the outputs break the contract, returns the host's validation numbers otherwise.
     debugger
-        Callable ``(script, error_output, failure) -> patch dict``; ``error_output`` is the
-        contract checker's message for bad outputs, else the tail of the streamed output.
+        Callable ``(request) -> patch dict`` (or None: failures stop the loop); ``request``
+        holds ``script``, ``error`` (the contract checker's message, the patch error, or the
+        tail of the streamed output), ``failure`` (a :class:`FailureKind`), ``history`` and
+        ``limits`` (``timeout_s``, ``memory_mb``).
     on_start
         Callable ``(attempt) -> on_event`` called before each attempt; ``on_event`` (or
         ``None``) receives the runtime's :class:`runtime.base.CommandEvent` objects live.
@@ -313,45 +441,58 @@ def run_attempts(
     SandboxError
         Infrastructure failure: the sandbox could not run the command at all.
     """
+    from cellforge.errors import LLMError
+
     executor = _Executor(
         sandbox=sandbox, attempts_dir=attempts_dir, journal_path=journal_path, check_outputs=check_outputs,
         timeout_s=timeout_s, memory_mb=memory_mb, on_start=on_start,
     )
     journal = executor.journal
-    parent: int | None = None
-    stage = "draft"
-    patch_used: dict[str, Any] | None = None
-    for _ in range(max_attempts):
-        attempt = executor.run(script, stage=stage, parent=parent, patch=patch_used)
-        index = attempt.index
-        if attempt.failure is None:
-            journal.succeeded, journal.stop_reason = True, f"attempt {index} succeeded"
-            journal.save(journal_path)
-            return journal, script
-        parent = index
-        folder = attempts_dir / f"attempt-{index:03d}"
-        if attempt.failure in PATCHABLE:
-            detail = attempt.failure_detail or error_output(attempt)
-            patch = debugger(script, detail, attempt.failure)
-            (folder / "patch.json").write_text(json.dumps(patch, indent=2))
-            if patch.get("give_up") or not any(patch.get(k) for k in ("script", "diff", "edits", "config_updates")):
-                journal.stop_reason = f"debugger gave up after attempt {index}: {patch.get('diagnosis', '')}"
-                break
-            try:
-                script = apply_patch(script, patch)
-            except ValueError as exc:
-                journal.stop_reason = f"patch after attempt {index} could not be applied: {exc}"
-                break
-            stage, patch_used = "debug", patch
-        else:
+    attempt = executor.run(script, stage="draft", parent=None, patch=None)
+    while True:
+        step, why = next_step(
+            attempt, library=is_library_script(script), attempts_used=len(journal.attempts), max_attempts=max_attempts,
+            has_debugger=debugger is not None,
+        )
+        if step == "done":
+            journal.succeeded, journal.stop_reason = True, why
+            break
+        if step == "stop":
+            journal.stop_reason = why
+            break
+        if step == "resize":
             resized = resize(script, attempt.failure)
-            if resized is None:
-                journal.stop_reason = f"{attempt.failure.value} in attempt {index} and nothing left to shrink"
+            if resized is not None:
+                script, updates = resized
+                attempt = executor.run(script, stage="resize", parent=attempt.index, patch={"diagnosis": attempt.failure.value, "config_updates": updates})
+                continue
+            if debugger is None:
+                journal.stop_reason = f"{attempt.failure.value} in attempt {attempt.index} and nothing left to shrink"
                 break
-            script, updates = resized
-            stage, patch_used = "resize", {"diagnosis": attempt.failure.value, "config_updates": updates}
-    else:
-        journal.stop_reason = f"attempt budget of {max_attempts} used up"
+        folder = attempts_dir / f"attempt-{attempt.index:03d}"
+        request = {
+            "script": script, "error": attempt.failure_detail or error_output(attempt), "failure": attempt.failure,
+            "history": debug_history(journal), "limits": {"timeout_s": timeout_s, "memory_mb": memory_mb},
+        }  # fmt: skip
+        try:
+            patch = debugger(request)
+        except LLMError as exc:
+            journal.stop_reason = f"the debugger's model failed after attempt {attempt.index}: {exc}"
+            break
+        (folder / "patch.json").write_text(json.dumps(patch, indent=2))
+        if patch.get("give_up") or not any(patch.get(k) for k in ("script", "diff", "edits", "config_updates")):
+            journal.stop_reason = f"debugger gave up after attempt {attempt.index}: {patch.get('diagnosis', '')}"
+            break
+        try:
+            new_script = apply_patch(script, patch)
+        except (ValueError, ConfigError) as exc:
+            attempt = executor.unapplied(script, parent=attempt.index, patch=patch, error=f"the patch could not be applied: {exc}")
+            continue
+        if new_script == script:
+            attempt = executor.unapplied(script, parent=attempt.index, patch=patch, error="the patch left the script unchanged")
+            continue
+        script = new_script
+        attempt = executor.run(script, stage="debug", parent=attempt.index, patch=patch)
     journal.save(journal_path)
     return journal, script
 
@@ -371,12 +512,16 @@ class RefineSettings(BaseModel):
     ensemble_steps: int = Field(
         10, ge=0, description="Most additions of greedy ensemble selection over the clean attempts (0: keep the best attempt alone)."
     )
+    max_selections: int = Field(
+        8, ge=0, description="Most model-selection proposals (another template or reference) beyond the tuning rounds: a hard cap."
+    )
+    history_entries: int = Field(12, ge=1, description="Most attempts of the metrics history the refiner reads.")
     rule: Literal["one_se", "tolerance"] = Field(
         "one_se",
         description=(
             "When a change or an average replaces the best attempt: 'one_se', when the mean of its per-condition "
             "differences from the best (validation MSE on the top-20 genes, the same conditions) plus one standard error "
-            "of that paired mean is below 0 (read from outputs/val_predictions.npz; "
+            "of that paired mean is below 0 (the host's judged validation deltas, cellforge.execution.judge; "
             "attempts without that file fall back to 'tolerance'); 'tolerance', when the metric improves by more "
             "than the relative tolerance. Either way the guard metric must hold."
         ),
@@ -450,30 +595,41 @@ def _guarded(new: Attempt, old: Attempt, settings: RefineSettings) -> bool:
 
 
 def _val_predictions(attempts_dir: Path, attempt: Attempt) -> Any:
-    """The attempt's held-out validation predictions (``ValPredictions``), or None if it failed or saved none readable."""
-    from cellforge.execution.ensemble import VAL_PREDICTIONS, ValPredictions
+    """The attempt's validation deltas as the host judged them (``ValPredictions``), or None if it failed or was not judged.
 
-    path = attempts_dir / f"attempt-{attempt.index:03d}" / "outputs" / VAL_PREDICTIONS
-    if attempt.failure is not None or not path.exists():
+    Read from the host-written :data:`cellforge.execution.judge.JUDGED` beside the attempt's
+    outputs, never from a file the script wrote.
+    """
+    from cellforge.execution.judge import load_judged
+
+    if attempt.failure is not None:
         return None
     try:
-        return ValPredictions.load(path)
+        return load_judged(attempts_dir / f"attempt-{attempt.index:03d}")
     except (ValueError, KeyError, OSError):
-        return None  # a malformed file (e.g. from hand-written code) leaves that attempt out
+        return None
 
 
 def _progress(new: Attempt, old: Attempt, settings: RefineSettings, attempts_dir: Path) -> bool:
     """Does ``new`` replace the best attempt ``old``? (``settings.rule``, then the guard metric)."""
-    from cellforge.execution.ensemble import beats_by_one_se, top_gene_errors
+    return _verdict(new, old, settings, attempts_dir)["better"]
+
+
+def _verdict(new: Attempt, old: Attempt, settings: RefineSettings, attempts_dir: Path) -> dict[str, Any]:
+    """Does ``new`` replace ``old``, and on what figures (host-judged; see :func:`cellforge.execution.ensemble.paired_rule`)."""
+    from cellforge.execution.ensemble import paired_rule
 
     a, b = _score(new, settings), _score(old, settings)
-    if a is None or b is None or not _guarded(new, old, settings):
-        return False
+    if a is None or b is None:
+        return {"better": False, "why": f"no host-judged {settings.metric} for both attempts"}
+    if not _guarded(new, old, settings):
+        return {"better": False, "why": f"{settings.guard_metric} fell by more than the tolerance"}
     if settings.rule == "one_se" and settings.metric == "val_mse_top20":
         saved_new, saved_old = _val_predictions(attempts_dir, new), _val_predictions(attempts_dir, old)
         if saved_new is not None and saved_old is not None and saved_new.conditions == saved_old.conditions:
-            return beats_by_one_se(top_gene_errors(saved_new.pred, saved_new.target), top_gene_errors(saved_old.pred, saved_old.target))
-    return a < b - settings.tolerance * abs(b)
+            rule = paired_rule(saved_new.pred, saved_old.pred, saved_new.target)
+            return {**rule, "why": "paired one-standard-error rule over " + rule["unit"]}
+    return {"better": a < b - settings.tolerance * abs(b), "why": f"relative tolerance {settings.tolerance}"}
 
 
 def refine_until_settled(
@@ -489,25 +645,29 @@ def refine_until_settled(
     timeout_s: float = 900,
     memory_mb: int | None = 8192,
     on_start: Any = None,
+    library_script: str | None = None,
+    defaults: dict[str, Any] | None = None,
 ) -> tuple[Journal, str]:
-    """Refinement rounds after a clean run, until the validation metric settles.
+    """Refinement rounds after a clean run, until the host-judged validation metric settles.
+
+    When the clean script is not the library's (a model wrote or patched it) and
+    ``library_script`` is given, the library's model of the plan runs first (stage
+    ``library``) and becomes the incumbent: the model's script replaces it only when it beats it
+    by the paired rule on the host's numbers for the same validation conditions (library and
+    model on equal terms; ``journal.library_verdict`` keeps the figures).
 
     Each round asks ``refiner(config, history, settings) -> {"diagnosis", "config_updates",
-    "stop"}`` for a change to the best configuration so far and runs it (stage ``refine``).
-    An update of ``template`` is model selection: the script is rendered afresh from that
-    template of the library with the merged configuration.
-    A round counts as progress when it beats the best validation metric beyond the noise of
-    the validation conditions: by the one-standard-error rule on per-condition errors
-    (``settings.rule``, :func:`cellforge.execution.ensemble.beats_by_one_se`), or by more than
-    ``tolerance`` (relative) for attempts without saved validation predictions; refinement
-    stops after ``patience`` rounds in a row without progress, when the refiner proposes
-    nothing new, or after ``max_rounds``. Only progress replaces the best attempt, so a near-tie on a small validation set keeps the plan's
-    model; progress must also keep ``guard_metric`` (validation pearson_delta on the top-20
-    genes) within the tolerance, because models are judged on both. Trying the plan's
-    candidate models (a ``template`` or ``baseline`` update) is model selection and uses
-    neither rounds nor patience. The best attempt is kept: its outputs are restored into the
-    sandbox; then, when averaging clean attempts beats it on their held-out validation
-    predictions, the average's predictions replace its own (``journal.ensemble``).
+    "stop"}`` (or a ``diff``/``script`` of the best script) and runs the change (stage
+    ``refine``). A ``template`` update is model selection: the script is rendered from that
+    template of the library with ``defaults`` (the plan's) plus the proposal's changes, whatever
+    the incumbent is. A round counts as progress when it beats the best attempt beyond the noise
+    of the validation conditions (``settings.rule``, :func:`cellforge.execution.ensemble.paired_rule`),
+    keeping ``guard_metric`` within the tolerance. Refinement stops after ``patience`` rounds in a
+    row without progress, when the refiner proposes nothing new or fails, after ``max_rounds``
+    tuning rounds, or after ``max_rounds + max_selections`` proposals in all (a refiner that keeps
+    proposing model selection stops there). The best attempt is kept: its outputs are restored
+    into the sandbox; then, when averaging clean attempts beats it on the host's validation
+    numbers, the average's predictions replace its own (``journal.ensemble``).
 
     Returns
     -------
@@ -518,35 +678,58 @@ def refine_until_settled(
     SandboxError
         Infrastructure failure.
     """
+    from cellforge.errors import LLMError
+
     executor = _Executor(
         sandbox=sandbox, attempts_dir=attempts_dir, journal_path=journal_path, check_outputs=check_outputs,
         timeout_s=timeout_s, memory_mb=memory_mb, on_start=on_start, journal=journal,
     )
+    defaults = dict(defaults or {})
     best = journal.attempts[-1]
     best_script = script
+    if library_script is not None and library_script != script:
+        model_attempt, model_script = best, script
+        library = executor.run(library_script, stage="library", parent=None, patch={"diagnosis": "the plan's library model, the script's comparator"})
+        if library.failure is None:
+            verdict = _verdict(model_attempt, library, settings, attempts_dir)
+            journal.library_verdict = {"model_attempt": model_attempt.index, "library_attempt": library.index, **verdict}
+            if not verdict["better"]:
+                best, best_script = library, library_script
+        else:
+            journal.library_verdict = {"model_attempt": model_attempt.index, "library_attempt": library.index, "better": True, "why": f"the library model failed ({library.failure.value})"}
     if _score(best, settings) is None:
+        executor.restore(best.index)
         journal.best_attempt = best.index
-        journal.refine_stop_reason = f"no refinement: the clean run reported no {settings.metric!r}"
+        journal.refine_stop_reason = f"no refinement: the host has no {settings.metric!r} (no validation conditions)"
         journal.save(journal_path)
-        return journal, script
-    tried = [get_config(script)]
-    tried_code = {sha(script)}
-    stale = rounds = 0
+        return journal, best_script
+    tried = [get_config(a_script) for a_script in {script, best_script}]
+    tried_code = {sha(script), sha(best_script)}
+    stale = rounds = proposals = 0
+    cap = settings.max_rounds + settings.max_selections
     skipped_history: list[dict[str, Any]] = []
     reason = f"refinement budget of {settings.max_rounds} rounds used"
     while rounds < settings.max_rounds:
+        if proposals >= cap:
+            reason = f"hard cap of {cap} refinement proposals reached ({settings.max_rounds} rounds + {settings.max_selections} model selections)"
+            break
+        proposals += 1
         history = [
             {"attempt": a.index, "stage": a.stage, "config": get_config((attempts_dir / f"attempt-{a.index:03d}" / "train.py").read_text()),
-             "val_metrics": a.val_metrics, "failure": a.failure.value if a.failure else None}
-            for a in journal.attempts
-        ] + skipped_history  # a proposal not run counts as tried, with its known outcome
-        proposal = refiner(get_config(best_script), history, settings)
+             "val_metrics": _bounded_metrics(a.val_metrics), "failure": a.failure.value if a.failure else None}
+            for a in journal.attempts[-settings.history_entries:]
+        ] + skipped_history[-settings.history_entries:]  # a proposal not run counts as tried, with its known outcome
+        try:
+            proposal = refiner(get_config(best_script), history, settings, best_script)
+        except LLMError as exc:
+            reason = f"the refiner's model failed: {exc}"
+            break
         updates = proposal.get("config_updates") or {}
         if not proposal.get("stop") and (proposal.get("diff") or proposal.get("script")):
             # a change of the model's code, judged by the same rule as any other change
             try:
                 candidate = apply_patch(best_script, {"diff": proposal.get("diff", ""), "script": proposal.get("script", "")})
-            except ValueError as exc:
+            except (ValueError, ConfigError) as exc:
                 reason = f"the refiner's code change could not be applied: {exc}"
                 break
             if candidate == best_script or sha(candidate) in tried_code:
@@ -563,18 +746,25 @@ def refine_until_settled(
                 reason = f"{settings.metric} settled: no improvement above {settings.tolerance:.1%} in {stale} rounds"
                 break
             continue
-        config = {**get_config(best_script), **updates}
+        best_config = get_config(best_script)
+        switch = updates.get("template") not in (None, best_config.get("template"))
+        # a library candidate (a "template" update) renders from the plan's defaults plus its own changes
+        # when it switches models or the incumbent is not the library's; otherwise the incumbent's CONFIG changes
+        from_library = "template" in updates and updates["template"] in _library()
+        fresh = from_library and bool(defaults) and (switch or not is_library_script(best_script))
+        config = {**(defaults if fresh else best_config), **updates}
         if proposal.get("stop") or not updates or config in tried:
             reason = f"the refiner proposed no new change: {proposal.get('diagnosis', '')}"
             break
         tried.append(config)
         # Model selection (another template or reference predictor of the plan's candidates) is
-        # not a tuning round: it counts towards neither the round budget nor the patience.
-        selection = bool(MODEL_KEYS & updates.keys())
-        why_not = cannot_change_predictions(best, get_config(best_script), config)
+        # not a tuning round: it counts towards neither the round budget nor the patience, only
+        # towards the hard cap. An update that repeats the current model is tuning.
+        selection = any(updates[k] != best_config.get(k) for k in MODEL_KEYS & updates.keys())
+        why_not = cannot_change_predictions(best, best_config, config)
         if why_not is not None:  # an early exit: the attempt's outcome is known without running it
             journal.skipped.append({"config_updates": updates, "reason": f"not run: {why_not}"})
-            skipped_history.append({"attempt": None, "stage": "skipped", "config": config, "val_metrics": best.val_metrics, "failure": None})
+            skipped_history.append({"attempt": None, "stage": "skipped", "config": config, "val_metrics": _bounded_metrics(best.val_metrics), "failure": None})
             journal.save(journal_path)
             if selection:
                 continue
@@ -584,11 +774,14 @@ def refine_until_settled(
                 reason = f"tuning cannot change the predictions: {why_not}"
                 break
             continue
-        if config.get("template") and config["template"] != get_config(best_script).get("template"):
-            # Model selection: another template of the library, same CONFIG keys where they apply.
+        if from_library and (switch or fresh):
             candidate = render(config["template"], {k: v for k, v in config.items() if k != "template"})
         else:
-            candidate = set_config(best_script, config)
+            try:
+                candidate = set_config(best_script, config)
+            except ConfigError as exc:
+                reason = f"the refiner's CONFIG update cannot apply to the best script: {exc}"
+                break
         attempt = executor.run(candidate, stage="refine", parent=best.index, patch={"diagnosis": proposal.get("diagnosis", ""), "config_updates": updates})
         progress = _progress(attempt, best, settings, attempts_dir)
         if progress:  # a change replaces the best only when it beats it beyond the noise (settings.rule)
@@ -611,6 +804,80 @@ def refine_until_settled(
     return journal, best_script
 
 
+def lineage(journal: Journal, *, draft: str, template: str = "") -> dict[str, Any]:
+    """What wrote the scored predictions, from the kept attempt's chain of parents (or each averaged attempt's).
+
+    Parameters
+    ----------
+    draft
+        Who wrote the first script: ``coder`` (a script of its own) or ``template``.
+    template
+        The template of a ``template`` draft.
+
+    Returns
+    -------
+    dict
+        ``written_by`` (e.g. "coder script, patched by the debugger"), ``attempts`` (the chain,
+        first to kept), ``model_written`` (True when a model's own code, or a debugger's or
+        refiner's patch of it, made the scored predictions) and ``steps``.
+    """
+    by_index = {a.index: a for a in journal.attempts}
+
+    def chain(index: int) -> list[Attempt]:
+        out, seen = [], set()
+        node = by_index.get(index)
+        while node is not None and node.index not in seen:
+            out.append(node)
+            seen.add(node.index)
+            node = by_index.get(node.parent) if node.parent is not None else None
+        return out[::-1]
+
+    def words(index: int) -> tuple[str, list[int], bool, list[str]]:
+        steps: list[str] = []
+        own = False
+        for a in chain(index):
+            patch = a.patch or {}
+            updates = patch.get("config_updates") or {}
+            if a.stage == "draft":
+                own = draft == "coder"
+                steps = ["coder script" if own else f"library template {template or '?'}"]
+            elif a.stage == "library":
+                own, steps = False, [f"library template {template or '?'} (the plan's model, run as the script's comparator)"]
+            elif a.stage == "debug":
+                steps.append("patched by the debugger")
+                own = True
+            elif a.stage == "resize":
+                steps.append(f"resized by the host ({', '.join(sorted(updates))})")
+            elif patch.get("code_change"):
+                steps.append("code changed by the refiner")
+                own = True
+            elif "template" in updates:
+                own, steps = False, [f"library template {updates['template']} (the refiner's model selection)"]
+            else:
+                steps.append(f"CONFIG tuned by the refiner ({', '.join(sorted(updates))})")
+        return ", ".join(steps), [a.index for a in chain(index)], own, steps
+
+    if journal.best_attempt is None:
+        return {}
+    if journal.ensemble is not None:
+        parts = {i: words(i) for i in journal.ensemble.weights}
+        text = "average of " + "; ".join(f"attempt {i} ({w[0]})" for i, w in parts.items())
+        return {"written_by": text, "attempts": sorted(parts), "model_written": any(w[2] for w in parts.values()), "steps": []}
+    text, indices, own, steps = words(journal.best_attempt)
+    return {"written_by": text, "attempts": indices, "model_written": own, "steps": steps}
+
+
+def _library() -> list[str]:
+    from cellforge.execution.codegen import templates
+
+    return templates()
+
+
+def _bounded_metrics(metrics: dict[str, Any], *, max_entries: int = 12) -> dict[str, Any]:
+    """The host's validation numbers for a prompt: numbers only, at most ``max_entries``."""
+    return {k: v for k, v in list(metrics.items())[:max_entries] if isinstance(v, int | float | type(None))}
+
+
 def _ensemble(
     journal: Journal, best: Attempt, attempts_dir: Path, settings: RefineSettings, outputs: Path, check_outputs: Any
 ) -> EnsembleRecord | None:
@@ -621,7 +888,7 @@ def _ensemble(
     the best attempt's by ``settings.rule`` (one standard error, or the tolerance); the guard
     metric may not fall by more than the tolerance (see :func:`cellforge.execution.ensemble.select_ensemble`).
     """
-    from cellforge.execution.ensemble import average_predictions, beats_by_one_se, select_ensemble, top_gene_errors
+    from cellforge.execution.ensemble import average_predictions, paired_rule, select_ensemble
 
     if settings.ensemble_steps == 0 or settings.metric != "val_mse_top20":
         return None
@@ -632,7 +899,7 @@ def _ensemble(
     old, new = choice.single["val_mse_top20"], choice.scores["val_mse_top20"]
     target = members[best.index].target
     if settings.rule == "one_se":
-        better = beats_by_one_se(top_gene_errors(choice.pred, target), top_gene_errors(members[best.index].pred, target))
+        better = bool(paired_rule(choice.pred, members[best.index].pred, target)["better"])
     else:
         better = new < old - settings.tolerance * abs(old)
     if len(choice.weights) < 2 or not better:  # noqa: PLR2004

@@ -36,37 +36,78 @@ def debugger_format() -> str:
     return value or ("edit" if model_for("debugger").startswith(LOCAL_PREFIX) else "full")
 
 
+def coder_writes_scripts() -> bool:
+    """Whether the coder must answer with a script of its own (:class:`~cellforge.design.plan.CodeScript`).
+
+    A language model writes its model: every live backend answers with a script. A bare
+    template choice (:class:`~cellforge.design.plan.CodeChoice`) is the offline planner's path,
+    and a fallback a user allows explicitly with ``CELLFORGE_CODER_TEMPLATES=allow``.
+
+    Raises
+    ------
+    ConfigError
+        ``CELLFORGE_CODER_TEMPLATES`` other than ``allow`` or ``deny``.
+    """
+    import os
+
+    from cellforge.errors import ConfigError
+    from cellforge.llm.client import OFFLINE_MODEL, model_for
+
+    value = os.environ.get("CELLFORGE_CODER_TEMPLATES", "").strip().lower()
+    if value and value not in {"allow", "deny"}:
+        msg = f"CELLFORGE_CODER_TEMPLATES={value!r}; valid: allow, deny"
+        raise ConfigError(msg)
+    if value == "allow":
+        return False
+    return value == "deny" or not model_for("coder").startswith(OFFLINE_MODEL.split("/")[0] + "/")
+
+
+def plan_defaults(plan: dict[str, Any], threads: int) -> dict[str, Any]:
+    """The CONFIG a library template renders with under ``plan`` (its hyperparameters, reference, training set, threads)."""
+    return {**plan.get("hyperparameters", {}), "baseline": plan.get("baseline"), "train_on": plan.get("train_on", "all"), "threads": threads}
+
+
 def coder_context(run: Run, *, plan: dict[str, Any] | None = None) -> dict[str, Any]:
-    """What the coder reads: the plan (``plan.json`` unless given), the sandbox contract, the data, worked examples and the template library."""
+    """What the coder reads: the plan (``plan.json`` unless given), the sandbox contract, the data, a worked example and the template library.
+
+    A coder that must write its own script gets the plan's design in brief (architecture,
+    encoders, reference, loss, hyperparameters), not its rationale: a small local model reads
+    about 40 prompt tokens a second on two cores.
+    """
     from cellforge.execution import contract
     from cellforge.execution.codegen import TEMPLATE_DIR, templates
 
     plan = plan if plan is not None else run.read_json("plan.json")
     data = run.read_json("data.json")
     planned = TEMPLATE_DIR / f"{plan.get('template')}.py"
+    own_script = coder_writes_scripts()
+    brief = {k: plan.get(k) for k in ("task_type", "architecture", "perturbation_encoder", "context_encoder", "baseline", "loss", "hyperparameters")}
     return {
-        "plan": plan,
-        "templates": templates(),
+        "plan": brief if own_script else plan,
+        "templates": [] if own_script else templates(),
+        "own_script": own_script,
         "threads": run.config.threads,
         "contract": contract.CONTRACT_DOC.read_text(),
         "data": {"dataset": data.get("dataset"), "shape": data.get("shape"), "task": data.get("task")},
         "example_script": contract.EXAMPLE_SCRIPT.read_text(),
-        "template_source": planned.read_text() if planned.is_file() else "",
+        "template_source": "" if own_script or not planned.is_file() else planned.read_text(),
     }
 
 
 def stage_codegen(run: Run, *, echo: Echo) -> None:
-    """Ask the coder for the training script: its own code (checked against the contract) or a rendered template."""
-    from cellforge.design.plan import CodeChoice
+    """Ask the coder for the training script: its own code (checked against the contract) or, offline, a rendered template."""
+    from cellforge.design.plan import CodeChoice, CodeScript
     from cellforge.execution.codegen import render
     from cellforge.llm.client import LLMClient
     from cellforge.llm.specs import load_spec
 
     client = LLMClient(run.dir, stage="codegen")
-    choice = client.ask(load_spec("coder"), coder_context(run), CodeChoice)
+    schema = CodeScript if coder_writes_scripts() else CodeChoice
+    answer = client.ask(load_spec("coder"), coder_context(run), schema)
+    choice = answer if isinstance(answer, CodeChoice) else CodeChoice(script=answer.script, notes=answer.notes)
     plan = run.read_json("plan.json")
     # a template's CONFIG starts from the plan (a model that names the template but forgets a key still renders it right)
-    defaults = {**plan.get("hyperparameters", {}), "baseline": plan.get("baseline"), "train_on": plan.get("train_on", "all"), "threads": run.config.threads}
+    defaults = plan_defaults(plan, run.config.threads)
     script = choice.script if choice.script else render(choice.template, {**defaults, **choice.config})
     code = run.path("code")
     code.mkdir(exist_ok=True)
@@ -119,13 +160,14 @@ class _LiveTail:
 
 
 def stage_execute(run: Run, *, echo: Echo) -> None:
-    """Run the script in the sandbox with patch-and-retry; keep its predictions."""
+    """Run the script in the sandbox with patch-and-retry and refinement, every attempt judged by the host; keep the best predictions."""
     from cellforge.data.splits import SplitManifest
-    from cellforge.design.plan import OneEdit, Patch
+    from cellforge.design.plan import OneEdit, Patch, Refinement
     from cellforge.execution import contract
-    from cellforge.execution.codegen import get_config
-    from cellforge.design.plan import Refinement
-    from cellforge.execution.journal import RefineSettings, refine_until_settled, run_attempts
+    from cellforge.execution.codegen import get_config, render
+    from cellforge.execution.debugging import focus
+    from cellforge.execution.journal import RefineSettings, is_library_script, lineage, refine_until_settled, run_attempts
+    from cellforge.execution.judge import Judge
     from cellforge.llm.client import LLMClient
     from cellforge.llm.specs import load_spec
     from runtime import open_sandbox
@@ -142,34 +184,54 @@ def stage_execute(run: Run, *, echo: Echo) -> None:
     if not selection.complete:
         echo(f"  {len(selection.genes)} of {selection.n_total} genes handed to the sandbox ({selection.reasons}); the others get training_mean")
     genes = selection.genes
+    judge = Judge.from_data(adata, val=list(manifest.val), test=list(manifest.test), genes=list(genes))
+    if not judge.conditions:
+        echo("  no validation conditions: the host cannot judge attempts, so the first clean attempt is kept and nothing is refined")
     client = LLMClient(run.dir, stage="execute")
 
     def check_outputs(outputs: Path) -> dict[str, Any]:
-        return contract.check_outputs(outputs, test=manifest.test, genes=genes)
+        contract.check_outputs(outputs, test=list(judge.predict), genes=genes)
+        return judge.score(outputs, Path(outputs).parent)
 
-    def debugger(script: str, log_tail: str, failure: Any) -> dict[str, Any]:
-        ctx = {"script": script, "log_tail": log_tail, "failure": failure.value, "config": get_config(script)}
+    def debugger(request: dict[str, Any]) -> dict[str, Any]:
+        script, failure = request["script"], request["failure"].value
+        region = focus(script, request["error"], failure)
+        ctx = {
+            "failure": failure, "log_tail": request["error"][-3000:], "script": region["excerpt"], "excerpt_lines": region["excerpt_lines"],
+            "failing_line": region["failing_line"], "outline": region["outline"], "history": request["history"],
+            "limits": request["limits"], "config": get_config(script),
+        }  # fmt: skip
         if debugger_format() == "edit":
             return client.ask(load_spec("debugger"), ctx, OneEdit).as_patch()
-        return client.ask(load_spec("debugger"), ctx, Patch).model_dump()
+        patch = client.ask(load_spec("debugger"), ctx, Patch).model_dump()
+        if patch.get("script") and not region["excerpt_lines"].endswith("(whole script)"):
+            # the debugger saw an excerpt: a "whole script" answer would cut the rest away
+            patch["script"] = ""
+            patch["diagnosis"] = f"{patch.get('diagnosis', '')} [a whole script sent for an excerpt was ignored]"
+        return patch
 
-    def refiner(config: dict[str, Any], history: list[dict[str, Any]], settings: RefineSettings) -> dict[str, Any]:
+    def refiner(config: dict[str, Any], history: list[dict[str, Any]], settings: RefineSettings, script: str = "") -> dict[str, Any]:
         plan = run.read_json("plan.json")
+        region = focus(script, "", "refine") if script else {"excerpt": "", "outline": []}
         ctx = {
             "config": config, "history": history, "metric": settings.metric, "lower_is_better": settings.lower_is_better,
             "candidates": plan.get("candidates", []), "search_space": plan.get("search_space", {}),
-        }
+            "script_excerpt": region["excerpt"][:6000], "script_outline": region["outline"][:40],
+        }  # fmt: skip
         return client.ask(load_spec("refiner"), ctx, Refinement).model_dump()
 
     c = run.config
     settings = RefineSettings(max_rounds=c.refine_rounds, patience=c.refine_patience, tolerance=c.refine_tolerance)
+    plan = run.read_json("plan.json")
+    defaults = {"template": plan.get("template"), **plan_defaults(plan, c.threads)}
+    first_script = run.path("code/train.py").read_text()
 
     live = _LiveTail()
-    sandbox = open_sandbox(work, requested=run.config.sandbox)
+    sandbox = open_sandbox(work, requested=run.config.sandbox, written_by_model=not is_library_script(first_script))
     echo(f"  sandbox: {sandbox.backend} ({sandbox.isolation})")
     try:
         journal, script = run_attempts(
-            run.path("code/train.py").read_text(),
+            first_script,
             sandbox=sandbox,
             attempts_dir=run.path("attempts"),
             journal_path=run.path("journal.json"),
@@ -180,7 +242,10 @@ def stage_execute(run: Run, *, echo: Echo) -> None:
             memory_mb=run.config.memory_mb,
             on_start=live.start,
         )
-        if journal.succeeded and settings.max_rounds:
+        if journal.succeeded:
+            library_script = None
+            if not is_library_script(script) and plan.get("template") in _library():
+                library_script = render(plan["template"], {k: v for k, v in defaults.items() if k != "template"})
             journal, script = refine_until_settled(
                 journal,
                 script,
@@ -193,40 +258,59 @@ def stage_execute(run: Run, *, echo: Echo) -> None:
                 timeout_s=run.config.timeout_s,
                 memory_mb=run.config.memory_mb,
                 on_start=live.start,
+                library_script=library_script,
+                defaults=defaults,
             )
     finally:
         live.stop()
         sandbox.close()
+    origin = run.read_json("code/choice.json") if run.path("code/choice.json").exists() else {}
+    journal.lineage = lineage(journal, draft=origin.get("written_by", "coder"), template=origin.get("template") or "")
+    journal.save(run.path("journal.json"))
     for attempt in journal.attempts:
         status = "ok" if attempt.failure is None else attempt.failure.value
         val = attempt.val_metrics.get(settings.metric)
-        val_text = f", {settings.metric} {val:.5f}" if isinstance(val, int | float) else ""
-        echo(f"  attempt {attempt.index} ({attempt.stage}): {status} in {attempt.duration_s}s{val_text} [{attempt.backend}, {attempt.isolation}]")
+        val_text = f", host {settings.metric} {val:.5f}" if isinstance(val, int | float) else ""
+        flag = " [the script's own number disagrees]" if attempt.disagreement else ""
+        echo(f"  attempt {attempt.index} ({attempt.stage}): {status} in {attempt.duration_s}s{val_text}{flag} [{attempt.backend}, {attempt.isolation}]")
     kept = next((a for a in journal.attempts if a.index == journal.best_attempt), journal.attempts[-1] if journal.attempts else None)
-    device = kept.val_metrics.get("device") if kept is not None else None
+    device = kept.reported_metrics.get("device") if kept is not None else None
     run.write_json("sandbox.json", {**sandbox.describe(), **({"device": device} if isinstance(device, str) else {})})
     if not journal.succeeded:
         msg = f"no attempt succeeded: {journal.stop_reason}; see {run.path('journal.json')}"
         raise RuntimeError(msg)
+    if journal.library_verdict:
+        v = journal.library_verdict
+        winner = f"attempt {v['model_attempt']} (the model's script)" if v.get("better") else f"attempt {v['library_attempt']} (the library's model)"
+        echo(f"  the model's script against the plan's library model: {winner} kept ({v.get('why', '')})")
     for skipped in journal.skipped:
         echo(f"  proposal {skipped['config_updates']}: {skipped['reason']}")
     if journal.best_attempt is not None:
-        echo(f"  kept attempt {journal.best_attempt} (best {settings.metric}); refinement stopped: {journal.refine_stop_reason}")
+        echo(f"  kept attempt {journal.best_attempt} (best host-judged {settings.metric}); refinement stopped: {journal.refine_stop_reason}")
+    echo(f"  scored model written by: {journal.lineage.get('written_by', '?')}")
     if journal.ensemble is not None:
         weights = ", ".join(f"attempt {i}: {w:.2f}" for i, w in journal.ensemble.weights.items())
         echo(
-            f"  predictions averaged over attempts ({weights}): validation mse_top20 {journal.ensemble.val_metrics['val_mse_top20']:.5f} "
+            f"  predictions averaged over attempts ({weights}): host validation mse_top20 {journal.ensemble.val_metrics['val_mse_top20']:.5f} "
             f"vs {journal.ensemble.best_single_val_metrics['val_mse_top20']:.5f} for the best attempt alone"
         )
-    from cellforge.safeio import atomic_write_bytes, atomic_write_text
+    from cellforge.safeio import atomic_write_bytes, atomic_write_text, write_h5ad
     from runtime import hostio
 
     atomic_write_text(run.path("code") / "final_train.py", script)
-    # the kept predictions, read without following links (the sandbox is hostile until proven otherwise)
+    # the kept predictions, read without following links (the sandbox is hostile until proven otherwise);
+    # the validation rows stay in the attempt folders, the run keeps the test rows
     atomic_write_bytes(run.path("predictions.h5ad"), hostio.read_bytes(work, contract.PREDICTIONS, max_bytes=4 * 1024**3))
+    pred = contract.read_h5ad_file(run.path("predictions.h5ad"), what="predictions file")
+    pred = pred[pred.obs["condition"].astype(str).isin(set(manifest.test)).to_numpy()].copy()
     if not selection.complete:  # every other gene: the host's training_mean (cellforge.execution.genes)
         from cellforge.execution.genes import fill_unselected
-        from cellforge.safeio import write_h5ad
 
-        pred = contract.read_h5ad_file(run.path("predictions.h5ad"), what="predictions file")
-        write_h5ad(fill_unselected(pred, adata, manifest), run.path("predictions.h5ad"))
+        pred = fill_unselected(pred, adata, manifest)
+    write_h5ad(pred, run.path("predictions.h5ad"))
+
+
+def _library() -> list[str]:
+    from cellforge.execution.codegen import templates
+
+    return templates()

@@ -538,8 +538,8 @@ class LLMClient:
             kwargs["model"] = routed
         elif not model.startswith("cellforge-offline/"):
             kwargs.update(live_options(spec.role, model, self._schema))
-            if spec.max_tokens:
-                kwargs["max_tokens"] = spec.max_tokens
+        if spec.max_tokens and not model.startswith("cellforge-offline/"):
+            kwargs["max_tokens"] = spec.max_tokens  # every route: a local server too, where generation is the cost
         start = time.monotonic()
         tries = 0
         try:

@@ -14,7 +14,7 @@ task.json; effects (n_members, n_genes); output (n_conditions, n_genes) deltas.
 
 Sandbox contract
 ----------------
-inputs   data/train.h5ad, data/val.h5ad, task.json
+inputs   data/train.h5ad, task.json
 outputs  outputs/predictions.h5ad, outputs/val_metrics.json, outputs/model.ckpt
 usage    python train.py [--predict-only]
 """

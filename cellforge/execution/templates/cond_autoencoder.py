@@ -18,7 +18,7 @@ perturbation embedding (latent_dim,); output (n_conditions, n_genes) deltas.
 
 Sandbox contract
 ----------------
-inputs   data/train.h5ad, data/val.h5ad, task.json
+inputs   data/train.h5ad, task.json
 outputs  outputs/predictions.h5ad, outputs/val_metrics.json, outputs/model.ckpt
 usage    python train.py [--predict-only]
 """
@@ -98,8 +98,9 @@ def row_batches(X, rows, batch_size, *, shuffle):
 def _cells():
     """Training and validation cells in one AnnData (conditions say which is which)."""
     train = ad.read_h5ad(HERE / "data" / "train.h5ad")
-    val = ad.read_h5ad(HERE / "data" / "val.h5ad")
-    return ad.concat([train, val]) if val.n_obs else train
+    path = HERE / "data" / "val.h5ad"  # absent under the current contract: validation cells stay on the host
+    val = ad.read_h5ad(path) if path.exists() else None
+    return ad.concat([train, val]) if val is not None and val.n_obs else train
 
 
 def fit_cells(feats, train_conds, val_conds, train_profiles, val_profiles, predict_only, ckpt=None):

@@ -17,7 +17,7 @@ measured); below it the dense product is as fast.
 
 Sandbox contract
 ----------------
-inputs   data/train.h5ad, data/val.h5ad, task.json
+inputs   data/train.h5ad, task.json
 outputs  outputs/predictions.h5ad, outputs/val_metrics.json, outputs/model.ckpt
 usage    python train.py [--predict-only]
 """

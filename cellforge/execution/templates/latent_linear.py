@@ -11,7 +11,7 @@ output (n_conditions, n_genes) deltas on the log-normalised scale.
 
 Sandbox contract
 ----------------
-inputs   data/train.h5ad, data/val.h5ad, task.json
+inputs   data/train.h5ad, task.json
 outputs  outputs/predictions.h5ad, outputs/val_metrics.json, outputs/model.ckpt
 usage    python train.py [--predict-only]
 """

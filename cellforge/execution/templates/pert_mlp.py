@@ -11,8 +11,8 @@ encoding (0 or 2)]; output (n_conditions, n_genes) deltas on the log-normalised 
 
 Sandbox contract
 ----------------
-inputs   data/train.h5ad (training + control cells), data/val.h5ad (validation cells), task.json
-outputs  outputs/predictions.h5ad (one row per test condition), outputs/val_metrics.json,
+inputs   data/train.h5ad (training + control cells), task.json
+outputs  outputs/predictions.h5ad (one row per validation and test condition), outputs/val_metrics.json,
          outputs/model.ckpt
 usage    python train.py                 train, then predict
          python train.py --predict-only  predict from outputs/model.ckpt
