@@ -43,6 +43,7 @@ def benchmark(
     refine_rounds: Annotated[int, typer.Option(help="Refinement rounds after the first clean run (0: none).")] = 3,
     refine_patience: Annotated[int, typer.Option(help="Stop refining after this many rounds without improvement.")] = 2,
     refine_tolerance: Annotated[float, typer.Option(help="Relative validation improvement that counts as progress where the one-standard-error rule cannot apply (no per-condition validation predictions), and the allowed fall of validation pearson.")] = 0.01,
+    refit: Annotated[bool, typer.Option("--refit/--no-refit", help="After selection on the host's validation cells, train the kept model again on training + validation cells.")] = True,
     resume: Annotated[Path | None, typer.Option("--resume", help="Resume this run directory.")] = None,
     until: Annotated[str | None, typer.Option("--until", help="Stop after this stage (data, profile, analysis, design, codegen, execute, evaluate, report), e.g. codegen to read the plan and code before training; --resume goes on.")] = None,
     runs: Annotated[Path | None, typer.Option(help="Parent folder of run directories (default ./runs).")] = None,
@@ -82,6 +83,7 @@ def benchmark(
                 refine_rounds=refine_rounds,
                 refine_patience=refine_patience,
                 refine_tolerance=refine_tolerance,
+                refit=refit,
             )
             run = Run.create(config, root=runs, adata=adata)
         typer.echo(f"run directory: {run.dir}")

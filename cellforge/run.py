@@ -57,6 +57,7 @@ class RunConfig(BaseModel):
     refine_rounds: int = Field(default=3, ge=0, le=20, description="Refinement rounds after the first clean run (0: none).")
     refine_patience: int = Field(default=2, ge=1, le=20, description="Rounds without enough improvement before stopping.")
     refine_tolerance: float = Field(default=0.01, ge=0.0, le=1.0, allow_inf_nan=False, description="Relative validation improvement that counts.")
+    refit: bool = Field(default=True, description="Train the selected model again on training + validation cells before it predicts the test conditions.")
 
     @field_validator("task_type")
     @classmethod

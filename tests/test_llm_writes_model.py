@@ -165,19 +165,22 @@ def test_an_llm_written_model_is_debugged_from_runtime_events_and_scored(scripte
     assert second["reported_metrics"]["val_mse_top20"] == 0.0001
     assert second["val_metrics"]["val_judged_by"] == "host" and second["val_metrics"]["val_mse_top20"] > 0.001
     assert "the script reported val_mse_top20 0.0001" in second["disagreement"]
-    # the plan's library model ran after the model's script, on the same host-named conditions, and the
-    # script replaces it only by the paired one-standard-error rule
-    library = journal["attempts"][2]
+    # the script faced the plan's reference on the same host-named conditions (the paired one-standard-error rule a
+    # template applies to its residual), then the plan's library model ran as a candidate against the incumbent
+    reference, library = journal["attempts"][2:4]
+    assert reference["stage"] == "reference" and reference["failure"] is None
     assert library["stage"] == "library" and library["failure"] is None
-    verdict = journal["library_verdict"]
-    assert verdict["model_attempt"] == 1 and verdict["library_attempt"] == 2 and verdict["unit"] in {"condition", "condition x gene"}
+    verdict, candidate = journal["comparisons"]
+    assert verdict["challenger"] == 1 and verdict["incumbent"] == 2 and verdict["unit"] in {"condition", "condition x gene"}
+    assert candidate["challenger"] == 3 and candidate["incumbent"] == (1 if verdict["better"] else 2)
     final = (run / "code" / "final_train.py").read_text()
-    if verdict["better"]:
+    written_by = journal["lineage"]["written_by"]
+    if verdict["better"] and not candidate["better"]:
         assert "class ControlProgrammeKernel" in final and "np.stack(rows, axis=0)" in final
-        assert journal["lineage"]["written_by"] == "coder script, patched by the debugger" and journal["lineage"]["model_written"]
-    else:  # within noise or worse: the library's model is scored and the lineage says so
-        assert "class ControlProgrammeKernel" not in final
-        assert journal["lineage"]["written_by"].startswith("library template") and not journal["lineage"]["model_written"]
+        assert written_by == "coder script, patched by the debugger" and journal["lineage"]["model_written"]
+    else:  # the library's model or the reference is scored, and the lineage says which
+        assert "class ControlProgrammeKernel" not in final and not journal["lineage"]["model_written"]
+        assert written_by.startswith("library template" if candidate["better"] else "the plan's reference predictor")
     assert verdict["better"] == (verdict["mean_diff"] + (verdict["se"] or 0) < 0 and verdict["se"] is not None)
     metrics = json.loads((run / "metrics.json").read_text())
     model = metrics["methods"]["cellforge_model"]

@@ -30,7 +30,7 @@ class SplitManifest(BaseModel):
     seed: int | None = Field(default=None, description="Random seed of the strategy.")
     options: dict[str, Any] = Field(default_factory=dict, description="Strategy options.")
     train: list[str] = Field(description="Non-control conditions whose cells the model trains on.")
-    val: list[str] = Field(description="Non-control conditions for model selection (given to the sandbox).")
+    val: list[str] = Field(description="Non-control conditions for model selection (their cells stay on the host, which judges attempts on them).")
     test: list[str] = Field(description="Held-out conditions; only their names reach the sandbox.")
     test_contexts: list[str] = Field(default_factory=list, description="Contexts held out of training, if any.")
     subgroups: dict[str, str] = Field(

@@ -51,16 +51,19 @@ def take_block(X, rows: np.ndarray, columns: np.ndarray | None):  # noqa: ANN001
     return sp.vstack(blocks, format="csr") if sp.issparse(X) else np.vstack(blocks)
 
 
-def prepare_inputs(adata: ad.AnnData, manifest: SplitManifest, work_dir: Path, *, task: dict, max_genes: int | None = None) -> GeneSelection:
+def prepare_inputs(
+    adata: ad.AnnData, manifest: SplitManifest, work_dir: Path, *, task: dict, max_genes: int | None = None, selection: GeneSelection | None = None
+) -> GeneSelection:
     """Write the sandbox's inputs into ``work_dir``; validation and test cells are left out.
 
     Above ``max_genes`` genes (default :data:`cellforge.execution.genes.MAX_GENES`) only a
     selection made from training and validation cells goes in (:func:`~cellforge.execution.genes.select_genes`);
-    ``task.json`` lists the genes handed over. Returns the selection.
+    ``task.json`` lists the genes handed over; ``selection`` reuses an earlier one (the refit
+    of :func:`cellforge.execution.journal.refit_selected` sees the same genes). Returns the selection.
     """
     from cellforge.execution.genes import MAX_GENES, select_genes
 
-    selection = select_genes(adata, manifest, max_genes=max_genes or MAX_GENES)
+    selection = selection or select_genes(adata, manifest, max_genes=max_genes or MAX_GENES)
     columns = None if selection.complete else adata.var_names.get_indexer(selection.genes)
     data = work_dir / "data"
     data.mkdir(parents=True, exist_ok=True)

@@ -96,9 +96,12 @@ class Journal(BaseModel):
     ensemble: EnsembleRecord | None = Field(
         default=None, description="Attempts averaged into the kept predictions, when averaging beat the best attempt on validation."
     )
-    library_verdict: dict[str, Any] | None = Field(
-        default=None,
-        description="When a model's own script ran clean: the host's comparison of it with the plan's library model (who won and why).",
+    comparisons: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="When a model's own script ran clean: the host's paired verdicts against the plan's reference and library model.",
+    )
+    refit: dict[str, Any] = Field(
+        default_factory=dict, description="The selected model trained again on training + validation cells: used, attempts, why."
     )
     lineage: dict[str, Any] = Field(
         default_factory=dict, description="What wrote the scored predictions: written_by (words), attempts (the chain) and steps."
@@ -645,16 +648,19 @@ def refine_until_settled(
     timeout_s: float = 900,
     memory_mb: int | None = 8192,
     on_start: Any = None,
+    reference_script: str | None = None,
     library_script: str | None = None,
     defaults: dict[str, Any] | None = None,
 ) -> tuple[Journal, str]:
     """Refinement rounds after a clean run, until the host-judged validation metric settles.
 
-    When the clean script is not the library's (a model wrote or patched it) and
-    ``library_script`` is given, the library's model of the plan runs first (stage
-    ``library``) and becomes the incumbent: the model's script replaces it only when it beats it
-    by the paired rule on the host's numbers for the same validation conditions (library and
-    model on equal terms; ``journal.library_verdict`` keeps the figures).
+    When the clean script is not the library's (a model wrote or patched it), it faces the rule
+    a template applies to its learned residual: ``reference_script`` (the plan's reference
+    predictor alone) runs (stage ``reference``), and the script stays the incumbent only if it
+    beats the reference by the paired rule on the host's numbers for the same validation
+    conditions. Then ``library_script`` (the plan's library model) runs as a candidate (stage
+    ``library``) and replaces the incumbent only by the same rule: library and model on equal
+    terms. ``journal.comparisons`` keeps each verdict with its figures.
 
     Each round asks ``refiner(config, history, settings) -> {"diagnosis", "config_updates",
     "stop"}`` (or a ``diff``/``script`` of the best script) and runs the change (stage
@@ -687,16 +693,21 @@ def refine_until_settled(
     defaults = dict(defaults or {})
     best = journal.attempts[-1]
     best_script = script
-    if library_script is not None and library_script != script:
-        model_attempt, model_script = best, script
-        library = executor.run(library_script, stage="library", parent=None, patch={"diagnosis": "the plan's library model, the script's comparator"})
-        if library.failure is None:
-            verdict = _verdict(model_attempt, library, settings, attempts_dir)
-            journal.library_verdict = {"model_attempt": model_attempt.index, "library_attempt": library.index, **verdict}
-            if not verdict["better"]:
-                best, best_script = library, library_script
-        else:
-            journal.library_verdict = {"model_attempt": model_attempt.index, "library_attempt": library.index, "better": True, "why": f"the library model failed ({library.failure.value})"}
+    if reference_script is not None and reference_script != script:
+        # the model's own script against the plan's reference predictor: the rule a template applies to its residual
+        model_attempt = best
+        ref = executor.run(reference_script, stage="reference", parent=None, patch={"diagnosis": "the plan's reference predictor alone, the script's comparator"})
+        verdict = _verdict(model_attempt, ref, settings, attempts_dir) if ref.failure is None else {"better": True, "why": f"the reference failed ({ref.failure.value})"}
+        journal.comparisons.append({"challenger": model_attempt.index, "incumbent": ref.index, "kind": "script vs the plan's reference", **verdict})
+        if not verdict["better"]:
+            best, best_script = ref, reference_script
+    if library_script is not None and library_script not in (script, best_script):
+        # the plan's library model, on the same host-named conditions: it replaces the incumbent only by the same rule
+        lib = executor.run(library_script, stage="library", parent=None, patch={"diagnosis": "the plan's library model, a candidate against the incumbent"})
+        verdict = _verdict(lib, best, settings, attempts_dir) if lib.failure is None else {"better": False, "why": f"the library model failed ({lib.failure.value})"}
+        journal.comparisons.append({"challenger": lib.index, "incumbent": best.index, "kind": "the plan's library model vs the incumbent", **verdict})
+        if verdict["better"]:
+            best, best_script = lib, library_script
     if _score(best, settings) is None:
         executor.restore(best.index)
         journal.best_attempt = best.index
@@ -804,7 +815,62 @@ def refine_until_settled(
     return journal, best_script
 
 
-def lineage(journal: Journal, *, draft: str, template: str = "") -> dict[str, Any]:
+def refit_selected(
+    journal: Journal,
+    *,
+    sandbox: Any,
+    attempts_dir: Path,
+    journal_path: Path,
+    check_outputs: Any,
+    timeout_s: float = 900,
+    memory_mb: int | None = 8192,
+    on_start: Any = None,
+) -> Path | None:
+    """Train the selected model again on the training and validation cells; the path of its test predictions, or None.
+
+    Selection is over once the host has judged every attempt on the validation cells, so the
+    kept attempt's script (each averaged attempt's, with the same weights) runs once more in
+    ``sandbox``, whose inputs hold the training and validation cells and whose ``task.json``
+    names only the test conditions: the scored model then learns from every condition the split
+    lets it see, as the templates' own test predictions did before the host kept the validation
+    cells. A refit that fails leaves the selection run's predictions in place (``journal.refit``
+    says why). Nothing here is chosen on the refit's numbers.
+
+    Raises
+    ------
+    SandboxError
+        Infrastructure failure.
+    """
+    from cellforge.execution.ensemble import average_predictions
+    from cellforge.safeio import write_h5ad
+
+    if journal.best_attempt is None:
+        return None
+    weights = journal.ensemble.weights if journal.ensemble is not None else {journal.best_attempt: 1.0}
+    executor = _Executor(
+        sandbox=sandbox, attempts_dir=attempts_dir, journal_path=journal_path, check_outputs=check_outputs,
+        timeout_s=timeout_s, memory_mb=memory_mb, on_start=on_start, journal=journal,
+    )
+    paths: dict[int, Path] = {}
+    for i in weights:
+        script = (attempts_dir / f"attempt-{i:03d}" / "train.py").read_text()
+        attempt = executor.run(script, stage="refit", parent=i, patch={"diagnosis": "the selected model trained again on training + validation cells"})
+        if attempt.failure is not None:
+            journal.refit = {"used": False, "attempts": [a.index for a in journal.attempts if a.stage == "refit"], "why": f"attempt {attempt.index} failed ({attempt.failure.value}): the selection run's predictions stay"}
+            journal.save(journal_path)
+            return None
+        paths[i] = attempts_dir / f"attempt-{attempt.index:03d}" / "outputs" / "predictions.h5ad"
+    out = sandbox.work_dir / "refit_predictions.h5ad"
+    if len(paths) == 1:
+        out.write_bytes(next(iter(paths.values())).read_bytes())
+    else:
+        write_h5ad(average_predictions(paths, weights), out)
+    journal.refit = {"used": True, "attempts": [a.index for a in journal.attempts if a.stage == "refit"], "why": "trained again on training + validation cells after selection"}
+    journal.save(journal_path)
+    return out
+
+
+def lineage(journal: Journal, *, draft: str, template: str = "", reference: str = "") -> dict[str, Any]:
     """What wrote the scored predictions, from the kept attempt's chain of parents (or each averaged attempt's).
 
     Parameters
@@ -812,7 +878,9 @@ def lineage(journal: Journal, *, draft: str, template: str = "") -> dict[str, An
     draft
         Who wrote the first script: ``coder`` (a script of its own) or ``template``.
     template
-        The template of a ``template`` draft.
+        The plan's template (of a ``template`` draft, a ``library`` attempt).
+    reference
+        The plan's reference predictor (of a ``reference`` attempt).
 
     Returns
     -------
@@ -842,7 +910,9 @@ def lineage(journal: Journal, *, draft: str, template: str = "") -> dict[str, An
                 own = draft == "coder"
                 steps = ["coder script" if own else f"library template {template or '?'}"]
             elif a.stage == "library":
-                own, steps = False, [f"library template {template or '?'} (the plan's model, run as the script's comparator)"]
+                own, steps = False, [f"library template {template or '?'} (the plan's model, run as a candidate against the script)"]
+            elif a.stage == "reference":
+                own, steps = False, [f"the plan's reference predictor {reference or '?'} alone (the script did not beat it)"]
             elif a.stage == "debug":
                 steps.append("patched by the debugger")
                 own = True
@@ -859,12 +929,13 @@ def lineage(journal: Journal, *, draft: str, template: str = "") -> dict[str, An
 
     if journal.best_attempt is None:
         return {}
+    refit = "; trained again on training + validation cells" if journal.refit.get("used") else ""
     if journal.ensemble is not None:
         parts = {i: words(i) for i in journal.ensemble.weights}
-        text = "average of " + "; ".join(f"attempt {i} ({w[0]})" for i, w in parts.items())
+        text = "average of " + "; ".join(f"attempt {i} ({w[0]})" for i, w in parts.items()) + refit
         return {"written_by": text, "attempts": sorted(parts), "model_written": any(w[2] for w in parts.values()), "steps": []}
     text, indices, own, steps = words(journal.best_attempt)
-    return {"written_by": text, "attempts": indices, "model_written": own, "steps": steps}
+    return {"written_by": text + refit, "attempts": indices, "model_written": own, "steps": steps}
 
 
 def _library() -> list[str]:

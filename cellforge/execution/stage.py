@@ -164,9 +164,9 @@ def stage_execute(run: Run, *, echo: Echo) -> None:
     from cellforge.data.splits import SplitManifest
     from cellforge.design.plan import OneEdit, Patch, Refinement
     from cellforge.execution import contract
-    from cellforge.execution.codegen import get_config, render
+    from cellforge.execution.codegen import get_config, is_cell_level, render
     from cellforge.execution.debugging import focus
-    from cellforge.execution.journal import RefineSettings, is_library_script, lineage, refine_until_settled, run_attempts
+    from cellforge.execution.journal import RefineSettings, is_library_script, lineage, refine_until_settled, refit_selected, run_attempts
     from cellforge.execution.judge import Judge
     from cellforge.llm.client import LLMClient
     from cellforge.llm.specs import load_spec
@@ -192,6 +192,10 @@ def stage_execute(run: Run, *, echo: Echo) -> None:
     def check_outputs(outputs: Path) -> dict[str, Any]:
         contract.check_outputs(outputs, test=list(judge.predict), genes=genes)
         return judge.score(outputs, Path(outputs).parent)
+
+    def check_test_outputs(outputs: Path) -> dict[str, Any]:  # a refit predicts the test conditions only: nothing to judge
+        contract.check_outputs(outputs, test=list(manifest.test), genes=genes)
+        return {}
 
     def debugger(request: dict[str, Any]) -> dict[str, Any]:
         script, failure = request["script"], request["failure"].value
@@ -243,9 +247,13 @@ def stage_execute(run: Run, *, echo: Echo) -> None:
             on_start=live.start,
         )
         if journal.succeeded:
-            library_script = None
+            reference_script = library_script = None
             if not is_library_script(script) and plan.get("template") in _library():
-                library_script = render(plan["template"], {k: v for k, v in defaults.items() if k != "template"})
+                config = {k: v for k, v in defaults.items() if k != "template"}
+                library_script = render(plan["template"], config)
+                # the reference alone: the plan's template (a condition-level one) with its residual off
+                host = plan["template"] if not is_cell_level(plan["template"]) else "pert_mlp"
+                reference_script = render(host, {**config, "reference_only": True, "cv_folds": 0})
             journal, script = refine_until_settled(
                 journal,
                 script,
@@ -258,20 +266,40 @@ def stage_execute(run: Run, *, echo: Echo) -> None:
                 timeout_s=run.config.timeout_s,
                 memory_mb=run.config.memory_mb,
                 on_start=live.start,
+                reference_script=reference_script,
                 library_script=library_script,
                 defaults=defaults,
             )
+        refitted = None
+        if journal.succeeded and manifest.val and c.refit:
+            # selection is over: the kept model learns from the validation cells too before it predicts the test conditions
+            refit_work = run.path("sandbox-refit")
+            if refit_work.exists():
+                shutil.rmtree(refit_work)
+            refit_work.mkdir()
+            everything = manifest.model_copy(update={"train": [*manifest.train, *manifest.val], "val": []})
+            contract.prepare_inputs(adata, everything, refit_work, task=task, selection=selection)
+            refit_box = open_sandbox(refit_work, requested=run.config.sandbox, written_by_model=not is_library_script(script))
+            try:
+                refitted = refit_selected(
+                    journal, sandbox=refit_box, attempts_dir=run.path("attempts"), journal_path=run.path("journal.json"),
+                    check_outputs=check_test_outputs,
+                    timeout_s=run.config.timeout_s, memory_mb=run.config.memory_mb, on_start=live.start,
+                )
+            finally:
+                refit_box.close()
     finally:
         live.stop()
         sandbox.close()
     origin = run.read_json("code/choice.json") if run.path("code/choice.json").exists() else {}
-    journal.lineage = lineage(journal, draft=origin.get("written_by", "coder"), template=origin.get("template") or "")
+    journal.lineage = lineage(journal, draft=origin.get("written_by", "coder"), template=origin.get("template") or plan.get("template", ""), reference=plan.get("baseline", ""))
     journal.save(run.path("journal.json"))
     for attempt in journal.attempts:
         status = "ok" if attempt.failure is None else attempt.failure.value
         val = attempt.val_metrics.get(settings.metric)
         val_text = f", host {settings.metric} {val:.5f}" if isinstance(val, int | float) else ""
-        flag = " [the script's own number disagrees]" if attempt.disagreement else ""
+        own = attempt.reported_metrics.get(settings.metric)
+        flag = f" (the script says {own:.5f}: not used)" if attempt.disagreement and isinstance(own, int | float) else ""
         echo(f"  attempt {attempt.index} ({attempt.stage}): {status} in {attempt.duration_s}s{val_text}{flag} [{attempt.backend}, {attempt.isolation}]")
     kept = next((a for a in journal.attempts if a.index == journal.best_attempt), journal.attempts[-1] if journal.attempts else None)
     device = kept.reported_metrics.get("device") if kept is not None else None
@@ -279,10 +307,9 @@ def stage_execute(run: Run, *, echo: Echo) -> None:
     if not journal.succeeded:
         msg = f"no attempt succeeded: {journal.stop_reason}; see {run.path('journal.json')}"
         raise RuntimeError(msg)
-    if journal.library_verdict:
-        v = journal.library_verdict
-        winner = f"attempt {v['model_attempt']} (the model's script)" if v.get("better") else f"attempt {v['library_attempt']} (the library's model)"
-        echo(f"  the model's script against the plan's library model: {winner} kept ({v.get('why', '')})")
+    for v in journal.comparisons:
+        winner = v["challenger"] if v.get("better") else v["incumbent"]
+        echo(f"  {v['kind']}: attempt {winner} kept ({v.get('why', '')})")
     for skipped in journal.skipped:
         echo(f"  proposal {skipped['config_updates']}: {skipped['reason']}")
     if journal.best_attempt is not None:
@@ -300,7 +327,13 @@ def stage_execute(run: Run, *, echo: Echo) -> None:
     atomic_write_text(run.path("code") / "final_train.py", script)
     # the kept predictions, read without following links (the sandbox is hostile until proven otherwise);
     # the validation rows stay in the attempt folders, the run keeps the test rows
-    atomic_write_bytes(run.path("predictions.h5ad"), hostio.read_bytes(work, contract.PREDICTIONS, max_bytes=4 * 1024**3))
+    if refitted is not None:
+        echo(f"  the kept model trained again on training + validation cells (attempts {journal.refit['attempts']}): its test predictions are scored")
+        atomic_write_bytes(run.path("predictions.h5ad"), refitted.read_bytes())
+    else:
+        if journal.refit:
+            echo(f"  refit: {journal.refit['why']}")
+        atomic_write_bytes(run.path("predictions.h5ad"), hostio.read_bytes(work, contract.PREDICTIONS, max_bytes=4 * 1024**3))
     pred = contract.read_h5ad_file(run.path("predictions.h5ad"), what="predictions file")
     pred = pred[pred.obs["condition"].astype(str).isin(set(manifest.test)).to_numpy()].copy()
     if not selection.complete:  # every other gene: the host's training_mean (cellforge.execution.genes)

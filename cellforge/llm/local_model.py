@@ -355,8 +355,8 @@ class LocalModelServer:
     name : str or ModelSpec
         Registry name (see :data:`MODELS`).
     threads : int
-        CPU threads for generation and prompt processing (1 was faster than 2 on the 2-core
-        machines here).
+        CPU threads for generation and prompt processing (2 is about twice as fast as 1 on an
+        idle 2-core machine here, see :data:`THREADS_ENV`).
     ctx_size : int
         Context size in tokens (at most the model's ``context_length``); all of it is one slot.
     port : int, optional
@@ -552,7 +552,29 @@ _SHARED: dict[str, LocalModelServer] = {}
 _SHARED_LOCK = threading.Lock()
 
 
-def litellm_route(name: str, *, threads: int = 1, ctx_size: int = DEFAULT_CTX_SIZE) -> tuple[str, str]:
+#: Threads of a local model server: ``CELLFORGE_LOCAL_LLM_THREADS``, else up to 2. Measured on an idle
+#: 2-core machine here (``make bench-llm-speed``, Qwen2.5-Coder-1.5B): 2 threads 21 prompt / 9.5 generated
+#: tokens/s, 1 thread 10.8 / 5.2; the agents' calls never overlap a training run.
+THREADS_ENV = "CELLFORGE_LOCAL_LLM_THREADS"
+
+
+def default_threads() -> int:
+    """Threads for a local model server (see :data:`THREADS_ENV`).
+
+    Raises
+    ------
+    ConfigError
+        ``CELLFORGE_LOCAL_LLM_THREADS`` is not a positive integer.
+    """
+    value = os.environ.get(THREADS_ENV, "").strip()
+    if value:
+        if not value.isdigit() or int(value) < 1:
+            raise ConfigError(f"{THREADS_ENV}={value!r}: a positive integer is required")
+        return int(value)
+    return max(1, min(2, os.cpu_count() or 1))
+
+
+def litellm_route(name: str, *, threads: int | None = None, ctx_size: int = DEFAULT_CTX_SIZE) -> tuple[str, str]:
     """The LiteLLM model string and api base for a local model, starting its server once.
 
     One server per model and process is started on first use and stopped at exit (``atexit``;
@@ -584,7 +606,7 @@ def litellm_route(name: str, *, threads: int = 1, ctx_size: int = DEFAULT_CTX_SI
         if server is None or not server.running:
             if server is not None:
                 server.stop()
-            server = LocalModelServer(spec, threads=threads, ctx_size=ctx_size).start()
+            server = LocalModelServer(spec, threads=threads or default_threads(), ctx_size=ctx_size).start()
             if not _SHARED:
                 atexit.register(stop_shared_servers)
             _SHARED[spec.name] = server

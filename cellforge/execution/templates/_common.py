@@ -831,7 +831,7 @@ def fit_conditions(feats, train_conds, val_conds, train_profiles, val_profiles, 
     extra = net_extra(feats)
     epochs = 0
     training = {"trained": False, "best_epoch": None, "train_conditions": len(train_conds)}
-    if not predict_only and len(feats.seen) < MIN_SEEN_CONDITIONS:
+    if not predict_only and (len(feats.seen) < MIN_SEEN_CONDITIONS or CONFIG.get("reference_only")):
         model = Module(x_tr.shape[1], n_genes, CONFIG, extra)
         torch.save({"state_dict": model.state_dict(), "mu": mu, "sd": sd, "n_inputs": x_tr.shape[1]}, ckpt)
     elif not predict_only:
@@ -1117,8 +1117,8 @@ def main():
     wanted = set(task.get("predict_conditions", task["test_conditions"]))
     test = [c["condition"] for c in task["conditions"] if c["condition"] in wanted]
     delta, base = predict(test)
-    if metrics.get("residual") == "dropped":
-        delta = base
+    if metrics.get("residual") == "dropped" or CONFIG.get("reference_only"):
+        delta = base  # reference_only: the reference predictor alone (the host's comparator for a model's own script)
     guard = guard_summary(feats, test)
     if guard and (OUT / "val_metrics.json").exists():
         metrics.update(guard)
