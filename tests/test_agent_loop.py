@@ -1,0 +1,230 @@
+"""The agent loop over attempts: host-judged outcomes, a debugger with memory and focus, bounds whatever the model answers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import anndata as ad
+import numpy as np
+import pandas as pd
+import pytest
+
+from cellforge.errors import LLMError, PredictionError
+from cellforge.execution.debugging import focus
+from cellforge.execution.ensemble import paired_rule
+from cellforge.execution.journal import Attempt, FailureKind, RefineSettings, next_step, refine_until_settled, run_attempts
+from cellforge.execution.judge import JUDGED, Judge, disagreement
+
+# A toy "script" whose validation deltas the host judges: it writes outputs/val.json (its predicted deltas for
+# three validation conditions, four genes) and claims a validation error of its own.
+_TOY = """CONFIG = {"shift": 0.0, "claim": 0.0}
+import json, pathlib
+out = pathlib.Path("outputs")
+out.mkdir(exist_ok=True)
+pred = [[1.0 + CONFIG["shift"], -1.0, 0.5, 0.0], [2.0 + CONFIG["shift"], 0.0, -0.5, 1.0], [0.0 + CONFIG["shift"], 1.0, 1.0, -1.0]]
+(out / "val.json").write_text(json.dumps(pred))
+(out / "val_metrics.json").write_text(json.dumps({"val_mse_top20": CONFIG["claim"]}))
+"""
+_TARGET = np.array([[1.0, -1.0, 0.5, 0.0], [2.0, 0.0, -0.5, 1.0], [0.0, 1.0, 1.0, -1.0]])
+
+
+def _host(out: Path) -> dict:
+    """check_outputs as the host plays it: the script's deltas against the host's own target."""
+    from cellforge.execution.ensemble import top_gene_scores
+
+    path = out / "val.json"
+    if not path.is_file():
+        raise PredictionError("no outputs/val.json")
+    pred = np.array(json.loads(path.read_text()), dtype=float)
+    np.savez(out.parent / JUDGED, conditions=np.array(["a", "b", "c"]), pred=pred, target=_TARGET)
+    return {"val_judged_by": "host", **top_gene_scores(pred, _TARGET, k=4)}
+
+
+def _common(tmp_path: Path, **extra) -> dict:  # noqa: ANN003
+    from runtime.local import LocalSandbox
+
+    return {"sandbox": LocalSandbox(tmp_path / "work"), "attempts_dir": tmp_path / "attempts", "journal_path": tmp_path / "journal.json",
+            "check_outputs": _host, "timeout_s": 60, **extra}  # fmt: skip
+
+
+def test_a_script_that_claims_a_better_error_is_judged_by_the_host_and_flagged(tmp_path):
+    script = _TOY.replace('"shift": 0.0, "claim": 0.0', '"shift": 1.0, "claim": 0.0001')
+    journal, _ = run_attempts(script, debugger=None, **_common(tmp_path))
+    attempt = journal.attempts[0]
+    assert attempt.reported_metrics["val_mse_top20"] == 0.0001
+    assert attempt.val_metrics["val_mse_top20"] > 0.1  # the host's number: the shift of 1 on one gene of four, per condition
+    assert "the script reported val_mse_top20 0.0001" in attempt.disagreement
+    saved = json.loads((tmp_path / "journal.json").read_text())["attempts"][0]
+    assert saved["disagreement"] == attempt.disagreement
+
+
+@pytest.mark.parametrize(("shift", "kept"), [(1.0, "reference"), (0.0, "script")])
+def test_a_models_script_is_kept_only_when_it_beats_the_plans_reference(tmp_path, shift, kept):
+    script = _TOY.replace('"shift": 0.0', f'"shift": {shift}')
+    reference = _TOY.replace('"shift": 0.0', '"shift": 0.5')  # the reference errs by 0.5 on one gene per condition
+    common = _common(tmp_path)
+    journal, script = run_attempts(script, debugger=None, **common)
+    journal, best = refine_until_settled(
+        journal, script, refiner=lambda *_: {"diagnosis": "done", "stop": True}, settings=RefineSettings(max_rounds=1, guard_metric=None, ensemble_steps=0),
+        reference_script=reference, **common,
+    )  # fmt: skip
+    verdict = journal.comparisons[0]
+    assert journal.attempts[1].stage == "reference" and verdict["unit"] == "condition"
+    assert verdict["better"] == (kept == "script")
+    assert journal.best_attempt == (0 if kept == "script" else 1)
+    assert best == (script if kept == "script" else reference)
+
+
+def test_a_library_candidate_runs_after_a_models_script_and_must_beat_it(tmp_path):
+    script = _TOY.replace('"shift": 0.0', '"shift": 0.2')
+    library = _TOY  # exact: beats the script by more than the noise
+    common = _common(tmp_path)
+    journal, script = run_attempts(script, debugger=None, **common)
+    journal, best = refine_until_settled(
+        journal, script, refiner=lambda *_: {"diagnosis": "done", "stop": True}, settings=RefineSettings(max_rounds=1, guard_metric=None, ensemble_steps=0),
+        reference_script=_TOY.replace('"shift": 0.0', '"shift": 3.0'), library_script=library, **common,
+    )  # fmt: skip
+    assert [a.stage for a in journal.attempts] == ["draft", "reference", "library"]
+    assert [c["kind"] for c in journal.comparisons] == ["script vs the plan's reference", "the plan's library model vs the incumbent"]
+    assert journal.comparisons[1]["incumbent"] == 0 and journal.comparisons[1]["better"]
+    assert journal.best_attempt == 2 and best == library
+
+
+def test_a_patch_that_does_not_apply_goes_back_to_the_debugger_as_an_error(tmp_path):
+    script = 'CONFIG = {"shift": 0.0, "claim": 0.0}\nprint(undefined_name)\n'
+    requests = []
+
+    def debugger(request: dict) -> dict:
+        requests.append(request)
+        if len(requests) == 1:
+            return {"diagnosis": "wrong text", "edits": [{"find": "print(undefined)", "replace": "print(1)"}]}
+        return {"diagnosis": "fix", "edits": [{"find": "print(undefined_name)\n", "replace": _TOY.split("\n", 1)[1]}]}
+
+    journal, final = run_attempts(script, debugger=debugger, max_attempts=4, **_common(tmp_path))
+    assert journal.succeeded
+    assert [a.failure for a in journal.attempts] == [FailureKind.CODE_ERROR, FailureKind.PATCH_ERROR, None]
+    assert journal.attempts[1].command == [] and "could not be applied" in journal.attempts[1].failure_detail
+    assert requests[1]["failure"] is FailureKind.PATCH_ERROR and "patch edit target not found" in requests[1]["error"]
+    # the second request carries the history: the first fix and what it led to
+    assert [h["outcome"] for h in requests[1]["history"]] == ["code_error", "patch_error"]
+    assert "print(undefined)" in requests[1]["history"][1]["change"]
+
+
+def test_the_debugger_is_never_called_after_the_last_attempt(tmp_path):
+    calls = []
+
+    def debugger(request: dict) -> dict:
+        calls.append(request)
+        return {"diagnosis": "try", "config_updates": {"n": len(calls)}}
+
+    journal, _ = run_attempts("CONFIG = {}\nraise SystemExit(3)\n", debugger=debugger, max_attempts=2, **_common(tmp_path))
+    assert not journal.succeeded and len(journal.attempts) == 2 and len(calls) == 1
+    assert journal.stop_reason == "attempt budget of 2 used up"
+
+
+def test_a_failing_debugger_model_ends_the_loop_cleanly(tmp_path):
+    def debugger(request: dict) -> dict:
+        raise LLMError("the model server went away")
+
+    journal, _ = run_attempts("CONFIG = {}\nraise SystemExit(3)\n", debugger=debugger, max_attempts=3, **_common(tmp_path))
+    assert not journal.succeeded and len(journal.attempts) == 1
+    assert "the debugger's model failed after attempt 0: the model server went away" in journal.stop_reason
+    assert json.loads((tmp_path / "journal.json").read_text())["stop_reason"] == journal.stop_reason
+
+
+def test_a_timeout_of_a_models_script_goes_to_the_debugger_with_its_limits(tmp_path):
+    seen = []
+
+    def debugger(request: dict) -> dict:
+        seen.append(request)
+        return {"diagnosis": "stop sleeping", "edits": [{"find": "time.sleep(30)\n", "replace": _TOY.split("\n", 1)[1]}]}
+
+    script = "CONFIG = {'max_epochs': 8, 'shift': 0.0, 'claim': 0.0}\nimport time\ntime.sleep(30)\n"
+    journal, _ = run_attempts(script, debugger=debugger, max_attempts=2, **{**_common(tmp_path), "timeout_s": 3})
+    assert [a.failure for a in journal.attempts] == [FailureKind.TIMEOUT, None]
+    assert seen[0]["failure"] is FailureKind.TIMEOUT and seen[0]["limits"]["timeout_s"] == 3
+
+
+def test_a_refiner_that_keeps_echoing_a_model_stops_at_the_caps(tmp_path):
+    common = _common(tmp_path)
+    script = _TOY.replace('CONFIG = {"shift": 0.0, "claim": 0.0}', 'CONFIG = {"shift": 0.0, "claim": 0.0, "template": "toy", "baseline": "a"}')
+    journal, script = run_attempts(script, debugger=None, **common)
+    echoes = iter(range(1, 100))
+    # the same template again, with a new value each time: tuning, which uses rounds
+    journal, _ = refine_until_settled(
+        journal, script, refiner=lambda *_: {"diagnosis": "again", "config_updates": {"template": "toy", "claim": next(echoes)}},
+        settings=RefineSettings(max_rounds=2, patience=5, ensemble_steps=0), **common,
+    )  # fmt: skip
+    assert len(journal.attempts) == 3 and "budget of 2 rounds" in journal.refine_stop_reason
+    # a refiner that keeps switching the reference (model selection, which uses no rounds) stops at the hard cap
+    flips = iter(range(1, 100))
+    journal2, script2 = run_attempts(script, debugger=None, **{**common, "attempts_dir": tmp_path / "b", "journal_path": tmp_path / "b.json"})
+    journal2, _ = refine_until_settled(
+        journal2, script2,
+        refiner=lambda *_: {"diagnosis": "another reference", "config_updates": {"baseline": f"ref{(n := next(flips))}", "claim": n}},
+        settings=RefineSettings(max_rounds=2, patience=5, max_selections=3, ensemble_steps=0),
+        **{**common, "attempts_dir": tmp_path / "b", "journal_path": tmp_path / "b.json"},
+    )  # fmt: skip
+    assert len(journal2.attempts) == 1 + 5 and "hard cap of 5 refinement proposals" in journal2.refine_stop_reason
+
+
+def test_the_next_step_is_a_pure_decision_on_the_hosts_outcome():
+    def attempt(failure: FailureKind | None) -> Attempt:
+        return Attempt(index=0, stage="draft", script_sha256="x", command=[], failure=failure)
+
+    kw = {"attempts_used": 1, "max_attempts": 3, "has_debugger": True}
+    assert next_step(attempt(None), library=False, **kw)[0] == "done"
+    assert next_step(attempt(FailureKind.CODE_ERROR), library=True, **kw)[0] == "debug"
+    assert next_step(attempt(FailureKind.TIMEOUT), library=True, **kw)[0] == "resize"
+    assert next_step(attempt(FailureKind.OOM), library=False, **kw)[0] == "debug"
+    assert next_step(attempt(FailureKind.INFRA), library=False, **kw)[0] == "stop"
+    assert next_step(attempt(FailureKind.CODE_ERROR), library=False, **{**kw, "attempts_used": 3}) == ("stop", "attempt budget of 3 used up")
+    assert next_step(attempt(FailureKind.CODE_ERROR), library=False, **{**kw, "has_debugger": False})[0] == "stop"
+
+
+def test_the_debugger_reads_the_failing_region_and_an_outline():
+    body = [f"x{i} = {i}" for i in range(200)]
+    script = "CONFIG = {}\n\n\ndef helper():\n    return 1\n\n" + "\n".join(body) + "\n\ndef main():\n    return helper()\n"
+    lines = script.splitlines()
+    bad = lines.index("x150 = 150") + 1
+    error = f'Traceback (most recent call last):\n  File "/work/train.py", line {bad}, in <module>\nNameError: boom'
+    region = focus(script, error, "code_error")
+    assert region["failing_line"] == bad and "x150 = 150" in region["excerpt"]
+    assert "x10 = 10" not in region["excerpt"] and region["excerpt"] in script  # verbatim: an edit's find text can come from it
+    assert any(entry.endswith("def helper():") for entry in region["outline"]) and any("def main():" in e for e in region["outline"])
+    assert focus("CONFIG = {}\nprint(1)\n", "", "code_error")["excerpt_lines"].endswith("(whole script)")
+
+
+def test_the_paired_rule_pairs_conditions_or_gene_cells():
+    target = np.array([[3.0, -2.0, 1.0, 0.0], [1.0, 2.0, -3.0, 0.5], [0.0, 1.0, 2.0, -1.0]])
+    good, bad = target + 0.01, target + np.array([1.0, 0.9, 1.1, 1.0])
+    assert paired_rule(good, bad, target, k=4) | {"n": 3} == paired_rule(good, bad, target, k=4)
+    assert paired_rule(good, bad, target, k=4)["better"] and paired_rule(good, bad, target, k=4)["unit"] == "condition"
+    one = paired_rule(good[:1], bad[:1], target[:1], k=4)
+    assert one["unit"] == "condition x gene" and one["n"] == 4 and one["better"]
+    assert not paired_rule(bad[:1], good[:1], target[:1], k=4)["better"]
+
+
+def test_the_host_judges_predictions_against_cells_the_sandbox_never_had(tmp_path):
+    rng = np.random.default_rng(0)
+    conds = ["ctrl"] * 20 + ["A"] * 10 + ["B"] * 10 + ["C"] * 10
+    X = rng.poisson(1.0, size=(len(conds), 5)).astype(np.float32)  # noqa: N806
+    X[20:30, 0] += 4  # A moves gene 0
+    obs = pd.DataFrame({"condition": conds, "perturbation": conds, "context": "all", "is_control": [c == "ctrl" for c in conds]})
+    adata = ad.AnnData(X=X, obs=obs, var=pd.DataFrame(index=[f"g{i}" for i in range(5)]))
+    judge = Judge.from_data(adata, val=["A"], test=["B", "C"], genes=list(adata.var_names))
+    assert judge.conditions == ("A",) and judge.predict == ("A", "B", "C")
+    control = X[:20].mean(axis=0)
+    truth = X[20:30].mean(axis=0)
+    out = tmp_path / "outputs"
+    out.mkdir()
+    pred = np.stack([truth, control, control])
+    ad.AnnData(X=pred, obs=pd.DataFrame({"condition": ["A", "B", "C"]}, index=["0", "1", "2"]), var=adata.var.copy()).write_h5ad(out / "predictions.h5ad")
+    scores = judge.score(out, tmp_path)
+    assert scores["val_mse_top20"] == pytest.approx(0.0, abs=1e-10) and scores["val_n_conditions"] == 1
+    assert (tmp_path / JUDGED).is_file()
+    assert disagreement({"val_mse_top20": 0.5}, scores) and disagreement({"val_mse_top20": scores["val_mse_top20"]}, scores) is None
+    ad.AnnData(X=pred[1:], obs=pd.DataFrame({"condition": ["B", "C"]}, index=["1", "2"]), var=adata.var.copy()).write_h5ad(out / "predictions.h5ad")
+    with pytest.raises(PredictionError, match="missing test conditions"):
+        judge.score(out)
