@@ -108,13 +108,13 @@ class ScriptedModel(BaseHTTPRequestHandler):
         user = body["messages"][1]["content"]
         agent = json.loads(user.split("```json\n", 1)[1].split("\n```", 1)[0])["agent"]
         type(self).requests.append({"agent": agent, "user": user, "response_format": body.get("response_format"), "path": self.path})
-        if agent == "coder":
-            answer = {"script": NOVEL, "notes": "a control-programme kernel, not a template"}
+        if agent == "coder":  # code is asked for as plain text: one fenced block, then a sentence
+            answer = f"```python\n{NOVEL}```\nA control-programme kernel, not a template."
         elif agent == "debugger" and "Observations annot. `obs` must have" in user:
             answer = {"diagnosis": "np.stack(axis=1) puts genes on the rows; stack conditions on axis 0", "diff": FIX}
         else:
             answer = {"diagnosis": "unexpected request", "give_up": True}
-        content = json.dumps(answer)
+        content = answer if isinstance(answer, str) else json.dumps(answer)
         reply = {
             "id": f"chatcmpl-{len(type(self).requests)}", "object": "chat.completion", "created": int(time.time()), "model": body["model"],
             "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
@@ -152,7 +152,9 @@ def test_an_llm_written_model_is_debugged_from_runtime_events_and_scored(scripte
     run = Path(result.stdout.strip().splitlines()[-1])
 
     assert [r["agent"] for r in ScriptedModel.requests] == ["coder", "debugger"]
-    assert all(r["response_format"]["type"] == "json_schema" for r in ScriptedModel.requests)  # structured output to a local server
+    # structured output to a local server for the debugger's JSON; the coder's script comes as plain text
+    assert ScriptedModel.requests[0]["response_format"] is None and "```python fenced block" in ScriptedModel.requests[0]["user"]
+    assert ScriptedModel.requests[1]["response_format"]["type"] == "json_schema"
     assert json.loads((run / "code" / "choice.json").read_text())["written_by"] == "coder"
     journal = json.loads((run / "journal.json").read_text())
     first, second = journal["attempts"][:2]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -102,9 +102,20 @@ def _check_names(config: dict[str, Any]) -> None:
 
 
 class CodeScript(BaseModel):
-    """A language model's coder answer: the whole training + inference script, checked against the static contract."""
+    """A language model's coder answer: the whole training + inference script, checked against the static contract.
+
+    Asked for as plain text (``answer_format = "python"``): the script in one fenced Python
+    block, then a sentence. Code inside a JSON string is where small models fail (measured:
+    Qwen2.5-Coder-1.5B under a JSON schema answered a placeholder three times in a row), and
+    plain text needs no escaping. :meth:`from_reply` also takes a JSON object with ``script``.
+    """
 
     model_config = ConfigDict(extra="forbid")
+    answer_format: ClassVar[str] = "python"
+    answer_instructions: ClassVar[str] = (
+        "Reply with the complete script in ONE ```python fenced block (the whole file, runnable as it is), "
+        "then one sentence on the model. No other code blocks."
+    )
 
     script: str = Field(description="A complete training + inference script satisfying the sandbox contract (plain Python, no code fences).")
     notes: str = Field("", description="One sentence on the model.")
@@ -115,6 +126,74 @@ class CodeScript(BaseModel):
 
         check_script(self.script)
         return self
+
+    @classmethod
+    def from_reply(cls, text: str) -> CodeScript:
+        """The script in a plain-text reply: its longest fenced block (or a JSON object's ``script``, or the whole text).
+
+        Raises
+        ------
+        ValueError
+            No script, or one that breaks the static contract (the message says what to fix).
+        """
+        import json
+        import re
+
+        stripped = text.strip()
+        if stripped.startswith("{"):
+            try:
+                data = json.loads(stripped)
+            except ValueError:
+                data = None
+            if isinstance(data, dict) and isinstance(data.get("script"), str):
+                return cls.model_validate({"script": data["script"], "notes": str(data.get("notes", ""))[:500]})
+        blocks = re.findall(r"```[ \t]*(?:python|py)?[ \t]*\n(.*?)(?:```|\Z)", text, flags=re.DOTALL | re.IGNORECASE)
+        script = max(blocks, key=len) if blocks else stripped
+        notes = re.sub(r"```.*?(?:```|\Z)", "", text, flags=re.DOTALL).strip()[:500]
+        return cls.model_validate({"script": script, "notes": notes})
+
+
+class CodeFunction(BaseModel):
+    """A coder's answer as a model function: ``predict_deltas`` of the worked example, rewritten to follow the plan.
+
+    The host puts the function in place of the worked example's model region
+    (:func:`cellforge.execution.contract.splice_model`); the example does the input and output.
+    The model still writes free-form code (any imports, helpers, training loop inside the
+    region) and the result is checked against the same contract; what the coder need not write
+    is the data loading and the output format, a third of a short script and most of a small
+    model's mistakes. Asked for as plain text, like :class:`CodeScript`.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    answer_format: ClassVar[str] = "python"
+    answer_instructions: ClassVar[str] = (
+        "Reply with ONE ```python fenced block holding your new `predict_deltas` function (with any imports and helper "
+        "functions it needs above it); the host puts it in place of the worked example's model region. Then one sentence."
+    )
+
+    function: str = Field(description="The model region: imports, helpers and def predict_deltas(...).")
+    script: str = Field(description="The worked example with this region in place of its own (made by the host).")
+    notes: str = ""
+
+    @classmethod
+    def from_reply(cls, text: str) -> CodeFunction:
+        """The function in a plain-text reply, spliced into the worked example.
+
+        Raises
+        ------
+        ValueError
+            No fenced block or no top-level ``def predict_deltas``, or a script that breaks the
+            static contract (the message says what to fix).
+        """
+        import re
+
+        from cellforge.execution.contract import EXAMPLE_SCRIPT, splice_model
+
+        blocks = re.findall(r"```[ \t]*(?:python|py)?[ \t]*\n(.*?)(?:```|\Z)", text, flags=re.DOTALL | re.IGNORECASE)
+        code = max(blocks, key=len) if blocks else text.strip()
+        notes = re.sub(r"```.*?(?:```|\Z)", "", text, flags=re.DOTALL).strip()[:500]
+        script = splice_model(EXAMPLE_SCRIPT.read_text(), code)
+        return cls(function=code, script=script, notes=notes)
 
 
 class Edit(BaseModel):

@@ -315,6 +315,34 @@ EXAMPLE_SCRIPT = Path(__file__).parent / "examples" / "mean_shift.py"
 MAX_SCRIPT_CHARS = 200_000
 
 
+#: The worked example's model region (:func:`splice_model`).
+MODEL_BEGIN, MODEL_END = "# --- model:", "# --- end of model ---"
+
+
+def splice_model(example: str, code: str) -> str:
+    """The worked example with ``code`` (imports, helpers and ``def predict_deltas``) in place of its model region.
+
+    Raises
+    ------
+    ValueError
+        ``code`` is not valid Python, defines no top-level ``predict_deltas`` function, or
+        the script that results breaks the static contract (:func:`check_script`).
+    """
+    import ast
+
+    try:
+        tree = ast.parse(code)
+    except SyntaxError as exc:
+        msg = f"the function is not valid Python: line {exc.lineno}: {exc.msg}: {(exc.text or '').strip()[:120]!r}"
+        raise ValueError(msg) from exc
+    if not any(isinstance(node, ast.FunctionDef) and node.name == "predict_deltas" for node in tree.body):
+        raise ValueError("the answer defines no top-level `def predict_deltas(train_deltas, query, conditions, control, train, config)`")
+    lines = example.splitlines(keepends=True)
+    begin = next(i for i, line in enumerate(lines) if line.startswith(MODEL_BEGIN))
+    end = next(i for i, line in enumerate(lines) if line.startswith(MODEL_END))
+    return check_script("".join(lines[: begin + 1]) + code.rstrip("\n") + "\n" + "".join(lines[end:]))
+
+
 def check_script(text: str) -> str:
     """Check a model-written script against the static part of the contract; return it unchanged.
 

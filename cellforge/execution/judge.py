@@ -162,9 +162,8 @@ def disagreement(reported: dict[str, Any], judged: dict[str, Any], *, rtol: floa
     if not isinstance(own, int | float) or isinstance(own, bool) or not isinstance(host, int | float):
         return None
     if not np.isfinite(own) or abs(own - host) > rtol * max(abs(host), 1e-12):
-        scheme = reported.get("val_scheme")
-        where = f" ({str(scheme)[:80]})" if isinstance(scheme, str) else ""
-        return f"the script reported val_mse_top20 {own:.6g}{where}; the host measured {host:.6g} on {judged.get('val_n_conditions')} validation conditions"
+        # numbers only: text a script wrote never reaches the flag (it is shown in the report)
+        return f"the script reported val_mse_top20 {own:.6g}; the host measured {host:.6g} on {judged.get('val_n_conditions')} validation conditions"
     return None
 
 

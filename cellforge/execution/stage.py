@@ -62,6 +62,30 @@ def coder_writes_scripts() -> bool:
     return value == "deny" or not model_for("coder").startswith(OFFLINE_MODEL.split("/")[0] + "/")
 
 
+def coder_scope() -> str:
+    """What a coder that writes its own code answers with: ``function`` (the worked example's model function) or ``script``.
+
+    ``CELLFORGE_CODER_SCOPE``; by default ``function`` for a model cellforge serves locally
+    (``local/...``: a 1.5B model asked for a whole script copied the worked example, measured),
+    else ``script``.
+
+    Raises
+    ------
+    ConfigError
+        Another value.
+    """
+    import os
+
+    from cellforge.errors import ConfigError
+    from cellforge.llm.client import LOCAL_PREFIX, model_for
+
+    value = os.environ.get("CELLFORGE_CODER_SCOPE", "").strip().lower()
+    if value and value not in {"function", "script"}:
+        msg = f"CELLFORGE_CODER_SCOPE={value!r}; valid: function, script"
+        raise ConfigError(msg)
+    return value or ("function" if model_for("coder").startswith(LOCAL_PREFIX) else "script")
+
+
 def plan_defaults(plan: dict[str, Any], threads: int) -> dict[str, Any]:
     """The CONFIG a library template renders with under ``plan`` (its hyperparameters, reference, training set, threads)."""
     return {**plan.get("hyperparameters", {}), "baseline": plan.get("baseline"), "train_on": plan.get("train_on", "all"), "threads": threads}
@@ -86,6 +110,7 @@ def coder_context(run: Run, *, plan: dict[str, Any] | None = None) -> dict[str, 
         "plan": brief if own_script else plan,
         "templates": [] if own_script else templates(),
         "own_script": own_script,
+        "scope": coder_scope() if own_script else "choice",
         "threads": run.config.threads,
         "contract": contract.CONTRACT_DOC.read_text(),
         "data": {"dataset": data.get("dataset"), "shape": data.get("shape"), "task": data.get("task")},
@@ -96,13 +121,13 @@ def coder_context(run: Run, *, plan: dict[str, Any] | None = None) -> dict[str, 
 
 def stage_codegen(run: Run, *, echo: Echo) -> None:
     """Ask the coder for the training script: its own code (checked against the contract) or, offline, a rendered template."""
-    from cellforge.design.plan import CodeChoice, CodeScript
+    from cellforge.design.plan import CodeChoice, CodeFunction, CodeScript
     from cellforge.execution.codegen import render
     from cellforge.llm.client import LLMClient
     from cellforge.llm.specs import load_spec
 
     client = LLMClient(run.dir, stage="codegen")
-    schema = CodeScript if coder_writes_scripts() else CodeChoice
+    schema = ({"function": CodeFunction, "script": CodeScript}[coder_scope()]) if coder_writes_scripts() else CodeChoice
     answer = client.ask(load_spec("coder"), coder_context(run), schema)
     choice = answer if isinstance(answer, CodeChoice) else CodeChoice(script=answer.script, notes=answer.notes)
     plan = run.read_json("plan.json")

@@ -123,7 +123,7 @@ def live_options(role: str, model: str, schema: type[BaseModel] | None, *, api_b
         options["api_base"] = api_base
     if "api_base" in options and "api_key" not in options and model.startswith("openai/") and not os.environ.get("OPENAI_API_KEY"):
         options["api_key"] = "none"  # local OpenAI-compatible servers need no key, the client wants one
-    if schema is not None and structured_output(role, model, own_server=api_base is not None):
+    if schema is not None and not text_answer(schema) and structured_output(role, model, own_server=api_base is not None):
         options["response_format"] = {
             "type": "json_schema",
             "json_schema": {"name": schema.__name__, "schema": schema.model_json_schema(), "strict": False},
@@ -186,14 +186,17 @@ def render_messages(spec: AgentSpec, context: dict[str, Any], schema: type[BaseM
     env = jinja2.Environment(undefined=jinja2.StrictUndefined, autoescape=False)  # noqa: S701 - plain text prompt
     system = env.from_string(spec.prompt).render(**context)
     payload = {"agent": spec.name, "role": spec.role, "context": {k: v for k, v in context.items() if k not in spec.prompt_only}}
-    user = (
-        "## Context\n```json\n"
-        + json.dumps(payload, indent=1, default=str)
-        + "\n```\n## Answer\nReply with one JSON object that validates against this JSON schema:\n```json\n"
-        + json.dumps(schema.model_json_schema())
-        + "\n```"
-    )
+    if text_answer(schema):
+        answer = "\n## Answer\n" + str(getattr(schema, "answer_instructions", "Reply in plain text."))
+    else:
+        answer = "\n## Answer\nReply with one JSON object that validates against this JSON schema:\n```json\n" + json.dumps(schema.model_json_schema()) + "\n```"
+    user = "## Context\n```json\n" + json.dumps(payload, indent=1, default=str) + "\n```" + answer
     return [{"role": "system", "content": system}, {"role": "user", "content": user}]
+
+
+def text_answer(schema: type[BaseModel] | None) -> bool:
+    """True for an answer asked for as plain text and parsed by the schema's ``from_reply`` (code, not JSON)."""
+    return schema is not None and getattr(schema, "answer_format", "json") != "json" and hasattr(schema, "from_reply")
 
 
 def call_key(agent: str, messages: list[dict[str, str]]) -> str:
@@ -274,6 +277,11 @@ def counted_calls(run_dir: Path) -> list[dict[str, Any]]:
     return [r for r, old in zip(records, flags, strict=True) if not old]
 
 
+def estimated(record: dict[str, Any]) -> bool:
+    """True for a call whose token counts are estimates (the offline planner's), not a backend's count."""
+    return str(record.get("model", "")).startswith("cellforge-offline/")
+
+
 def usage_summary(run_dir: Path) -> dict[str, Any]:
     """Calls, tokens and cost per stage and for the run, from its call log, each call counted once.
 
@@ -282,16 +290,21 @@ def usage_summary(run_dir: Path) -> dict[str, Any]:
     are summed apart in ``interrupted``, and ``spent`` is everything the backend answered
     (what the budget counts). ``cost_usd`` sums LiteLLM's price map over calls with a known
     price; ``cost_known`` is false when some model had no price (a local server, for instance).
+    Token counts are the backends' own; the offline planner's (characters / 4, it has no
+    tokenizer) are summed apart in ``estimated_tokens``.
     """
 
     def empty() -> dict[str, Any]:
-        return {"calls": 0, "prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0, "cost_usd": 0.0, "cost_known": True}
+        return {"calls": 0, "prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0, "estimated_tokens": 0, "cost_usd": 0.0, "cost_known": True}
 
     def add(target: dict[str, Any], record: dict[str, Any]) -> None:
         usage = record.get("usage") or {}
         target["calls"] += 1
-        for k in ("prompt_tokens", "completion_tokens", "total_tokens"):
-            target[k] += int(usage.get(k) or 0)
+        if estimated(record):  # the offline planner's characters / 4: kept apart from counted tokens
+            target["estimated_tokens"] += int(usage.get("total_tokens") or 0)
+        else:
+            for k in ("prompt_tokens", "completion_tokens", "total_tokens"):
+                target[k] += int(usage.get(k) or 0)
         if record.get("cost_usd") is None:
             target["cost_known"] = False
         else:
@@ -485,12 +498,14 @@ class LLMClient:
                         raise LLMError(msg) from exc
                     context, trimmed = trim_context(context), True
             try:
+                if text_answer(schema):
+                    return schema.from_reply(text)  # type: ignore[attr-defined]
                 return schema.model_validate(extract_json(text))
             except (ValueError, ValidationError) as exc:
                 last_error = str(exc)[:2000]
                 repairs += [
                     {"role": "assistant", "content": text},
-                    {"role": "user", "content": f"That answer is invalid: {last_error}\nReply again with one valid JSON object."},
+                    {"role": "user", "content": f"That answer is invalid: {last_error}\n" + ("Reply again with the whole corrected script in one ```python block." if text_answer(schema) else "Reply again with one valid JSON object.")},
                 ]
         msg = f"agent {spec.name!r} ({model}) gave no valid {schema.__name__} after {self.max_repairs + 1} tries: {last_error}"
         raise LLMError(msg)
@@ -521,7 +536,8 @@ class LLMClient:
             cost = self._cost(litellm, response, model)
         latency = time.monotonic() - start
         self.calls += 1
-        self.tokens += int(usage.get("total_tokens") or 0)
+        if not model.startswith("cellforge-offline/"):  # the offline planner's counts are estimates (characters / 4)
+            self.tokens += int(usage.get("total_tokens") or 0)
         self.spent_usd += float(cost or 0.0)
         self._log(spec, model, messages, text, usage, latency, attempt, key=key, cost=cost, trimmed=trimmed)
         return text
@@ -536,6 +552,7 @@ class LLMClient:
             routed, api_base = litellm_route(model.removeprefix(LOCAL_PREFIX))
             kwargs.update(live_options(spec.role, routed, self._schema, api_base=api_base))
             kwargs["model"] = routed
+            kwargs["extra_body"] = {"cache_prompt": True}  # llama.cpp: a prompt prefix shared with the last call is not processed again
         elif not model.startswith("cellforge-offline/"):
             kwargs.update(live_options(spec.role, model, self._schema))
         if spec.max_tokens and not model.startswith("cellforge-offline/"):
@@ -602,6 +619,7 @@ class LLMClient:
             "messages": messages,
             "response": text,
             "usage": {k: v for k, v in usage.items() if isinstance(v, int | float)},
+            "usage_estimated": model.startswith("cellforge-offline/"),
             "cost_usd": cost,
             "latency_s": round(latency, 4),
             "error": error,

@@ -57,10 +57,38 @@ def _table(methods: dict[str, dict[str, float]]) -> str:
 
 
 def _attempt_row(a: dict[str, Any], best: int | None) -> str:
-    val = a.get("val_mse_top20")
+    val, own = a.get("val_mse_top20"), a.get("reported_val_mse_top20")
     label = f"{a['index']} (kept)" if a["index"] == best else str(a["index"])
     peak = a.get("peak_rss_mib")
-    return f"| {label} | {a['stage']} | {a['exit_code']} | {a['failure'] or 'ok'} | {'' if val is None else f'{val:.5f}'} | {a['duration_s']} | {'' if peak is None else f'{peak:.0f}'} |"
+    own_text = "" if not isinstance(own, int | float) else f"{own:.5f}" + (" (differs)" if a.get("flagged") else "")
+    return (
+        f"| {label} | {a['stage']} | {a['exit_code']} | {a['failure'] or 'ok'} | {'' if val is None else f'{val:.5f}'} | {own_text} | "
+        f"{a['duration_s']} | {'' if peak is None else f'{peak:.0f}'} |"
+    )
+
+
+def _written_by_lines(metrics: dict[str, Any]) -> str:
+    """What wrote the scored model (from the kept predictions' lineage) and the host's verdicts that chose it."""
+    lines = []
+    if metrics.get("written_by"):
+        lines.append(f"Scored model written by: **{metrics['written_by']}**.")
+    for v in metrics.get("comparisons", []):
+        winner = v["challenger"] if v.get("better") else v["incumbent"]
+        figures = ""
+        if isinstance(v.get("mean_diff"), int | float):
+            se = v.get("se")
+            figures = f": mean paired difference {v['mean_diff']:+.3g}" + (f" ± {se:.3g} (SE)" if isinstance(se, int | float) else "") + f" over {v.get('n')} {v.get('unit')} pairs"
+        lines.append(f"- {v['kind']} (attempt {v['challenger']} vs {v['incumbent']}): attempt {winner} kept{figures}.")
+    refit = metrics.get("refit") or {}
+    if refit:
+        lines.append(f"- refit: {refit.get('why', '')} (attempts {refit.get('attempts', [])}).")
+    return "\n".join(lines)
+
+
+def _hyper_heading(metrics: dict[str, Any]) -> str:
+    if metrics.get("draft_written_by") == "coder":
+        return "Hyperparameters of the plan (the coder wrote a script of its own; the library's model and reference render from these):"
+    return "Hyperparameters (the library template's `CONFIG` starts from these):"
 
 
 def _ensemble_line(ensemble: dict[str, Any] | None) -> str:
@@ -102,10 +130,10 @@ def _verdict_lines(metrics: dict[str, Any]) -> list[str]:
 
 
 def _usage_table(by_stage: dict[str, dict[str, Any]]) -> str:
-    lines = ["| stage | calls | prompt tokens | completion tokens | cost (USD) |", "|---|---|---|---|---|"]
+    lines = ["| stage | calls | prompt tokens | completion tokens | estimated tokens (offline planner) | cost (USD) |", "|---|---|---|---|---|---|"]
     for stage, row in by_stage.items():
         cost = f"{row['cost_usd']:.4f}" if row["cost_known"] else f"{row['cost_usd']:.4f}+ (price unknown)"
-        lines.append(f"| {stage} | {row['calls']} | {row['prompt_tokens']} | {row['completion_tokens']} | {cost} |")
+        lines.append(f"| {stage} | {row['calls']} | {row['prompt_tokens']} | {row['completion_tokens']} | {row.get('estimated_tokens', 0)} | {cost} |")
     return "\n".join(lines)
 
 
@@ -359,7 +387,7 @@ Verdict, and how each baseline is computed:
 - template: `{plan['template']}` over the `{plan['baseline']}` reference
 - candidates compared on validation: {_candidates(plan.get('candidates', []))}
 
-Hyperparameters (the generated code's `CONFIG` starts from these):
+{_hyper_heading(metrics)}
 
 {_kv_table(plan['hyperparameters'], key='hyperparameter', fmt=_hyper)}
 
@@ -368,9 +396,14 @@ Rationale:
 
 ## Attempts
 
-| attempt | stage | exit code | outcome | val_mse_top20 | seconds | peak memory MiB |
-|---|---|---|---|---|---|---|
+Every attempt predicts the validation conditions, whose cells stay on the host: the host's val_mse_top20 chooses
+between attempts; the script's own number is shown, never used.
+
+| attempt | stage | exit code | outcome | val_mse_top20 (host) | script's own | seconds | peak memory MiB |
+|---|---|---|---|---|---|---|---|
 {attempts}
+
+{_written_by_lines(metrics)}
 
 Refinement: {metrics.get('refinement') or 'not run'}
 {_skipped_lines(metrics.get('skipped_proposals', []))}

@@ -66,9 +66,19 @@ def collect_metrics(run: Run) -> dict[str, Any]:
         },
         "sandbox": run.read_json("sandbox.json"),
         "attempts": [
-            {**{k: a[k] for k in ["index", "stage", "exit_code", "failure", "duration_s"]}, "peak_rss_mib": a.get("peak_rss_mib"), "val_mse_top20": a["val_metrics"].get("val_mse_top20")}
+            {
+                **{k: a[k] for k in ["index", "stage", "exit_code", "failure", "duration_s"]}, "peak_rss_mib": a.get("peak_rss_mib"),
+                "val_mse_top20": _number(a["val_metrics"].get("val_mse_top20")),  # the host's
+                "reported_val_mse_top20": _number(a.get("reported_metrics", {}).get("val_mse_top20")),  # the script's own: display
+                "flagged": bool(a.get("disagreement")),
+            }
             for a in journal["attempts"]
         ],
+        "written_by": journal.get("lineage", {}).get("written_by", ""),
+        "model_written": bool(journal.get("lineage", {}).get("model_written")),
+        "draft_written_by": (run.read_json("code/choice.json") if run.path("code/choice.json").exists() else {}).get("written_by", ""),
+        "comparisons": journal.get("comparisons", []),
+        "refit": journal.get("refit", {}),
         "best_attempt": journal.get("best_attempt"),
         "ensemble": journal.get("ensemble"),
         "refinement": journal.get("refine_stop_reason", ""),
@@ -109,6 +119,15 @@ def model_verdict(run: Run, best: dict[str, str]) -> dict[str, dict[str, Any]]:
     return out
 
 
+def _number(value: Any) -> float | None:
+    """A finite float, else None: what a script wrote is a number before it is formatted, or it is not shown."""
+    import math
+
+    if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+        return None
+    return float(value)
+
+
 def _attempt_predictor(run_dir: Path, attempt: dict[str, Any]) -> dict[str, Any]:
     """What one attempt's test predictions are: its learned model, or its reference because the residual was dropped."""
     from cellforge.execution.codegen import get_config
@@ -119,11 +138,15 @@ def _attempt_predictor(run_dir: Path, attempt: dict[str, Any]) -> dict[str, Any]
     except (OSError, ValueError):
         config = {}
     template, reference = config.get("template", "the script"), config.get("baseline")
-    vm = attempt.get("val_metrics", {})
+    vm = attempt.get("reported_metrics") or attempt.get("val_metrics", {})  # the template's own account of its residual
     out = {"attempt": attempt["index"], "template": template, "reference": reference, "residual": vm.get("residual")}
+    if attempt.get("stage") == "reference":
+        out["kind"] = "reference"
+        out["why"] = f"the plan's {reference} reference alone: the model's own script did not beat it by the paired one-standard-error rule on the host's validation numbers"
+        return out
     if vm.get("residual") not in ("kept", "dropped"):
         out["kind"] = "script"
-        out["why"] = "the script's own predictions; it recorded no comparison with a reference"
+        out["why"] = "a script of the model's own, kept because it beat the plan's reference on the host's validation numbers"
         return out
     diff, se, n = vm.get("residual_mse_top20_diff"), vm.get("residual_mse_top20_diff_se"), vm.get("residual_n_conditions")
     rule = "the paired one-standard-error rule"
@@ -194,8 +217,9 @@ def scored_predictor(run_dir: Path, journal: dict[str, Any]) -> dict[str, Any]:
     else:
         chosen = [clean[-1]["index"]] if clean else []
     parts = [_attempt_predictor(run_dir, attempts[i]) for i in chosen]
-    compared = [a for a in clean if a["val_metrics"].get("residual") in ("kept", "dropped")]
-    kept = sum(a["val_metrics"]["residual"] == "kept" for a in compared)
+    own = {a["index"]: a.get("reported_metrics") or a.get("val_metrics", {}) for a in clean}
+    compared = [a for a in clean if own[a["index"]].get("residual") in ("kept", "dropped")]
+    kept = sum(own[a["index"]]["residual"] == "kept" for a in compared)
     record: dict[str, Any] = {"attempts": parts, "learned_kept": f"{kept} of {len(compared)}"}
     if ensemble:
         record["kind"] = "average"

@@ -1,4 +1,4 @@
-"""Worked example of the sandbox contract: predict every condition as control + the mean training change."""
+"""Worked example of the sandbox contract: every condition is predicted as its context's control + the mean training change."""
 import json
 from pathlib import Path
 
@@ -13,23 +13,44 @@ np.random.seed(CONFIG.get("seed", 0))
 task = json.loads(Path("task.json").read_text())
 train = ad.read_h5ad("data/train.h5ad")
 genes = task["genes"]
+conditions = {c["condition"]: c for c in task["conditions"]}  # condition -> perturbation, context (, dose)
 
 
-def means(adata):
+def means(adata, by):
+    """Mean expression of each group of cells: DataFrame (n_groups, n_genes)."""
     x = adata[:, genes].X
     x = x.toarray() if sp.issparse(x) else np.asarray(x)
-    return pd.DataFrame(x, columns=genes).groupby(adata.obs["condition"].astype(str).to_numpy()).mean()
+    return pd.DataFrame(x, columns=genes).groupby(adata.obs[by].astype(str).to_numpy()).mean()
 
 
 is_control = train.obs["is_control"].to_numpy()
-control = means(train[is_control]).mean(axis=0).to_numpy()
-train_means = means(train[~is_control])
-shift = CONFIG["shrink"] * (train_means.to_numpy() - control).mean(axis=0)
+control = means(train[is_control], "context")  # (n_contexts, n_genes) control mean of each context
+profiles = means(train[~is_control], "condition")  # (n_train, n_genes) mean of each training condition
+train_deltas = pd.DataFrame(
+    np.stack([profiles.loc[c].to_numpy() - control.loc[conditions[c]["context"]].to_numpy() for c in profiles.index]),
+    index=profiles.index, columns=genes,
+)  # change from control of each training condition
 
-conditions = task["predict_conditions"]  # validation then test: the host scores both
-pred = np.tile(control + shift, (len(conditions), 1))
+
+# --- model: predict_deltas is the model; the rest of this file is input and output ---
+def predict_deltas(train_deltas, query, conditions, control, train, config):
+    """Predicted change from control for each condition of ``query``.
+
+    train_deltas: DataFrame (n_train, n_genes), the observed change of each training condition.
+    query: list of condition names; conditions[name]["perturbation"] (targets joined by "+") and ["context"].
+    control: DataFrame (n_contexts, n_genes) of control means; train: AnnData of training and control cells.
+    Returns a numpy array (len(query), n_genes).
+    """
+    shift = config["shrink"] * train_deltas.to_numpy().mean(axis=0)
+    return np.tile(shift, (len(query), 1))
+# --- end of model ---
+
+
+query = task["predict_conditions"]  # validation then test: the host scores both
+delta = np.asarray(predict_deltas(train_deltas, query, conditions, control, train, CONFIG), dtype=np.float64)
+pred = np.stack([control.loc[conditions[c]["context"]].to_numpy() for c in query]) + delta
 Path("outputs").mkdir(exist_ok=True)
-obs = pd.DataFrame({"condition": conditions}, index=[str(i) for i in range(len(conditions))])
+obs = pd.DataFrame({"condition": query}, index=[str(i) for i in range(len(query))])
 ad.AnnData(X=pred.astype(np.float32), obs=obs, var=pd.DataFrame(index=genes)).write_h5ad("outputs/predictions.h5ad")
-Path("outputs/val_metrics.json").write_text(json.dumps({"n_train_conditions": len(train_means)}))
-print("wrote", len(conditions), "predictions")
+Path("outputs/val_metrics.json").write_text(json.dumps({"n_train_conditions": len(train_deltas)}))
+print("wrote", len(query), "predictions")
