@@ -228,3 +228,16 @@ def test_the_host_judges_predictions_against_cells_the_sandbox_never_had(tmp_pat
     ad.AnnData(X=pred[1:], obs=pd.DataFrame({"condition": ["B", "C"]}, index=["1", "2"]), var=adata.var.copy()).write_h5ad(out / "predictions.h5ad")
     with pytest.raises(PredictionError, match="missing test conditions"):
         judge.score(out)
+
+
+def test_the_error_the_debugger_reads_keeps_the_frames_of_a_traceback_with_a_huge_message():
+    from cellforge.execution.debugging import condense_error
+
+    names = ", ".join(f"np.str_('GENE{i}')" for i in range(3000))
+    text = (
+        "loading\nTraceback (most recent call last):\n  File \"/work/train.py\", line 41, in <module>\n    delta = predict_deltas(...)\n"
+        f"  File \"/work/train.py\", line 30, in predict_deltas\n    x = train[genes]\nKeyError: \"Values [{names}], are not valid obs/ var names or indices.\""
+    )
+    out = condense_error(text)
+    assert len(out) < 1600 and 'File "/work/train.py", line 30' in out and "KeyError" in out and "characters cut" in out
+    assert focus("\n".join(f"x{i} = {i}" for i in range(120)), out, "code_error")["failing_line"] == 30

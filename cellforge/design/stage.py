@@ -35,22 +35,25 @@ def _pilot_runner(run: Run, echo: Echo) -> Callable[[list[tuple[str, Any]]], lis
     """
     from cellforge import fanout
 
+    judges: list[Any] = []
+
     def prepare(name: str, proposal: Any) -> dict[str, Any]:
         from cellforge.data.splits import SplitManifest
-        from cellforge.design.plan import CodeChoice, Hyperparameters
+        from cellforge.design.plan import Hyperparameters
         from cellforge.execution import contract
         from cellforge.execution.codegen import render, templates
-        from cellforge.execution.stage import coder_context
-        from cellforge.llm.client import LLMClient
-        from cellforge.llm.specs import load_spec
+        from cellforge.execution.judge import Judge
+        from cellforge.execution.stage import ask_coder
 
         work = run.path("pilots") / name
         if work.exists():
             shutil.rmtree(work)
         work.mkdir(parents=True)
-        contract.prepare_inputs(
-            run.adata(), SplitManifest.load(run.path("split.json")), work, task=run.read_json("data.json")["task"], max_genes=run.config.max_genes,
-        )
+        manifest = SplitManifest.load(run.path("split.json"))
+        adata = run.adata()
+        selection = contract.prepare_inputs(adata, manifest, work, task=run.read_json("data.json")["task"], max_genes=run.config.max_genes)
+        if not judges:  # the host's validation truth, the same for every pilot
+            judges.append(Judge.from_data(adata, val=list(manifest.val), test=list(manifest.test), genes=list(selection.genes)))
         n_train = len(run.read_json("split.json")["train"])
         hp = {**Hyperparameters().model_dump(), "n_components": min(16, max(2, n_train)), "batch_size": max(1, min(16, n_train)), "seed": 0}
         hp.update(proposal.hyperparameters)
@@ -65,13 +68,14 @@ def _pilot_runner(run: Run, echo: Echo) -> Callable[[list[tuple[str, Any]]], lis
             "template": arch.template if arch.template in templates() else "custom", "baseline": proposal.baseline,
             "train_on": proposal.train_on, "hyperparameters": hp, "architecture": arch.model_dump(), "pilot": True,
         }  # fmt: skip
-        choice = LLMClient(run.dir, stage="design").ask(load_spec("coder"), coder_context(run, plan=pilot_plan), CodeChoice)
+        choice = ask_coder(run, plan=pilot_plan, stage="design")
         (work / "train.py").write_text(choice.script or render(choice.template, {**choice.config, "seed": 0}))
         inputs_mib = sum(f.stat().st_size for f in work.rglob("*") if f.is_file()) / 2**20
         return {
             "name": name, "work": str(work), "architecture": arch.template, "sandbox": run.config.sandbox,
             "timeout_s": min(run.config.timeout_s, 600), "memory_mb": run.config.memory_mb,
             "declared_mib": int(min(run.config.memory_mb, PILOT_BASE_MIB + 4 * inputs_mib)),
+            "judge": judges[0], "written_by_model": bool(choice.script),
         }  # fmt: skip
 
     def run_pilots(requests: list[tuple[str, Any]]) -> list[dict[str, Any]]:
@@ -100,25 +104,42 @@ def run_pilot(spec: dict[str, Any]) -> dict[str, Any]:
 
     Returns
     -------
-    ``val_mse_top20``, ``val_baseline_mse_top20``, ``val_pearson_delta``, ``epochs_run`` (the
-    design's own residual when the template reports one; None where the run failed), plus
-    ``architecture``, ``exit_code``, ``duration_s``, ``backend``, ``isolation`` and, on failure,
-    ``log_tail``.
+    ``val_mse_top20`` and ``val_pearson_delta`` (the host's, on the validation cells the pilot
+    never had: :mod:`cellforge.execution.judge`; None where the run failed or broke the
+    contract), ``val_baseline_mse_top20`` (None: the host runs no reference for a pilot),
+    ``reported_val_mse_top20`` and ``epochs_run`` (what the script says about itself: display),
+    plus ``architecture``, ``exit_code``, ``duration_s``, ``backend``, ``isolation`` and, on
+    failure, ``log_tail``.
     """
+    import tempfile
     from pathlib import Path
 
+    from cellforge.errors import PredictionError
     from cellforge.execution import contract
     from runtime import open_sandbox
+    from runtime.errors import UntrustedFileError
 
-    sandbox = open_sandbox(Path(spec["work"]), requested=spec["sandbox"])
+    judge = spec["judge"]
+    sandbox = open_sandbox(Path(spec["work"]), requested=spec["sandbox"], written_by_model=spec.get("written_by_model", False))
+    host: dict[str, Any] = {}
     try:
         result = sandbox.run([sandbox.python, "train.py"], timeout_s=spec["timeout_s"], memory_mb=spec["memory_mb"], log_name="pilot.log")
         metrics = contract.sandbox_val_metrics(sandbox) if result.exit_code == 0 else {}
+        if result.exit_code == 0:
+            with tempfile.TemporaryDirectory() as tmp:
+                try:
+                    sandbox.get_tree("outputs", Path(tmp) / "outputs")
+                    contract.check_outputs(Path(tmp) / "outputs", test=list(judge.predict), genes=list(judge.genes))
+                    host = judge.score(Path(tmp) / "outputs")
+                except (FileNotFoundError, UntrustedFileError, PredictionError):
+                    host = {}
     finally:
         sandbox.close()
-    # the design's own validation error: a residual the template would drop still tells designs apart
-    own = {k.replace("val_residual_", "val_"): v for k, v in metrics.items() if k.startswith("val_residual_")}
-    out = {k: own.get(k, metrics.get(k)) for k in ("val_mse_top20", "val_baseline_mse_top20", "val_pearson_delta", "epochs_run")}
+    out = {
+        "val_mse_top20": host.get("val_mse_top20"), "val_pearson_delta": host.get("val_pearson_delta_top20"), "val_baseline_mse_top20": None,
+        "reported_val_mse_top20": metrics.get("val_residual_mse_top20", metrics.get("val_mse_top20")), "epochs_run": metrics.get("epochs_run"),
+    }  # fmt: skip
+    out = {k: (v if isinstance(v, int | float) and not isinstance(v, bool) else None) for k, v in out.items()}
     out.update({"architecture": spec["architecture"], "exit_code": result.exit_code, "duration_s": result.duration_s, "backend": result.backend, "isolation": result.isolation})
     if result.exit_code != 0:
         out["log_tail"] = result.log_tail[-800:]

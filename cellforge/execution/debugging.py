@@ -15,10 +15,10 @@ from typing import Any
 
 _FRAME = re.compile(r'File "(?:[^"]*/)?train\.py", line (\d+)')
 _OUTLINE = re.compile(r"^(?:def |class |async def |CONFIG = |import |from \S+ import |if __name__)")
-#: Lines shown before and after the failing line.
-BEFORE, AFTER = 25, 12
+#: Lines shown before and after the failing line (about 300 tokens: a small local model reads ~20 prompt tokens/s here).
+BEFORE, AFTER = 16, 8
 #: A script this short is shown whole.
-WHOLE_LINES = 90
+WHOLE_LINES = 60
 #: Where to look, by failure class, when no traceback names a line of the script.
 _HINTS = {
     "bad_output": r"predictions|write_h5ad|outputs",
@@ -64,5 +64,35 @@ def focus(script: str, error: str, failure: str) -> dict[str, Any]:
         line = hits[-1] if hits else n
     start, end = max(1, line - BEFORE), min(n, line + AFTER)
     excerpt = "\n".join(lines[start - 1 : end])
-    outline = [f"{i + 1}: {text[:120]}" for i, text in enumerate(lines) if _OUTLINE.match(text) and not start <= i + 1 <= end]
-    return {"excerpt": excerpt, "excerpt_lines": f"{start}-{end} of {n}", "failing_line": failing_line(script, error), "outline": outline[:80]}
+    outline = [f"{i + 1}: {text[:100]}" for i, text in enumerate(lines) if _OUTLINE.match(text) and not start <= i + 1 <= end and not text.startswith(("import ", "from "))]
+    return {"excerpt": excerpt, "excerpt_lines": f"{start}-{end} of {n}", "failing_line": failing_line(script, error), "outline": outline[:30]}
+
+
+#: Longest line of error output the debugger reads; longer ones keep their start and end.
+MAX_LINE = 300
+
+
+def condense_error(text: str, *, max_chars: int = 1500, max_line: int = MAX_LINE) -> str:
+    """The error output as the debugger reads it: the last traceback whole, long lines cut in the middle.
+
+    An exception message can be one line of 30,000 characters (pandas listing every gene name);
+    the last characters of the output are then that list alone, without the frames or the
+    exception's type. Here the text from the last ``Traceback`` on is kept, every line longer
+    than ``max_line`` keeps its first and last ``max_line // 2`` characters, and if the result is
+    still over ``max_chars`` the middle frames give way (the first lines and the end stay).
+    """
+    start = text.rfind("Traceback (most recent call last):")
+    body = text[start:] if start >= 0 else text
+    half = max_line // 2
+    lines = [line if len(line) <= max_line else f"{line[:half]} ... [{len(line) - 2 * half} characters cut] ... {line[-half:]}" for line in body.splitlines()]
+    out = "\n".join(lines)
+    if len(out) <= max_chars:
+        return out
+    head, tail = lines[:3], []
+    size = sum(len(x) + 1 for x in head) + 40
+    for line in reversed(lines[3:]):
+        if size + len(line) + 1 > max_chars:
+            break
+        tail.insert(0, line)
+        size += len(line) + 1
+    return "\n".join([*head, "  ... [frames cut] ...", *tail])

@@ -138,7 +138,7 @@ def classify(exit_code: int, timed_out: bool, log_tail: str, *, limit_hit: str |
     return FailureKind.CODE_ERROR
 
 
-def error_output(attempt: Attempt, *, max_chars: int = 4000) -> str:
+def error_output(attempt: Attempt, *, max_chars: int = 60_000) -> str:
     """The end of what the runtime streamed during ``attempt`` (its events), else its log tail."""
     text = "".join(e.get("text", "") for e in attempt.events)
     return (text or attempt.log_tail)[-max_chars:]

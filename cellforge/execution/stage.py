@@ -119,17 +119,32 @@ def coder_context(run: Run, *, plan: dict[str, Any] | None = None) -> dict[str, 
     }
 
 
-def stage_codegen(run: Run, *, echo: Echo) -> None:
-    """Ask the coder for the training script: its own code (checked against the contract) or, offline, a rendered template."""
+def ask_coder(run: Run, *, plan: dict[str, Any] | None = None, stage: str = "codegen") -> Any:
+    """The coder's answer for ``plan`` (``plan.json`` unless given) as a :class:`~cellforge.design.plan.CodeChoice`.
+
+    A language model answers with code of its own (:func:`coder_scope`: a whole script, or the
+    worked example's model function spliced by the host); the offline planner, or a user who
+    allows it, names a template.
+
+    Raises
+    ------
+    LLMError
+        No valid answer after the repair attempts.
+    """
     from cellforge.design.plan import CodeChoice, CodeFunction, CodeScript
-    from cellforge.execution.codegen import render
     from cellforge.llm.client import LLMClient
     from cellforge.llm.specs import load_spec
 
-    client = LLMClient(run.dir, stage="codegen")
     schema = ({"function": CodeFunction, "script": CodeScript}[coder_scope()]) if coder_writes_scripts() else CodeChoice
-    answer = client.ask(load_spec("coder"), coder_context(run), schema)
-    choice = answer if isinstance(answer, CodeChoice) else CodeChoice(script=answer.script, notes=answer.notes)
+    answer = LLMClient(run.dir, stage=stage).ask(load_spec("coder"), coder_context(run, plan=plan), schema)
+    return answer if isinstance(answer, CodeChoice) else CodeChoice(script=answer.script, notes=answer.notes)
+
+
+def stage_codegen(run: Run, *, echo: Echo) -> None:
+    """Ask the coder for the training script: its own code (checked against the contract) or, offline, a rendered template."""
+    from cellforge.execution.codegen import render
+
+    choice = ask_coder(run)
     plan = run.read_json("plan.json")
     # a template's CONFIG starts from the plan (a model that names the template but forgets a key still renders it right)
     defaults = plan_defaults(plan, run.config.threads)
@@ -190,7 +205,7 @@ def stage_execute(run: Run, *, echo: Echo) -> None:
     from cellforge.design.plan import OneEdit, Patch, Refinement
     from cellforge.execution import contract
     from cellforge.execution.codegen import get_config, is_cell_level, render
-    from cellforge.execution.debugging import focus
+    from cellforge.execution.debugging import condense_error, focus
     from cellforge.execution.journal import RefineSettings, is_library_script, lineage, refine_until_settled, refit_selected, run_attempts
     from cellforge.execution.judge import Judge
     from cellforge.llm.client import LLMClient
@@ -224,14 +239,17 @@ def stage_execute(run: Run, *, echo: Echo) -> None:
 
     def debugger(request: dict[str, Any]) -> dict[str, Any]:
         script, failure = request["script"], request["failure"].value
-        region = focus(script, request["error"], failure)
+        error = condense_error(request["error"])
+        region = focus(script, error, failure)
         ctx = {
-            "failure": failure, "log_tail": request["error"][-3000:], "script": region["excerpt"], "excerpt_lines": region["excerpt_lines"],
+            "failure": failure, "log_tail": error, "script": region["excerpt"], "excerpt_lines": region["excerpt_lines"],
             "failing_line": region["failing_line"], "outline": region["outline"], "history": request["history"],
             "limits": request["limits"], "config": get_config(script),
         }  # fmt: skip
-        if debugger_format() == "edit":
-            return client.ask(load_spec("debugger"), ctx, OneEdit).as_patch()
+        if debugger_format() == "edit":  # one find/replace: a short answer (600 tokens is a minute of generation here)
+            ctx.pop("config")
+            spec = load_spec("debugger")
+            return client.ask(spec.model_copy(update={"max_tokens": min(spec.max_tokens or 600, 600)}), ctx, OneEdit).as_patch()
         patch = client.ask(load_spec("debugger"), ctx, Patch).model_dump()
         if patch.get("script") and not region["excerpt_lines"].endswith("(whole script)"):
             # the debugger saw an excerpt: a "whole script" answer would cut the rest away
