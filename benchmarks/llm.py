@@ -61,12 +61,12 @@ def calls_by_role(run_dir: Path) -> dict[str, dict]:
     return out
 
 
-def run_one(dataset: str, seed: int, *, runs: Path, model: str, roles: list[str], debate_rounds: int, timeout_s: float) -> dict:
+def run_one(dataset: str, seed: int, *, runs: Path, model: str, roles: list[str], debate_rounds: int, timeout_s: float, max_attempts: int = 6) -> dict:
     """One ``cellforge benchmark`` run in a subprocess; its record (also when it fails)."""
     env = env_for(model, roles)
     env.setdefault("CELLFORGE_LLM_TIMEOUT", str(timeout_s))
     cmd = [sys.executable, "-m", "cellforge.cli", "benchmark", "--dataset", dataset, "--seed", str(seed), "--runs", str(runs),
-           "--debate-rounds", str(debate_rounds), "--pilots", "0"]  # fmt: skip
+           "--debate-rounds", str(debate_rounds), "--pilots", "0", "--max-attempts", str(max_attempts)]  # fmt: skip
     start = time.monotonic()
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
     record: dict = {"dataset": dataset, "seed": seed, "model": model, "roles": roles, "wall_s": round(time.monotonic() - start, 1), "exit_code": done.returncode}
@@ -157,6 +157,7 @@ def main() -> None:
     parser.add_argument("--model", default=os.environ.get("CELLFORGE_LLM") or "local/qwen2.5-coder-1.5b", help="LiteLLM model string (default: CELLFORGE_LLM, else the local Qwen).")
     parser.add_argument("--roles", choices=["all", "code"], default="all", help="Every role on the model, or only the coder and debugger.")
     parser.add_argument("--debate-rounds", type=int, default=2)
+    parser.add_argument("--max-attempts", type=int, default=6, help="Attempt budget of patch-and-retry (a patch that does not apply uses one).")
     parser.add_argument("--timeout", type=float, default=900.0, help="Seconds one LLM call may take.")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     args = parser.parse_args()
@@ -168,7 +169,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     for dataset in datasets:
         for seed in range(args.seeds):
-            record = run_one(dataset, seed, runs=runs, model=args.model, roles=roles, debate_rounds=args.debate_rounds, timeout_s=args.timeout)
+            record = run_one(dataset, seed, runs=runs, model=args.model, roles=roles, debate_rounds=args.debate_rounds, timeout_s=args.timeout, max_attempts=args.max_attempts)
             records.append(record)
             print(f"{dataset} seed {seed}: scored={record.get('scored')} written_by={record.get('written_by')} in {record['wall_s']} s", flush=True)
             summary = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "model": args.model, "roles": roles, "runs": records}

@@ -336,7 +336,7 @@ def splice_model(example: str, code: str) -> str:
         msg = f"the function is not valid Python: line {exc.lineno}: {exc.msg}: {(exc.text or '').strip()[:120]!r}"
         raise ValueError(msg) from exc
     if not any(isinstance(node, ast.FunctionDef) and node.name == "predict_deltas" for node in tree.body):
-        raise ValueError("the answer defines no top-level `def predict_deltas(train_deltas, query, conditions, control, train, config)`")
+        raise ValueError("the answer defines no top-level `def predict_deltas(train_deltas, query, conditions, control_cells, genes, config)`")
     lines = example.splitlines(keepends=True)
     begin = next(i for i, line in enumerate(lines) if line.startswith(MODEL_BEGIN))
     end = next(i for i, line in enumerate(lines) if line.startswith(MODEL_END))

@@ -73,26 +73,38 @@ MAX_LINE = 300
 
 
 def condense_error(text: str, *, max_chars: int = 1500, max_line: int = MAX_LINE) -> str:
-    """The error output as the debugger reads it: the last traceback whole, long lines cut in the middle.
+    """The error output as the debugger reads it: the last traceback, its frames in ``train.py`` kept, long lines cut in the middle.
 
-    An exception message can be one line of 30,000 characters (pandas listing every gene name);
-    the last characters of the output are then that list alone, without the frames or the
-    exception's type. Here the text from the last ``Traceback`` on is kept, every line longer
-    than ``max_line`` keeps its first and last ``max_line // 2`` characters, and if the result is
-    still over ``max_chars`` the middle frames give way (the first lines and the end stay).
+    An exception message can be one line of 30,000 characters (anndata listing every gene
+    name); the last characters of the output are then that list alone, without the frames or
+    the exception's type. Here the text from the last ``Traceback`` on is kept; frames in
+    library code give way first (the last two stay), every frame in ``train.py`` stays; every
+    line longer than ``max_line`` keeps its first and last ``max_line // 2`` characters; if the
+    result is still over ``max_chars``, its start and end stay.
     """
     start = text.rfind("Traceback (most recent call last):")
     body = text[start:] if start >= 0 else text
     half = max_line // 2
     lines = [line if len(line) <= max_line else f"{line[:half]} ... [{len(line) - 2 * half} characters cut] ... {line[-half:]}" for line in body.splitlines()]
-    out = "\n".join(lines)
+    # group into frames: a 'File "..."' line and the indented source lines under it
+    groups: list[list[str]] = []
+    for line in lines:
+        if line.lstrip().startswith('File "') or not groups or not line.startswith(" "):
+            groups.append([line])
+        else:
+            groups[-1].append(line)
+    frames = [i for i, g in enumerate(groups) if g[0].lstrip().startswith('File "')]
+    own = {i for i in frames if _FRAME.search(g0 := groups[i][0]) and g0}
+    library = [i for i in frames if i not in own]
+    dropped = set(library[:-2])
+    kept: list[str] = []
+    for i, group in enumerate(groups):
+        if i in dropped:
+            if not kept or kept[-1] != "  ... [library frames cut] ...":
+                kept.append("  ... [library frames cut] ...")
+            continue
+        kept.extend(group)
+    out = "\n".join(kept)
     if len(out) <= max_chars:
         return out
-    head, tail = lines[:3], []
-    size = sum(len(x) + 1 for x in head) + 40
-    for line in reversed(lines[3:]):
-        if size + len(line) + 1 > max_chars:
-            break
-        tail.insert(0, line)
-        size += len(line) + 1
-    return "\n".join([*head, "  ... [frames cut] ...", *tail])
+    return out[: max_chars // 2] + "\n  ... [cut] ...\n" + out[-max_chars // 2 :]

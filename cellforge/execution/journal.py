@@ -385,7 +385,9 @@ def debug_history(journal: Journal, *, max_entries: int = 6, max_chars: int = 30
             change = "rewrote the whole script"
         elif patch.get("config_updates"):
             change = f"CONFIG updates {patch['config_updates']}"
-        detail = (a.failure_detail or error_output(a, max_chars=2000)).strip().splitlines()
+        from cellforge.execution.debugging import condense_error
+
+        detail = condense_error(a.failure_detail or error_output(a)).strip().splitlines()
         out.append({
             "attempt": a.index, "stage": a.stage, "change": change, "diagnosis": str(patch.get("diagnosis", ""))[:max_chars],
             "outcome": "ok" if a.failure is None else a.failure.value, "error": detail[-1][:max_chars] if detail and a.failure else "",
@@ -452,6 +454,7 @@ def run_attempts(
     )
     journal = executor.journal
     attempt = executor.run(script, stage="draft", parent=None, patch=None)
+    tried_fixes: dict[str, int] = {}  # a fix already run, and the attempt that ran it
     while True:
         step, why = next_step(
             attempt, library=is_library_script(script), attempts_used=len(journal.attempts), max_attempts=max_attempts,
@@ -473,8 +476,13 @@ def run_attempts(
                 journal.stop_reason = f"{attempt.failure.value} in attempt {attempt.index} and nothing left to shrink"
                 break
         folder = attempts_dir / f"attempt-{attempt.index:03d}"
+        error = attempt.failure_detail or error_output(attempt)
+        if attempt.failure is FailureKind.PATCH_ERROR:  # the run's own error is still what needs fixing
+            ran = next((a for a in reversed(journal.attempts) if a.failure is not FailureKind.PATCH_ERROR), None)
+            if ran is not None and ran.failure is not None:
+                error = f"{error}\n\nThe error of the last run (attempt {ran.index}, {ran.failure.value}):\n{ran.failure_detail or error_output(ran)}"
         request = {
-            "script": script, "error": attempt.failure_detail or error_output(attempt), "failure": attempt.failure,
+            "script": script, "error": error, "failure": attempt.failure,
             "history": debug_history(journal), "limits": {"timeout_s": timeout_s, "memory_mb": memory_mb},
         }  # fmt: skip
         try:
@@ -494,6 +502,14 @@ def run_attempts(
         if new_script == script:
             attempt = executor.unapplied(script, parent=attempt.index, patch=patch, error="the patch left the script unchanged")
             continue
+        fix = json.dumps({k: patch.get(k) for k in ("script", "diff", "edits", "config_updates")}, sort_keys=True)
+        if fix in tried_fixes:
+            attempt = executor.unapplied(
+                script, parent=attempt.index, patch=patch,
+                error=f"this exact fix was already tried (attempt {tried_fixes[fix]}) and the script still failed: propose a different one",
+            )
+            continue
+        tried_fixes[fix] = len(journal.attempts)
         script = new_script
         attempt = executor.run(script, stage="debug", parent=attempt.index, patch=patch)
     journal.save(journal_path)
@@ -815,6 +831,41 @@ def refine_until_settled(
     return journal, best_script
 
 
+def fall_back_to_library(
+    journal: Journal,
+    library_script: str,
+    *,
+    sandbox: Any,
+    attempts_dir: Path,
+    journal_path: Path,
+    check_outputs: Any,
+    timeout_s: float = 900,
+    memory_mb: int | None = 8192,
+    on_start: Any = None,
+) -> bool:
+    """When a model's own code never ran clean: run the plan's library model, so the run still ends with a scored model.
+
+    The attempt is stage ``library`` (the lineage says the library's model was scored, and
+    ``journal.stop_reason`` keeps why the model's code failed). Returns whether it ran clean.
+
+    Raises
+    ------
+    SandboxError
+        Infrastructure failure.
+    """
+    executor = _Executor(
+        sandbox=sandbox, attempts_dir=attempts_dir, journal_path=journal_path, check_outputs=check_outputs,
+        timeout_s=timeout_s, memory_mb=memory_mb, on_start=on_start, journal=journal,
+    )
+    why = journal.stop_reason
+    attempt = executor.run(library_script, stage="library", parent=None, patch={"diagnosis": f"the model's code never ran clean ({why}): the plan's library model"})
+    if attempt.failure is None:
+        journal.succeeded = True
+        journal.stop_reason = f"the model's code never ran clean ({why}); the plan's library model ran instead (attempt {attempt.index})"
+    journal.save(journal_path)
+    return attempt.failure is None
+
+
 def refit_selected(
     journal: Journal,
     *,
@@ -910,7 +961,8 @@ def lineage(journal: Journal, *, draft: str, template: str = "", reference: str 
                 own = draft == "coder"
                 steps = ["coder script" if own else f"library template {template or '?'}"]
             elif a.stage == "library":
-                own, steps = False, [f"library template {template or '?'} (the plan's model, run as a candidate against the script)"]
+                role = "the model's code never ran clean" if "never ran clean" in str(patch.get("diagnosis", "")) else "run as a candidate against the script"
+                own, steps = False, [f"library template {template or '?'} (the plan's model, {role})"]
             elif a.stage == "reference":
                 own, steps = False, [f"the plan's reference predictor {reference or '?'} alone (the script did not beat it)"]
             elif a.stage == "debug":

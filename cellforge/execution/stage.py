@@ -36,6 +36,11 @@ def debugger_format() -> str:
     return value or ("edit" if model_for("debugger").startswith(LOCAL_PREFIX) else "full")
 
 
+#: ``CELLFORGE_CODER_TEMPLATES``: ``deny`` (a model writes code), ``allow`` (it may name a template instead),
+#: ``fallback`` (it writes code; when it gives no valid answer, the plan's template is rendered and the run says so).
+TEMPLATE_CHOICES = ("deny", "allow", "fallback")
+
+
 def coder_writes_scripts() -> bool:
     """Whether the coder must answer with a script of its own (:class:`~cellforge.design.plan.CodeScript`).
 
@@ -54,12 +59,16 @@ def coder_writes_scripts() -> bool:
     from cellforge.llm.client import OFFLINE_MODEL, model_for
 
     value = os.environ.get("CELLFORGE_CODER_TEMPLATES", "").strip().lower()
-    if value and value not in {"allow", "deny"}:
-        msg = f"CELLFORGE_CODER_TEMPLATES={value!r}; valid: allow, deny"
+    if value and value not in TEMPLATE_CHOICES:
+        msg = f"CELLFORGE_CODER_TEMPLATES={value!r}; valid: {', '.join(TEMPLATE_CHOICES)}"
         raise ConfigError(msg)
     if value == "allow":
         return False
     return value == "deny" or not model_for("coder").startswith(OFFLINE_MODEL.split("/")[0] + "/")
+
+
+#: The debugger's temperature once one of its fixes has failed in this run.
+RETRY_TEMPERATURE = 0.8
 
 
 def coder_scope() -> str:
@@ -135,8 +144,18 @@ def ask_coder(run: Run, *, plan: dict[str, Any] | None = None, stage: str = "cod
     from cellforge.llm.client import LLMClient
     from cellforge.llm.specs import load_spec
 
+    import os
+
+    from cellforge.errors import LLMError
+
     schema = ({"function": CodeFunction, "script": CodeScript}[coder_scope()]) if coder_writes_scripts() else CodeChoice
-    answer = LLMClient(run.dir, stage=stage).ask(load_spec("coder"), coder_context(run, plan=plan), schema)
+    try:
+        answer = LLMClient(run.dir, stage=stage).ask(load_spec("coder"), coder_context(run, plan=plan), schema)
+    except LLMError as exc:
+        plan = plan if plan is not None else run.read_json("plan.json")
+        if os.environ.get("CELLFORGE_CODER_TEMPLATES", "").strip().lower() != "fallback" or plan.get("template") not in _library():
+            raise
+        return CodeChoice(template=plan["template"], notes=f"fallback to the plan's template: the coder gave no valid code ({str(exc)[:300]})")
     return answer if isinstance(answer, CodeChoice) else CodeChoice(script=answer.script, notes=answer.notes)
 
 
@@ -206,7 +225,9 @@ def stage_execute(run: Run, *, echo: Echo) -> None:
     from cellforge.execution import contract
     from cellforge.execution.codegen import get_config, is_cell_level, render
     from cellforge.execution.debugging import condense_error, focus
-    from cellforge.execution.journal import RefineSettings, is_library_script, lineage, refine_until_settled, refit_selected, run_attempts
+    from cellforge.execution.journal import (
+        FailureKind, RefineSettings, fall_back_to_library, is_library_script, lineage, refine_until_settled, refit_selected, run_attempts,
+    )
     from cellforge.execution.judge import Judge
     from cellforge.llm.client import LLMClient
     from cellforge.llm.specs import load_spec
@@ -246,11 +267,14 @@ def stage_execute(run: Run, *, echo: Echo) -> None:
             "failing_line": region["failing_line"], "outline": region["outline"], "history": request["history"],
             "limits": request["limits"], "config": get_config(script),
         }  # fmt: skip
+        spec = load_spec("debugger")
+        if any(h["stage"] == "debug" and h["outcome"] != "ok" for h in request["history"]):
+            # an earlier fix failed: at temperature 0 the same prompt tends to give the same fix back (measured), so sample
+            spec = spec.model_copy(update={"temperature": max(spec.temperature, RETRY_TEMPERATURE)})
         if debugger_format() == "edit":  # one find/replace: a short answer (600 tokens is a minute of generation here)
             ctx.pop("config")
-            spec = load_spec("debugger")
             return client.ask(spec.model_copy(update={"max_tokens": min(spec.max_tokens or 600, 600)}), ctx, OneEdit).as_patch()
-        patch = client.ask(load_spec("debugger"), ctx, Patch).model_dump()
+        patch = client.ask(spec, ctx, Patch).model_dump()
         if patch.get("script") and not region["excerpt_lines"].endswith("(whole script)"):
             # the debugger saw an excerpt: a "whole script" answer would cut the rest away
             patch["script"] = ""
@@ -289,11 +313,20 @@ def stage_execute(run: Run, *, echo: Echo) -> None:
             memory_mb=run.config.memory_mb,
             on_start=live.start,
         )
+        library_script = None
+        if not is_library_script(first_script) and plan.get("template") in _library():
+            library_script = render(plan["template"], {k: v for k, v in defaults.items() if k != "template"})
+        if not journal.succeeded and library_script is not None and journal.attempts and journal.attempts[-1].failure is not FailureKind.INFRA:
+            echo(f"  the model's code never ran clean ({journal.stop_reason}): the plan's library model runs instead")
+            if fall_back_to_library(
+                journal, library_script, sandbox=sandbox, attempts_dir=run.path("attempts"), journal_path=run.path("journal.json"),
+                check_outputs=check_outputs, timeout_s=run.config.timeout_s, memory_mb=run.config.memory_mb, on_start=live.start,
+            ):
+                script = library_script
         if journal.succeeded:
-            reference_script = library_script = None
+            reference_script = None
             if not is_library_script(script) and plan.get("template") in _library():
                 config = {k: v for k, v in defaults.items() if k != "template"}
-                library_script = render(plan["template"], config)
                 # the reference alone: the plan's template (a condition-level one) with its residual off
                 host = plan["template"] if not is_cell_level(plan["template"]) else "pert_mlp"
                 reference_script = render(host, {**config, "reference_only": True, "cv_folds": 0})

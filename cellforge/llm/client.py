@@ -616,6 +616,7 @@ class LLMClient:
             "key": key,
             "attempt": attempt,
             "context_trimmed": trimmed,
+            "temperature": spec.temperature,
             "messages": messages,
             "response": text,
             "usage": {k: v for k, v in usage.items() if isinstance(v, int | float)},

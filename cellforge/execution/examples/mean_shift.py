@@ -30,16 +30,23 @@ train_deltas = pd.DataFrame(
     np.stack([profiles.loc[c].to_numpy() - control.loc[conditions[c]["context"]].to_numpy() for c in profiles.index]),
     index=profiles.index, columns=genes,
 )  # change from control of each training condition
+rows = np.flatnonzero(is_control)
+rows = np.random.default_rng(0).choice(rows, size=min(len(rows), 2000), replace=False)  # at most 2,000 control cells
+control_cells = train[np.sort(rows), genes].X
+control_cells = np.asarray(control_cells.toarray() if sp.issparse(control_cells) else control_cells, dtype=np.float32)
 
 
 # --- model: predict_deltas is the model; the rest of this file is input and output ---
-def predict_deltas(train_deltas, query, conditions, control, train, config):
-    """Predicted change from control for each condition of ``query``.
+def predict_deltas(train_deltas, query, conditions, control_cells, genes, config):
+    """Predicted change from control for each condition of ``query``, a numpy array (len(query), len(genes)).
 
-    train_deltas: DataFrame (n_train, n_genes), the observed change of each training condition.
-    query: list of condition names; conditions[name]["perturbation"] (targets joined by "+") and ["context"].
-    control: DataFrame (n_contexts, n_genes) of control means; train: AnnData of training and control cells.
-    Returns a numpy array (len(query), n_genes).
+    train_deltas: pandas DataFrame (n_train, n_genes); index = training condition names, columns = genes;
+        each row is the observed mean change from control of that condition.
+    query: list of condition names to predict.
+    conditions: dict name -> {"perturbation": targets joined by "+", "context": str}, for every condition.
+    control_cells: numpy array (n_cells, n_genes), float32: expression of control cells, columns in `genes` order.
+    genes: list of gene names (str); genes.index(name) is a column, and a target may be missing from it.
+    config: the CONFIG dict.
     """
     shift = config["shrink"] * train_deltas.to_numpy().mean(axis=0)
     return np.tile(shift, (len(query), 1))
@@ -47,7 +54,7 @@ def predict_deltas(train_deltas, query, conditions, control, train, config):
 
 
 query = task["predict_conditions"]  # validation then test: the host scores both
-delta = np.asarray(predict_deltas(train_deltas, query, conditions, control, train, CONFIG), dtype=np.float64)
+delta = np.asarray(predict_deltas(train_deltas, query, conditions, control_cells, list(genes), CONFIG), dtype=np.float64)
 pred = np.stack([control.loc[conditions[c]["context"]].to_numpy() for c in query]) + delta
 Path("outputs").mkdir(exist_ok=True)
 obs = pd.DataFrame({"condition": query}, index=[str(i) for i in range(len(query))])
