@@ -241,3 +241,12 @@ def test_the_error_the_debugger_reads_keeps_the_frames_of_a_traceback_with_a_hug
     out = condense_error(text)
     assert len(out) < 1600 and 'File "/work/train.py", line 30' in out and "KeyError" in out and "characters cut" in out
     assert focus("\n".join(f"x{i} = {i}" for i in range(120)), out, "code_error")["failing_line"] == 30
+
+
+def test_without_a_traceback_the_debugger_reads_the_models_own_region():
+    from cellforge.execution.contract import EXAMPLE_SCRIPT
+
+    script = EXAMPLE_SCRIPT.read_text()
+    region = focus(script, "outputs/predictions.h5ad: 3000 non-finite values (NaN or inf)", "bad_output")
+    assert region["excerpt"].startswith("# --- model:") and "def predict_deltas" in region["excerpt"]
+    assert region["excerpt"].rstrip().endswith("# --- end of model ---")

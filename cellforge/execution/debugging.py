@@ -27,6 +27,17 @@ _HINTS = {
 }
 
 
+def _model_region(lines: list[str]) -> tuple[int, int] | None:
+    """1-based first and last line of the worked example's model region (``predict_deltas``), or None."""
+    from cellforge.execution.contract import MODEL_BEGIN, MODEL_END
+
+    begin = next((i for i, text in enumerate(lines) if text.startswith(MODEL_BEGIN)), None)
+    end = next((i for i, text in enumerate(lines) if text.startswith(MODEL_END)), None)
+    if begin is None or end is None or end <= begin:
+        return None
+    return begin + 1, end + 1
+
+
 def failing_line(script: str, error: str) -> int | None:
     """The 1-based line of ``train.py`` in the deepest traceback frame of ``error`` that lies in the script, or None."""
     n = len(script.splitlines())
@@ -58,6 +69,12 @@ def focus(script: str, error: str, failure: str) -> dict[str, Any]:
     if n <= WHOLE_LINES:
         return {"excerpt": script, "excerpt_lines": f"1-{n} of {n} (whole script)", "failing_line": failing_line(script, error), "outline": []}
     line = failing_line(script, error)
+    region = _model_region(lines)
+    if line is None and region is not None:
+        # no line named, and the script has the worked example's model region: the model's own code is there
+        start, end = region
+        outline = [f"{i + 1}: {text[:100]}" for i, text in enumerate(lines) if _OUTLINE.match(text) and not start <= i + 1 <= end and not text.startswith(("import ", "from "))]
+        return {"excerpt": "\n".join(lines[start - 1 : end]), "excerpt_lines": f"{start}-{end} of {n}", "failing_line": None, "outline": outline[:30]}
     if line is None:
         pattern = re.compile(_HINTS.get(failure, r"CONFIG = "))
         hits = [i + 1 for i, text in enumerate(lines) if pattern.search(text)]

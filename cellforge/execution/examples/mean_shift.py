@@ -42,7 +42,8 @@ def predict_deltas(train_deltas, query, conditions, control_cells, genes, config
 
     train_deltas: pandas DataFrame (n_train, n_genes); index = training condition names, columns = genes;
         each row is the observed mean change from control of that condition.
-    query: list of condition names to predict.
+    query: list of condition names to predict; none of them is in train_deltas (their cells are held out), so a
+        condition is predicted from its perturbation and context alone.
     conditions: dict name -> {"perturbation": targets joined by "+", "context": str}, for every condition.
     control_cells: numpy array (n_cells, n_genes), float32: expression of control cells, columns in `genes` order.
     genes: list of gene names (str); genes.index(name) is a column, and a target may be missing from it.
