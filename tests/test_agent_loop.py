@@ -250,3 +250,11 @@ def test_without_a_traceback_the_debugger_reads_the_models_own_region():
     region = focus(script, "outputs/predictions.h5ad: 3000 non-finite values (NaN or inf)", "bad_output")
     assert region["excerpt"].startswith("# --- model:") and "def predict_deltas" in region["excerpt"]
     assert region["excerpt"].rstrip().endswith("# --- end of model ---")
+
+
+def test_predictions_that_differ_by_float_rounding_are_a_tie():
+    target = np.array([[3.0, -2.0, 1.0, 0.0]])
+    reference = np.array([[1.0, -1.0, 0.5, 0.2]])
+    rounded = reference + np.array([[-3e-8, 2e-8, -1e-8, 1e-8]])  # the same rule computed in another order, float32
+    assert not paired_rule(rounded, reference, target, k=4)["better"]
+    assert paired_rule(reference + 0.5 * (target - reference), reference, target, k=4)["better"]

@@ -91,6 +91,10 @@ def top_gene_errors(pred: np.ndarray, target: np.ndarray, k: int = TOP_GENES) ->
     return np.mean((np.take_along_axis(pred, top, axis=1) - np.take_along_axis(target, top, axis=1)) ** 2, axis=1)
 
 
+#: Relative gain (of the old model's mean error) below which the paired rule calls a tie: float32 rounding.
+ROUNDING_GAIN = 1e-6
+
+
 def beats_by_one_se(new: np.ndarray, old: np.ndarray) -> bool:
     """The paired one-standard-error rule: is ``new`` better than ``old`` beyond the noise of the validation set?
 
@@ -101,7 +105,8 @@ def beats_by_one_se(new: np.ndarray, old: np.ndarray) -> bool:
     2nd ed., section 7.10). Both are scored on the same conditions, so the standard error is
     that of the paired difference: the spread between conditions that both share (some
     conditions are hard for every model) cancels. A tie, or a single condition (no standard
-    error), keeps ``old``, the simpler model.
+    error), keeps ``old``, the simpler model; so does a gain below :data:`ROUNDING_GAIN` of the
+    old mean error (predictions that differ by float rounding only).
 
     Parameters
     ----------
@@ -122,7 +127,9 @@ def beats_by_one_se(new: np.ndarray, old: np.ndarray) -> bool:
         return False
     diff = new - old
     se = float(np.std(diff, ddof=1) / np.sqrt(len(diff)))
-    return float(np.mean(diff)) + se < 0
+    # a gain within float32 rounding of the errors is a tie (a script that recomputes the reference
+    # in another order differs from it by ~1e-8, with a standard error smaller still)
+    return float(np.mean(diff)) + se < -ROUNDING_GAIN * max(float(np.mean(np.abs(old))), 1e-12)
 
 
 #: Fewest validation conditions for which the paired rule pairs conditions; with fewer it pairs
