@@ -171,7 +171,7 @@ def main() -> None:
         for seed in range(args.seeds):
             record = run_one(dataset, seed, runs=runs, model=args.model, roles=roles, debate_rounds=args.debate_rounds, timeout_s=args.timeout, max_attempts=args.max_attempts)
             records.append(record)
-            print(f"{dataset} seed {seed}: scored={record.get('scored')} written_by={record.get('written_by')} in {record['wall_s']} s", flush=True)
+            print(f"{dataset} seed {seed}: scored={record.get('scored')} written_by={(record.get('lineage') or {}).get('written_by')} in {record['wall_s']} s", flush=True)
             summary = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "model": args.model, "roles": roles, "runs": records}
             (args.out / "llm.json").write_text(json.dumps(summary, indent=1))  # written as results arrive
             (args.out / "llm.md").write_text(f"# Main job with {args.model} ({', '.join(roles)})\n\n" + table(records))

@@ -258,3 +258,35 @@ def test_predictions_that_differ_by_float_rounding_are_a_tie():
     rounded = reference + np.array([[-3e-8, 2e-8, -1e-8, 1e-8]])  # the same rule computed in another order, float32
     assert not paired_rule(rounded, reference, target, k=4)["better"]
     assert paired_rule(reference + 0.5 * (target - reference), reference, target, k=4)["better"]
+
+
+def test_code_a_model_wrote_is_refused_without_isolation_unless_the_user_accepts_it(tmp_path, monkeypatch):
+    import runtime.local
+    from runtime import open_sandbox
+    from runtime.errors import SandboxUnavailableError
+
+    monkeypatch.setattr(runtime.local, "bwrap_available", lambda: False)
+    monkeypatch.setenv("CELLFORGE_SANDBOX", "local")
+    monkeypatch.delenv("CELLFORGE_ALLOW_UNISOLATED", raising=False)
+    with pytest.raises(SandboxUnavailableError, match="apt-get install bubblewrap"):
+        open_sandbox(tmp_path / "a", written_by_model=True)
+    library = open_sandbox(tmp_path / "b")  # the library's templates still run there, with the warning
+    assert library.isolation == "rlimits"
+    library.close()
+    monkeypatch.setenv("CELLFORGE_ALLOW_UNISOLATED", "1")
+    accepted = open_sandbox(tmp_path / "c", written_by_model=True)
+    assert accepted.isolation == "rlimits"
+    accepted.close()
+
+
+def test_a_coder_that_writes_the_model_function_sees_the_example_without_its_body():
+    from cellforge.execution.contract import EXAMPLE_SCRIPT, example_scaffold, splice_model
+
+    example = EXAMPLE_SCRIPT.read_text()
+    scaffold = example_scaffold(example)
+    assert "def predict_deltas" in scaffold and "np.tile(shift" not in scaffold and 'task["predict_conditions"]' in scaffold
+    own = "def predict_deltas(train_deltas, query, conditions, control_cells, genes, config):\n    return np.zeros((len(query), len(genes)))\n"
+    script = splice_model(example, own)
+    assert own in script and "np.tile(shift" not in script and script.count("def predict_deltas") == 1
+    with pytest.raises(ValueError, match="no top-level"):
+        splice_model(example, "def model(x):\n    return x\n")

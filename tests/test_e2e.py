@@ -77,13 +77,16 @@ def test_held_out_truth_never_enters_the_sandbox(run_dir):
 def test_generated_script_reruns_and_reproduces_predictions(run_dir, tmp_path):
     from cellforge.execution.ensemble import average_predictions
 
-    ensemble = json.loads((run_dir / "journal.json").read_text())["ensemble"]
-    # the scored predictions: the kept script's, or the weighted average of the ensemble's attempts' scripts
-    members = {int(i): float(w) for i, w in ensemble["weights"].items()} if ensemble else {None: 1.0}
+    journal = json.loads((run_dir / "journal.json").read_text())
+    ensemble = journal["ensemble"]
+    # the scored predictions: the kept script's, or the weighted average of the ensemble's attempts' scripts, trained
+    # again on training + validation cells after selection (the refit's inputs) unless the refit was not used
+    members = {int(i): float(w) for i, w in ensemble["weights"].items()} if ensemble else {journal["best_attempt"]: 1.0}
+    inputs = run_dir / ("sandbox-refit" if journal.get("refit", {}).get("used") else "sandbox")
     outputs = {}
     for index in members:
         copy = tmp_path / f"rerun-{index}"
-        shutil.copytree(run_dir / "sandbox", copy, ignore=shutil.ignore_patterns("outputs", "logs"))
+        shutil.copytree(inputs, copy, ignore=shutil.ignore_patterns("outputs", "logs", "refit_predictions.h5ad"))
         if index is not None:
             shutil.copy2(run_dir / "attempts" / f"attempt-{index:03d}" / "train.py", copy / "train.py")
         done = subprocess.run([sys.executable, "train.py"], cwd=copy, capture_output=True, text=True, timeout=600, check=False)

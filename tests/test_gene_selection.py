@@ -114,7 +114,8 @@ def test_sandbox_inputs_cut_in_blocks_of_rows_equal_the_one_shot_cut(tmp_path, m
     contract.prepare_inputs(adata, manifest, tmp_path / "whole", task={"type": "unseen_perturbation"}, max_genes=120)
     monkeypatch.setattr(contract, "BLOCK_ROWS", 7)
     contract.prepare_inputs(adata, manifest, tmp_path / "blocks", task={"type": "unseen_perturbation"}, max_genes=120)
-    for name in ("train", "val"):
+    assert not (tmp_path / "whole" / "data" / "val.h5ad").exists()  # validation cells stay on the host
+    for name in ("train",):
         whole, blocks = (ad.read_h5ad(tmp_path / d / "data" / f"{name}.h5ad") for d in ("whole", "blocks"))
         assert whole.n_obs > 7 and (whole.X != blocks.X).nnz == 0 and whole.obs.equals(blocks.obs)
         assert list(whole.var_names) == list(blocks.var_names)

@@ -123,7 +123,8 @@ def coder_context(run: Run, *, plan: dict[str, Any] | None = None) -> dict[str, 
         "threads": run.config.threads,
         "contract": contract.CONTRACT_DOC.read_text(),
         "data": {"dataset": data.get("dataset"), "shape": data.get("shape"), "task": data.get("task")},
-        "example_script": contract.EXAMPLE_SCRIPT.read_text(),
+        # a coder that writes the model function sees the example with that function's body left out (a 1.5B model copied it)
+        "example_script": contract.example_scaffold(contract.EXAMPLE_SCRIPT.read_text()) if own_script and coder_scope() == "function" else contract.EXAMPLE_SCRIPT.read_text(),
         "template_source": "" if own_script or not planned.is_file() else planned.read_text(),
     }
 
