@@ -67,6 +67,8 @@ def coder_writes_scripts() -> bool:
     return value == "deny" or not model_for("coder").startswith(OFFLINE_MODEL.split("/")[0] + "/")
 
 
+#: Most tokens of a coder's model function (about 100 lines; 2 minutes of generation on 2 cores here).
+FUNCTION_MAX_TOKENS = 1200
 #: The debugger's temperature once one of its fixes has failed in this run.
 RETRY_TEMPERATURE = 0.8
 
@@ -150,8 +152,11 @@ def ask_coder(run: Run, *, plan: dict[str, Any] | None = None, stage: str = "cod
     from cellforge.errors import LLMError
 
     schema = ({"function": CodeFunction, "script": CodeScript}[coder_scope()]) if coder_writes_scripts() else CodeChoice
+    spec = load_spec("coder")
+    if schema is CodeFunction:  # a function, not a file: a bound that fits it (an unbounded answer ran 11 minutes here)
+        spec = spec.model_copy(update={"max_tokens": min(spec.max_tokens or FUNCTION_MAX_TOKENS, FUNCTION_MAX_TOKENS)})
     try:
-        answer = LLMClient(run.dir, stage=stage).ask(load_spec("coder"), coder_context(run, plan=plan), schema)
+        answer = LLMClient(run.dir, stage=stage).ask(spec, coder_context(run, plan=plan), schema)
     except LLMError as exc:
         plan = plan if plan is not None else run.read_json("plan.json")
         if os.environ.get("CELLFORGE_CODER_TEMPLATES", "").strip().lower() != "fallback" or plan.get("template") not in _library():
