@@ -101,6 +101,15 @@ def _check_names(config: dict[str, Any]) -> None:
         raise ValueError(msg)
 
 
+def _code_block(text: str) -> tuple[str, str]:
+    """The longest fenced code block of a plain-text answer (the whole text when it has none), and the prose around it (500 characters)."""
+    import re
+
+    blocks = re.findall(r"```[ \t]*(?:python|py)?[ \t]*\n(.*?)(?:```|\Z)", text, flags=re.DOTALL | re.IGNORECASE)
+    code = max(blocks, key=len) if blocks else text.strip()
+    return code, re.sub(r"```.*?(?:```|\Z)", "", text, flags=re.DOTALL).strip()[:500]
+
+
 class CodeScript(BaseModel):
     """A language model's coder answer: the whole training + inference script, checked against the static contract.
 
@@ -137,7 +146,6 @@ class CodeScript(BaseModel):
             No script, or one that breaks the static contract (the message says what to fix).
         """
         import json
-        import re
 
         stripped = text.strip()
         if stripped.startswith("{"):
@@ -147,9 +155,7 @@ class CodeScript(BaseModel):
                 data = None
             if isinstance(data, dict) and isinstance(data.get("script"), str):
                 return cls.model_validate({"script": data["script"], "notes": str(data.get("notes", ""))[:500]})
-        blocks = re.findall(r"```[ \t]*(?:python|py)?[ \t]*\n(.*?)(?:```|\Z)", text, flags=re.DOTALL | re.IGNORECASE)
-        script = max(blocks, key=len) if blocks else stripped
-        notes = re.sub(r"```.*?(?:```|\Z)", "", text, flags=re.DOTALL).strip()[:500]
+        script, notes = _code_block(text)
         return cls.model_validate({"script": script, "notes": notes})
 
 
@@ -185,13 +191,9 @@ class CodeFunction(BaseModel):
             No fenced block or no top-level ``def predict_deltas``, or a script that breaks the
             static contract (the message says what to fix).
         """
-        import re
-
         from cellforge.execution.contract import EXAMPLE_SCRIPT, splice_model
 
-        blocks = re.findall(r"```[ \t]*(?:python|py)?[ \t]*\n(.*?)(?:```|\Z)", text, flags=re.DOTALL | re.IGNORECASE)
-        code = max(blocks, key=len) if blocks else text.strip()
-        notes = re.sub(r"```.*?(?:```|\Z)", "", text, flags=re.DOTALL).strip()[:500]
+        code, notes = _code_block(text)
         script = splice_model(EXAMPLE_SCRIPT.read_text(), code)
         return cls(function=code, script=script, notes=notes)
 

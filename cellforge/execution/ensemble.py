@@ -1,16 +1,16 @@
 """Ensembles of refinement attempts, selected on held-out validation predictions only.
 
-Every clean attempt writes ``outputs/val_predictions.npz``: its predicted and observed deltas
-for validation conditions it did not train on (out-of-fold under the templates'
-cross-validation). Attempts that share the same validation conditions can therefore be
-averaged and the average scored on the same footing. :func:`select_ensemble` runs greedy
+The host judges every clean attempt on validation cells the sandbox never had and keeps its
+predicted and observed deltas (``judged.npz``, :mod:`cellforge.execution.judge`). Attempts
+share the same validation conditions, so they can be averaged and the average scored on the
+same footing. :func:`select_ensemble` runs greedy
 forward selection with replacement (Caruana, Niculescu-Mizil, Crew & Ksikes, "Ensemble
 selection from libraries of models", ICML 2004): start from the best single attempt and keep
 adding the attempt whose inclusion lowers the validation MSE on each condition's top-20
 genes most, while the validation Pearson delta on those genes may not fall by more than the
 tolerance. Averaging models that err differently lowers variance, which is what a handful of
 training perturbations leaves most of. The refinement loop keeps the average only when it
-beats the best single attempt by the one-standard-error rule (:func:`beats_by_one_se`). Test
+beats the best single attempt by the paired one-standard-error rule (:func:`paired_rule`). Test
 conditions are never read here.
 """
 
@@ -23,8 +23,6 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 
-#: Name of the per-attempt file of held-out validation predictions (written by the templates).
-VAL_PREDICTIONS = "val_predictions.npz"
 TOP_GENES = 20
 
 

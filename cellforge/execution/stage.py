@@ -24,16 +24,27 @@ def debugger_format() -> str:
     ConfigError
         Another value.
     """
+    return _choice_for_role("CELLFORGE_DEBUGGER_FORMAT", "debugger", local="edit", other="full")
+
+
+def _choice_for_role(variable: str, role: str, *, local: str, other: str) -> str:
+    """``variable``'s value (``local`` or ``other``); unset, ``local`` when ``role`` runs on a model cellforge serves (``local/...``).
+
+    Raises
+    ------
+    ConfigError
+        Another value.
+    """
     import os
 
     from cellforge.errors import ConfigError
     from cellforge.llm.client import LOCAL_PREFIX, model_for
 
-    value = os.environ.get("CELLFORGE_DEBUGGER_FORMAT", "").strip().lower()
-    if value and value not in {"full", "edit"}:
-        msg = f"CELLFORGE_DEBUGGER_FORMAT={value!r}; valid: full, edit"
+    value = os.environ.get(variable, "").strip().lower()
+    if value and value not in {local, other}:
+        msg = f"{variable}={value!r}; valid: {other}, {local}"
         raise ConfigError(msg)
-    return value or ("edit" if model_for("debugger").startswith(LOCAL_PREFIX) else "full")
+    return value or (local if model_for(role).startswith(LOCAL_PREFIX) else other)
 
 
 #: ``CELLFORGE_CODER_TEMPLATES``: ``deny`` (a model writes code), ``allow`` (it may name a template instead),
@@ -85,16 +96,7 @@ def coder_scope() -> str:
     ConfigError
         Another value.
     """
-    import os
-
-    from cellforge.errors import ConfigError
-    from cellforge.llm.client import LOCAL_PREFIX, model_for
-
-    value = os.environ.get("CELLFORGE_CODER_SCOPE", "").strip().lower()
-    if value and value not in {"function", "script"}:
-        msg = f"CELLFORGE_CODER_SCOPE={value!r}; valid: function, script"
-        raise ConfigError(msg)
-    return value or ("function" if model_for("coder").startswith(LOCAL_PREFIX) else "script")
+    return _choice_for_role("CELLFORGE_CODER_SCOPE", "coder", local="function", other="script")
 
 
 def plan_defaults(plan: dict[str, Any], threads: int) -> dict[str, Any]:
