@@ -12,13 +12,15 @@ from typing import Annotated
 
 import typer
 
+from cellforge.console import printable
+
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="Agentic design of virtual-cell models.")
 
 DEFAULT_DATASET = "norman_subset"
 
 
 def _fail(exc: Exception) -> None:
-    typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+    typer.secho(f"error: {printable(exc)}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code=2)
 
 
@@ -87,7 +89,7 @@ def benchmark(
             )
             run = Run.create(config, root=runs, adata=adata)
         typer.echo(f"run directory: {run.dir}")
-        out = run_pipeline(run, echo=lambda s: typer.echo(s, err=True), until=until)
+        out = run_pipeline(run, echo=lambda s: typer.echo(printable(s), err=True), until=until)  # progress may quote generated code
     except CellforgeError as exc:
         _fail(exc)
     typer.echo(str(out))
@@ -342,7 +344,7 @@ def main() -> None:
             where = f"traceback saved to {report}"
         except OSError as write_exc:
             where = f"traceback not saved ({write_exc.strerror})"
-        typer.secho(f"internal error: {type(exc).__name__}: {exc} ({where}; please report it)", fg=typer.colors.RED, err=True)
+        typer.secho(f"internal error: {type(exc).__name__}: {printable(exc)} ({where}; please report it)", fg=typer.colors.RED, err=True)
         raise SystemExit(1) from None
 
 

@@ -11,6 +11,8 @@ leftover container) still show, as ``warning: ...`` lines.
 from __future__ import annotations
 
 import logging
+import re
+import unicodedata
 import os
 import sys
 
@@ -92,3 +94,32 @@ def quiet_console() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(h, _OwnWarnings) for h in logger.handlers):
             logger.addHandler(_OwnWarnings())
+
+
+#: ANSI escape sequences: CSI (``ESC [ ... final``), OSC (``ESC ] ... BEL`` or ``ESC \\``, window titles,
+#: hyperlinks, the clipboard), and any other two-character escape.
+_ESCAPES = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x9b[0-?]*[ -/]*[@-~]|\x1b[@-_]?")
+
+
+def printable(text: object, *, max_chars: int | None = None) -> str:
+    """``text`` as the terminal may show it: escape sequences and control or format characters removed.
+
+    Output of generated code, file names made in a sandbox and a model's answers reach the
+    operator's terminal through cellforge's progress lines. Removed: ANSI escape sequences (colours,
+    cursor moves, clear screen, OSC window titles, hyperlinks and clipboard writes), every other
+    control character (Unicode category ``Cc``) but newline and tab, and format characters
+    (``Cf``: bidirectional overrides that reorder what is read). The result is plain text; callers
+    that hand it to rich render it as ``rich.text.Text``, never as markup.
+
+    Parameters
+    ----------
+    text
+        Anything; ``str(text)`` is cleaned.
+    max_chars
+        Cut to this many characters (with ``...``) when given.
+    """
+    out = _ESCAPES.sub("", str(text))
+    out = "".join(ch for ch in out if ch in "\n\t" or unicodedata.category(ch) not in ("Cc", "Cf"))
+    if max_chars is not None and len(out) > max_chars:
+        out = out[: max(0, max_chars - 3)] + "..."
+    return out

@@ -98,11 +98,15 @@ class RunResult(BaseModel):
             "the processes (docker, remote)."
         ),
     )
+    kernel_limits: str | None = Field(
+        default=None,
+        description="Limits the kernel kept for this command (e.g. 'cgroup v1: memory 4096 MiB, 256 processes'); None where only polls and rlimits bound it.",
+    )
     limit_hit: Literal["timeout", "disk", "memory"] | None = Field(
         default=None,
         description=(
             "A limit the sandbox enforced by stopping the command ('disk': the work folder passed its size limit; "
-            "'memory': resident memory passed the limit, where it is polled rather than an address-space limit)."
+            "'memory': the kernel's memory cgroup killed in it, or polled resident memory passed the limit)."
         ),
     )
 

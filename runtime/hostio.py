@@ -209,61 +209,132 @@ def remove(root: Path, rel: str | os.PathLike[str]) -> None:
 
 
 def _rmtree_at(parent_fd: int, name: str) -> None:
+    """Remove the folder ``name`` of ``parent_fd`` and all under it: iterative, one descriptor held, any depth.
+
+    A tree made in the sandbox may be thousands of levels deep: recursion would raise
+    ``RecursionError`` (and a descriptor per level would run out), so the walk goes down one
+    folder at a time and back up through ``..``, keeping only the names it went through.
+    """
     fd = os.open(name, _DIR_FLAGS, dir_fd=parent_fd)
+    names: list[str] = []
     try:
-        for entry in os.listdir(fd):
-            info = os.stat(entry, dir_fd=fd, follow_symlinks=False)
-            if stat.S_ISDIR(info.st_mode):
-                _rmtree_at(fd, entry)
-            else:
-                os.unlink(entry, dir_fd=fd)
+        while True:
+            sub = None
+            for entry in os.listdir(fd):
+                info = os.stat(entry, dir_fd=fd, follow_symlinks=False)
+                if stat.S_ISDIR(info.st_mode):
+                    sub = sub or entry
+                else:
+                    os.unlink(entry, dir_fd=fd)
+            if sub is not None:
+                nxt = os.open(sub, _DIR_FLAGS, dir_fd=fd)
+                os.close(fd)
+                fd, _ = nxt, names.append(sub)
+                continue
+            if not names:
+                break
+            up = os.open("..", _DIR_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = up
+            os.rmdir(names.pop(), dir_fd=fd)
     finally:
         os.close(fd)
     os.rmdir(name, dir_fd=parent_fd)
 
 
+def remove_tree(path: Path) -> None:
+    """Remove the host folder ``path`` however deep the sandbox made it (no link followed; missing is fine)."""
+    path = Path(path)
+    try:
+        fd = os.open(path.parent, _DIR_FLAGS)
+    except FileNotFoundError:
+        return
+    try:
+        info = os.stat(path.name, dir_fd=fd, follow_symlinks=False)
+        if stat.S_ISDIR(info.st_mode):
+            _rmtree_at(fd, path.name)
+        else:
+            os.unlink(path.name, dir_fd=fd)
+    except FileNotFoundError:
+        return
+    finally:
+        os.close(fd)
+
+
+#: Deepest folder nesting copied out of a sandbox (``outputs/a/b/...``); deeper is refused, not followed.
+MAX_TREE_DEPTH = 32
+
+
 def copy_tree_out(
-    root: Path, rel: str | os.PathLike[str], dest: Path, *, max_bytes: int, max_files: int = 10_000
+    root: Path, rel: str | os.PathLike[str], dest: Path, *, max_bytes: int, max_files: int = 10_000, max_depth: int = MAX_TREE_DEPTH
 ) -> list[str]:
     """Copy the folder ``root/rel`` to the host folder ``dest``: regular files and folders only.
 
     Links, FIFOs, sockets and devices are skipped and named in the returned list; the host
-    copy never follows a link made in the sandbox.
+    copy never follows a link made in the sandbox. The walk is iterative and bounded: entries
+    (files and folders together) count against ``max_files``, folders nest at most
+    ``max_depth`` levels.
 
     Raises
     ------
     FileNotFoundError
         ``root/rel`` does not exist.
     UntrustedFileError
-        ``root/rel`` is not a plain folder, or the files pass ``max_bytes`` in all or ``max_files``.
+        ``root/rel`` is not a plain folder, the files pass ``max_bytes`` in all, the entries
+        ``max_files``, or the folders nest deeper than ``max_depth``.
     """
     skipped: list[str] = []
     budget = {"bytes": max_bytes, "files": max_files}
-
-    def walk(dfd: int, target: Path, shown: str) -> None:
+    base = _parts(rel)
+    stack: list[list[str]] = [[]]
+    while stack:
+        sub = stack.pop()
+        target = Path(dest).joinpath(*sub)
+        shown = "/".join([str(rel), *sub])
         target.mkdir(parents=True, exist_ok=True)
-        for entry in sorted(os.listdir(dfd)):
-            info = os.stat(entry, dir_fd=dfd, follow_symlinks=False)
-            if stat.S_ISDIR(info.st_mode):
-                sub = os.open(entry, _DIR_FLAGS, dir_fd=dfd)
-                try:
-                    walk(sub, target / entry, f"{shown}/{entry}")
-                finally:
-                    os.close(sub)
-            elif stat.S_ISREG(info.st_mode):
+        with _open_dir(root, base + sub) as dfd:
+            for entry in sorted(os.listdir(dfd)):
                 budget["files"] -= 1
-                budget["bytes"] -= info.st_size
-                if budget["files"] < 0 or budget["bytes"] < 0:
-                    msg = f"{root}/{rel}: more than {max_files} files or {max_bytes} bytes; not copied"
+                if budget["files"] < 0:
+                    msg = f"{root}/{rel}: more than {max_files} entries; not copied"
                     raise UntrustedFileError(msg)
-                data = read_at(dfd, entry, max_bytes=info.st_size, shown=f"{shown}/{entry}")
-                (target / entry).write_bytes(data)
-            else:
-                skipped.append(f"{shown}/{entry} ({stat.filemode(info.st_mode)})")
-
-    with _open_dir(root, _parts(rel)) as fd:
-        walk(fd, Path(dest), str(rel))
+                info = os.stat(entry, dir_fd=dfd, follow_symlinks=False)
+                if stat.S_ISDIR(info.st_mode):
+                    if len(sub) + 1 > max_depth:
+                        msg = f"{shown}/{entry}: folders nested deeper than {max_depth} levels; not copied"
+                        raise UntrustedFileError(msg)
+                    stack.append([*sub, entry])
+                elif stat.S_ISREG(info.st_mode):
+                    budget["bytes"] -= info.st_size
+                    if budget["bytes"] < 0:
+                        msg = f"{root}/{rel}: more than {max_bytes} bytes; not copied"
+                        raise UntrustedFileError(msg)
+                    copy_at(dfd, entry, target / entry, max_bytes=info.st_size, shown=f"{shown}/{entry}")
+                else:
+                    skipped.append(f"{shown}/{entry} ({stat.filemode(info.st_mode)})")
     return skipped
+
+
+#: Bytes a file may claim beyond what it holds on disk (file-system slack) before it counts as sparse.
+SPARSE_SLACK = 1024 * 1024
+
+
+def refuse_sparse(info: os.stat_result, shown: str) -> None:
+    """Refuse a file whose size is far beyond what it holds on disk (a sparse file: holes read as zeros).
+
+    A sandbox can make a 4 GiB file that takes no disk space and so passes the work folder's
+    disk limit; read on the host, it would be 4 GiB of memory. Its real content is not a
+    prediction anyone wrote.
+
+    Raises
+    ------
+    UntrustedFileError
+        ``st_size`` exceeds the allocated blocks by more than :data:`SPARSE_SLACK`.
+    """
+    allocated = info.st_blocks * 512
+    if info.st_size > allocated + SPARSE_SLACK:
+        msg = f"{shown}: a sparse file ({info.st_size} bytes in size, {allocated} on disk); not read"
+        raise UntrustedFileError(msg)
 
 
 def read_at(dfd: int, name: str, *, max_bytes: int, shown: str) -> bytes:
@@ -280,6 +351,7 @@ def read_at(dfd: int, name: str, *, max_bytes: int, shown: str) -> bytes:
             raise UntrustedFileError(f"{shown}: not a regular file (mode {stat.filemode(info.st_mode)})")
         if info.st_size > max_bytes:
             raise UntrustedFileError(f"{shown}: {info.st_size} bytes, over the limit of {max_bytes}")
+        refuse_sparse(info, shown)
         chunks, total = [], 0
         while chunk := os.read(fd, 1 << 20):
             total += len(chunk)
@@ -287,6 +359,32 @@ def read_at(dfd: int, name: str, *, max_bytes: int, shown: str) -> bytes:
                 raise UntrustedFileError(f"{shown}: grew past {max_bytes} bytes while read")
             chunks.append(chunk)
         return b"".join(chunks)
+    finally:
+        os.close(fd)
+
+
+def copy_at(dfd: int, name: str, dest: Path, *, max_bytes: int, shown: str) -> None:
+    """Stream the regular file ``name`` of the open folder ``dfd`` to the host file ``dest`` (no link, no sparse file, at most ``max_bytes``)."""
+    try:
+        fd = os.open(name, _READ_FLAGS, dir_fd=dfd)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UntrustedFileError(f"{shown}: is a symbolic link made in the sandbox; not followed") from exc
+        raise
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise UntrustedFileError(f"{shown}: not a regular file (mode {stat.filemode(info.st_mode)})")
+        if info.st_size > max_bytes:
+            raise UntrustedFileError(f"{shown}: {info.st_size} bytes, over the limit of {max_bytes}")
+        refuse_sparse(info, shown)
+        total = 0
+        with open(dest, "wb") as out:
+            while chunk := os.read(fd, 1 << 20):
+                total += len(chunk)
+                if total > max_bytes:
+                    raise UntrustedFileError(f"{shown}: grew past {max_bytes} bytes while read")
+                out.write(chunk)
     finally:
         os.close(fd)
 
@@ -316,8 +414,35 @@ def tree_size(root: Path) -> int:
 
 
 def chown_tree(root: Path, owner: tuple[int, int]) -> None:
-    """Give ``root`` and everything under it to ``owner`` (links themselves, never their targets)."""
+    """Give ``root`` and everything under it to ``owner`` (links themselves, never their targets).
+
+    Iterative and by descriptor, one folder open at a time: a tree the sandbox made thousands of
+    levels deep (longer than any path the kernel takes) is walked like any other.
+    """
     os.chown(root, *owner, follow_symlinks=False)
-    for folder, dirs, files in os.walk(root):
-        for name in dirs + files:
-            os.chown(os.path.join(folder, name), *owner, follow_symlinks=False)
+
+    def own_entries(dfd: int) -> list[str]:
+        subdirs = []
+        for name in os.listdir(dfd):
+            os.chown(name, *owner, dir_fd=dfd, follow_symlinks=False)
+            if stat.S_ISDIR(os.stat(name, dir_fd=dfd, follow_symlinks=False).st_mode):
+                subdirs.append(name)
+        return subdirs
+
+    fd = os.open(root, _DIR_FLAGS)
+    try:
+        stack = [own_entries(fd)]
+        while stack:
+            if stack[-1]:
+                nxt = os.open(stack[-1].pop(), _DIR_FLAGS, dir_fd=fd)
+                os.close(fd)
+                fd = nxt
+                stack.append(own_entries(fd))
+            else:
+                stack.pop()
+                if stack:
+                    up = os.open("..", _DIR_FLAGS, dir_fd=fd)
+                    os.close(fd)
+                    fd = up
+    finally:
+        os.close(fd)

@@ -6,11 +6,15 @@ virtual environment) and one writable bind, the work folder; ``/tmp`` and ``/dev
 private size-limited tmpfs; ``/proc`` shows only the sandbox's processes; no ``/run``, no
 home folders, no caches, no data mirror, no run directory, no host socket. Every namespace
 but the user's is unshared (network: only ``lo``). When cellforge runs as root, the command
-runs as an unprivileged uid (``CELLFORGE_SANDBOX_UID``, default 61000) with no capabilities
-and ``no_new_privs``; otherwise as the calling user in a user namespace.
+runs as an unprivileged uid of its own (the first free one from ``CELLFORGE_SANDBOX_UID``,
+default 61000: :func:`claim_uid`) with no capabilities and ``no_new_privs``; otherwise as the calling user in a user namespace.
 
-Limits: resident memory (the command's processes, polled every 0.2 s; past ``memory_mb`` the
-tree is killed and the result says ``limit_hit='memory'``), RLIMIT_AS at twice it as the backstop
+Limits: where cellforge may make cgroups (root, or a delegated subtree), the kernel keeps the
+command's memory (resident, page cache, tmpfs, shared memory and memfd files together) under
+``memory_mb`` and its processes under ``Limits.processes`` (:mod:`runtime.cgroups`); the
+resident memory poll then only reports the peak. Elsewhere resident memory is polled every
+0.2 s (past ``memory_mb`` the tree is killed). Either way the result says ``limit_hit='memory'``.
+Then RLIMIT_AS at twice it as the backstop
 of a runaway allocation (:func:`runtime.base.address_space_bytes`; none with a GPU, where CUDA's
 reservations do not fit under any), RLIMIT_NPROC, RLIMIT_FSIZE, RLIMIT_NOFILE, no core files, the
 work folder's total size (polled, see :class:`runtime.base.DiskWatch`), the tmpfs sizes.
@@ -60,6 +64,7 @@ from runtime.base import (
     sandbox_env,
     write_log,
 )
+from runtime.cgroups import KernelLimits
 from runtime.gpu import tree_memory
 
 logger = logging.getLogger(__name__)
@@ -86,6 +91,44 @@ def sandbox_owner() -> tuple[int, int] | None:
         msg = f"CELLFORGE_SANDBOX_UID={raw!r}; expected a positive integer (an unprivileged uid)"
         raise ValueError(msg)
     return int(raw), int(raw)
+
+
+#: How many sandboxes may run at once on one machine, each under its own uid (``base`` .. ``base + UID_SLOTS - 1``).
+UID_SLOTS = 1024
+
+
+def claim_uid(base: int) -> tuple[int, int]:
+    """A uid of its own for one sandbox: the first of ``base``, ``base + 1``, ... that no live sandbox holds.
+
+    Concurrent sandboxes (pilots, folds fanned out on Ray) must not share a uid: a per-uid
+    process limit would be one pool for all of them, and one could signal or trace another.
+    Each uid is held by an exclusive ``flock`` on a file in a root-only folder, released
+    when the sandbox closes or its process dies.
+
+    Returns
+    -------
+    tuple of int
+        (uid, descriptor of the held lock file).
+
+    Raises
+    ------
+    RuntimeError
+        All :data:`UID_SLOTS` uids are held.
+    """
+    import fcntl
+
+    folder = Path(tempfile.gettempdir()) / "cellforge-sandbox-uids"
+    folder.mkdir(mode=0o700, exist_ok=True)
+    for uid in range(base, base + UID_SLOTS):
+        fd = os.open(folder / f"{uid}.lock", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            continue
+        return uid, fd
+    msg = f"all {UID_SLOTS} sandbox uids from {base} are in use"
+    raise RuntimeError(msg)
 
 
 def bwrap_available() -> bool:
@@ -255,6 +298,10 @@ class LocalSandbox(Sandbox):
         self.isolation: Isolation = "bubblewrap+rlimits" if self.use_bwrap else "rlimits"
         self.python = sys.executable
         self.owner = sandbox_owner()
+        self._uid_lock: int | None = None
+        if self.owner is not None and self.use_bwrap:  # each sandbox its own uid (and so its own process count and keyring)
+            uid, self._uid_lock = claim_uid(self.owner[0])
+            self.owner = (uid, uid)
         self.state_path = self.work_dir.parent / f".{self.work_dir.name}.sandbox.json"
         self._etc = Path(tempfile.mkdtemp(prefix="cellforge-etc-"))
         self._write_identity()
@@ -372,19 +419,39 @@ class LocalSandbox(Sandbox):
         full_env = {**sandbox_env(self.work_dir, env, gpu=self.gpu), "CELLFORGE_SANDBOX_ID": marker}
         full = self.wrap(command, memory_mb=memory_mb, env=full_env)
         capture = OutputCapture(on_event)
+        # the kernel's books: memory (resident, page cache, tmpfs, shared memory, memfd) and processes of this command alone
+        kernel = KernelLimits.create(f"cellforge-{marker}", memory_bytes=int(memory_mb) * 2**20 if memory_mb else None, pids=self.limits.processes)
         start = time.monotonic()
-        proc = subprocess.Popen(  # noqa: S603
-            full, cwd=self.work_dir, env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}, stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
+        try:
+            proc = subprocess.Popen(  # noqa: S603
+                full, cwd=self.work_dir, env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}, stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
+                preexec_fn=kernel.join if kernel else None,  # noqa: PLW1509 - two writes to cgroup.procs, before exec
+            )  # fmt: skip
+        except BaseException:
+            if kernel:
+                kernel.close()
+            raise
+        try:
+            return self._wait(proc, command, kernel=kernel, marker=marker, memory_mb=memory_mb, timeout_s=timeout_s, capture=capture, start=start, log_name=log_name)
+        finally:
+            if kernel:
+                kernel.close()
+
+    def _wait(
+        self, proc: subprocess.Popen, command: list[str], *, kernel: KernelLimits | None, marker: str, memory_mb: int | None,
+        timeout_s: float, capture: OutputCapture, start: float, log_name: str,
+    ) -> RunResult:
+        """Wait for ``proc`` under the limits; its result once the whole tree is dead."""
         self.state_path.write_text(json.dumps({"pid": proc.pid, "start": _process_table().get(proc.pid, (0, None))[1], "marker": marker}))
         reader = threading.Thread(target=_pump, args=(proc.stdout, capture), daemon=True)
         reader.start()
         limit_hit = None
         # the tree's resident memory is polled: its peak, and the memory bound (RLIMIT_AS is only the backstop)
         bounded = bool(memory_mb)
+        polled = bounded and (kernel is None or kernel.memory is None)  # with a memory cgroup the poll only reports the peak
         memory = DiskWatch(
-            self.work_dir, limit_mb=int(memory_mb) if bounded else 2**40, on_exceed=lambda: kill_tree(proc.pid, marker), interval_s=0.2,
+            self.work_dir, limit_mb=int(memory_mb) if polled else 2**40, on_exceed=lambda: kill_tree(proc.pid, marker), interval_s=0.2,
             measure=lambda: tree_memory([proc.pid, *_descendants(proc.pid), *(_marked(marker) if bounded else [])]),
         )  # fmt: skip
         with DiskWatch(self.work_dir, limit_mb=self.limits.disk_mb, on_exceed=lambda: kill_tree(proc.pid, marker)) as watch, memory as rss:
@@ -403,6 +470,14 @@ class LocalSandbox(Sandbox):
         if rss.exceeded and limit_hit is None:
             limit_hit = "memory"
             capture.feed(f"\n[sandbox] stopped: resident memory passed its limit of {memory_mb} MiB (MemoryError)\n")
+        if kernel is not None and kernel.oom_kills() and limit_hit is None:
+            limit_hit = "memory"
+            capture.feed(
+                f"\n[sandbox] stopped: memory passed its limit of {memory_mb} MiB, counted by the kernel (resident memory, "
+                "tmpfs, shared memory and memfd files together; MemoryError)\n"
+            )
+        if kernel is not None and kernel.pids_refused():
+            capture.feed(f"\n[sandbox] the kernel refused new processes past this command's limit of {kernel.pids}\n")
         write_log(self.work_dir, log_name, capture)
         return RunResult(
             command=command,
@@ -417,8 +492,14 @@ class LocalSandbox(Sandbox):
             events=list(capture.events),
             limit_hit=limit_hit,
             peak_rss_mib=round(rss.peak / 2**20, 1) if rss.peak else None,
+            kernel_limits=None if kernel is None else (
+                f"cgroup v{kernel.version}: " + (f"memory {memory_mb} MiB, " if kernel.memory is not None else "") + f"{kernel.pids} processes"
+            ),
         )
 
     def close(self) -> None:
-        """Remove the host-side identity files."""
+        """Remove the host-side identity files; give the uid back."""
         shutil.rmtree(self._etc, ignore_errors=True)
+        if self._uid_lock is not None:
+            os.close(self._uid_lock)  # the flock goes with it
+            self._uid_lock = None

@@ -17,13 +17,16 @@ from cellforge.execution.journal import Attempt, FailureKind, RefineSettings, ne
 from cellforge.execution.judge import JUDGED, Judge, disagreement
 
 # A toy "script" whose validation deltas the host judges: it writes outputs/val.json (its predicted deltas for
-# three validation conditions, four genes) and claims a validation error of its own.
+# three validation conditions, four genes; also as the contract's predictions.h5ad) and claims a validation error of its own.
 _TOY = """CONFIG = {"shift": 0.0, "claim": 0.0}
 import json, pathlib
 out = pathlib.Path("outputs")
 out.mkdir(exist_ok=True)
 pred = [[1.0 + CONFIG["shift"], -1.0, 0.5, 0.0], [2.0 + CONFIG["shift"], 0.0, -0.5, 1.0], [0.0 + CONFIG["shift"], 1.0, 1.0, -1.0]]
 (out / "val.json").write_text(json.dumps(pred))
+import anndata, numpy, pandas
+obs = pandas.DataFrame({"condition": ["a", "b", "c"]}, index=["0", "1", "2"])
+anndata.AnnData(numpy.array(pred, dtype=numpy.float32), obs=obs, var=pandas.DataFrame(index=list("wxyz"))).write_h5ad(out / "predictions.h5ad")
 (out / "val_metrics.json").write_text(json.dumps({"val_mse_top20": CONFIG["claim"]}))
 """
 _TARGET = np.array([[1.0, -1.0, 0.5, 0.0], [2.0, 0.0, -0.5, 1.0], [0.0, 1.0, 1.0, -1.0]])
@@ -279,12 +282,13 @@ def test_code_a_model_wrote_is_refused_without_isolation_unless_the_user_accepts
     accepted.close()
 
 
-def test_a_coder_that_writes_the_model_function_sees_the_example_without_its_body():
+def test_a_coder_that_writes_the_model_function_sees_only_its_signature_and_docstring():
     from cellforge.execution.contract import EXAMPLE_SCRIPT, example_scaffold, splice_model
 
     example = EXAMPLE_SCRIPT.read_text()
     scaffold = example_scaffold(example)
-    assert "def predict_deltas" in scaffold and "np.tile(shift" not in scaffold and 'task["predict_conditions"]' in scaffold
+    assert "def predict_deltas(train_deltas, query" in scaffold and "control_cells: numpy array" in scaffold
+    assert "np.tile(shift" not in scaffold and 'task["predict_conditions"]' not in scaffold  # no body, no input/output code
     own = "def predict_deltas(train_deltas, query, conditions, control_cells, genes, config):\n    return np.zeros((len(query), len(genes)))\n"
     script = splice_model(example, own)
     assert own in script and "np.tile(shift" not in script and script.count("def predict_deltas") == 1

@@ -147,7 +147,7 @@ raise SystemExit(1)
     script_ok = f"""CONFIG = {{}}
 import os, json
 os.makedirs("outputs", exist_ok=True)
-os.symlink({str(secret)!r}, "outputs/predictions.h5ad")
+os.symlink({str(secret)!r}, "outputs/model.ckpt")
 os.mkfifo("outputs/pipe")
 json.dump({{"val_mse_top20": 1.0}}, open("outputs/val_metrics.json", "w"))
 """
@@ -156,8 +156,15 @@ json.dump({{"val_mse_top20": 1.0}}, open("outputs/val_metrics.json", "w"))
         check_outputs=lambda out: json.loads((out / "val_metrics.json").read_text()), debugger=None, max_attempts=1, timeout_s=60,
     )
     kept = tmp_path / "ok" / "attempt-000" / "outputs"
-    assert journal.succeeded and not (kept / "predictions.h5ad").exists() and not (kept / "pipe").exists()
-    assert "predictions.h5ad" in (kept / "SKIPPED.txt").read_text()
+    assert journal.succeeded and not (kept / "model.ckpt").exists() and not (kept / "pipe").exists()
+    assert "model.ckpt" in (kept / "SKIPPED.txt").read_text()
+    # a link where the predictions belong is the attempt's bad output (the exporter in the sandbox refuses it)
+    journal, _ = run_attempts(
+        script_ok.replace("outputs/model.ckpt", "outputs/predictions.h5ad"), sandbox=sandbox, attempts_dir=tmp_path / "link",
+        journal_path=tmp_path / "link.json", check_outputs=lambda out: {}, debugger=None, max_attempts=1, timeout_s=60,
+    )
+    assert journal.attempts[0].failure is FailureKind.BAD_OUTPUT and "not a regular file" in journal.attempts[0].failure_detail
+    assert secret.read_text() not in "".join(p.read_text(errors="replace") for p in (tmp_path / "link").rglob("*") if p.is_file())
     _still_works(sandbox)
 
 
@@ -470,3 +477,174 @@ def test_rlimits_fallback_kills_the_tree_and_calls_a_timeout_a_timeout(tmp_path)
     size = beat.stat().st_size
     time.sleep(1.0)
     assert beat.stat().st_size == size
+
+
+# ---------------------------------------------------------------------------- outputs that would hurt the host
+def _host_peak_mib() -> float:
+    """This process's peak resident memory since the last :func:`_reset_host_peak`, MiB (VmHWM)."""
+    import re
+
+    return int(re.search(r"VmHWM:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) / 1024
+
+
+def _reset_host_peak() -> None:
+    Path("/proc/self/clear_refs").write_text("5")
+
+
+def _collect(sandbox, dest: Path):  # noqa: ANN001, ANN202
+    """The host's whole read of an attempt's outputs: the export in the sandbox, the bounded copy, the metrics."""
+    from cellforge.errors import PredictionError
+    from cellforge.execution.contract import collect_outputs, read_val_metrics
+
+    _reset_host_peak()
+    try:
+        collect_outputs(sandbox, dest, memory_mb=512)
+        outcome = read_val_metrics(dest)
+    except PredictionError as exc:
+        outcome = exc
+    return outcome, _host_peak_mib()
+
+
+def test_a_predictions_file_declared_huge_is_never_read_on_the_host(sandbox, tmp_path):  # noqa: ANN001
+    """An .h5ad whose X is declared 16 GB with a fill value (a few KB on disk): parsed only inside the sandbox, under its limits."""
+    _hostile(sandbox, """
+        import anndata, h5py, numpy, pandas, os
+        os.makedirs("outputs", exist_ok=True)
+        obs = pandas.DataFrame({"condition": ["a"]}, index=["a"])
+        anndata.AnnData(numpy.zeros((1, 2), dtype="float32"), obs=obs, var=pandas.DataFrame(index=["g1", "g2"])).write_h5ad("outputs/predictions.h5ad")
+        with h5py.File("outputs/predictions.h5ad", "r+") as f:
+            del f["X"]
+            f.create_dataset("X", shape=(200_000, 20_000), dtype="float32", fillvalue=1.0, chunks=(1000, 1000), compression="gzip")
+        print("size on disk", os.path.getsize("outputs/predictions.h5ad"))
+    """)
+    outcome, peak = _collect(sandbox, tmp_path / "out")
+    assert isinstance(outcome, Exception) and "outputs/predictions.h5ad" in str(outcome), outcome
+    assert peak < 400, peak  # the host never allocated the declared 16 GB (nor a fraction of it)
+    _still_works(sandbox)
+
+
+def test_sparse_and_compressed_outputs_are_not_expanded_on_the_host(sandbox, tmp_path):  # noqa: ANN001
+    """A sparse file (size far beyond its blocks) is refused before it is read; a zip bomb beside the predictions is never opened."""
+    _hostile(sandbox, """
+        import os, zipfile
+        os.makedirs("outputs", exist_ok=True)
+        with zipfile.ZipFile("outputs/val_predictions.npz", "w", zipfile.ZIP_DEFLATED) as z, z.open("pred.npy", "w", force_zip64=True) as m:
+            block = bytes(16 * 2**20)
+            for _ in range(128):  # 2 GiB of zeros, a few MB compressed
+                m.write(block)
+        print("npz", os.path.getsize("outputs/val_predictions.npz"))
+    """)
+    outcome, peak = _collect(sandbox, tmp_path / "zip")
+    assert not isinstance(outcome, Exception), outcome  # copied as bytes, never decompressed
+    assert peak < 400, peak
+    _hostile(sandbox, """
+        import os
+        os.makedirs("outputs", exist_ok=True)
+        with open("outputs/model.ckpt", "wb") as fh:
+            fh.truncate(30 * 2**20)  # 30 MiB in size, nothing on disk
+    """)
+    outcome, peak = _collect(sandbox, tmp_path / "sparse")
+    assert isinstance(outcome, Exception) and "sparse file" in str(outcome), outcome
+    _still_works(sandbox)
+
+
+def test_deep_trees_and_deep_json_raise_no_recursion_on_the_host(sandbox, tmp_path):  # noqa: ANN001
+    """Folders 3,000 levels deep and a JSON document nested 100,000 levels: clear errors, and the clean-up still works."""
+    _hostile(sandbox, """
+        import os
+        os.makedirs("outputs", exist_ok=True)
+        os.chdir("outputs")
+        for _ in range(3000):
+            os.mkdir("d")
+            os.chdir("d")
+    """)
+    outcome, _ = _collect(sandbox, tmp_path / "deep")
+    assert isinstance(outcome, Exception) and "deeper than" in str(outcome), outcome
+    sandbox.remove("outputs")  # the next attempt's clean-up of the same tree
+    assert not (sandbox.work_dir / "outputs").exists()
+    _hostile(sandbox, """
+        import os
+        os.makedirs("outputs", exist_ok=True)
+        open("outputs/val_metrics.json", "w").write("[" * 100_000 + "]" * 100_000)
+    """)
+    outcome, _ = _collect(sandbox, tmp_path / "json")
+    assert isinstance(outcome, Exception) and "not valid JSON" in str(outcome), outcome
+    _hostile(sandbox, """
+        import json, os
+        os.makedirs("outputs", exist_ok=True)
+        json.dump({"val_mse_top20": "0.0 <script>", "epochs_run": {"a": [1]}, "note": "x" * 10_000}, open("outputs/val_metrics.json", "w"))
+    """)
+    outcome, _ = _collect(sandbox, tmp_path / "types")
+    assert outcome == {"note": "x" * 500, "_dropped": 2}, outcome  # a string where a number belongs never reaches a format
+    _still_works(sandbox)
+
+
+def test_memory_held_in_memfd_files_is_counted(sandbox):  # noqa: ANN001
+    """Memory in an anonymous file (memfd) is no process's resident memory; the kernel's accounting counts it all the same."""
+    result, log = _hostile(sandbox, """
+        import os
+        block = b"m" * (16 * 2**20)
+        files = []
+        for i in range(192):  # 3 GiB in 16 MiB files (each under the file-size limit)
+            fd = os.memfd_create(f"hoard-{i}")
+            os.write(fd, block)
+            files.append(fd)
+        print("MEMFD-DONE")
+    """, memory_mb=256)
+    assert "MEMFD-DONE" not in log, log
+    if sandbox.backend == "local" and result.kernel_limits:
+        assert result.limit_hit == "memory", (result.limit_hit, log[-500:])
+    _still_works(sandbox)
+
+
+def test_terminal_control_sequences_and_markup_never_reach_the_operator(sandbox, tmp_path):  # noqa: ANN001
+    """What a script prints reaches the live view and the progress lines as plain text: no escapes, no rich markup."""
+    from cellforge.console import printable
+    from cellforge.execution.stage import _LiveTail
+
+    result, _ = _hostile(sandbox, r"""
+        import os
+        print("\x1b]0;pwned-title\x07\x1b[2J\x1b]52;c;ZXZpbA==\x07[link=http://evil]click[/link] \u202eevil")
+        os.makedirs("outputs", exist_ok=True)
+        os.symlink("/etc/passwd", "outputs/\x1b[31mred\x07.txt")
+    """)
+    tail = _LiveTail()
+    for event in result.events:
+        tail.feed(event)
+    shown = "\n".join(tail.lines)
+    assert "pwned-title" not in shown and "\x1b" not in shown and "\x07" not in shown and "\u202e" not in shown
+    assert "[link=http://evil]click[/link]" in shown  # shown as the text it is; rendered with rich.text.Text, never as markup
+    assert "\x1b" not in printable(result.log_tail)
+    from cellforge.execution.journal import run_attempts
+
+    journal, _ = run_attempts(
+        "CONFIG = {}\nimport os\nos.makedirs('outputs', exist_ok=True)\nos.symlink('/etc/passwd', 'outputs/\\x1b[31mred\\x07.txt')\n",
+        sandbox=sandbox, attempts_dir=tmp_path / "a", journal_path=tmp_path / "j.json", check_outputs=lambda out: {}, debugger=None,
+        max_attempts=1, timeout_s=60,
+    )
+    skipped = (tmp_path / "a" / "attempt-000" / "outputs" / "SKIPPED.txt").read_text()
+    assert "red" in skipped and "\x1b" not in skipped and "\x07" not in skipped
+    _still_works(sandbox)
+
+
+@pytest.mark.skipif(not bwrap_available() or os.geteuid() != 0, reason="per-sandbox uids need bubblewrap and root")
+def test_concurrent_sandboxes_have_their_own_uid_and_process_room(tmp_path):
+    """A fork bomb that fills its own sandbox's process limit leaves a sandbox running beside it room to work."""
+    import threading
+
+    bomb = LocalSandbox(tmp_path / "bomb", use_bwrap=True, limits=LIMITS)
+    quiet = LocalSandbox(tmp_path / "quiet", use_bwrap=True, limits=LIMITS)
+    try:
+        assert bomb.owner != quiet.owner
+        bomb.write_text("bomb.py", "import os, time\nfor _ in range(10_000):\n    try:\n        pid = os.fork()\n    except OSError:\n        break\n    if pid == 0:\n        time.sleep(8)\n        os._exit(0)\nprint('BOMB-FULL')\ntime.sleep(8)\n")
+        quiet.write_text("quiet.py", "import os, time\ntime.sleep(2)\nkids = 0\nfor _ in range(16):\n    if os.fork() == 0:\n        time.sleep(1)\n        os._exit(0)\n    kids += 1\nprint('QUIET-FORKED', kids, os.getuid())\n")
+        done = {}
+        thread = threading.Thread(target=lambda: done.setdefault("bomb", bomb.run([bomb.python, "bomb.py"], timeout_s=30)))
+        thread.start()
+        result = quiet.run([quiet.python, "quiet.py"], timeout_s=30)
+        thread.join()
+        assert "QUIET-FORKED 16" in result.log_tail, result.log_tail
+        assert "BOMB-FULL" in done["bomb"].log_tail
+    finally:
+        bomb.close()
+        quiet.close()

@@ -173,8 +173,9 @@ class CodeFunction(BaseModel):
     model_config = ConfigDict(extra="forbid")
     answer_format: ClassVar[str] = "python"
     answer_instructions: ClassVar[str] = (
-        "Reply with ONE ```python fenced block holding your new `predict_deltas` function (with any imports and helper "
-        "functions it needs above it); the host puts it in place of the worked example's model region. Then one sentence."
+        "Reply with ONE ```python fenced block holding your `predict_deltas` function (any imports and small helper "
+        "functions it needs above it; no classes, no docstring, at most 50 lines); the host puts it in place of the "
+        "worked example's model region. Then one sentence."
     )
 
     function: str = Field(description="The model region: imports, helpers and def predict_deltas(...).")

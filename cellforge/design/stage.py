@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Callable
 from typing import Any
 
 from cellforge.run import Run
+from runtime.hostio import remove_tree
 
 Echo = Callable[[str], None]
 
@@ -47,7 +47,7 @@ def _pilot_runner(run: Run, echo: Echo) -> Callable[[list[tuple[str, Any]]], lis
 
         work = run.path("pilots") / name
         if work.exists():
-            shutil.rmtree(work)
+            remove_tree(work)
         work.mkdir(parents=True)
         manifest = SplitManifest.load(run.path("split.json"))
         adata = run.adata()
@@ -128,7 +128,7 @@ def run_pilot(spec: dict[str, Any]) -> dict[str, Any]:
         if result.exit_code == 0:
             with tempfile.TemporaryDirectory() as tmp:
                 try:
-                    sandbox.get_tree("outputs", Path(tmp) / "outputs")
+                    contract.collect_outputs(sandbox, Path(tmp) / "outputs", memory_mb=spec["memory_mb"])
                     contract.check_outputs(Path(tmp) / "outputs", test=list(judge.predict), genes=list(judge.genes))
                     host = judge.score(Path(tmp) / "outputs")
                 except (FileNotFoundError, UntrustedFileError, PredictionError):

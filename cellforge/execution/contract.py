@@ -14,6 +14,8 @@ Out: ``outputs/predictions.h5ad`` with one row per condition of ``predict_condit
 from __future__ import annotations
 
 import json
+import re
+from typing import Any
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -114,23 +116,55 @@ def _condition_doses(adata: ad.AnnData) -> dict[str, float]:
 MAX_VAL_METRICS_BYTES = 1024 * 1024
 
 
-def parse_val_metrics(data: bytes, source: str) -> dict:
-    """The validation metrics in ``data`` (a JSON object), as written by a training script.
+#: Most entries of a script's own ``val_metrics.json`` kept, longest key and longest string value kept.
+MAX_REPORTED_ENTRIES, MAX_REPORTED_KEY, MAX_REPORTED_CHARS = 200, 200, 500
+#: Keys whose values the host reads as numbers (a string there is dropped, never formatted).
+_NUMERIC_KEY = re.compile(r"^(val_|test_|train_|n_|epochs?)")
+
+
+def parse_val_metrics(data: bytes, source: str) -> dict[str, Any]:
+    """What a training script says about itself in ``val_metrics.json`` (``data``), as the host keeps it.
+
+    The file is untrusted: it is parsed by pydantic-core's JSON parser (nesting beyond 200 levels
+    is an error, not a ``RecursionError``), and reduced to a flat schema: at most
+    :data:`MAX_REPORTED_ENTRIES` entries whose values are numbers, booleans, null or strings of at
+    most :data:`MAX_REPORTED_CHARS` characters; a nested value is dropped, and so is a string under
+    a key the host reads as a number (``val_*``, ``n_*``, ``epochs_run``...). The host never uses
+    these numbers to select or score (it judges predictions itself); they are shown beside its own.
+
+    Returns
+    -------
+    dict
+        ``{key: number | bool | None | str}``; ``"_dropped"`` counts entries left out, when any.
 
     Raises
     ------
     PredictionError
-        Not JSON, or not an object.
+        Not JSON (or nested too deep), or not an object.
     """
+    import pydantic_core
+
     try:
-        metrics = json.loads(data)
+        metrics = pydantic_core.from_json(data, allow_inf_nan=True)
     except ValueError as exc:
-        msg = f"{source}: not valid JSON ({exc})"
+        msg = f"{source}: not valid JSON ({str(exc)[:200]})"
         raise PredictionError(msg) from exc
     if not isinstance(metrics, dict):
         msg = f"{source}: expected a JSON object of metric -> value, got {type(metrics).__name__}"
         raise PredictionError(msg)
-    return metrics
+    kept: dict[str, Any] = {}
+    for key, value in metrics.items():
+        key = str(key)[:MAX_REPORTED_KEY]
+        numeric = isinstance(value, int | float) and not isinstance(value, bool)
+        if len(kept) >= MAX_REPORTED_ENTRIES or key == "_dropped":
+            continue
+        if numeric or value is None or isinstance(value, bool):
+            kept[key] = value
+        elif isinstance(value, str) and not _NUMERIC_KEY.match(key):
+            kept[key] = value[:MAX_REPORTED_CHARS]
+    if len(kept) < len(metrics):
+        kept["_dropped"] = len(metrics) - len(kept)
+    return kept
 
 
 def read_val_metrics(outputs: Path) -> dict:
@@ -344,19 +378,26 @@ def splice_model(example: str, code: str) -> str:
 
 
 def example_scaffold(example: str) -> str:
-    """The worked example with the body of ``predict_deltas`` left out (its docstring kept): what a coder fills in.
+    """What a coder writing the model function reads: the signature and docstring of ``predict_deltas``, no body.
 
     Shown the example's own body, Qwen2.5-Coder-1.5B returned it unchanged in six runs out of six
-    (with unused classes around it); shown the signature and docstring, it has to write the model.
+    (with unused classes around it); shown the whole example without the body, it spent its
+    1,200 tokens on classes and on copying the docstring back (measured: a 1,813-token prompt, an
+    answer cut off before its first line of model code). So the coder sees only the function to
+    write, with the names the example imports for it; the host splices the answer into the
+    example (:func:`splice_model`), which does the input and the output.
     """
     import ast
 
     tree = ast.parse(example)
     func = next(node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == "predict_deltas")
-    doc = func.body[0]
     lines = example.splitlines(keepends=True)
-    body_start, body_end = doc.end_lineno, func.end_lineno  # 1-based: the docstring's last line, the function's last line
-    return "".join(lines[:body_start]) + "    ...  # the model: compute and return the predicted changes here\n" + "".join(lines[body_end:])
+    head = "".join(lines[func.lineno - 1 : func.body[0].end_lineno])  # 1-based: the def line to the docstring's last line
+    return (
+        "# in scope already: import numpy as np; import pandas as pd; import scipy.sparse as sp\n"
+        + head
+        + "    ...  # the model: compute and return the predicted changes here (do not repeat this docstring)\n"
+    )
 
 
 def check_script(text: str) -> str:
@@ -393,13 +434,154 @@ def check_script(text: str) -> str:
     return text
 
 
+#: The script the host runs in the sandbox after each training script (:mod:`cellforge.execution.export_outputs`).
+EXPORTER = Path(__file__).with_name("export_outputs.py")
+#: Where the exporter writes, inside ``outputs/``.
+EXPORT_DIR = ".export"
+#: Largest predictions matrix the host reads (declared in the ``.npy`` header before any allocation), bytes.
+MAX_PREDICTION_BYTES = 2 * 1024**3
+#: Largest ``labels.json`` (condition and gene names) the host reads, bytes.
+MAX_LABELS_BYTES = 64 * 1024**2
+#: Seconds the exporter may run in the sandbox.
+EXPORT_TIMEOUT_S = 300.0
+
+
+def collect_outputs(sandbox: Any, dest: Path, *, memory_mb: int | None = None, timeout_s: float = EXPORT_TIMEOUT_S) -> list[str]:
+    """Copy a finished script's ``outputs/`` to the host folder ``dest``, its predictions re-made by the host.
+
+    The host never parses the predictions file that generated code wrote. The exporter
+    (:mod:`cellforge.execution.export_outputs`) reads ``outputs/predictions.h5ad`` inside the
+    sandbox, under its limits, and writes a ``.npy`` matrix and a JSON list of labels; the folder
+    is copied out without following links (sizes, entries and depth bounded:
+    :func:`runtime.hostio.copy_tree_out`); :func:`import_exported` reads the two files with bounds
+    fixed in advance and writes the host's own ``dest/predictions.h5ad`` over the copied one.
+
+    Returns
+    -------
+    list of str
+        Entries of ``outputs/`` not copied (links, special files).
+
+    Raises
+    ------
+    PredictionError
+        No outputs folder, an unreadable predictions file (the exporter's one-line reason),
+        or exported files that break the bounds.
+    """
+    from cellforge.console import printable
+    from runtime.errors import UntrustedFileError
+
+    sandbox.write_text(".cellforge_export.py", EXPORTER.read_text())
+    try:
+        result = sandbox.run([sandbox.python, "-I", ".cellforge_export.py"], timeout_s=timeout_s, memory_mb=memory_mb, log_name="export.log")
+    finally:
+        sandbox.remove(".cellforge_export.py")
+    if result.exit_code not in (0, 4):  # 4: no predictions file at all (the check of the outputs names it)
+        lines = [line for line in (result.log_tail or "").splitlines() if line.strip()]
+        why = printable(lines[-1] if lines else f"exit code {result.exit_code}", max_chars=400)
+        if result.exit_code != 3:  # noqa: PLR2004 - the exporter's own "cannot read" status
+            why = f"the predictions could not be exported in the sandbox ({result.limit_hit or f'exit code {result.exit_code}'}): {why}"
+        raise PredictionError(why)
+    try:
+        skipped = sandbox.get_tree("outputs", dest)
+    except FileNotFoundError as exc:
+        msg = "the script wrote no outputs/ folder"
+        raise PredictionError(msg) from exc
+    except UntrustedFileError as exc:
+        raise PredictionError(str(exc)) from exc
+    if result.exit_code == 0:
+        import_exported(dest)
+    else:
+        (Path(dest) / Path(PREDICTIONS).name).unlink(missing_ok=True)  # never parsed on the host
+    return skipped
+
+
+def _npy_header(handle: Any) -> tuple[tuple[int, ...], bool, np.dtype]:
+    """(shape, fortran order, dtype) from an open ``.npy`` file's header, nothing else read."""
+    version = np.lib.format.read_magic(handle)
+    reader = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    return reader(handle, max_header_size=10_000)
+
+
+def import_exported(outputs: Path, *, max_bytes: int = MAX_PREDICTION_BYTES) -> Path:
+    """Read the exporter's ``.export/X.npy`` and ``labels.json`` in ``outputs`` and write ``outputs/predictions.h5ad``.
+
+    The ``.npy`` header (shape, dtype, order) is read first: a matrix that is not 2-D
+    float32/float64, declares more than ``max_bytes``, or whose file is not exactly header + data,
+    is refused before any allocation. The labels are parsed by pydantic-core (nesting bounded) and
+    must name one condition per row and one gene per column. The exported folder is removed.
+
+    Returns
+    -------
+    Path
+        The host-written ``predictions.h5ad``.
+
+    Raises
+    ------
+    PredictionError
+        Missing or malformed exported files, with what is wrong.
+    """
+    import os
+
+    import pydantic_core
+
+    from runtime.hostio import remove_tree
+
+    folder = Path(outputs) / EXPORT_DIR
+    x_path, labels_path = folder / "X.npy", folder / "labels.json"
+    for path in (x_path, labels_path):
+        if path.is_symlink() or not path.is_file():
+            msg = f"outputs/{EXPORT_DIR}/{path.name}: missing after the export"
+            raise PredictionError(msg)
+    if labels_path.stat().st_size > MAX_LABELS_BYTES:
+        msg = f"outputs/predictions.h5ad: its condition and gene names take over {MAX_LABELS_BYTES} bytes"
+        raise PredictionError(msg)
+    try:
+        labels = pydantic_core.from_json(labels_path.read_bytes())
+        conditions, genes = labels["conditions"], labels["genes"]
+        if not (isinstance(conditions, list) and isinstance(genes, list) and all(isinstance(v, str) for v in conditions + genes)):
+            raise TypeError("conditions and genes must be lists of strings")
+    except (ValueError, KeyError, TypeError) as exc:
+        msg = f"outputs/{EXPORT_DIR}/labels.json: malformed ({str(exc)[:200]})"
+        raise PredictionError(msg) from exc
+    with open(x_path, "rb") as handle:
+        try:
+            shape, fortran, dtype = _npy_header(handle)
+        except ValueError as exc:
+            msg = f"outputs/{EXPORT_DIR}/X.npy: not a .npy file ({str(exc)[:200]})"
+            raise PredictionError(msg) from exc
+        if len(shape) != 2 or dtype not in (np.dtype("<f4"), np.dtype("<f8")):  # noqa: PLR2004
+            msg = f"outputs/predictions.h5ad: X has shape {shape} and dtype {dtype}; expected (rows, genes) float32 or float64"
+            raise PredictionError(msg)
+        n = int(shape[0]) * int(shape[1])
+        if n * dtype.itemsize > max_bytes:
+            msg = f"outputs/predictions.h5ad: X declares {shape} ({n * dtype.itemsize / 2**20:.0f} MiB), over the host's limit of {max_bytes / 2**20:.0f} MiB"
+            raise PredictionError(msg)
+        if os.fstat(handle.fileno()).st_size != handle.tell() + n * dtype.itemsize:
+            msg = f"outputs/{EXPORT_DIR}/X.npy: its size does not match its header {shape}"
+            raise PredictionError(msg)
+        if shape[0] != len(conditions) or shape[1] != len(genes):
+            msg = f"outputs/predictions.h5ad: X is {shape} for {len(conditions)} condition labels and {len(genes)} genes"
+            raise PredictionError(msg)
+        x = np.fromfile(handle, dtype=dtype, count=n).reshape(shape, order="F" if fortran else "C")
+    rows = labels.get("rows")
+    if not (isinstance(rows, list) and len(rows) == len(conditions) and all(isinstance(r, str) for r in rows) and len(set(rows)) == len(rows)):
+        rows = [str(i) for i in range(len(conditions))]
+    obs = pd.DataFrame({"condition": conditions}, index=rows)
+    pred = ad.AnnData(X=x, obs=obs, var=pd.DataFrame(index=pd.Index(genes, dtype=str)))
+    remove_tree(folder)
+    out = Path(outputs) / Path(PREDICTIONS).name
+    out.unlink(missing_ok=True)  # the script's own file: never parsed on the host
+    write_h5ad(pred, out)
+    return out
+
+
 def check_outputs(outputs: Path, *, test: list[str], genes: list[str]) -> dict:
     """Check a host-side copy of a script's ``outputs/`` against the contract; return its validation metrics.
 
     Parameters
     ----------
     outputs
-        Folder holding ``predictions.h5ad``, ``val_metrics.json`` and optionally ``val_predictions.npz``.
+        Folder holding ``predictions.h5ad`` (host-written: :func:`collect_outputs`) and ``val_metrics.json``; no other file is read.
     test, genes
         The split's test conditions and the data's genes (see :func:`load_predictions`).
 
@@ -407,40 +589,9 @@ def check_outputs(outputs: Path, *, test: list[str], genes: list[str]) -> dict:
     ------
     PredictionError
         What is wrong, precisely: the missing file, unknown or missing condition names,
-        missing genes, shapes, non-finite values, count-scale values, a non-numeric metric.
+        missing genes, shapes, non-finite values, count-scale values, a ``val_metrics.json`` that is not a JSON object.
     """
     outputs = Path(outputs)
     load_predictions(outputs / Path(PREDICTIONS).name, test=test, genes=genes)
-    metrics = read_val_metrics(outputs)
-    bad = {k: v for k, v in metrics.items() if v is not None and not isinstance(v, int | float | str | bool)}
-    if bad:
-        msg = f"{VAL_METRICS}: values must be numbers, got {sorted(bad)[:5]}"
-        raise PredictionError(msg)
-    saved = outputs / "val_predictions.npz"
-    if saved.is_file():
-        _check_val_predictions(saved)
-    return metrics
+    return read_val_metrics(outputs)
 
-
-def _check_val_predictions(path: Path) -> None:
-    """Arrays and shapes of ``val_predictions.npz`` (its conditions may be validation or training folds)."""
-    try:
-        with np.load(path, allow_pickle=False) as data:
-            arrays = {k: data[k] for k in data.files}
-    except (OSError, ValueError) as exc:
-        msg = f"outputs/val_predictions.npz: not a readable .npz without pickles ({exc})"
-        raise PredictionError(msg) from exc
-    missing = [k for k in ("conditions", "pred", "target") if k not in arrays]
-    if missing:
-        msg = f"outputs/val_predictions.npz: missing arrays {missing}; has {sorted(arrays)}"
-        raise PredictionError(msg)
-    n = len(arrays["conditions"])
-    for key in ("pred", "target", "base"):
-        if key in arrays:
-            shape = arrays[key].shape
-            if len(shape) != 2 or shape[0] != n:  # noqa: PLR2004
-                msg = f"outputs/val_predictions.npz: {key} has shape {shape}; expected ({n}, n_genes) for {n} conditions"
-                raise PredictionError(msg)
-            if not np.isfinite(arrays[key]).all():
-                msg = f"outputs/val_predictions.npz: {key} has non-finite values"
-                raise PredictionError(msg)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import re
-import shutil
 from enum import StrEnum
 from pathlib import Path
 from typing import Any, Literal
@@ -21,6 +20,7 @@ from pydantic import BaseModel, Field
 
 from cellforge.errors import ConfigError, PredictionError, SandboxError
 from cellforge.execution.codegen import get_config, render, set_config
+from runtime.hostio import remove_tree
 
 
 class FailureKind(StrEnum):
@@ -172,25 +172,14 @@ def apply_patch(script: str, patch: dict[str, Any]) -> str:
     return script
 
 
-#: Most entries of a script's own val_metrics.json kept for display, and longest string value.
-MAX_REPORTED_ENTRIES, MAX_REPORTED_CHARS = 200, 500
-
-
 def _reported(outputs: Path) -> dict[str, Any]:
-    """The script's own ``val_metrics.json`` (display only): numbers, booleans and short strings, bounded; empty when unusable."""
+    """The script's own ``val_metrics.json`` (display only, bounded: :func:`~cellforge.execution.contract.parse_val_metrics`); empty when unusable."""
     from cellforge.execution.contract import read_val_metrics
 
     try:
-        metrics = read_val_metrics(outputs)
+        return read_val_metrics(outputs)
     except PredictionError:
         return {}
-    kept: dict[str, Any] = {}
-    for key, value in list(metrics.items())[:MAX_REPORTED_ENTRIES]:
-        if isinstance(value, bool | int | float) or value is None:
-            kept[str(key)[:200]] = value
-        elif isinstance(value, str):
-            kept[str(key)[:200]] = value[:MAX_REPORTED_CHARS]
-    return kept
 
 
 def resize(script: str, failure: FailureKind) -> tuple[str, dict[str, Any]] | None:
@@ -244,7 +233,7 @@ class _Executor:
         index = len(self.journal.attempts)
         folder = self.attempts_dir / f"attempt-{index:03d}"
         if folder.exists():
-            shutil.rmtree(folder)  # left by an interrupted run: this attempt starts clean
+            remove_tree(folder)  # left by an interrupted run: this attempt starts clean
         folder.mkdir(parents=True)
         (folder / "train.py").write_text(script)
         self.sandbox.remove("outputs")  # a run must write its own outputs, not inherit the last one's
@@ -274,7 +263,7 @@ class _Executor:
             except PredictionError as exc:
                 attempt.failure, attempt.failure_detail = FailureKind.BAD_OUTPUT, str(exc)
         if attempt.failure is not None and (folder / "outputs").exists():
-            shutil.rmtree(folder / "outputs")  # only clean runs keep outputs
+            remove_tree(folder / "outputs")  # only clean runs keep outputs
         if attempt.failure is None:
             attempt.reported_metrics = _reported(folder / "outputs")
             from cellforge.execution.judge import disagreement
@@ -289,7 +278,7 @@ class _Executor:
         index = len(self.journal.attempts)
         folder = self.attempts_dir / f"attempt-{index:03d}"
         if folder.exists():
-            shutil.rmtree(folder)
+            remove_tree(folder)
         folder.mkdir(parents=True)
         (folder / "train.py").write_text(script)
         attempt = Attempt(
@@ -308,17 +297,12 @@ class _Executor:
         PredictionError
             No outputs folder, or it is a link, holds special files only, or is too big.
         """
-        from runtime.errors import UntrustedFileError
+        from cellforge.execution.contract import collect_outputs
 
-        try:
-            skipped = self.sandbox.get_tree("outputs", dest)
-        except FileNotFoundError as exc:
-            msg = "the script wrote no outputs/ folder"
-            raise PredictionError(msg) from exc
-        except UntrustedFileError as exc:
-            raise PredictionError(str(exc)) from exc
+        skipped = collect_outputs(self.sandbox, dest, memory_mb=self.memory_mb)
         if skipped:
-            (dest / "SKIPPED.txt").write_text("not copied (links or special files):\n" + "\n".join(skipped) + "\n")
+            # names made in the sandbox: written as Python's ascii() spells them (no control character reaches a reader)
+            (dest / "SKIPPED.txt").write_text("not copied (links or special files):\n" + "\n".join(ascii(str(n))[1:-1][:300] for n in skipped[:1000]) + "\n")
         return dest
 
     def restore(self, index: int) -> None:
@@ -911,7 +895,7 @@ def refit_selected(
             journal.save(journal_path)
             return None
         paths[i] = attempts_dir / f"attempt-{attempt.index:03d}" / "outputs" / "predictions.h5ad"
-    out = sandbox.work_dir / "refit_predictions.h5ad"
+    out = attempts_dir / "refit_predictions.h5ad"  # a host folder: the sandbox may have left a link under any name in its own
     if len(paths) == 1:
         out.write_bytes(next(iter(paths.values())).read_bytes())
     else:

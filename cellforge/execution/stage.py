@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import shutil
 import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from cellforge.run import Run
+from runtime.hostio import remove_tree
 
 Echo = Callable[[str], None]
 
@@ -210,15 +210,18 @@ class _LiveTail:
         return self.feed
 
     def feed(self, event: Any) -> None:
-        self.lines.extend(line for line in event.text.splitlines() if line.strip())
+        from cellforge.console import printable
+
+        self.lines.extend(printable(line, max_chars=400) for line in event.text.splitlines() if line.strip())
 
     def _loop(self) -> None:
         from rich.live import Live
         from rich.panel import Panel
+        from rich.text import Text
 
         with Live(console=self.console, refresh_per_second=2, transient=True) as live:
             while not self._stop.wait(0.5):
-                live.update(Panel("\n".join(self.lines) or "(starting)", title=self.title))
+                live.update(Panel(Text("\n".join(self.lines) or "(starting)"), title=Text(self.title)))  # text, never markup
 
     def stop(self) -> None:
         self._stop.set()
@@ -245,7 +248,7 @@ def stage_execute(run: Run, *, echo: Echo) -> None:
     manifest = SplitManifest.load(run.path("split.json"))
     work = run.path("sandbox")
     if work.exists():
-        shutil.rmtree(work)  # an interrupted execute stage restarts clean
+        remove_tree(work)  # an interrupted execute stage restarts clean
     work.mkdir()
     task = run.read_json("data.json")["task"]
     selection = contract.prepare_inputs(adata, manifest, work, task=task, max_genes=run.config.max_genes)
@@ -359,7 +362,7 @@ def stage_execute(run: Run, *, echo: Echo) -> None:
             # selection is over: the kept model learns from the validation cells too before it predicts the test conditions
             refit_work = run.path("sandbox-refit")
             if refit_work.exists():
-                shutil.rmtree(refit_work)
+                remove_tree(refit_work)
             refit_work.mkdir()
             everything = manifest.model_copy(update={"train": [*manifest.train, *manifest.val], "val": []})
             contract.prepare_inputs(adata, everything, refit_work, task=task, selection=selection)
