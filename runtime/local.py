@@ -66,6 +66,7 @@ from runtime.base import (
 )
 from runtime.cgroups import KernelLimits
 from runtime.gpu import tree_memory
+from runtime.seccomp import filter_program
 
 logger = logging.getLogger(__name__)
 
@@ -361,8 +362,11 @@ class LocalSandbox(Sandbox):
             "--inh-caps=-all", "--bounding-set=-all", "--",
         ]  # fmt: skip
 
-    def wrap(self, command: list[str], *, memory_mb: int | None, env: dict[str, str]) -> list[str]:
-        """The full host command line: rlimits, parent-death signal, bubblewrap, uid drop, then ``command``."""
+    def wrap(self, command: list[str], *, memory_mb: int | None, env: dict[str, str], seccomp_fd: int | None = None) -> list[str]:
+        """The full host command line: rlimits, parent-death signal, bubblewrap, uid drop, then ``command``.
+
+        ``seccomp_fd``: an open descriptor holding :func:`runtime.seccomp.filter_program`, for bubblewrap's ``--seccomp``.
+        """
         inner = self._drop_args() + command
         if not self.use_bwrap:
             return self._limit_args(memory_mb) + ["env", "-i", *(f"{k}={v}" for k, v in env.items())] + inner
@@ -392,6 +396,9 @@ class LocalSandbox(Sandbox):
         for root in _python_roots():
             args += ["--ro-bind", root, root]
         args += ["--bind", work, work, "--chdir", work]
+        args += ["--ro-bind", "/dev/null", "/proc/cmdline"]  # the host's kernel command line is not the sandbox's business
+        if seccomp_fd is not None:
+            args += ["--seccomp", str(seccomp_fd)]
         if self.owner is not None:
             args += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
         return self._limit_args(memory_mb) + args + ["--"] + inner
@@ -417,7 +424,23 @@ class LocalSandbox(Sandbox):
         prepare_work_dir(self.work_dir, self.owner if self.use_bwrap else None)
         marker = secrets.token_hex(8)
         full_env = {**sandbox_env(self.work_dir, env, gpu=self.gpu), "CELLFORGE_SANDBOX_ID": marker}
-        full = self.wrap(command, memory_mb=memory_mb, env=full_env)
+        program = filter_program() if self.use_bwrap else None
+        seccomp_fd = None
+        if program is not None:  # no nested user namespaces, no keyrings (runtime.seccomp)
+            seccomp_fd = os.memfd_create("cellforge-seccomp", 0)
+            os.write(seccomp_fd, program)
+            os.lseek(seccomp_fd, 0, os.SEEK_SET)
+        try:
+            return self._launch(command, memory_mb=memory_mb, env=full_env, marker=marker, seccomp_fd=seccomp_fd, timeout_s=timeout_s, log_name=log_name, on_event=on_event)
+        finally:
+            if seccomp_fd is not None:
+                os.close(seccomp_fd)
+
+    def _launch(
+        self, command: list[str], *, memory_mb: int | None, env: dict[str, str], marker: str, seccomp_fd: int | None,
+        timeout_s: float, log_name: str, on_event: Callable[[CommandEvent], None] | None,
+    ) -> RunResult:
+        full = self.wrap(command, memory_mb=memory_mb, env=env, seccomp_fd=seccomp_fd)
         capture = OutputCapture(on_event)
         # the kernel's books: memory (resident, page cache, tmpfs, shared memory, memfd) and processes of this command alone
         kernel = KernelLimits.create(f"cellforge-{marker}", memory_bytes=int(memory_mb) * 2**20 if memory_mb else None, pids=self.limits.processes)
@@ -427,6 +450,7 @@ class LocalSandbox(Sandbox):
                 full, cwd=self.work_dir, env={"PATH": "/usr/sbin:/usr/bin:/sbin:/bin"}, stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True,
                 preexec_fn=kernel.join if kernel else None,  # noqa: PLW1509 - two writes to cgroup.procs, before exec
+                pass_fds=() if seccomp_fd is None else (seccomp_fd,),
             )  # fmt: skip
         except BaseException:
             if kernel:

@@ -74,7 +74,7 @@ def test_without_an_address_space_limit_resident_memory_is_still_bounded(tmp_pat
     finally:
         box.close()
     assert result.limit_hit == "memory" and result.exit_code != 0
-    assert "resident memory passed its limit of 400 MiB" in result.log_tail
+    assert "memory passed its limit of 400 MiB" in result.log_tail
     assert classify(result.exit_code, result.timed_out, result.log_tail, limit_hit=result.limit_hit) is FailureKind.OOM
 
 

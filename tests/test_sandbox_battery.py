@@ -648,3 +648,36 @@ def test_concurrent_sandboxes_have_their_own_uid_and_process_room(tmp_path):
     finally:
         bomb.close()
         quiet.close()
+
+
+def test_no_nested_user_namespaces_no_keyrings_no_kernel_command_line(sandbox):  # noqa: ANN001
+    """The sandbox cannot make a user namespace of its own (then mount in it), keep data in a kernel keyring, or read the host's boot line."""
+    result, log = _hostile(sandbox, """
+        import ctypes, os, platform, subprocess
+        try:
+            os.unshare(os.CLONE_NEWUSER)
+            print("NESTED-USERNS")
+        except OSError as exc:
+            print("unshare refused", exc.errno)
+        done = subprocess.run(["unshare", "-U", "sh", "-c", "echo NESTED-SHELL"], capture_output=True, text=True)
+        print(done.stdout, done.stderr[:100])
+        libc = ctypes.CDLL(None, use_errno=True)
+        add_key = {"x86_64": 248, "aarch64": 217}[platform.machine()]
+        key = libc.syscall(add_key, b"user", b"cellforge-left-behind", b"secret", 6, -4)  # the user keyring
+        print("KEY-ADDED" if key > 0 else f"add_key refused {ctypes.get_errno()}")
+        try:
+            print("CMDLINE", open("/proc/cmdline").read()[:40])
+        except OSError as exc:
+            print("cmdline refused", exc.errno)
+        pid = os.fork()  # ordinary processes and threads still work
+        if pid == 0:
+            os._exit(0)
+        os.waitpid(pid, 0)
+        print("FORK-OK")
+    """)
+    assert "NESTED-USERNS" not in log and "NESTED-SHELL" not in log and "unshare refused" in log, log
+    assert "KEY-ADDED" not in log and "add_key refused" in log, log
+    assert "FORK-OK" in log, log
+    if sandbox.backend == "local":
+        assert "CMDLINE" not in log, log
+    _still_works(sandbox)
