@@ -114,6 +114,20 @@ def test_a_patch_that_does_not_apply_goes_back_to_the_debugger_as_an_error(tmp_p
     assert "print(undefined)" in requests[1]["history"][1]["change"]
 
 
+def test_a_debugger_that_repeats_a_fix_that_cannot_apply_is_stopped_early(tmp_path):
+    """A 1.5B debugger answered the same unappliable edit four times: the second time ends the loop, budget left unspent."""
+    calls = []
+
+    def debugger(request: dict) -> dict:
+        calls.append(request)
+        return {"diagnosis": "rename", "edits": [{"find": "compute_matrix", "replace": "projected_matrix"}]}
+
+    journal, _ = run_attempts('CONFIG = {}\nprint(undefined_name)\n', debugger=debugger, max_attempts=8, **_common(tmp_path))
+    assert not journal.succeeded and len(calls) == 2
+    assert [a.failure for a in journal.attempts] == [FailureKind.CODE_ERROR, FailureKind.PATCH_ERROR, FailureKind.PATCH_ERROR]
+    assert "same fix that cannot be applied 2 times" in journal.stop_reason
+
+
 def test_the_debugger_is_never_called_after_the_last_attempt(tmp_path):
     calls = []
 

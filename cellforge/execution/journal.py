@@ -332,6 +332,10 @@ def is_library_script(script: str) -> bool:
 Step = Literal["done", "debug", "resize", "stop"]
 
 
+#: A fix that cannot be applied, proposed this many times, ends patch-and-retry (a 1.5B debugger repeated one four times).
+MAX_SAME_UNAPPLIED = 2
+
+
 def next_step(attempt: Attempt, *, library: bool, attempts_used: int, max_attempts: int, has_debugger: bool) -> tuple[Step, str]:
     """What follows ``attempt`` in patch-and-retry: a small, pure decision on the host's outcome.
 
@@ -399,7 +403,8 @@ def run_attempts(
     the journal; a failure that goes to the debugger carries its class, its error output and
     this run's history (:func:`debug_history`). A patch that does not apply is an attempt of
     its own (class ``patch_error``, nothing runs) whose error goes back to the debugger within
-    the budget. A debugger whose model fails (:class:`~cellforge.errors.LLMError`) ends the
+    the budget; the same unappliable fix proposed :data:`MAX_SAME_UNAPPLIED` times ends the
+    loop (the model is not moving). A debugger whose model fails (:class:`~cellforge.errors.LLMError`) ends the
     loop cleanly, with everything recorded.
 
     Parameters
@@ -439,6 +444,7 @@ def run_attempts(
     journal = executor.journal
     attempt = executor.run(script, stage="draft", parent=None, patch=None)
     tried_fixes: dict[str, int] = {}  # a fix already run, and the attempt that ran it
+    unapplied: dict[str, int] = {}  # a fix that could not be applied, and how often it was proposed
     while True:
         step, why = next_step(
             attempt, library=is_library_script(script), attempts_used=len(journal.attempts), max_attempts=max_attempts,
@@ -478,15 +484,19 @@ def run_attempts(
         if patch.get("give_up") or not any(patch.get(k) for k in ("script", "diff", "edits", "config_updates")):
             journal.stop_reason = f"debugger gave up after attempt {attempt.index}: {patch.get('diagnosis', '')}"
             break
+        fix = json.dumps({k: patch.get(k) for k in ("script", "diff", "edits", "config_updates")}, sort_keys=True)
         try:
             new_script = apply_patch(script, patch)
         except (ValueError, ConfigError) as exc:
             attempt = executor.unapplied(script, parent=attempt.index, patch=patch, error=f"the patch could not be applied: {exc}")
+            unapplied[fix] = unapplied.get(fix, 0) + 1
+            if unapplied[fix] >= MAX_SAME_UNAPPLIED:  # told twice, the model answers the same: more calls would too
+                journal.stop_reason = f"the debugger proposed the same fix that cannot be applied {unapplied[fix]} times (last: attempt {attempt.index})"
+                break
             continue
         if new_script == script:
             attempt = executor.unapplied(script, parent=attempt.index, patch=patch, error="the patch left the script unchanged")
             continue
-        fix = json.dumps({k: patch.get(k) for k in ("script", "diff", "edits", "config_updates")}, sort_keys=True)
         if fix in tried_fixes:
             attempt = executor.unapplied(
                 script, parent=attempt.index, patch=patch,
