@@ -129,6 +129,9 @@ def command_shell(
     ``out_file``, which ``tail --pid`` streams until the command exits. A daemon the command left
     behind keeps that file open, not the agent server's pipe, so the exit is reported when the
     command ends (the caller kills the daemon afterwards). ``prologue`` is shell text run first.
+    The command's ``oom_score_adj`` is 1000: when the container's memory cgroup is full (memory a
+    process does not map, such as ``memfd`` files, counts there too), the kernel kills the
+    command, never the agent server that reports on it.
     """
     limit = ["timeout", "-s", "TERM", "-k", "5", f"{timeout_s:.0f}"]
     prlimits = list(prlimits)
@@ -137,7 +140,8 @@ def command_shell(
     inner = ["env", "-i", *(f"{k}={v}" for k, v in env.items()), *limit, *command]
     out = shlex.quote(out_file)
     return (
-        f"{prologue}cd {shlex.quote(cwd)} && : > {out} || exit 125\n{shlex.join(inner)} > {out} 2>&1 &\npid=$!\n"
+        f"{prologue}cd {shlex.quote(cwd)} && : > {out} || exit 125\n"
+        f"(echo 1000 > /proc/self/oom_score_adj 2>/dev/null; exec {shlex.join(inner)}) > {out} 2>&1 &\npid=$!\n"
         f"tail -s 0.2 -n +1 -f --pid=$pid {out}\nwait $pid\nrc=$?\nrm -f {out}\nexit $rc"
     )
 

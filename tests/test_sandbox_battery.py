@@ -487,8 +487,12 @@ def _host_peak_mib() -> float:
     return int(re.search(r"VmHWM:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) / 1024
 
 
-def _reset_host_peak() -> None:
+def _reset_host_peak() -> float:
+    """Reset this process's peak resident memory to its current one; returns that, MiB."""
+    import re
+
     Path("/proc/self/clear_refs").write_text("5")
+    return int(re.search(r"VmRSS:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) / 1024
 
 
 def _collect(sandbox, dest: Path):  # noqa: ANN001, ANN202
@@ -496,13 +500,13 @@ def _collect(sandbox, dest: Path):  # noqa: ANN001, ANN202
     from cellforge.errors import PredictionError
     from cellforge.execution.contract import collect_outputs, read_val_metrics
 
-    _reset_host_peak()
+    start = _reset_host_peak()
     try:
         collect_outputs(sandbox, dest, memory_mb=512)
         outcome = read_val_metrics(dest)
     except PredictionError as exc:
         outcome = exc
-    return outcome, _host_peak_mib()
+    return outcome, _host_peak_mib() - start  # what reading these outputs cost the host, MiB
 
 
 def test_a_predictions_file_declared_huge_is_never_read_on_the_host(sandbox, tmp_path):  # noqa: ANN001
@@ -519,7 +523,7 @@ def test_a_predictions_file_declared_huge_is_never_read_on_the_host(sandbox, tmp
     """)
     outcome, peak = _collect(sandbox, tmp_path / "out")
     assert isinstance(outcome, Exception) and "outputs/predictions.h5ad" in str(outcome), outcome
-    assert peak < 400, peak  # the host never allocated the declared 16 GB (nor a fraction of it)
+    assert peak < 200, peak  # the host never allocated the declared 16 GB (nor a fraction of it)
     _still_works(sandbox)
 
 
@@ -536,7 +540,7 @@ def test_sparse_and_compressed_outputs_are_not_expanded_on_the_host(sandbox, tmp
     """)
     outcome, peak = _collect(sandbox, tmp_path / "zip")
     assert not isinstance(outcome, Exception), outcome  # copied as bytes, never decompressed
-    assert peak < 400, peak
+    assert peak < 200, peak
     _hostile(sandbox, """
         import os
         os.makedirs("outputs", exist_ok=True)
@@ -659,8 +663,11 @@ def test_no_nested_user_namespaces_no_keyrings_no_kernel_command_line(sandbox): 
             print("NESTED-USERNS")
         except OSError as exc:
             print("unshare refused", exc.errno)
-        done = subprocess.run(["unshare", "-U", "sh", "-c", "echo NESTED-SHELL"], capture_output=True, text=True)
-        print(done.stdout, done.stderr[:100])
+        try:
+            done = subprocess.run(["unshare", "-U", "sh", "-c", "echo NESTED-SHELL"], capture_output=True, text=True)
+            print(done.stdout, done.stderr[:100])
+        except OSError as exc:
+            print("no unshare program", exc)
         libc = ctypes.CDLL(None, use_errno=True)
         add_key = {"x86_64": 248, "aarch64": 217}[platform.machine()]
         key = libc.syscall(add_key, b"user", b"cellforge-left-behind", b"secret", 6, -4)  # the user keyring
