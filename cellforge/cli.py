@@ -89,6 +89,9 @@ def benchmark(
             )
             run = Run.create(config, root=runs, adata=adata)
         typer.echo(f"run directory: {run.dir}")
+        from runtime.factory import isolation_summary
+
+        typer.echo(isolation_summary(run.config.sandbox), err=True)  # said before anything runs
         out = run_pipeline(run, echo=lambda s: typer.echo(printable(s), err=True), until=until)  # progress may quote generated code
     except CellforgeError as exc:
         _fail(exc)

@@ -115,3 +115,39 @@ def open_sandbox(work_dir: Path, *, requested: str | None = None, written_by_mod
         )
         raise SandboxUnavailableError(msg)
     return sandbox
+
+
+def isolation_summary(requested: str | None = None) -> str:
+    """One line, said before a run starts: which sandbox its generated code will get, and what that holds.
+
+    For the local backend it names each layer that works on this machine (bubblewrap, the seccomp
+    filter, per-command cgroups, a uid per sandbox) and, without bubblewrap, says that code a
+    language model writes will be refused and which package to install.
+    """
+    try:
+        chosen, why = choose_backend(requested)
+    except SandboxUnavailableError as exc:
+        return f"sandbox: none usable ({exc})"
+    if chosen != "local":
+        return f"sandbox: {chosen} ({why})"
+    from runtime.cgroups import KernelLimits
+    from runtime.local import bwrap_available
+    from runtime.seccomp import filter_program
+
+    if not bwrap_available():
+        return (
+            "sandbox: local with rlimits only, NOT isolated: library templates run there with a warning, code a language model "
+            "writes is refused (install the package 'bubblewrap', or set CELLFORGE_ALLOW_UNISOLATED=1 to accept the risk)"
+        )
+    layers = ["bubblewrap (own mount, pid, net, ipc namespaces)"]
+    if filter_program() is not None:
+        layers.append("seccomp (no nested user namespaces, no keyrings)")
+    probe = KernelLimits.create(f"cellforge-probe-{os.getpid()}", memory_bytes=64 * 2**20, pids=8)
+    if probe is not None:
+        layers.append(f"cgroup v{probe.version} per command (memory, processes)")
+        probe.close()
+    else:
+        layers.append("memory polled (no cgroup can be made here)")
+    if os.geteuid() == 0:
+        layers.append("a uid per sandbox")
+    return "sandbox: local: " + ", ".join(layers)

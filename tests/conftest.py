@@ -30,6 +30,23 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
+#: Reason of every skip that means "this machine cannot isolate generated code" (tests/test_sandbox_battery.py).
+NO_ISOLATION = "bubblewrap does not work here"
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:  # noqa: ANN001, ARG001
+    """A skipped sandbox battery is a failure to isolate: said in capitals at the end of every run."""
+    skipped = [r for r in terminalreporter.stats.get("skipped", []) if NO_ISOLATION in str(getattr(r, "longrepr", ""))]
+    if skipped:
+        terminalreporter.write_sep("!", "FAILURE TO ISOLATE", red=True, bold=True)
+        terminalreporter.write_line(
+            f"{len(skipped)} sandbox battery test(s) skipped: {NO_ISOLATION}. Code written by a language model would not be "
+            "contained on this machine. Install bubblewrap (sudo apt-get install bubblewrap); CI sets "
+            "CELLFORGE_REQUIRE_ISOLATION=1, which makes these tests fail instead.",
+            red=True,
+        )
+
+
 @pytest.fixture(autouse=True)
 def _isolated_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
     """Every test: the shipped mirror, an empty cache, the offline planner."""

@@ -166,6 +166,8 @@ def _with_script(page: Path, script: str, out: Path) -> Path:
     """A copy of ``page`` with ``script`` run at the end of its body."""
     html = page.read_text()
     assert html.count("</body>") == 1
+    # the report forbids every script (Content-Security-Policy); this measuring copy lifts that for the harness's own
+    html = re.sub(r'<meta http-equiv="Content-Security-Policy"[^>]*>\n?', "", html)
     out.write_text(html.replace("</body>", f"<script>{script}</script>\n</body>"))
     return out
 
@@ -335,3 +337,41 @@ def test_linear_fallback_says_when_linear_is_the_training_mean():
     assert np.allclose(linear(some).loc["Q"], training_mean(some).loc["Q"])
     # every target measured: nothing to say
     assert linear_fallback(inputs(["g1", "X+Y"], ["g2"])) == ""
+
+
+#: What a hostile model or pilot might put where the report quotes it: live tags if rendered as HTML.
+HOSTILE = (
+    "<script>document.title='PWNED-SCRIPT'</script><img src=x onerror=\"document.body.setAttribute('data-pwned','img')\">"
+    "<iframe src=\"javascript:parent.document.body.setAttribute('data-pwned','iframe')\"></iframe>"
+    "![tracker](http://198.51.100.7/pixel.png)[click](javascript:alert(1))"
+)
+
+
+@pytest.mark.skipif(CHROMIUM is None, reason=NO_CHROMIUM)
+def test_hostile_strings_from_a_model_and_a_pilot_are_shown_as_text(report_run, tmp_path):
+    """A plan written by a language model and a pilot's sandbox-written metrics carry markup: the page shows it, runs none of it."""
+    from cellforge import stages
+    from cellforge.run import Run
+
+    run, _ = report_run
+    copy = tmp_path / "hostile-run"
+    shutil.copytree(run.dir, copy)
+    plan = json.loads((copy / "plan.json").read_text())
+    plan["architecture"] = "A residual MLP " + HOSTILE
+    plan["loss"] = HOSTILE
+    (copy / "plan.json").write_text(json.dumps(plan))
+    debate = json.loads((copy / "debate.json").read_text())
+    debate["pilots"] = {
+        "pilot-0": {"author": HOSTILE, "proposal": {"baseline": HOSTILE}, "val_mse_top20": "<b>0.0</b>", "val_baseline_mse_top20": None}
+    }
+    (copy / "debate.json").write_text(json.dumps(debate))
+    hostile = Run.resume(copy)
+    stages.stage_report(hostile, echo=lambda _: None)
+    assert "<b>0.0</b>" not in (copy / "report.md").read_text()  # a string where a number belongs is not printed as one
+    page = copy / "report.html"
+    raw = page.read_text()
+    assert "<script>" not in raw and "<iframe" not in raw and "onerror=" not in raw.replace("onerror=&quot;", "")
+    dom = _chromium("--virtual-time-budget=3000", "--dump-dom", page.as_uri())
+    assert not re.search(r"<title>[^<]*PWNED", dom) and not re.search(r"<body[^>]*data-pwned", dom)  # no script ran
+    assert "&lt;script&gt;document.title='PWNED-SCRIPT'&lt;/script&gt;" in dom  # shown to the reader as the text it is
+    assert not re.search(r"<img[^>]+src=\"(?!data:image/png;base64,)", dom)  # nothing fetched from anywhere

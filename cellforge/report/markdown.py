@@ -20,6 +20,11 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
+def _num(value: Any) -> float | int | None:
+    """``value`` when it is a number, else ``None`` (a string from a sandbox where a number belongs is never printed as one)."""
+    return value if isinstance(value, int | float) and not isinstance(value, bool) else None
+
+
 def _cell(value: Any) -> str:
     """A Markdown table cell: no pipes or line breaks inside."""
     return str(value).replace("|", "\\|").replace("\n", " ")
@@ -222,7 +227,7 @@ def _debate_section(run: Any) -> str:
     d = run.read_json("debate.json")
     final = d["confidences"][-1] if d["confidences"] else {}
     pilots = "\n".join(
-        f"| {name} | {p['author']} | {p['proposal']['baseline']} | {_fmt(p.get('val_mse_top20'))} | {_fmt(p.get('val_baseline_mse_top20'))} |"
+        f"| {_cell(name)} | {_cell(p['author'])} | {_cell(p['proposal']['baseline'])} | {_fmt(_num(p.get('val_mse_top20')))} | {_fmt(_num(p.get('val_baseline_mse_top20')))} |"
         for name, p in d["pilots"].items()
     )
     pilot_table = f"| pilot | asked by | baseline | val_mse_top20 | its baseline |\n|---|---|---|---|---|\n{pilots}\n" if pilots else "No pilot runs.\n"
