@@ -308,3 +308,17 @@ def test_a_coder_that_writes_the_model_function_sees_only_its_signature_and_docs
     assert own in script and "np.tile(shift" not in script and script.count("def predict_deltas") == 1
     with pytest.raises(ValueError, match="no top-level"):
         splice_model(example, "def model(x):\n    return x\n")
+
+
+def test_a_coder_function_that_calls_a_helper_it_never_wrote_goes_back_to_the_coder():
+    """The 1.5B coder called compute_correlation_matrix without writing it: caught before any sandbox run, said by name."""
+    from cellforge.design.plan import CodeFunction
+
+    reply = (
+        "```python\ndef predict_deltas(train_deltas, query, conditions, control_cells, genes, config):\n"
+        "    corr = compute_correlation_matrix(control_cells)\n    return np.zeros((len(query), len(genes))) + corr.mean()\n```\nA sketch."
+    )
+    with pytest.raises(ValueError, match="`compute_correlation_matrix`, defined nowhere"):
+        CodeFunction.from_reply(reply)
+    fixed = reply.replace("```python\n", "```python\ndef compute_correlation_matrix(x):\n    return np.corrcoef(x.T)\n\n\n")
+    assert "def compute_correlation_matrix" in CodeFunction.from_reply(fixed).script

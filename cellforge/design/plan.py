@@ -81,7 +81,7 @@ class CodeChoice(BaseModel):
         if bool(self.script.strip()) == bool(self.template):
             raise ValueError("give exactly one of `script` (your own code) or `template` (with `config`)")
         if self.script:
-            check_script(self.script)
+            check_script(self.script, names=True)
         if self.template:
             _check_names({"template": self.template, **self.config})
         return self
@@ -133,7 +133,7 @@ class CodeScript(BaseModel):
     def _script_ok(self) -> CodeScript:
         from cellforge.execution.contract import check_script
 
-        check_script(self.script)
+        check_script(self.script, names=True)
         return self
 
     @classmethod

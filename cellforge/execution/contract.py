@@ -374,7 +374,7 @@ def splice_model(example: str, code: str) -> str:
     lines = example.splitlines(keepends=True)
     begin = next(i for i, line in enumerate(lines) if line.startswith(MODEL_BEGIN))
     end = next(i for i, line in enumerate(lines) if line.startswith(MODEL_END))
-    return check_script("".join(lines[: begin + 1]) + code.rstrip("\n") + "\n" + "".join(lines[end:]))
+    return check_script("".join(lines[: begin + 1]) + code.rstrip("\n") + "\n" + "".join(lines[end:]), names=True)
 
 
 def example_scaffold(example: str) -> str:
@@ -400,14 +400,19 @@ def example_scaffold(example: str) -> str:
     )
 
 
-def check_script(text: str) -> str:
+def check_script(text: str, *, names: bool = False) -> str:
     """Check a model-written script against the static part of the contract; return it unchanged.
+
+    ``names``: also refuse a script that uses names it never defines (:func:`undefined_names`):
+    on for a coder's own script, off for a patched library script (whose shared code names hooks
+    that only some templates define).
 
     Raises
     ------
     ValueError
-        Empty, too long, not valid Python (with the line and message), or no one-line
-        ``CONFIG = {...}`` dictionary literal at top level. The message says what to fix.
+        Empty, too long, not valid Python (with the line and message), no one-line
+        ``CONFIG = {...}`` dictionary literal at top level, or (``names``) an undefined name.
+        The message says what to fix.
     """
     import ast
 
@@ -431,7 +436,54 @@ def check_script(text: str) -> str:
         ast.literal_eval(configs[0].value)
     except ValueError as exc:
         raise ValueError("`CONFIG = {...}` must be a literal (numbers, strings, booleans, lists, dicts)") from exc
+    missing = undefined_names(text) if names else []
+    if missing:
+        names = ", ".join(f"`{n}`" for n in missing[:8])
+        msg = f"the script uses {names}, defined nowhere in it (not imported, assigned or a built-in): define or import each, or do without"
+        raise ValueError(msg)
     return text
+
+
+def undefined_names(text: str) -> list[str]:
+    """Names the script reads at module level, or as globals inside its functions, that it never defines.
+
+    Python's own scope analysis (:mod:`symtable`) decides what is local, free or global; a global
+    that no module-level assignment, import, ``def`` or ``class`` binds and that is not a built-in
+    is a ``NameError`` waiting for the line that reaches it (a 1.5B coder called a helper it never
+    wrote; the sandbox run that found it cost two minutes). A ``from x import *`` turns the check off.
+
+    Returns
+    -------
+    list of str
+        Sorted undefined names (empty when none, or when the text does not parse).
+    """
+    import builtins
+    import symtable
+
+    try:
+        top = symtable.symtable(text, "train.py", "exec")
+    except SyntaxError:
+        return []
+    if "import *" in text:
+        return []
+    bound = {s.get_name() for s in top.get_symbols() if s.is_assigned() or s.is_imported() or s.is_namespace()}
+    known = bound | set(dir(builtins)) | {"__file__", "__name__", "__builtins__", "__doc__", "__spec__"}
+    missing: set[str] = set()
+    stack = [top]
+    while stack:
+        table = stack.pop()
+        stack.extend(table.get_children())
+        if table.get_type() == "class":
+            continue  # class bodies resolve names differently (and models rarely need them)
+        for sym in table.get_symbols():
+            name = sym.get_name()
+            if not sym.is_referenced() or name in known:
+                continue
+            if table is top or sym.is_global():
+                missing.add(name)
+            elif sym.is_declared_global():
+                missing.add(name)
+    return sorted(missing)
 
 
 #: The script the host runs in the sandbox after each training script (:mod:`cellforge.execution.export_outputs`).
