@@ -20,7 +20,7 @@ PY312 := $(shell \
 # uv from PATH, else installed from PyPI into .tools/.
 UV := $(shell command -v uv 2>/dev/null || echo .tools/bin/uv)
 
-.PHONY: sandbox-deps bench-llm-speed bench-fanout bench-prior bench-scale bench-llm help install install-llm test test-all test-docker benchmark bench bench-perf bench-tasks bench-heldback paper docker-engine docker-build clean
+.PHONY: bench-battery sandbox-deps bench-llm-speed bench-fanout bench-prior bench-scale bench-llm help install install-llm test test-all test-docker benchmark bench bench-perf bench-tasks bench-heldback paper docker-engine docker-build clean
 
 help: ## Show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-14s %s\n", $$1, $$2}'
@@ -82,6 +82,9 @@ bench-llm: install-llm ## The main job with a real LLM (CELLFORGE_LLM, default t
 
 bench-llm-speed: install-llm ## The local model's prompt and generated tokens/s by thread count, and its prefix cache: benchmarks/results/llm-speed.md
 	$(PY) benchmarks/llm_speed.py $(if $(THREADS),--threads $(THREADS))
+
+bench-battery: $(VENV)/.installed sandbox-deps ## The sandbox battery as a table, class by backend (Docker when an engine and the image are there), with the host's memory cost of hostile outputs: benchmarks/results/battery.md
+	$(PY) benchmarks/battery.py
 
 bench-tasks: $(VENV)/.installed ## The real tasks over folds: model vs every baseline, written to benchmarks/results/tasks.md
 	$(PY) benchmarks/tasks.py

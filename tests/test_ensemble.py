@@ -125,7 +125,8 @@ top = np.argsort(-np.abs(target), axis=1)[:, :20]
 mse = float(np.mean([np.mean((p[i] - t[i]) ** 2) for p, t, i in zip(pred, target, top)]))
 (out / "val_metrics.json").write_text(json.dumps({"val_mse_top20": mse + 0.01 * (x < 0)}))
 np.savez(out / "val_predictions.npz", conditions=np.array(["a", "b", "c"]), pred=pred)
-ad.AnnData(X=np.full((2, 3), float(x), dtype=np.float32), obs=pd.DataFrame(index=["t1", "t2"])).write_h5ad(out / "predictions.h5ad")
+obs = pd.DataFrame({"condition": ["t1", "t2"]}, index=["t1", "t2"])
+ad.AnnData(X=np.full((2, 3), float(x), dtype=np.float32), obs=obs).write_h5ad(out / "predictions.h5ad")
 """
 
 
@@ -188,7 +189,8 @@ errors = [1.0, 1.0, 1.0, 1.0] if x == 1 else [0.0, 0.0, 0.0, 3.6]
 pred = target + np.sqrt(np.array(errors))[:, None]
 (out / "val_metrics.json").write_text(json.dumps({"val_mse_top20": float(np.mean(errors))}))
 np.savez(out / "val_predictions.npz", conditions=np.array(list("abcd")), pred=pred)
-ad.AnnData(X=np.full((2, 3), float(x), dtype=np.float32), obs=pd.DataFrame(index=["t1", "t2"])).write_h5ad(out / "predictions.h5ad")
+obs = pd.DataFrame({"condition": ["t1", "t2"]}, index=["t1", "t2"])
+ad.AnnData(X=np.full((2, 3), float(x), dtype=np.float32), obs=obs).write_h5ad(out / "predictions.h5ad")
 """
 
 

@@ -498,8 +498,12 @@ def _reset_host_peak() -> float:
     return int(re.search(r"VmRSS:\s+(\d+)", Path("/proc/self/status").read_text()).group(1)) / 1024
 
 
-def _collect(sandbox, dest: Path):  # noqa: ANN001, ANN202
-    """The host's whole read of an attempt's outputs: the export in the sandbox, the bounded copy, the metrics."""
+def _collect(sandbox, dest: Path, *, what: str = ""):  # noqa: ANN001, ANN202
+    """The host's whole read of an attempt's outputs: the export in the sandbox, the bounded copy, the metrics.
+
+    With ``CELLFORGE_BATTERY_RECORD`` set (``make bench-battery``), each read's host memory cost and
+    outcome are appended there as a JSON line.
+    """
     from cellforge.errors import PredictionError
     from cellforge.execution.contract import collect_outputs, read_val_metrics
 
@@ -509,7 +513,14 @@ def _collect(sandbox, dest: Path):  # noqa: ANN001, ANN202
         outcome = read_val_metrics(dest)
     except PredictionError as exc:
         outcome = exc
-    return outcome, _host_peak_mib() - start  # what reading these outputs cost the host, MiB
+    cost = _host_peak_mib() - start  # what reading these outputs cost the host, MiB
+    record = os.environ.get("CELLFORGE_BATTERY_RECORD")
+    if record and what:
+        line = {"output": what, "backend": sandbox.backend, "host_peak_mib": round(cost, 1),
+                "recorded": f"refused: {outcome}" if isinstance(outcome, Exception) else f"accepted: {outcome}"}  # fmt: skip
+        with open(record, "a") as fh:
+            fh.write(json.dumps(line) + "\n")
+    return outcome, cost
 
 
 def test_a_predictions_file_declared_huge_is_never_read_on_the_host(sandbox, tmp_path):  # noqa: ANN001
@@ -524,7 +535,7 @@ def test_a_predictions_file_declared_huge_is_never_read_on_the_host(sandbox, tmp
             f.create_dataset("X", shape=(200_000, 20_000), dtype="float32", fillvalue=1.0, chunks=(1000, 1000), compression="gzip")
         print("size on disk", os.path.getsize("outputs/predictions.h5ad"))
     """)
-    outcome, peak = _collect(sandbox, tmp_path / "out")
+    outcome, peak = _collect(sandbox, tmp_path / "out", what="predictions.h5ad declaring a 200,000 x 20,000 float32 X with a fill value")
     assert isinstance(outcome, Exception) and "outputs/predictions.h5ad" in str(outcome), outcome
     assert peak < 200, peak  # the host never allocated the declared 16 GB (nor a fraction of it)
     _still_works(sandbox)
@@ -541,7 +552,7 @@ def test_sparse_and_compressed_outputs_are_not_expanded_on_the_host(sandbox, tmp
                 m.write(block)
         print("npz", os.path.getsize("outputs/val_predictions.npz"))
     """)
-    outcome, peak = _collect(sandbox, tmp_path / "zip")
+    outcome, peak = _collect(sandbox, tmp_path / "zip", what="val_predictions.npz holding 2 GiB of zeros, compressed")
     assert not isinstance(outcome, Exception), outcome  # copied as bytes, never decompressed
     assert peak < 200, peak
     _hostile(sandbox, """
@@ -550,7 +561,7 @@ def test_sparse_and_compressed_outputs_are_not_expanded_on_the_host(sandbox, tmp
         with open("outputs/model.ckpt", "wb") as fh:
             fh.truncate(30 * 2**20)  # 30 MiB in size, nothing on disk
     """)
-    outcome, peak = _collect(sandbox, tmp_path / "sparse")
+    outcome, peak = _collect(sandbox, tmp_path / "sparse", what="a sparse 30 MiB file (no blocks on disk)")
     assert isinstance(outcome, Exception) and "sparse file" in str(outcome), outcome
     _still_works(sandbox)
 
@@ -565,7 +576,7 @@ def test_deep_trees_and_deep_json_raise_no_recursion_on_the_host(sandbox, tmp_pa
             os.mkdir("d")
             os.chdir("d")
     """)
-    outcome, _ = _collect(sandbox, tmp_path / "deep")
+    outcome, _ = _collect(sandbox, tmp_path / "deep", what="a folder tree 3,000 levels deep")
     assert isinstance(outcome, Exception) and "deeper than" in str(outcome), outcome
     sandbox.remove("outputs")  # the next attempt's clean-up of the same tree
     assert not (sandbox.work_dir / "outputs").exists()
@@ -574,14 +585,14 @@ def test_deep_trees_and_deep_json_raise_no_recursion_on_the_host(sandbox, tmp_pa
         os.makedirs("outputs", exist_ok=True)
         open("outputs/val_metrics.json", "w").write("[" * 100_000 + "]" * 100_000)
     """)
-    outcome, _ = _collect(sandbox, tmp_path / "json")
+    outcome, _ = _collect(sandbox, tmp_path / "json", what="val_metrics.json nested 100,000 levels")
     assert isinstance(outcome, Exception) and "not valid JSON" in str(outcome), outcome
     _hostile(sandbox, """
         import json, os
         os.makedirs("outputs", exist_ok=True)
         json.dump({"val_mse_top20": "0.0 <script>", "epochs_run": {"a": [1]}, "note": "x" * 10_000}, open("outputs/val_metrics.json", "w"))
     """)
-    outcome, _ = _collect(sandbox, tmp_path / "types")
+    outcome, _ = _collect(sandbox, tmp_path / "types", what="val_metrics.json with a string and a dict where numbers belong")
     assert outcome == {"note": "x" * 500, "_dropped": 2}, outcome  # a string where a number belongs never reaches a format
     _still_works(sandbox)
 
