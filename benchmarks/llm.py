@@ -8,7 +8,7 @@ whether the run ended with a scored model, whether that model's code was written
 stage, wall time, and the model's metrics beside the best baseline. Results go to
 ``benchmarks/results/llm.json`` and ``llm.md``; a run that fails is a row too, with its error.
 
-Usage: ``python benchmarks/llm.py [--dataset adamson_subset ...] [--seeds 5] [--roles all|code] [--model local/...]``.
+Usage: ``python benchmarks/llm.py [--dataset adamson_subset ...] [--seeds 5] [--first-seed 0] [--append] [--roles all|code] [--model local/...]``.
 """
 
 from __future__ import annotations
@@ -160,6 +160,8 @@ def main() -> None:
     parser.add_argument("--max-attempts", type=int, default=6, help="Attempt budget of patch-and-retry (a patch that does not apply uses one).")
     parser.add_argument("--timeout", type=float, default=900.0, help="Seconds one LLM call may take.")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--first-seed", type=int, default=0, help="Seeds run are first-seed .. first-seed + seeds - 1.")
+    parser.add_argument("--append", action="store_true", help="Keep the runs already in llm.json (same model and roles) and add these.")
     args = parser.parse_args()
     datasets = args.dataset or ["adamson_subset", "norman_subset"]
     roles = ROLES if args.roles == "all" else CODE_ROLES
@@ -167,8 +169,12 @@ def main() -> None:
     runs.mkdir(parents=True, exist_ok=True)
     records = []
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.append and (args.out / "llm.json").exists():
+        before = json.loads((args.out / "llm.json").read_text())
+        if before.get("model") == args.model and before.get("roles") == roles:
+            records = [r for r in before["runs"] if not (r["dataset"] in datasets and args.first_seed <= r["seed"] < args.first_seed + args.seeds)]
     for dataset in datasets:
-        for seed in range(args.seeds):
+        for seed in range(args.first_seed, args.first_seed + args.seeds):
             record = run_one(dataset, seed, runs=runs, model=args.model, roles=roles, debate_rounds=args.debate_rounds, timeout_s=args.timeout, max_attempts=args.max_attempts)
             records.append(record)
             print(f"{dataset} seed {seed}: scored={record.get('scored')} written_by={(record.get('lineage') or {}).get('written_by')} in {record['wall_s']} s", flush=True)
