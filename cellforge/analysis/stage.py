@@ -54,6 +54,32 @@ def _task(run: Run) -> dict[str, Any]:
     return {"type": spec.type, "description": description, "split": split, "split_options": options, "spec": spec.model_dump()}
 
 
+def _task_from_split(task: dict[str, Any], manifest: Any, adata: Any, *, echo: Echo) -> dict[str, Any]:
+    """A given split's structure decides the task type; words, flags and the data card only refine it.
+
+    When the split poses one task clearly (:func:`~cellforge.analysis.task.task_type_from_split`)
+    and the type from words, flag or card differs, the split wins and the disagreement is kept in
+    ``task["disagreement"]`` (shown in the run's task analysis); ``drug_dose`` stays when the
+    split says "unseen perturbation" (a split cannot tell a drug from a gene).
+    """
+    from cellforge.analysis.task import task_type_from_split
+
+    obs = adata.obs
+    first = obs.groupby(obs["condition"].astype(str), observed=True)[["perturbation", "context"]].first()
+    labels = {str(c): (str(r["perturbation"]), str(r["context"])) for c, r in first.iterrows()}
+    evidence, why = task_type_from_split([*manifest.train, *manifest.val], list(manifest.test), labels)
+    task = {**task, "split_evidence": why}
+    stated = task["type"]
+    if evidence is None or evidence == stated or (stated == "drug_dose" and evidence == "unseen_perturbation"):
+        return task
+    origin = task["spec"]["inferred_from"]["type"]
+    task["disagreement"] = f"{origin} gave {stated}, the split poses {evidence} ({why}); the split decides"
+    task["type"] = evidence
+    task["spec"] = {**task["spec"], "type": evidence, "inferred_from": {**task["spec"]["inferred_from"], "type": f"the given split's structure ({why})"}}
+    echo(f"  task: {task['disagreement']}")
+    return task
+
+
 def stage_data(run: Run, *, echo: Echo) -> None:
     """Load the data, fix the task and the split manifest (a user file or the task's strategy)."""
     from cellforge.data.splits import SplitManifest, make_split
@@ -63,6 +89,7 @@ def stage_data(run: Run, *, echo: Echo) -> None:
     if run.config.split_file:
         manifest = SplitManifest.load(Path(run.config.split_file))
         manifest.check_against(adata)
+        task = _task_from_split(task, manifest, adata, echo=echo)
     else:
         manifest = make_split(adata, task["split"], seed=run.config.seed, **task["split_options"])
     manifest.save(run.path("split.json"))
@@ -125,6 +152,8 @@ def stage_analysis(run: Run, *, echo: Echo) -> None:
         "task_analysis.json",
         {
             "task_spec": task.get("spec", {}),
+            "split_evidence": task.get("split_evidence"),
+            "disagreement": task.get("disagreement"),
             "query": query,
             "retrieved": context["retrieved"],
             "online": context["online"],

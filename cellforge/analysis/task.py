@@ -156,3 +156,51 @@ class TaskAnalysis(BaseModel):
     candidate_methods: list[str] = Field(description="Ids of method cards worth considering, most relevant first.")
     design_principles: list[str] = Field(description="Ids of principle cards the design should follow.")
     cited: list[str] = Field(default_factory=list)
+
+
+def task_type_from_split(train: list[str], test: list[str], labels: dict[str, tuple[str, str]]) -> tuple[TaskType | None, str]:
+    """The task a given split poses, read from its structure; ``(None, why)`` when it says nothing clear.
+
+    Each test condition is classed by what training saw: its context never seen in training
+    while its perturbation was (elsewhere): a new context; a combination whose every member was
+    seen: a combination; a perturbation never seen: an unseen perturbation. The class of most
+    test conditions (more than half) is the task. A split cannot tell a drug from a gene, so
+    ``drug_dose`` stays a refinement by words or the data card of an unseen perturbation.
+
+    Parameters
+    ----------
+    train, test
+        Condition names of the split (validation conditions count as training: their
+        perturbations and contexts are seen by the model's selection).
+    labels
+        condition -> (perturbation, context), as in ``obs``; combinations join members with ``+``.
+
+    Returns
+    -------
+    tuple
+        The task type (or ``None``) and one sentence of evidence with the counts.
+    """
+    seen_perts = {labels[c][0] for c in train if c in labels}
+    seen_members = {m for p in seen_perts for m in p.split("+")}
+    seen_contexts = {labels[c][1] for c in train if c in labels}
+    counts = {"new_context": 0, "combination": 0, "unseen_perturbation": 0}
+    for condition in test:
+        if condition not in labels:
+            continue
+        pert, context = labels[condition]
+        members = pert.split("+")
+        if context not in seen_contexts and (pert in seen_perts or all(m in seen_members for m in members)):
+            counts["new_context"] += 1
+        elif len(members) > 1 and all(m in seen_members for m in members):
+            counts["combination"] += 1
+        elif pert not in seen_perts:
+            counts["unseen_perturbation"] += 1
+    n = sum(1 for c in test if c in labels)
+    summary = (
+        f"of {n} test conditions, {counts['new_context']} are seen perturbations in a context training never saw, "
+        f"{counts['combination']} are combinations of seen members, {counts['unseen_perturbation']} are perturbations never seen"
+    )
+    best = max(counts, key=lambda k: counts[k])
+    if n and counts[best] * 2 > n:
+        return best, summary  # type: ignore[return-value]
+    return None, summary

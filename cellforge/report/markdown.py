@@ -198,6 +198,16 @@ def _data_warnings(run: Any) -> str:
     return "\n**Warnings about the data** (the run went on):\n\n" + "\n".join(f"- {w}" for w in warnings) + "\n\n"
 
 
+def _split_lines(record: dict[str, Any]) -> str:
+    """The given split's evidence on the task, and a disagreement with the words (when there is one)."""
+    lines = ""
+    if record.get("split_evidence"):
+        lines += f"- the given split: {record['split_evidence']}\n"
+    if record.get("disagreement"):
+        lines += f"- **words and split disagree**: {record['disagreement']}\n"
+    return lines
+
+
 def _analysis_section(run: Any) -> str:
     if not run.path("task_analysis.json").exists():
         return ""
@@ -210,7 +220,7 @@ def _analysis_section(run: Any) -> str:
 {a['summary']}
 
 - task type: `{a['task_type']}` (from {spec.get('inferred_from', {}).get('type', 'the run settings')}); metric of record `{spec.get('metric_of_record', 'pearson_delta_de20')}`
-- key challenges: {'; '.join(a['key_challenges']) or 'none found'}
+{_split_lines(record)}- key challenges: {'; '.join(a['key_challenges']) or 'none found'}
 - baselines to beat: {', '.join(a['recommended_baselines'])}
 - candidate methods: {', '.join(a['candidate_methods'])}; design principles: {', '.join(a['design_principles'])}
 - online connectors: {'; '.join(f'{k} {v}' for k, v in record.get('connectors', {}).items()) or 'none'}
