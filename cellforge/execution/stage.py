@@ -78,8 +78,10 @@ def coder_writes_scripts() -> bool:
     return value == "deny" or not model_for("coder").startswith(OFFLINE_MODEL.split("/")[0] + "/")
 
 
-#: Most tokens of a coder's model function (about 100 lines; 2 minutes of generation on 2 cores here).
-FUNCTION_MAX_TOKENS = 1200
+#: Most tokens of a coder's model function (about 60 lines; 75 s of generation on 2 idle cores here). Qwen2.5-Coder-1.5B's
+#: answers that ran were under 600 tokens; its answers that reached 1,200 were chains of helpers each calling the next,
+#: never finished (three of three, 3-20 minutes each): a lower cap ends those sooner, and the repair asks for less.
+FUNCTION_MAX_TOKENS = 700
 #: The debugger's temperature once one of its fixes has failed in this run.
 RETRY_TEMPERATURE = 0.8
 
@@ -119,6 +121,10 @@ def coder_context(run: Run, *, plan: dict[str, Any] | None = None) -> dict[str, 
     planned = TEMPLATE_DIR / f"{plan.get('template')}.py"
     own_script = coder_writes_scripts()
     brief = {k: plan.get(k) for k in ("task_type", "architecture", "perturbation_encoder", "context_encoder", "baseline", "loss", "hyperparameters")}
+    if own_script and coder_scope() == "function":
+        # one function, not the whole design: given the encoders and the architecture, a 1.5B coder wrote a helper per
+        # component, each calling the next, and never finished; the task, the reference and the sizes are what it can use
+        brief = {k: plan.get(k) for k in ("task_type", "baseline", "hyperparameters")}
     return {
         "plan": brief if own_script else plan,
         "templates": [] if own_script else templates(),

@@ -505,7 +505,7 @@ class LLMClient:
                 last_error = str(exc)[:2000]
                 repairs += [
                     {"role": "assistant", "content": text},
-                    {"role": "user", "content": f"That answer is invalid: {last_error}\n" + ("Reply again with the whole corrected script in one ```python block." if text_answer(schema) else "Reply again with one valid JSON object.")},
+                    {"role": "user", "content": f"That answer is invalid: {last_error}\n" + (f"Reply again with the whole corrected {'function' if schema.__name__ == 'CodeFunction' else 'script'}, shorter, in one ```python block." if text_answer(schema) else "Reply again with one valid JSON object.")},
                 ]
         msg = f"agent {spec.name!r} ({model}) gave no valid {schema.__name__} after {self.max_repairs + 1} tries: {last_error}"
         raise LLMError(msg)
