@@ -126,6 +126,11 @@ def test_a_debugger_that_repeats_a_fix_that_cannot_apply_is_stopped_early(tmp_pa
     assert not journal.succeeded and len(calls) == 2
     assert [a.failure for a in journal.attempts] == [FailureKind.CODE_ERROR, FailureKind.PATCH_ERROR, FailureKind.PATCH_ERROR]
     assert "same fix that cannot be applied 2 times" in journal.stop_reason
+    # a fix that applies, runs and fails, proposed again and again: the same end
+    calls.clear()
+    fix = {"diagnosis": "guard", "edits": [{"find": "print(undefined_name)", "replace": "x = 1\nprint(undefined_name)"}]}  # applies every time
+    journal, _ = run_attempts('CONFIG = {}\nprint(undefined_name)\n', debugger=lambda r: calls.append(r) or fix, max_attempts=8, **_common(tmp_path / "again"))
+    assert len(calls) == 3 and "already tried (attempt 1) 2 more times" in journal.stop_reason
 
 
 def test_the_debugger_is_never_called_after_the_last_attempt(tmp_path):

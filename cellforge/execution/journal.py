@@ -332,7 +332,8 @@ def is_library_script(script: str) -> bool:
 Step = Literal["done", "debug", "resize", "stop"]
 
 
-#: A fix that cannot be applied, proposed this many times, ends patch-and-retry (a 1.5B debugger repeated one four times).
+#: A fix that cannot be applied (or was already run), proposed this many times, ends patch-and-retry (a 1.5B debugger
+#: repeated one four times, 30-120 s a call).
 MAX_SAME_UNAPPLIED = 2
 
 
@@ -403,8 +404,8 @@ def run_attempts(
     the journal; a failure that goes to the debugger carries its class, its error output and
     this run's history (:func:`debug_history`). A patch that does not apply is an attempt of
     its own (class ``patch_error``, nothing runs) whose error goes back to the debugger within
-    the budget; the same unappliable fix proposed :data:`MAX_SAME_UNAPPLIED` times ends the
-    loop (the model is not moving). A debugger whose model fails (:class:`~cellforge.errors.LLMError`) ends the
+    the budget; the same unappliable or already-run fix proposed :data:`MAX_SAME_UNAPPLIED`
+    times ends the loop (the model is not moving). A debugger whose model fails (:class:`~cellforge.errors.LLMError`) ends the
     loop cleanly, with everything recorded.
 
     Parameters
@@ -502,6 +503,10 @@ def run_attempts(
                 script, parent=attempt.index, patch=patch,
                 error=f"this exact fix was already tried (attempt {tried_fixes[fix]}) and the script still failed: propose a different one",
             )
+            unapplied[fix] = unapplied.get(fix, 0) + 1
+            if unapplied[fix] >= MAX_SAME_UNAPPLIED:
+                journal.stop_reason = f"the debugger proposed a fix already tried (attempt {tried_fixes[fix]}) {unapplied[fix]} more times (last: attempt {attempt.index})"
+                break
             continue
         tried_fixes[fix] = len(journal.attempts)
         script = new_script
