@@ -67,9 +67,9 @@ def run_one(dataset: str, seed: int, *, runs: Path, model: str, roles: list[str]
     env.setdefault("CELLFORGE_LLM_TIMEOUT", str(timeout_s))
     cmd = [sys.executable, "-m", "cellforge.cli", "benchmark", "--dataset", dataset, "--seed", str(seed), "--runs", str(runs),
            "--debate-rounds", str(debate_rounds), "--pilots", "0", "--max-attempts", str(max_attempts)]  # fmt: skip
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()
     start = time.monotonic()
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()
     record: dict = {"dataset": dataset, "seed": seed, "model": model, "roles": roles, "wall_s": round(time.monotonic() - start, 1), "exit_code": done.returncode, "commit": commit}
     lines = [line for line in done.stdout.strip().splitlines() if line.strip()]
     run_dir = Path(lines[-1]) if lines and Path(lines[-1]).is_dir() else None
