@@ -337,34 +337,8 @@ def refuse_sparse(info: os.stat_result, shown: str) -> None:
         raise UntrustedFileError(msg)
 
 
-def read_at(dfd: int, name: str, *, max_bytes: int, shown: str) -> bytes:
-    """Contents of the regular file ``name`` in the open folder ``dfd`` (no links, at most ``max_bytes``)."""
-    try:
-        fd = os.open(name, _READ_FLAGS, dir_fd=dfd)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise UntrustedFileError(f"{shown}: is a symbolic link made in the sandbox; not followed") from exc
-        raise
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise UntrustedFileError(f"{shown}: not a regular file (mode {stat.filemode(info.st_mode)})")
-        if info.st_size > max_bytes:
-            raise UntrustedFileError(f"{shown}: {info.st_size} bytes, over the limit of {max_bytes}")
-        refuse_sparse(info, shown)
-        chunks, total = [], 0
-        while chunk := os.read(fd, 1 << 20):
-            total += len(chunk)
-            if total > max_bytes:
-                raise UntrustedFileError(f"{shown}: grew past {max_bytes} bytes while read")
-            chunks.append(chunk)
-        return b"".join(chunks)
-    finally:
-        os.close(fd)
-
-
-def copy_at(dfd: int, name: str, dest: Path, *, max_bytes: int, shown: str) -> None:
-    """Stream the regular file ``name`` of the open folder ``dfd`` to the host file ``dest`` (no link, no sparse file, at most ``max_bytes``)."""
+def _chunks_at(dfd: int, name: str, *, max_bytes: int, shown: str) -> Iterator[bytes]:
+    """The regular file ``name`` of the open folder ``dfd``, in 1 MiB chunks: no link, no sparse file, at most ``max_bytes``."""
     try:
         fd = os.open(name, _READ_FLAGS, dir_fd=dfd)
     except OSError as exc:
@@ -379,14 +353,25 @@ def copy_at(dfd: int, name: str, dest: Path, *, max_bytes: int, shown: str) -> N
             raise UntrustedFileError(f"{shown}: {info.st_size} bytes, over the limit of {max_bytes}")
         refuse_sparse(info, shown)
         total = 0
-        with open(dest, "wb") as out:
-            while chunk := os.read(fd, 1 << 20):
-                total += len(chunk)
-                if total > max_bytes:
-                    raise UntrustedFileError(f"{shown}: grew past {max_bytes} bytes while read")
-                out.write(chunk)
+        while chunk := os.read(fd, 1 << 20):
+            total += len(chunk)
+            if total > max_bytes:
+                raise UntrustedFileError(f"{shown}: grew past {max_bytes} bytes while read")
+            yield chunk
     finally:
         os.close(fd)
+
+
+def read_at(dfd: int, name: str, *, max_bytes: int, shown: str) -> bytes:
+    """Contents of the regular file ``name`` in the open folder ``dfd`` (no links, no sparse file, at most ``max_bytes``)."""
+    return b"".join(_chunks_at(dfd, name, max_bytes=max_bytes, shown=shown))
+
+
+def copy_at(dfd: int, name: str, dest: Path, *, max_bytes: int, shown: str) -> None:
+    """Stream the regular file ``name`` of the open folder ``dfd`` to the host file ``dest`` (as :func:`read_at`, never whole in memory)."""
+    with open(dest, "wb") as out:
+        for chunk in _chunks_at(dfd, name, max_bytes=max_bytes, shown=shown):
+            out.write(chunk)
 
 
 def tree_size(root: Path) -> int:
