@@ -301,16 +301,18 @@ def test_code_a_model_wrote_is_refused_without_isolation_unless_the_user_accepts
     accepted.close()
 
 
-def test_a_coder_that_writes_the_model_function_sees_only_its_signature_and_docstring():
+def test_a_coder_that_writes_the_model_function_sees_only_its_signature_and_arguments():
     from cellforge.execution.contract import EXAMPLE_SCRIPT, example_scaffold, splice_model
 
     example = EXAMPLE_SCRIPT.read_text()
     scaffold = example_scaffold(example)
-    assert "def predict_deltas(train_deltas, query" in scaffold and "control_cells: numpy array" in scaffold
-    assert "np.tile(shift" not in scaffold and 'task["predict_conditions"]' not in scaffold  # no body, no input/output code
-    own = "def predict_deltas(train_deltas, query, conditions, control_cells, genes, config):\n    return np.zeros((len(query), len(genes)))\n"
+    assert "def predict_deltas(\n    train_deltas: pd.DataFrame," in scaffold and "# control_cells: numpy array" in scaffold
+    assert "correction = " not in scaffold and 'task["predict_conditions"]' not in scaffold  # no body, no input/output code
+    own = "def predict_deltas(train_deltas, reference_train, reference, conditions, control_cells, genes, config):\n    return reference.to_numpy()\n"
     script = splice_model(example, own)
-    assert own in script and "np.tile(shift" not in script and script.count("def predict_deltas") == 1
+    assert own in script and "correction = " not in script and script.count("def predict_deltas") == 1
+    # the arguments in brief stay in the script, above the model's code: the debugger reads that region
+    assert script.index("# reference_train: pandas DataFrame") < script.index(own)
     with pytest.raises(ValueError, match="no top-level"):
         splice_model(example, "def model(x):\n    return x\n")
 
@@ -320,8 +322,8 @@ def test_a_coder_function_that_calls_a_helper_it_never_wrote_goes_back_to_the_co
     from cellforge.design.plan import CodeFunction
 
     reply = (
-        "```python\ndef predict_deltas(train_deltas, query, conditions, control_cells, genes, config):\n"
-        "    corr = compute_correlation_matrix(control_cells)\n    return np.zeros((len(query), len(genes))) + corr.mean()\n```\nA sketch."
+        "```python\ndef predict_deltas(train_deltas, reference_train, reference, conditions, control_cells, genes, config):\n"
+        "    corr = compute_correlation_matrix(control_cells)\n    return reference.to_numpy() + corr.mean()\n```\nA sketch."
     )
     with pytest.raises(ValueError, match="`compute_correlation_matrix`, defined nowhere"):
         CodeFunction.from_reply(reply)

@@ -15,7 +15,7 @@ import pytest
 from cellforge.data.splits import make_split
 from cellforge.errors import ConfigError
 from cellforge.execution import contract
-from cellforge.execution.codegen import get_config, render, templates
+from cellforge.execution.codegen import get_config, render, set_config, templates
 
 
 def _features(lib, deltas: dict[str, np.ndarray], controls: dict[str, np.ndarray], conds: dict[str, tuple[str, str]]):
@@ -284,6 +284,29 @@ def test_gene_gnn_with_a_sparse_graph_predicts_what_the_dense_one_does(load, tmp
             assert done.returncode == 0, done.stderr[-3000:]
         preds[kind] = contract.read_predictions(work / contract.PREDICTIONS, test=[*manifest.val, *manifest.test], genes=[str(g) for g in adata.var_names]).to_numpy()
     np.testing.assert_allclose(preds["sparse"], preds["dense"], rtol=1e-4, atol=1e-5)
+
+
+def test_the_model_functions_reference_is_the_hosts_comparator(load, tmp_path):
+    """A coder's function starts from the plan's reference; with no correction it predicts what the reference attempt does."""
+    adata = load("norman_subset")
+    manifest = make_split(adata, "combination", seed=0)
+    config = {**SMALL, "baseline": "observed_additive", "n_components": 8, "hidden_dim": 8}
+    preds = {}
+    for name, script in [
+        ("reference", render("pert_mlp", {**config, "reference_only": True, "cv_folds": 0})),
+        ("function", contract.splice_model(
+            set_config(contract.EXAMPLE_SCRIPT.read_text(), config),
+            "def predict_deltas(train_deltas, reference_train, reference, conditions, control_cells, genes, config):\n"
+            "    assert (reference_train.index == train_deltas.index).all()\n    return reference.to_numpy()\n",
+        )),
+    ]:  # fmt: skip
+        work = tmp_path / name
+        contract.prepare_inputs(adata, manifest, work, task={"type": "combination", "description": "test"})
+        (work / "train.py").write_text(script)
+        done = subprocess.run([sys.executable, "train.py"], cwd=work, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, done.stderr[-3000:]
+        preds[name] = contract.read_predictions(work / contract.PREDICTIONS, test=[*manifest.val, *manifest.test], genes=[str(g) for g in adata.var_names])
+    np.testing.assert_allclose(preds["function"].to_numpy(), preds["reference"].loc[preds["function"].index].to_numpy(), atol=1e-5)
 
 
 def test_task_json_carries_numeric_doses(load, tmp_path):

@@ -175,8 +175,10 @@ class CodeFunction(BaseModel):
     answer_instructions: ClassVar[str] = (
         "Reply with ONE ```python fenced block holding your `predict_deltas` function (any imports and small helper "
         "functions it needs above it; no classes, no docstring, at most 50 lines); the host puts it in place of the "
-        "worked example's model region. Then one sentence."
+        "worked example's model region. Nothing after the block."
     )
+    #: Generation ends at the block's closing fence: the 1.5B coder's prose after it (about 100 tokens, 15 s) was never read.
+    stop: ClassVar[tuple[str, ...]] = ("```\n\n",)
 
     function: str = Field(description="The model region: imports, helpers and def predict_deltas(...).")
     script: str = Field(description="The worked example with this region in place of its own (made by the host).")

@@ -100,6 +100,8 @@ def prepare_inputs(
         "n_genes_in_data": selection.n_total,
     }
     write_json(work_dir / "task.json", payload, indent=1)
+    # the template library's shared code (reference predictors, features), importable by a model's own script
+    (work_dir / LIBRARY_MODULE).write_text((Path(__file__).parent / "templates" / "_common.py").read_text())
     return selection
 
 
@@ -344,11 +346,13 @@ def read_predictions(path: Path, *, test: list[str], genes: list[str]) -> pd.Dat
 #: The contract as the coder and debugger read it.
 CONTRACT_DOC = Path(__file__).with_name("CONTRACT.md")
 #: A worked example that satisfies the contract.
-EXAMPLE_SCRIPT = Path(__file__).parent / "examples" / "mean_shift.py"
+EXAMPLE_SCRIPT = Path(__file__).parent / "examples" / "reference_residual.py"
 #: Largest script the host accepts from a model, characters.
 MAX_SCRIPT_CHARS = 200_000
 
 
+#: The library's shared code as the sandbox sees it, beside ``train.py`` (``import cellforge_library``).
+LIBRARY_MODULE = "cellforge_library.py"
 #: The worked example's model region (:func:`splice_model`).
 MODEL_BEGIN, MODEL_END = "# --- model:", "# --- end of model ---"
 
@@ -374,7 +378,19 @@ def splice_model(example: str, code: str) -> str:
     lines = example.splitlines(keepends=True)
     begin = next(i for i, line in enumerate(lines) if line.startswith(MODEL_BEGIN))
     end = next(i for i, line in enumerate(lines) if line.startswith(MODEL_END))
-    return check_script("".join(lines[: begin + 1]) + code.rstrip("\n") + "\n" + "".join(lines[end:]), names=True)
+    # the arguments in brief stay above the model's code: the debugger reads this region, not the coder's prompt
+    notes = _argument_notes(example)
+    return check_script("".join(lines[: begin + 1]) + notes + code.rstrip("\n") + "\n" + "".join(lines[end:]), names=True)
+
+
+def _argument_notes(example: str) -> str:
+    """The docstring of the example's ``predict_deltas`` as ``#`` comment lines (its arguments in brief)."""
+    import ast
+
+    tree = ast.parse(example)
+    func = next(node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == "predict_deltas")
+    doc = ast.get_docstring(func) or ""
+    return "".join(f"# {line}\n" if line.strip() else "#\n" for line in doc.splitlines())
 
 
 def example_scaffold(example: str) -> str:
@@ -391,13 +407,11 @@ def example_scaffold(example: str) -> str:
 
     tree = ast.parse(example)
     func = next(node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == "predict_deltas")
-    doc = ast.get_docstring(func) or ""
     lines = example.splitlines(keepends=True)
     signature = "".join(lines[func.lineno - 1 : func.body[0].lineno - 1])  # the def line(s), up to the docstring
-    notes = "".join(f"# {line}\n" if line.strip() else "#\n" for line in doc.splitlines())
     return (
         "# in scope already: import numpy as np; import pandas as pd; import scipy.sparse as sp\n"
-        + notes
+        + _argument_notes(example)
         + signature
         + "    ...  # the model: compute and return the predicted changes here (no docstring needed)\n"
     )

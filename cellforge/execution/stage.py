@@ -123,8 +123,9 @@ def coder_context(run: Run, *, plan: dict[str, Any] | None = None) -> dict[str, 
     brief = {k: plan.get(k) for k in ("task_type", "architecture", "perturbation_encoder", "context_encoder", "baseline", "loss", "hyperparameters")}
     if own_script and coder_scope() == "function":
         # one function, not the whole design: given the encoders and the architecture, a 1.5B coder wrote a helper per
-        # component, each calling the next, and never finished; the task, the reference and the sizes are what it can use
-        brief = {k: plan.get(k) for k in ("task_type", "baseline", "hyperparameters")}
+        # component, each calling the next, and never finished; the task, the reference and the sizes are what it can use.
+        # No hyperparameters: given the template's, it read config["hyperparameters"]["test_fraction"] (a KeyError, measured)
+        brief = {k: plan.get(k) for k in ("task_type", "baseline")}
     return {
         "plan": brief if own_script else plan,
         "templates": [] if own_script else templates(),
@@ -175,13 +176,16 @@ def ask_coder(run: Run, *, plan: dict[str, Any] | None = None, stage: str = "cod
 
 def stage_codegen(run: Run, *, echo: Echo) -> None:
     """Ask the coder for the training script: its own code (checked against the contract) or, offline, a rendered template."""
-    from cellforge.execution.codegen import render
+    from cellforge.execution.codegen import get_config, render, set_config
 
     choice = ask_coder(run)
     plan = run.read_json("plan.json")
     # a template's CONFIG starts from the plan (a model that names the template but forgets a key still renders it right)
     defaults = plan_defaults(plan, run.config.threads)
     script = choice.script if choice.script else render(choice.template, {**defaults, **choice.config})
+    if choice.script and coder_writes_scripts() and coder_scope() == "function":
+        # the worked example computes the plan's reference predictor (the host's comparator for this script): its settings
+        script = set_config(script, {**get_config(script), **{k: v for k, v in defaults.items() if k != "template"}})
     code = run.path("code")
     code.mkdir(exist_ok=True)
     (code / "train.py").write_text(script)

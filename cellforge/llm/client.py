@@ -557,6 +557,8 @@ class LLMClient:
             kwargs.update(live_options(spec.role, model, self._schema))
         if spec.max_tokens and not model.startswith("cellforge-offline/"):
             kwargs["max_tokens"] = spec.max_tokens  # every route: a local server too, where generation is the cost
+        if getattr(self._schema, "stop", None) and not model.startswith("cellforge-offline/"):
+            kwargs["stop"] = list(self._schema.stop)  # an answer whose end is known (a closed code block) stops there
         start = time.monotonic()
         tries = 0
         try:
