@@ -17,7 +17,9 @@ Papalexi and Adamson losses were studied in session 7 (which replayed each run's
 selection under other acceptance rules), and ``v4`` was made then and run once at the end of
 session 7; its glioblastoma and Papalexi losses were studied in session 8 (v4 joined the
 development splits on which the context references were scored), and ``v5`` was made then,
-to be run once after the last code change it reports on. A new round is added rather than an old one rerun when the code changes because
+to be run once after the last code change it reports on; ``v6`` followed in session 10, and
+``v7`` was defined in session 15 before the new-study scale mapping and the per-context linear
+baseline (issue 31), to be run once after them. A new round is added rather than an old one rerun when the code changes because
 of a round's results.
 
 Every round's verdicts side by side go to ``benchmarks/results/heldback-summary.md``.
@@ -149,11 +151,30 @@ ROUNDS: dict[str, Splits] = {
             [(601, {"test_contexts": list(p)}) for p in (("PW030", "PW032", "PW034"), ("PW030", "PW036", "PW040"), ("PW032", "PW034", "PW036"))],
         ),
     },
+    "v7": {
+        # defined in session 15 (issue 31, item 7) before the new-study scale mapping and the per-context
+        # linear baseline; run once, at the end. Adamson's triples are used up: pairs held out (test_fraction 0.4)
+        "adamson_unseen_knockdowns": (
+            "adamson_subset", "unseen_perturbation", [(s, {"test_fraction": 0.4}) for s in (701, 702, 703)],
+        ),
+        "papalexi_unseen_knockouts": ("papalexi_subset", "unseen_perturbation", [(s, {}) for s in (701, 702, 703)]),
+        "norman_combinations": ("norman_subset", "combination", [(s, {}) for s in (701, 702, 703)]),
+        # three unused triples of cell types
+        "kang_heldout_cell_type": (
+            "kang_subset", "new_context",
+            [(701, {"test_contexts": list(p)}) for p in (("B", "CD4T", "CD8T"), ("CD14+Mono", "Dendritic", "NK"), ("CD4T", "CD8T", "FCGR3A+Mono"))],
+        ),
+        # the last unused triple of patients, then two of the five quadruples (one patient seen)
+        "glioblastoma_heldout_patient": (
+            "glioblastoma_subset", "new_context",
+            [(701, {"test_contexts": list(p)}) for p in (("PW030", "PW034", "PW040"), ("PW030", "PW032", "PW034", "PW036"), ("PW032", "PW034", "PW036", "PW040"))],
+        ),
+    },
 }
 #: The round that is still held back (the others have been used in development).
-CURRENT = "v6"
+CURRENT = "v7"
 #: The code each round ran with: a round is run once, after the last code change it reports on.
-ROUND_CODE = {"v1": "session 4", "v2": "session 5", "v3": "session 6", "v4": "session 7", "v5": "session 8", "v6": "session 10"}
+ROUND_CODE = {"v1": "session 4", "v2": "session 5", "v3": "session 6", "v4": "session 7", "v5": "session 8", "v6": "session 10", "v7": "session 15"}
 CHECKED = ("pearson_delta_de20", "mse_de20")
 
 
