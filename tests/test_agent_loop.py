@@ -329,3 +329,17 @@ def test_a_coder_function_that_calls_a_helper_it_never_wrote_goes_back_to_the_co
         CodeFunction.from_reply(reply)
     fixed = reply.replace("```python\n", "```python\ndef compute_correlation_matrix(x):\n    return np.corrcoef(x.T)\n\n\n")
     assert "def compute_correlation_matrix" in CodeFunction.from_reply(fixed).script
+
+
+def test_a_coder_function_that_never_returns_goes_back_to_the_coder():
+    """The 1.5B coder looped on comment lines until the token limit; what was left parsed, with no return."""
+    from cellforge.design.plan import CodeFunction
+
+    cut = (
+        "```python\ndef predict_deltas(train_deltas, reference_train, reference, conditions, control_cells, genes, config):\n"
+        + "    # Compute the changes\n    changes = np.zeros_like(reference.values)\n" * 3
+        + "    # Compute the\n"
+    )
+    with pytest.raises(ValueError, match="never returns its predictions"):
+        CodeFunction.from_reply(cut)
+    assert "return changes" in CodeFunction.from_reply(cut + "    return changes\n```").script

@@ -32,6 +32,7 @@ SPEC = AgentSpec(name="tester", role="analyst", perspective="test", prompt="Answ
 class _Server(BaseHTTPRequestHandler):
     counts: dict[str, int] = {}
     seen_auth: list[str] = []
+    messages: list[list[dict]] = []
 
     def log_message(self, *args: object) -> None:
         pass
@@ -47,7 +48,7 @@ class _Server(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client gave up (the timeout test)
 
-    def _answer(self, model: str, content: str) -> None:
+    def _answer(self, model: str, content: str, finish: str = "stop") -> None:
         self._reply(
             200,
             {
@@ -55,7 +56,7 @@ class _Server(BaseHTTPRequestHandler):
                 "object": "chat.completion",
                 "created": int(time.time()),
                 "model": model,
-                "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": "stop"}],
+                "choices": [{"index": 0, "message": {"role": "assistant", "content": content}, "finish_reason": finish}],
                 "usage": {"prompt_tokens": 100, "completion_tokens": 10, "total_tokens": 110},
             },
         )
@@ -90,6 +91,10 @@ class _Server(BaseHTTPRequestHandler):
         elif model == "bad400":  # a request the backend rejects: the same answer on every retry
             error["error"].update(message=f"Invalid value for 'temperature' (request by {SECRET}): must be at most 2", type="invalid_request_error", code="invalid_value")
             self._reply(400, error)
+        elif model == "cut":  # a function that parses, cut at the token limit; then a whole one
+            self.messages.append(request["messages"])
+            body = "def predict_deltas(train_deltas, reference_train, reference, conditions, control_cells, genes, config):\n    return reference.to_numpy()\n"
+            self._answer(model, "```python\n" + body, finish="length" if n == 1 else "stop")
         elif model == "small" and size > 4000:
             error["error"].update(message="This model's maximum context length is 1000 tokens. However, your messages resulted in 5000 tokens.", type="invalid_request_error", code="context_length_exceeded")
             self._reply(400, error)
@@ -221,3 +226,13 @@ def test_cost_budget_counts_earlier_stages(tmp_path, monkeypatch):
     monkeypatch.setenv("CELLFORGE_LLM_BUDGET_USD", "0.5")
     with pytest.raises(LLMBudgetError, match=r"\$0.7500 spent"):
         LLMClient(tmp_path, stage="codegen").ask(SPEC, {}, Answer)
+
+
+def test_code_cut_at_the_token_limit_goes_back_to_the_model_even_when_it_parses(live, tmp_path):
+    from cellforge.design.plan import CodeFunction
+
+    live("cut")
+    answer = LLMClient(tmp_path, stage="codegen").ask(SPEC, {"question": "?"}, CodeFunction)
+    assert "return reference.to_numpy()" in answer.function
+    assert _Server.counts["cut"] == 2  # the first answer was refused, though its code parsed
+    assert "cut at the limit" in _Server.messages[-1][-1]["content"]

@@ -373,8 +373,12 @@ def splice_model(example: str, code: str) -> str:
     except SyntaxError as exc:
         msg = f"the function is not valid Python: line {exc.lineno}: {exc.msg}: {(exc.text or '').strip()[:120]!r}"
         raise ValueError(msg) from exc
-    if not any(isinstance(node, ast.FunctionDef) and node.name == "predict_deltas" for node in tree.body):
-        raise ValueError("the answer defines no top-level `def predict_deltas(train_deltas, query, conditions, control_cells, genes, config)`")
+    funcs = [node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == "predict_deltas"]
+    if not funcs:
+        raise ValueError("the answer defines no top-level `def predict_deltas(train_deltas, reference_train, reference, conditions, control_cells, genes, config)`")
+    own_returns = [n for n in ast.walk(funcs[-1]) if isinstance(n, ast.Return) and n.value is not None]
+    if not own_returns:  # a cut answer (token limit) or a sketch: the example would fail on None after a full data load
+        raise ValueError("`predict_deltas` never returns its predictions: end it with `return` of a numpy array (len(reference), len(genes))")
     lines = example.splitlines(keepends=True)
     begin = next(i for i, line in enumerate(lines) if line.startswith(MODEL_BEGIN))
     end = next(i for i, line in enumerate(lines) if line.startswith(MODEL_END))

@@ -926,7 +926,8 @@ def lineage(journal: Journal, *, draft: str, template: str = "", reference: str 
     Parameters
     ----------
     draft
-        Who wrote the first script: ``coder`` (a script of its own) or ``template``.
+        Who wrote the first script: ``coder`` (a script of its own), ``coder function`` (the
+        worked example around the coder's model function) or ``template``.
     template
         The plan's template (of a ``template`` draft, a ``library`` attempt).
     reference
@@ -957,8 +958,11 @@ def lineage(journal: Journal, *, draft: str, template: str = "", reference: str 
             patch = a.patch or {}
             updates = patch.get("config_updates") or {}
             if a.stage == "draft":
-                own = draft == "coder"
-                steps = ["coder script" if own else f"library template {template or '?'}"]
+                own = draft in ("coder", "coder function")
+                if draft == "coder function":  # the worked example with the coder's predict_deltas, on the plan's reference
+                    steps = [f"coder function (a correction of the plan's reference predictor {reference or '?'})"]
+                else:
+                    steps = ["coder script" if own else f"library template {template or '?'}"]
             elif a.stage == "library":
                 role = "the model's code never ran clean" if "never ran clean" in str(patch.get("diagnosis", "")) else "run as a candidate against the script"
                 own, steps = False, [f"library template {template or '?'} (the plan's model, {role})"]

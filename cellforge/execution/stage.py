@@ -183,13 +183,15 @@ def stage_codegen(run: Run, *, echo: Echo) -> None:
     # a template's CONFIG starts from the plan (a model that names the template but forgets a key still renders it right)
     defaults = plan_defaults(plan, run.config.threads)
     script = choice.script if choice.script else render(choice.template, {**defaults, **choice.config})
-    if choice.script and coder_writes_scripts() and coder_scope() == "function":
+    function = bool(choice.script) and coder_writes_scripts() and coder_scope() == "function"
+    if function:
         # the worked example computes the plan's reference predictor (the host's comparator for this script): its settings
         script = set_config(script, {**get_config(script), **{k: v for k, v in defaults.items() if k != "template"}})
     code = run.path("code")
     code.mkdir(exist_ok=True)
     (code / "train.py").write_text(script)
-    run.write_json("code/choice.json", {**choice.model_dump(exclude={"script"}), "written_by": "coder" if choice.script else "template"})
+    written_by = ("coder function" if function else "coder") if choice.script else "template"
+    run.write_json("code/choice.json", {**choice.model_dump(exclude={"script"}), "written_by": written_by})
     origin = "written by the coder" if choice.script else f"template {choice.template}"
     echo(f"  wrote {code / 'train.py'} ({len(script.splitlines())} lines, {origin})")
 

@@ -91,6 +91,8 @@ def _written_by_lines(metrics: dict[str, Any]) -> str:
 
 
 def _hyper_heading(metrics: dict[str, Any]) -> str:
+    if metrics.get("draft_written_by") == "coder function":
+        return "Hyperparameters of the plan (the coder wrote the model function; its reference and the library's model render from these):"
     if metrics.get("draft_written_by") == "coder":
         return "Hyperparameters of the plan (the coder wrote a script of its own; the library's model and reference render from these):"
     return "Hyperparameters (the library template's `CONFIG` starts from these):"
