@@ -369,6 +369,32 @@ def test_linear_reference_is_the_harness_linear_baseline_leaving_the_condition_o
     assert not np.allclose(feats.base("G3", "linear"), seen["G3"], atol=1e-3)
 
 
+def test_linear_reference_fits_within_a_context_like_the_harness(lib):
+    """Two states, one with enough seen knock-downs for its own fit, one without: the template and the harness agree."""
+    from cellforge.evaluation.baselines import BaselineInputs, linear
+
+    rng = np.random.default_rng(6)
+    genes = [f"G{i}" for i in range(16)]
+    controls = {"rest": rng.normal(size=16) + 3, "stim": rng.normal(size=16) + 3}
+    deltas, conds = {}, {}
+    for i in range(8):
+        deltas[f"G{i}@rest"], conds[f"G{i}@rest"] = rng.normal(size=16), (f"G{i}", "rest")
+    for i in range(3):
+        deltas[f"G{i}@stim"], conds[f"G{i}@stim"] = rng.normal(size=16), (f"G{i}", "stim")
+    test = ["G12@rest", "G13@stim"]
+    conds.update({"G12@rest": ("G12", "rest"), "G13@stim": ("G13", "stim")})
+    feats = _features(lib, deltas, controls, conds)
+    inputs = BaselineInputs(
+        seen=pd.DataFrame({c: controls[conds[c][1]] + d for c, d in deltas.items()}, index=genes).T,
+        controls=pd.DataFrame(controls, index=genes).T,
+        conditions=pd.DataFrame({"perturbation": [p for p, _ in conds.values()], "context": [x for _, x in conds.values()]}, index=list(conds)),
+        test=test,
+    )
+    expected = linear(inputs)
+    for cond in test:
+        np.testing.assert_allclose(feats.base(cond, "linear"), expected.loc[cond].to_numpy() - controls[conds[cond][1]], atol=1e-9)
+
+
 def _cells(n_genes: int = 12) -> tuple[ad.AnnData, dict]:
     """Control cells plus four perturbed conditions; condition A's cells are far from the rest."""
     rng = np.random.default_rng(5)

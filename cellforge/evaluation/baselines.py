@@ -40,7 +40,12 @@ BASELINE_SOURCES = {
         "mean delta of the SAME perturbation in the OTHER contexts where it was seen; a perturbation seen in no other "
         "context gets the training_mean delta (the notes say where)"
     ),
-    "linear": "Ahlmann-Eltze, Huber & Anders (Nat. Methods 2025) linear model, K = 10, lambda = 0.1, on seen deltas of every context",
+    "linear": (
+        "Ahlmann-Eltze, Huber & Anders (Nat. Methods 2025) linear model as in their run_linear_pretrained_model.R, K = 10, "
+        "lambda = 0.1: gene embedding from the PCA of the seen pseudobulk expression with control among its columns, fitted "
+        "on the control plus every seen single perturbation of a measured gene; within the test condition's context where "
+        "it has at least 5 such perturbations, pooled over every context elsewhere (the notes say where)"
+    ),
 }
 
 
@@ -231,40 +236,120 @@ def context_shift(inp: BaselineInputs) -> pd.DataFrame:
     return inp.frame(out)
 
 
-def linear(inp: BaselineInputs, *, n_components: int = 10, ridge: float = 0.1) -> pd.DataFrame:
-    """Linear model of Ahlmann-Eltze, Huber & Anders (Nature Methods 2025).
+#: Fewest seen single perturbations with a measured target gene for :func:`linear` to be fitted within
+#: a context; a context with fewer (or none: a held-out context) uses the fit pooled over every context.
+MIN_CONTEXT_PERTURBATIONS = 5
 
-    ``Y ~ G W P^T + b`` on seen deltas ``Y`` ``(n_genes, n_seen)``: ``G`` ``(n_genes, K)`` is the
-    top-K PCA of ``Y``; a perturbation's embedding is the sum of its target genes' rows of
-    ``G`` (zero for a target that is not a measured gene); ``W`` is the ridge solution
-    ``(G^T G + lI)^-1 G^T (Y - b) P (P^T P + lI)^-1`` and ``b`` the row mean of ``Y``.
-    K = 10 and lambda = 0.1 as in the paper.
+
+def fit_linear(expression: np.ndarray, change: np.ndarray, fit_targets: list[list[int] | None], *, k: int = 10, ridge: float = 0.1) -> Callable[[list[int]], np.ndarray]:
+    """Fit the linear model of Ahlmann-Eltze, Huber & Anders (Nature Methods 2025) on one pool of conditions.
+
+    Follows their ``run_linear_pretrained_model.R`` (training-data embeddings): the gene
+    embedding ``G`` ``(n_genes, k)`` is the PCA scores of the genes in the pseudobulk
+    expression matrix (control among its columns; each column centred over genes, as
+    ``prcomp``); a perturbation's embedding is its target gene's row of ``G``, the control's is
+    zero; the fit set is the control plus every perturbation with an embedding; with ``Y`` the
+    fit set's change from control and ``b`` its row mean,
+    ``K = (G^T G + l I)^-1 G^T (Y - b) P^T (P P^T + l I)^-1`` (their ``solve_y_axb``) and a
+    condition's change is ``G K p + b``.
+
+    Parameters
+    ----------
+    expression
+        ``(n_genes, n_columns)`` pseudobulk expression of every column of the pool (control
+        columns and every seen condition, embeddable or not), log-normalised units.
+    change
+        ``(n_genes, n_columns)`` each column minus its context's control mean.
+    fit_targets
+        Per column: gene positions whose ``G`` rows sum to its embedding (``[]`` for a control
+        column), or None for a column left out of the fit (a combination, or no measured target).
+    k, ridge
+        PCA dimensions and ridge penalty (10 and 0.1 in the paper); ``k`` is capped at
+        ``n_columns - 1``.
+
+    Returns
+    -------
+    ``predict(targets)``: the ``(n_genes,)`` predicted change of a perturbation whose target
+    genes are at positions ``targets`` (summed embeddings for a combination, an extension: the
+    published script predicts single perturbations only).
+    """
+    centred = expression - expression.mean(axis=0, keepdims=True)
+    k = max(1, min(k, expression.shape[1] - 1, expression.shape[0]))
+    u, s, _ = np.linalg.svd(centred, full_matrices=False)
+    G = u[:, :k] * s[:k]  # noqa: N806 - PCA scores of the genes
+    fit = [j for j, t in enumerate(fit_targets) if t is not None]
+    P = np.stack([G[fit_targets[j]].sum(axis=0) if fit_targets[j] else np.zeros(k) for j in fit], axis=1)  # noqa: N806 - (k, n_fit)
+    Y = change[:, fit]  # noqa: N806
+    b = Y.mean(axis=1)
+    eye = np.eye(k)
+    K = np.linalg.solve(G.T @ G + ridge * eye, G.T @ (Y - b[:, None]) @ P.T) @ np.linalg.inv(P @ P.T + ridge * eye)  # noqa: N806
+
+    def predict(targets: list[int]) -> np.ndarray:
+        return G @ K @ G[targets].sum(axis=0) + b if targets else b
+
+    return predict
+
+
+def _linear_pool(inp: BaselineInputs, contexts: set[str] | None) -> tuple[list[str], list[str]]:
+    """Seen conditions and control contexts of the fit over ``contexts`` (None: every context)."""
+    ctx = inp.conditions.loc[inp.seen.index, "context"].astype(str)
+    seen = [c for c in inp.seen.index if contexts is None or ctx[c] in contexts]
+    controls = list(dict.fromkeys(ctx[seen]))
+    return seen, controls
+
+
+def _embeddable(inp: BaselineInputs, condition: str, pos: pd.Series) -> list[int] | None:
+    members = inp.conditions.loc[condition, "perturbation"].split(COMBO_DELIMITER)
+    return [int(pos[members[0]])] if len(members) == 1 and members[0] in pos.index else None
+
+
+def linear_contexts(inp: BaselineInputs) -> dict[str, bool]:
+    """Context of each test condition -> True where :func:`linear` is fitted within it (else pooled)."""
+    pos = pd.Series(np.arange(inp.seen.shape[1]), index=inp.seen.columns)
+    ctx = inp.conditions.loc[inp.seen.index, "context"].astype(str)
+    counts = pd.Series([_embeddable(inp, c, pos) is not None for c in inp.seen.index], index=inp.seen.index).groupby(ctx.to_numpy()).sum()
+    return {c: int(counts.get(c, 0)) >= MIN_CONTEXT_PERTURBATIONS for c in dict.fromkeys(inp.test_contexts())}
+
+
+def linear(inp: BaselineInputs, *, n_components: int = 10, ridge: float = 0.1) -> pd.DataFrame:
+    """Linear model of Ahlmann-Eltze, Huber & Anders (Nature Methods 2025), within each context where it can be.
+
+    :func:`fit_linear` on the seen conditions of the test condition's own context (its
+    control among the columns) when that context has at least
+    :data:`MIN_CONTEXT_PERTURBATIONS` seen single perturbations with a measured target gene;
+    otherwise on every seen condition, with every seen context's control (each condition's
+    change from its own context's control). A test perturbation none of whose target genes is
+    measured, or a pool without one embeddable perturbation, gets the pool's mean seen change
+    (the training mean; :func:`linear_fallback` says where). K = 10 and lambda = 0.1 as in the paper.
 
     Returns
     -------
     ``(n_test, n_genes)`` predicted mean profiles.
     """
     deltas = inp.seen_deltas()
-    Y = deltas.to_numpy().T  # noqa: N806 - (n_genes, n_seen)
-    b = Y.mean(axis=1, keepdims=True)
-    k = max(1, min(n_components, Y.shape[1] - 1, Y.shape[0]))
-    u, _, _ = np.linalg.svd(Y - b, full_matrices=False)
-    G = u[:, :k]  # noqa: N806
-    row = pd.Series(np.arange(len(deltas.columns)), index=deltas.columns)
+    pos = pd.Series(np.arange(inp.seen.shape[1]), index=inp.seen.columns)
+    own = linear_contexts(inp)
+    fits: dict[str | None, tuple[Callable[[list[int]], np.ndarray] | None, np.ndarray]] = {}
 
-    def embed(perturbation: str) -> np.ndarray:
-        vec = np.zeros(k)
-        for member in perturbation.split(COMBO_DELIMITER):
-            if member in row.index:
-                vec += G[row[member]]
-        return vec
+    def fit_for(context: str | None) -> tuple[Callable[[list[int]], np.ndarray] | None, np.ndarray]:
+        if context not in fits:
+            seen, controls = _linear_pool(inp, None if context is None else {context})
+            mean_change = deltas.loc[seen].to_numpy().mean(axis=0) if seen else np.zeros(inp.seen.shape[1])
+            targets = [[] for _ in controls] + [_embeddable(inp, c, pos) for c in seen]
+            if not any(targets[len(controls) :]):
+                fits[context] = (None, mean_change)
+            else:
+                expression = np.concatenate([inp.controls.loc[controls].to_numpy(), inp.seen.loc[seen].to_numpy()]).T
+                change = np.concatenate([np.zeros((len(controls), inp.seen.shape[1])), deltas.loc[seen].to_numpy()]).T
+                fits[context] = (fit_linear(expression, change, targets, k=n_components, ridge=ridge), mean_change)
+        return fits[context]
 
-    P = np.stack([embed(p) for p in inp.conditions.loc[deltas.index, "perturbation"]])  # noqa: N806
-    eye = np.eye(k)
-    W = np.linalg.solve(G.T @ G + ridge * eye, G.T @ (Y - b)) @ P @ np.linalg.inv(P.T @ P + ridge * eye)  # noqa: N806
-    P_test = np.stack([embed(p) for p in inp.conditions.loc[inp.test, "perturbation"]])  # noqa: N806
-    pred_delta = (G @ W @ P_test.T + b).T
-    return inp.frame(inp.test_controls() + pred_delta)
+    rows = []
+    for cond, context in zip(inp.test, inp.test_contexts(), strict=True):
+        predict, mean_change = fit_for(context if own[context] else None)
+        targets = [int(pos[m]) for m in inp.conditions.loc[cond, "perturbation"].split(COMBO_DELIMITER) if m in pos.index]
+        rows.append(predict(targets) if predict is not None and targets else mean_change)
+    return inp.frame(inp.test_controls() + np.array(rows).reshape(len(inp.test), -1))
 
 
 BASELINES: dict[str, Callable[[BaselineInputs], pd.DataFrame]] = {
@@ -318,34 +403,41 @@ def baseline_notes(inp: BaselineInputs, names: list[str]) -> dict[str, str]:
 
 
 def linear_fallback(inp: BaselineInputs) -> str:
-    """Why :func:`linear` predicts the mean seen delta (the training mean) for some test conditions.
+    """Where :func:`linear` fits within a context, where it pools, and where it predicts the training mean.
 
-    A perturbation's embedding in :func:`linear` is the sum of its measured target genes' rows
-    of ``G``. With no seen perturbation targeting a measured gene every embedding of the fit is
-    zero, so ``W`` is zero and every prediction is the mean seen delta ``b``; a test
-    perturbation with no measured target gets ``b`` as well.
+    The fit set of :func:`linear` is the control plus the seen single perturbations of a
+    measured gene. A pool without one has nothing to fit, and every prediction from it is the
+    pool's mean seen delta; a test perturbation with no measured target gets that mean as well.
 
     Returns
     -------
-    One sentence saying which case holds, or ``""`` when every test perturbation and at
-    least one seen perturbation target a measured gene.
+    Sentences saying which cases hold, or ``""`` for one context where every test perturbation
+    and at least one seen single perturbation target a measured gene.
     """
     genes = set(inp.seen.columns)
+    pos = pd.Series(np.arange(inp.seen.shape[1]), index=inp.seen.columns)
 
     def measured(condition: str) -> bool:
         return any(m in genes for m in inp.conditions.loc[condition, "perturbation"].split(COMBO_DELIMITER))
 
-    seen_hit = sum(measured(c) for c in inp.seen.index)
+    parts = []
+    own = linear_contexts(inp)
+    if len(inp.controls.index) > 1:
+        ctx = inp.test_contexts()
+        within = [c for c, v in own.items() if v]
+        pooled = [c for c, v in own.items() if not v]
+        if within:
+            parts.append(f"fitted within its own context for {int(np.isin(ctx, within).sum())} of {len(ctx)} test conditions ({', '.join(within)})")
+        if pooled:
+            parts.append(
+                f"pooled over every context for {int(np.isin(ctx, pooled).sum())} ({', '.join(pooled)}: fewer than "
+                f"{MIN_CONTEXT_PERTURBATIONS} seen single perturbations of a measured gene)"
+            )
+    seen_hit = sum(_embeddable(inp, c, pos) is not None for c in inp.seen.index)
     test_hit = sum(measured(c) for c in inp.test)
     if seen_hit == 0 or test_hit == 0:
-        which = f"none of the {len(inp.seen)} seen perturbations" if seen_hit == 0 else f"none of the {len(inp.test)} test perturbations"
-        return (
-            f"{which} targets a measured gene, so their embeddings are zero and the linear model falls back to the mean "
-            "seen delta over every context for every test condition (the pooled training mean; with one context, training_mean)"
-        )
-    if test_hit < len(inp.test):
-        return (
-            f"{len(inp.test) - test_hit} of {len(inp.test)} test perturbations target no measured gene: for those the "
-            "linear model falls back to the mean seen delta over every context (the pooled training mean)"
-        )
-    return ""
+        which = f"none of the {len(inp.seen)} seen perturbations targets a measured gene on its own (the fit takes single perturbations)" if seen_hit == 0 else f"none of the {len(inp.test)} test perturbations targets a measured gene"
+        parts.append(f"{which}, so the linear model falls back to the mean seen delta for every test condition (the training mean)")
+    elif test_hit < len(inp.test):
+        parts.append(f"{len(inp.test) - test_hit} of {len(inp.test)} test perturbations target no measured gene: for those the linear model falls back to the mean seen delta (the training mean)")
+    return "; ".join(parts)

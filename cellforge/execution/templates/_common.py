@@ -378,25 +378,28 @@ class Features:
         return observed
 
     def _linear(self, cond, others, D, k=10, lam=0.1):
-        """Linear model of Ahlmann-Eltze, Huber & Anders (Nat. Methods 2025) on the other seen deltas.
+        """Linear model of Ahlmann-Eltze, Huber & Anders (Nat. Methods 2025) on the other seen conditions.
 
-        Y (n_genes, n_seen) ~ G W P^T + b: G = top-k left singular vectors of the centred Y, a
-        perturbation's embedding is the sum of its measured target genes' rows of G, W is the
-        ridge solution and b the mean delta. The harness's ``linear`` baseline, leaving ``cond`` out.
+        As their run_linear_pretrained_model.R (:func:`fit_linear`): within ``cond``'s context when
+        it has :data:`MIN_CONTEXT_PERTURBATIONS` other seen single perturbations of a measured gene,
+        else over every context. The harness's ``linear`` baseline, leaving ``cond`` out.
         """
-        Y = D.T
-        b = Y.mean(axis=1)
-        k = max(1, min(k, Y.shape[1] - 1, Y.shape[0]))
-        G = np.linalg.svd(Y - b[:, None], full_matrices=False)[0][:, :k]
-
-        def embed(c):
+        def single(c):
             rows = self.targets(c)
-            return G[rows].sum(axis=0) if rows else np.zeros(k)
+            return rows if len(self.members(c)) == 1 and rows else None
 
-        P = np.stack([embed(c) for c in others])
-        eye = np.eye(k)
-        W = np.linalg.solve(G.T @ G + lam * eye, G.T @ (Y - b[:, None])) @ P @ np.linalg.inv(P.T @ P + lam * eye)
-        return G @ W @ embed(cond) + b
+        same = [c for c in others if self.ctx(c) == self.ctx(cond)]
+        pool = same if sum(single(c) is not None for c in same) >= MIN_CONTEXT_PERTURBATIONS else others
+        deltas = np.stack([self.seen[c] for c in pool])
+        targets = self.targets(cond)
+        fit = [single(c) for c in pool]
+        if not targets or not any(t is not None for t in fit):
+            return deltas.mean(axis=0)
+        contexts = list(dict.fromkeys(self.ctx(c) for c in pool))
+        controls = self.control.loc[contexts].to_numpy()
+        expression = np.concatenate([controls, deltas + np.stack([self.control.loc[self.ctx(c)].to_numpy() for c in pool])]).T
+        change = np.concatenate([np.zeros_like(controls), deltas]).T
+        return fit_linear(expression, change, [[] for _ in contexts] + fit, k=k, ridge=lam)(targets)
 
     # -- feature vectors
     def target_indicator(self, cond):
@@ -479,6 +482,30 @@ CONTEXT_REFERENCES = ("context_shift", "context_regression", "context_kernel", "
 REGRESSION_SHRINKAGE = 0.5
 #: Kernel widths tried by ``context_kernel``, as fractions of the median squared distance (inf: plain mean).
 KERNEL_WIDTHS = (0.03, 0.1, 0.3, 1.0, 3.0, np.inf)
+
+
+#: Fewest seen single perturbations of a measured gene for ``linear`` within a context (the harness's value).
+MIN_CONTEXT_PERTURBATIONS = 5
+
+
+def fit_linear(expression, change, fit_targets, k=10, ridge=0.1):
+    """Ahlmann-Eltze et al.'s linear model on one pool (the harness's ``fit_linear``; shapes and formula there).
+
+    ``expression``/``change`` (n_genes, n_columns), control columns among them; ``fit_targets``
+    per column: target gene positions ([] for a control, None when left out of the fit).
+    Returns ``predict(targets)`` -> (n_genes,) change.
+    """
+    centred = expression - expression.mean(axis=0, keepdims=True)
+    k = max(1, min(k, expression.shape[1] - 1, expression.shape[0]))
+    u, s, _ = np.linalg.svd(centred, full_matrices=False)
+    G = u[:, :k] * s[:k]
+    fit = [j for j, t in enumerate(fit_targets) if t is not None]
+    P = np.stack([G[fit_targets[j]].sum(axis=0) if fit_targets[j] else np.zeros(k) for j in fit], axis=1)
+    Y = change[:, fit]
+    b = Y.mean(axis=1)
+    eye = np.eye(k)
+    K = np.linalg.solve(G.T @ G + ridge * eye, G.T @ (Y - b[:, None]) @ P.T) @ np.linalg.inv(P @ P.T + ridge * eye)
+    return lambda targets: G @ K @ G[targets].sum(axis=0) + b if targets else b
 
 
 def _leave_one_out_error(predict, C, Ds):
