@@ -343,3 +343,29 @@ def test_a_coder_function_that_never_returns_goes_back_to_the_coder():
     with pytest.raises(ValueError, match="never returns its predictions"):
         CodeFunction.from_reply(cut)
     assert "return changes" in CodeFunction.from_reply(cut + "    return changes\n```").script
+
+
+def test_a_debugger_rewrites_the_coders_function_and_the_host_puts_it_in_place():
+    """For a coder's function the debugger answers with the whole corrected function, spliced into the failing script."""
+    from cellforge.design.plan import FunctionFix
+    from cellforge.execution.contract import EXAMPLE_SCRIPT, model_region, splice_model
+    from cellforge.execution.journal import Journal, apply_patch, debug_history
+
+    broken = "def predict_deltas(train_deltas, reference_train, reference, conditions, control_cells, genes, config):\n    return reference + train_deltas\n"
+    script = splice_model(EXAMPLE_SCRIPT.read_text().replace('"shrink": 0.5', '"shrink": 0.25'), broken)
+    reply = (
+        "The shapes differ: add the mean training error to each row instead.\n```python\n"
+        "def predict_deltas(train_deltas, reference_train, reference, conditions, control_cells, genes, config):\n"
+        "    error = (train_deltas - reference_train).to_numpy().mean(axis=0)\n    return reference.to_numpy() + error\n```\n\n"
+    )
+    fix = FunctionFix.from_reply(reply)
+    assert fix.diagnosis.startswith("The shapes differ")
+    patch = fix.as_patch(script)
+    fixed = apply_patch(script, patch)
+    assert "return reference + train_deltas" not in fixed and "return reference.to_numpy() + error" in model_region(fixed)
+    assert '"shrink": 0.25' in fixed  # the failing script's own code outside the region is kept (its CONFIG)
+    assert model_region(fixed).startswith("# Predicted change from control")  # the arguments in brief stay for the next round
+    journal = Journal(attempts=[Attempt(index=0, parent=None, stage="debug", script_sha256="x", command=[], patch=patch, failure=None)])
+    assert debug_history(journal)[0]["change"].startswith("rewrote predict_deltas: def predict_deltas(")
+    with pytest.raises(ValueError, match="never returns"):
+        FunctionFix.from_reply("It fails.\n```python\ndef predict_deltas(a, b, c, d, e, f, g):\n    x = 1\n```")

@@ -201,6 +201,50 @@ class CodeFunction(BaseModel):
         return cls(function=code, script=script, notes=notes)
 
 
+class FunctionFix(BaseModel):
+    """A debugger's answer for a coder's model function: the whole corrected ``predict_deltas``.
+
+    A 1.5B debugger asked for find/replace edits of a 25-line function copied its ``find``
+    text from the traceback, or proposed an edit that changed nothing, again and again
+    (measured); rewriting a short function is what such a model does best. The host puts the
+    function in place of the failing script's model region
+    (:func:`cellforge.execution.contract.splice_model`) and checks it like the coder's.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+    answer_format: ClassVar[str] = "python"
+    answer_instructions: ClassVar[str] = (
+        "Reply with one sentence on the cause, then ONE ```python fenced block holding the whole corrected "
+        "`predict_deltas` (any imports and small helpers it needs above it; no docstring). Nothing after the block."
+    )
+    stop: ClassVar[tuple[str, ...]] = ("```\n\n",)
+
+    diagnosis: str = ""
+    function: str = Field(description="The corrected model region: imports, helpers and def predict_deltas(...).")
+
+    @classmethod
+    def from_reply(cls, text: str) -> FunctionFix:
+        """The corrected function in a plain-text reply, checked like the coder's.
+
+        Raises
+        ------
+        ValueError
+            No fenced block or no top-level ``def predict_deltas``, no return, or a script that
+            breaks the static contract (the message says what to fix).
+        """
+        from cellforge.execution.contract import EXAMPLE_SCRIPT, splice_model
+
+        code, notes = _code_block(text)
+        splice_model(EXAMPLE_SCRIPT.read_text(), code)
+        return cls(diagnosis=notes[:500], function=code)
+
+    def as_patch(self, script: str) -> dict[str, Any]:
+        """A :class:`Patch` dict whose ``script`` is ``script`` with this function in its model region."""
+        from cellforge.execution.contract import splice_model
+
+        return Patch(diagnosis=self.diagnosis or "rewrote predict_deltas", script=splice_model(script, self.function)).model_dump() | {"function": self.function}
+
+
 class Edit(BaseModel):
     """Replace the exact text ``find`` (must occur in the script) by ``replace``."""
 

@@ -360,11 +360,15 @@ MODEL_BEGIN, MODEL_END = "# --- model:", "# --- end of model ---"
 def splice_model(example: str, code: str) -> str:
     """The worked example with ``code`` (imports, helpers and ``def predict_deltas``) in place of its model region.
 
+    Also how a debugger's corrected function goes in: ``example`` is then the failing script,
+    whose input and output code is the example's (:func:`replace_model`).
+
     Raises
     ------
     ValueError
-        ``code`` is not valid Python, defines no top-level ``predict_deltas`` function, or
-        the script that results breaks the static contract (:func:`check_script`).
+        ``code`` is not valid Python, defines no top-level ``predict_deltas`` function, never
+        returns a value from it, or the script that results breaks the static contract
+        (:func:`check_script`). The message says what to fix.
     """
     import ast
 
@@ -383,8 +387,18 @@ def splice_model(example: str, code: str) -> str:
     begin = next(i for i, line in enumerate(lines) if line.startswith(MODEL_BEGIN))
     end = next(i for i, line in enumerate(lines) if line.startswith(MODEL_END))
     # the arguments in brief stay above the model's code: the debugger reads this region, not the coder's prompt
-    notes = _argument_notes(example)
+    notes = _argument_notes(EXAMPLE_SCRIPT.read_text())
     return check_script("".join(lines[: begin + 1]) + notes + code.rstrip("\n") + "\n" + "".join(lines[end:]), names=True)
+
+
+def model_region(script: str) -> str | None:
+    """The text between the worked example's model markers (arguments in brief, imports, helpers, ``predict_deltas``), or None."""
+    lines = script.splitlines(keepends=True)
+    begin = next((i for i, line in enumerate(lines) if line.startswith(MODEL_BEGIN)), None)
+    end = next((i for i, line in enumerate(lines) if line.startswith(MODEL_END)), None)
+    if begin is None or end is None or end <= begin:
+        return None
+    return "".join(lines[begin + 1 : end])
 
 
 def _argument_notes(example: str) -> str:

@@ -370,6 +370,8 @@ def debug_history(journal: Journal, *, max_entries: int = 6, max_chars: int = 30
             change = f"replaced {e.get('find', '')[:max_chars]!r} with {e.get('replace', '')[:max_chars]!r}"
         elif patch.get("diff"):
             change = "diff: " + patch["diff"][:max_chars]
+        elif patch.get("function"):
+            change = "rewrote predict_deltas: " + " ".join(patch["function"].split())[:max_chars]
         elif patch.get("script"):
             change = "rewrote the whole script"
         elif patch.get("config_updates"):

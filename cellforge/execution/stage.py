@@ -244,7 +244,7 @@ class _LiveTail:
 def stage_execute(run: Run, *, echo: Echo) -> None:
     """Run the script in the sandbox with patch-and-retry and refinement, every attempt judged by the host; keep the best predictions."""
     from cellforge.data.splits import SplitManifest
-    from cellforge.design.plan import OneEdit, Patch, Refinement
+    from cellforge.design.plan import FunctionFix, OneEdit, Patch, Refinement
     from cellforge.execution import contract
     from cellforge.execution.codegen import get_config, is_cell_level, render
     from cellforge.execution.debugging import condense_error, focus
@@ -294,6 +294,14 @@ def stage_execute(run: Run, *, echo: Echo) -> None:
         if any(h["stage"] == "debug" and h["outcome"] != "ok" for h in request["history"]):
             # an earlier fix failed: at temperature 0 the same prompt tends to give the same fix back (measured), so sample
             spec = spec.model_copy(update={"temperature": max(spec.temperature, RETRY_TEMPERATURE)})
+        region_text = contract.model_region(script)
+        if region_text is not None:
+            # the coder's model function: the debugger reads all of it and answers with all of it (a 1.5B model's
+            # find/replace edits of it did not apply or changed nothing, measured); the rest is the host's example code
+            ctx.update(script=region_text, excerpt_lines="the model region (the rest of train.py is the host's input and output code)", outline=[])
+            ctx.pop("config", None)
+            fix = client.ask(spec.model_copy(update={"max_tokens": min(spec.max_tokens or FUNCTION_MAX_TOKENS, FUNCTION_MAX_TOKENS)}), ctx, FunctionFix)
+            return fix.as_patch(script)
         if debugger_format() == "edit":  # one find/replace: a short answer (600 tokens is a minute of generation here)
             ctx.pop("config")
             return client.ask(spec.model_copy(update={"max_tokens": min(spec.max_tokens or 600, 600)}), ctx, OneEdit).as_patch()
