@@ -14,6 +14,7 @@ def transcription(expression: pd.DataFrame, test_genes: list[str], k: int = 10, 
     change = expression.to_numpy() - baseline[:, None]
     # gene_emb <- prcomp_irlba(assay(train_data, "X"), n = pca_dim)$x
     x = expression.to_numpy()
+    k = min(k, x.shape[1] - 1)  # irlba needs n < the number of columns (the script errors out; cellforge caps k the same way)
     u, s, _ = np.linalg.svd(x - x.mean(axis=0), full_matrices=False)
     gene_emb = pd.DataFrame(u[:, :k] * s[:k], index=expression.index)
     # pert_emb <- t(gene_emb), plus a zero "ctrl" column

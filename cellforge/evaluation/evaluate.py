@@ -39,8 +39,8 @@ def baselines_for(adata: ad.AnnData, manifest: SplitManifest) -> list[str]:
     ``training_mean_pooled`` when it differs from it (seen perturbations in several contexts
     and a test context that has seen perturbations of its own); ``additive`` and
     ``matching_mean`` when combinations are tested; ``context_shift`` when a test
-    perturbation was seen in another context; ``linear`` unless contexts are held out (it has
-    nothing to say about a new context).
+    perturbation was seen in another context; ``linear`` and ``linear_delta_pca`` unless contexts are held out (they
+    have nothing to say about a new context).
     """
     table = condition_table(adata)
     test = table.loc[manifest.test]
@@ -54,7 +54,7 @@ def baselines_for(adata: ad.AnnData, manifest: SplitManifest) -> list[str]:
     if any(seen_in.get(p, set()) - {k} for p, k in zip(test["perturbation"], test["context"], strict=True)):
         names.append("context_shift")
     if not manifest.test_contexts:
-        names.append("linear")
+        names += ["linear", "linear_delta_pca"]
     return names
 
 
