@@ -1,18 +1,31 @@
 """Differentially expressed genes of each condition against its context's control cells.
 
-Two uses, two methods, both passed to scanpy explicitly (scanpy's default depends on its
+Two uses, two tests, each with its method passed explicitly (scanpy's default depends on its
 settings preset, so it is never relied on):
 
-- :func:`top_de_genes`: t-test, genes ranked by the absolute t statistic, top 20 (GEARS's
-  ``top20 DE`` genes for ``pearson_delta_de20`` / ``mse_de20``);
-- :func:`de_table`: Wilcoxon rank-sum with Benjamini-Hochberg FDR over all genes (the real
-  and predicted DE calls behind cell-eval's ``overlap_at_N``, ``precision_at_N`` and
-  ``de_direction_match``).
+- :func:`top_de_genes`: scanpy ``rank_genes_groups`` t-test, genes ranked by the absolute t
+  statistic, top 20 (GEARS's ``top20 DE`` genes for ``pearson_delta_de20`` / ``mse_de20``);
+- :func:`de_table`: Wilcoxon rank-sum (Mann-Whitney U) with Benjamini-Hochberg FDR over all
+  genes (the real and predicted DE calls behind cell-eval's ``overlap_at_N``,
+  ``precision_at_N`` and ``de_direction_match``). The test is ``pdex`` (Arc Institute's
+  parallel Mann-Whitney DE, the engine cell-eval itself runs: ``cell_eval._evaluator`` calls
+  ``pdex.pdex(mode="ref", is_log1p=True)``), one call per context against that context's
+  control cells. The fold change is scanpy's (computed here from group means, see
+  :data:`LFC_EPS`), so it is the number ``rank_genes_groups`` reports. Any other ``method``
+  runs through scanpy ``rank_genes_groups`` as before.
+
+pdex's p-values (numba-mwu's kernels: the asymptotic ``scipy.stats.mannwhitneyu``) are the
+normal approximation of scanpy's ``rank_genes_groups(method="wilcoxon", tie_correct=True)``
+plus a continuity correction of 1/2 on U, which makes each p-value slightly larger (never
+smaller). scanpy's own default, ``tie_correct=False`` (what this module ran before pdex),
+overstates the variance of genes with many tied values (the zeros of sparse data) and so
+calls fewer genes. See ``tests/test_de_parity.py`` and ``benchmarks/results/de-parity.md``.
 """
 
 from __future__ import annotations
 
 import functools
+import sys
 import warnings
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -30,7 +43,9 @@ LFC_EPS = 1e-9
 _REFERENCE = "__control__"
 
 
-def _rank_chunk(adata: ad.AnnData, control_mask: np.ndarray, wanted: list[str], *, method: str, n_genes: int, rankby_abs: bool) -> ad.AnnData:
+def _rank_chunk(
+    adata: ad.AnnData, control_mask: np.ndarray, wanted: list[str], *, method: str, n_genes: int, rankby_abs: bool, tie_correct: bool = False
+) -> ad.AnnData:
     """``rank_genes_groups`` of the ``wanted`` conditions against the masked control cells."""
     import scanpy as sc
 
@@ -49,18 +64,27 @@ def _rank_chunk(adata: ad.AnnData, control_mask: np.ndarray, wanted: list[str], 
         rankby_abs=rankby_abs,
         n_genes=min(n_genes, sub.n_vars),
         use_raw=False,
+        tie_correct=tie_correct,
     )
     return sub
 
 
 def _rank_against_control(
-    adata: ad.AnnData, conditions: list[str], *, method: str, n_genes: int, rankby_abs: bool, threads: int | None = None
+    adata: ad.AnnData,
+    conditions: list[str],
+    *,
+    method: str,
+    n_genes: int,
+    rankby_abs: bool,
+    threads: int | None = None,
+    tie_correct: bool = False,
 ) -> Iterator[tuple[ad.AnnData, list[str]]]:
     """Run ``rank_genes_groups`` per context: each condition vs that context's control cells.
 
     scanpy tests every condition against the reference separately, so conditions are cut
     into chunks run on ``threads`` threads (default :func:`cellforge.paths.host_threads`);
-    results do not depend on the chunking. Yields each chunk's scored AnnData and names.
+    results do not depend on the chunking. ``tie_correct`` goes to scanpy's Wilcoxon (its
+    default ``False``). Yields each chunk's scored AnnData and names.
 
     Raises
     ------
@@ -83,7 +107,7 @@ def _rank_against_control(
         workers = threads or host_threads()
         size = max(1, -(-len(wanted) // (2 * workers))) if workers > 1 else len(wanted)
         jobs += [(control_mask, wanted[i : i + size]) for i in range(0, len(wanted), size)]
-    run = functools.partial(_rank_chunk, adata, method=method, n_genes=n_genes, rankby_abs=rankby_abs)
+    run = functools.partial(_rank_chunk, adata, method=method, n_genes=n_genes, rankby_abs=rankby_abs, tie_correct=tie_correct)
     workers = threads or host_threads()
     # scanpy warns about fragmented frames and degenerate groups; the filter is process-wide,
     # so it is set once here rather than in each worker thread
@@ -138,35 +162,195 @@ def top_de_genes(
     return out
 
 
-def de_table(adata: ad.AnnData, conditions: list[str], *, method: str = "wilcoxon", threads: int | None = None) -> pd.DataFrame:
-    """Full DE table: every gene of every condition against its context's control cells.
+def scanpy_log2_fold_change(mean_group: np.ndarray, mean_ref: np.ndarray) -> np.ndarray:
+    """scanpy's ``logfoldchanges`` from group means of log1p data, as ``rank_genes_groups`` reports them.
 
-    scanpy ``rank_genes_groups(method=method, corr_method="benjamini-hochberg")``, all genes.
-    ``log2_fold_change`` is scanpy's: ``log2((expm1(mean_cond) + 1e-9) / (expm1(mean_ctrl) + 1e-9))``
-    on the log-normalised ``X``. cell-eval computes its DE with ``pdex`` (Mann-Whitney U); the
-    metrics that compare DE calls are defined on tables of this shape either way.
+    ``log2((expm1(mean_group) + 1e-9) / (expm1(mean_ref) + 1e-9))`` in float64, rounded to
+    float32 (scanpy stores ``logfoldchanges`` as float32 in ``uns["rank_genes_groups"]``) and
+    returned as float64. Unlike :func:`pseudobulk_log2_fold_change` nothing is clipped: a
+    negative mean (predicted cells can have one) goes in as it is, as in scanpy.
+    """
+    with np.errstate(divide="ignore", invalid="ignore"):
+        lfc = np.log2((np.expm1(mean_group) + LFC_EPS) / (np.expm1(mean_ref) + LFC_EPS))
+    return lfc.astype(np.float32).astype(np.float64)
 
-    Parameters
-    ----------
-    adata
-        Canonical AnnData ``(n_cells, n_genes)``; ``obs`` needs ``condition``, ``context`` and
-        ``is_control``. Predicted cells can be scored by concatenating them with the real
-        control cells (see :func:`prediction_de_table`).
-    conditions
-        Non-control conditions to test.
-    method
-        ``rank_genes_groups`` method; Wilcoxon for cell-eval-style DE sets.
-    threads
-        Worker threads (default :func:`cellforge.paths.host_threads`).
 
-    Returns
-    -------
-    DataFrame with :data:`DE_COLUMNS`, ``n_conditions * n_genes`` rows.
+def _group_means(x, labels: pd.Categorical) -> pd.DataFrame:  # noqa: ANN001 - any AnnData matrix
+    """Mean of every labelled group, ``(n_groups, n_genes)`` float64, rows named by group.
+
+    scanpy ``scanpy.get.aggregate(func="mean")``: the call ``rank_genes_groups`` makes for its
+    fold changes (``_RankGenes._aggregate_group_stats``), so the means are bit for bit scanpy's
+    (a group's rows are summed in row order in float64; unlabelled rows are skipped).
+    """
+    import scanpy as sc
+
+    holder = ad.AnnData(X=x, obs=pd.DataFrame({"group": labels}, index=pd.RangeIndex(len(labels)).astype(str)))
+    out = sc.get.aggregate(holder, by="group", func="mean")
+    return pd.DataFrame(np.asarray(out.layers["mean"], dtype=np.float64), index=out.obs_names.astype(str))
+
+
+def _pdex_matrix(x, rows: np.ndarray):  # noqa: ANN001, ANN202 - any AnnData matrix in, CSR or ndarray out
+    """The rows of ``x`` in a form pdex tests without copying per group.
+
+    pdex's sparse Mann-Whitney kernel (``numba_mwu.mannwhitneyu_sparse``) needs CSR without
+    explicit zeros or negative values, and treats the zeros as one tied block (only the
+    nonzeros are sorted); its dense kernel copies both sides to float64 for every group.
+    So: non-negative data become CSR (explicit zeros dropped), data with a negative value (a
+    prediction can have one) become float64 ndarray once per context.
+    """
+    import scipy.sparse as sp
+
+    if sp.issparse(x):
+        sub = sp.csr_matrix(x[rows])
+        sub.eliminate_zeros()
+        if sub.data.size and np.nanmin(sub.data) < 0:
+            return sub.toarray().astype(np.float64)
+        return sub
+    sub = np.asarray(x[rows])
+    if sub.size and np.nanmin(sub) < 0:
+        return sub.astype(np.float64)
+    return sp.csr_matrix(sub)
+
+
+@functools.cache
+def _pdex():  # noqa: ANN202 - the pdex function
+    """``pdex.pdex``, with numba's on-disk cache turned on for pdex's and numba-mwu's kernels.
+
+    Both packages compile their kernels without ``cache=True``: every process paid 15-20 s of
+    compilation on its first DE call here (a shipped subset's whole DE then takes 0.3 s). With
+    the cache on (numba's own mechanism, ``Dispatcher.enable_caching``, what ``cache=True``
+    calls), later processes load the compiled kernels: about 4 s, measured. Where the package
+    folder is read-only numba keeps the cache in its user-wide folder.
+    """
+    import numba_mwu
+    import pdex as package
+    from numba.core.caching import NullCache
+    from numba.core.registry import CPUDispatcher
+
+    modules = [m for name, m in sorted(sys.modules.items()) if name.startswith(("numba_mwu", "pdex")) and m is not None]
+    for module in modules:
+        for obj in list(vars(module).values()):
+            if isinstance(obj, CPUDispatcher) and isinstance(obj._cache, NullCache):  # noqa: SLF001 - not cached yet
+                try:
+                    obj.enable_caching()
+                except (RuntimeError, OSError):  # no cache folder can be written: compile as before
+                    pass
+    del numba_mwu
+    # pdex draws a tqdm bar per context on stderr, between the stage's own progress lines: silenced
+    from tqdm import tqdm
+
+    package.tqdm = functools.partial(tqdm, disable=True)
+    return package.pdex
+
+
+def _pdex_context(
+    adata: ad.AnnData, control_rows: np.ndarray, group_rows: dict[str, np.ndarray], *, threads: int
+) -> list[pd.DataFrame]:
+    """One context: every condition of ``group_rows`` against the ``control_rows`` cells.
+
+    Fold changes from :func:`_group_means` (scanpy's means); p-values and per-condition BH
+    FDR from one ``pdex.pdex(mode="ref")`` call. In that call pdex isolates the reference
+    cells, builds their per-gene column index (``numba_mwu.sparse_column_index``) and their
+    pseudobulk once, then for each condition and gene merges the condition's and the
+    reference's nonzero values and sorts them (``numba_mwu._sparse._sparse_mwu_column``): the
+    control cells' nonzeros are re-sorted for every condition, their zeros only counted (one
+    tied block). pdex 0.3.0 has no sort-once reference mode (its one-vs-rest kernel ranks
+    each gene once, but against all other cells, not the controls). On the dense path (data
+    with negative values) every gene's full control column is re-sorted with the condition's.
+    """
+    import numba
+
+    pdex = _pdex()
+    names = sorted(group_rows)
+    rows = np.concatenate([control_rows, *(group_rows[n] for n in names)])
+    label = np.concatenate([np.full(control_rows.size, _REFERENCE, dtype=object), *(np.full(group_rows[n].size, n, dtype=object) for n in names)])
+    categories = [_REFERENCE, *names]
+
+    # fold changes: scanpy's group means over the rows of the context, in the input's own format
+    full = np.full(adata.n_obs, None, dtype=object)
+    full[rows] = label
+    means = _group_means(adata.X, pd.Categorical(full, categories=categories))
+    lfc = scanpy_log2_fold_change(means.loc[names].to_numpy(), means.loc[[_REFERENCE]].to_numpy())
+
+    # p-values: pdex on the context's rows; the reference is sorted first, groups in name order
+    order = np.argsort(rows, kind="stable")  # keep the cells in input order, as scanpy sees them
+    x = _pdex_matrix(adata.X, rows[order])
+    obs = pd.DataFrame({"group": pd.Categorical(label[order], categories=categories)}, index=pd.RangeIndex(rows.size).astype(str))
+    holder = ad.AnnData(X=x, obs=obs, var=pd.DataFrame(index=adata.var_names.astype(str)))
+    before = numba.get_num_threads()
+    try:
+        res = pdex(
+            holder,
+            groupby="group",
+            mode="ref",
+            reference=_REFERENCE,
+            threads=threads,
+            is_log1p=True,  # X is log1p: pseudobulk expm1(mean(X)), as scanpy's fold change
+            geometric_mean=True,
+            epsilon=LFC_EPS,  # pdex's own fold change is then scanpy's formula (not used: float32 means)
+            cpm_filter=None,  # every gene tested, FDR over all genes of the condition
+        )
+    finally:
+        numba.set_num_threads(before)
+    n_genes = adata.n_vars
+    target = res["target"].to_numpy()
+    if target.size != len(names) * n_genes or list(target[::n_genes]) != names:
+        msg = f"unexpected pdex output layout: {target.size} rows for {len(names)} conditions x {n_genes} genes"
+        raise RuntimeError(msg)
+    pvalue = res["p_value"].to_numpy().reshape(len(names), n_genes)
+    fdr = res["fdr"].to_numpy().reshape(len(names), n_genes)
+    genes = adata.var_names.astype(str).to_numpy()
+    return [
+        pd.DataFrame({"condition": name, "gene": genes, "log2_fold_change": lfc[i], "pvalue": pvalue[i], "fdr": fdr[i]})
+        for i, name in enumerate(names)
+    ]
+
+
+def _pdex_de_table(adata: ad.AnnData, conditions: list[str], *, threads: int | None = None) -> pd.DataFrame:
+    """:func:`de_table`'s Wilcoxon path: one pdex call per context (see :func:`_pdex_context`).
+
+    Raises
+    ------
+    ValueError
+        A context of a requested condition has no control cells.
+    """
+    from cellforge.paths import host_threads
+
+    obs = adata.obs
+    is_control = obs["is_control"].astype(bool).to_numpy()
+    cond = obs["condition"].astype(str).to_numpy()
+    context = obs["context"].astype(str).to_numpy()
+    tested = np.isin(cond, list(conditions)) & ~is_control
+    frames: list[pd.DataFrame] = []
+    for ctx in sorted(set(context[tested])):
+        in_ctx = tested & (context == ctx)
+        wanted = sorted(set(cond[in_ctx]))
+        control_rows = np.flatnonzero((context == ctx) & is_control)
+        if not control_rows.size:
+            msg = f"context {ctx!r} has no control cells to test conditions {wanted[:5]} against"
+            raise ValueError(msg)
+        groups = {name: np.flatnonzero(in_ctx & (cond == name)) for name in wanted}
+        frames += _pdex_context(adata, control_rows, groups, threads=threads or host_threads())
+    if not frames:
+        return pd.DataFrame(columns=DE_COLUMNS)
+    return pd.concat(frames, ignore_index=True)
+
+
+def _scanpy_de_table(
+    adata: ad.AnnData, conditions: list[str], *, method: str, threads: int | None = None, tie_correct: bool = False
+) -> pd.DataFrame:
+    """:func:`de_table` through scanpy ``rank_genes_groups`` (every method but the default Wilcoxon).
+
+    ``tie_correct`` is passed to scanpy's Wilcoxon (scanpy's default ``False``); the parity
+    test and ``benchmarks/de_parity.py`` use this path as the scanpy reference of the pdex one.
+    Genes of a condition come in scanpy's order (by score), fold changes as scanpy reports them.
     """
     import scanpy as sc
 
     frames = []
-    for sub, wanted in _rank_against_control(adata, conditions, method=method, n_genes=adata.n_vars, rankby_abs=False, threads=threads):
+    for sub, wanted in _rank_against_control(
+        adata, conditions, method=method, n_genes=adata.n_vars, rankby_abs=False, threads=threads, tie_correct=tie_correct
+    ):
         for cond in wanted:
             df = sc.get.rank_genes_groups_df(sub, group=cond)
             frames.append(
@@ -185,24 +369,64 @@ def de_table(adata: ad.AnnData, conditions: list[str], *, method: str = "wilcoxo
     return pd.concat(frames, ignore_index=True)
 
 
-def prediction_de_table(
-    pred_cells: ad.AnnData, real: ad.AnnData, contexts: pd.Series, *, method: str = "wilcoxon"
-) -> pd.DataFrame:
-    """DE table of predicted *cells* against the *real* control cells of the same context.
+def de_table(adata: ad.AnnData, conditions: list[str], *, method: str = "wilcoxon", threads: int | None = None) -> pd.DataFrame:
+    """Full DE table: every gene of every condition against its context's control cells.
 
-    cell-eval tests predicted cells against the control cells in the prediction file; using
-    the real controls here means a prediction cannot move its own reference (cell-eval #196).
+    ``method="wilcoxon"`` (the default): two-sided Mann-Whitney U test of each gene by
+    ``pdex`` 0.3 (``pdex.pdex(mode="ref", is_log1p=True, geometric_mean=True,
+    epsilon=1e-9)``; the DE engine of cell-eval, whose kernels are numba-mwu's asymptotic
+    ``scipy.stats.mannwhitneyu``: tie-corrected normal approximation with continuity
+    correction), run once per context against that context's control cells on
+    ``threads`` numba threads, BH FDR over all genes of each condition (pdex,
+    ``scipy.stats.false_discovery_control``). These p-values are scanpy's
+    ``rank_genes_groups(method="wilcoxon", tie_correct=True)`` up to the continuity
+    correction (``tests/test_de_parity.py``). ``log2_fold_change`` is scanpy's, computed
+    here from scanpy's group means (:func:`scanpy_log2_fold_change`):
+    ``log2((expm1(mean_cond) + 1e-9) / (expm1(mean_ctrl) + 1e-9))`` on the log-normalised
+    ``X``, rounded to float32 as scanpy stores it, so the numbers are those the scanpy path
+    reported. Genes of a condition come in ``var_names`` order.
+
+    Any other ``method``: scanpy ``rank_genes_groups(method=method,
+    corr_method="benjamini-hochberg")``, all genes, chunks of conditions on ``threads``
+    threads, genes in scanpy's order.
 
     Parameters
     ----------
-    pred_cells
-        ``(n_pred_cells, n_genes)`` predicted log-normalised cells with ``obs["condition"]``;
-        genes in the order of ``real``.
-    real
-        Canonical AnnData holding the real control cells.
-    contexts
-        Condition -> context.
+    adata
+        Canonical AnnData ``(n_cells, n_genes)``; ``obs`` needs ``condition``, ``context`` and
+        ``is_control``. Predicted cells can be scored by concatenating them with the real
+        control cells (see :func:`prediction_de_table`).
+    conditions
+        Non-control conditions to test.
+    method
+        ``"wilcoxon"`` for cell-eval-style DE sets (pdex), else a ``rank_genes_groups`` method.
+    threads
+        Worker threads (default :func:`cellforge.paths.host_threads`): pdex's ``threads``
+        (numba) for Wilcoxon, Python threads over chunks of conditions for scanpy.
+
+    Returns
+    -------
+    DataFrame with :data:`DE_COLUMNS`, ``n_conditions * n_genes`` rows.
+
+    Raises
+    ------
+    ValueError
+        A context of a requested condition has no control cells.
     """
+    if method == "wilcoxon":
+        return _pdex_de_table(adata, conditions, threads=threads)
+    return _scanpy_de_table(adata, conditions, method=method, threads=threads)
+
+
+def _prediction_cells(pred_cells: ad.AnnData, real: ad.AnnData, contexts: pd.Series) -> ad.AnnData:
+    """Predicted cells stacked on the real control cells, as a canonical AnnData for :func:`de_table`.
+
+    Dense float32 ``X``: the predicted cells first (``obs_names`` ``pred_<i>``), then every
+    real control cell (``ctrl_<i>``); ``obs`` has ``condition``, ``context`` (from
+    ``contexts``) and ``is_control``.
+    """
+    import scipy.sparse as sp
+
     ctrl = real[real.obs["is_control"].astype(bool).to_numpy()]
     conds = pred_cells.obs["condition"].astype(str)
     obs_pred = pd.DataFrame(
@@ -217,16 +441,44 @@ def prediction_de_table(
         },
         index=[f"ctrl_{i}" for i in range(ctrl.n_obs)],
     )
-    import scipy.sparse as sp
-
     x_pred = pred_cells.X.toarray() if sp.issparse(pred_cells.X) else np.asarray(pred_cells.X)
     x_ctrl = ctrl.X.toarray() if sp.issparse(ctrl.X) else np.asarray(ctrl.X)
-    both = ad.AnnData(
+    return ad.AnnData(
         X=np.vstack([x_pred, x_ctrl]).astype(np.float32),
         obs=pd.concat([obs_pred, obs_ctrl]),
         var=pd.DataFrame(index=real.var_names),
     )
-    return de_table(both, sorted(conds.unique()), method=method)
+
+
+def prediction_de_table(
+    pred_cells: ad.AnnData, real: ad.AnnData, contexts: pd.Series, *, method: str = "wilcoxon", threads: int | None = None
+) -> pd.DataFrame:
+    """DE table of predicted *cells* against the *real* control cells of the same context.
+
+    cell-eval tests predicted cells against the control cells in the prediction file; using
+    the real controls here means a prediction cannot move its own reference (cell-eval #196).
+    The test is :func:`de_table`'s on :func:`_prediction_cells`: pdex's Mann-Whitney U
+    (cell-eval's engine) for ``method="wilcoxon"``, scanpy ``rank_genes_groups`` otherwise;
+    fold changes are scanpy's. Predicted values below 0 are tested as they are (pdex's dense
+    kernel, see :func:`_pdex_matrix`).
+
+    Parameters
+    ----------
+    pred_cells
+        ``(n_pred_cells, n_genes)`` predicted log-normalised cells with ``obs["condition"]``;
+        genes in the order of ``real``.
+    real
+        Canonical AnnData holding the real control cells.
+    contexts
+        Condition -> context.
+    method
+        As in :func:`de_table`.
+    threads
+        As in :func:`de_table`.
+    """
+    both = _prediction_cells(pred_cells, real, contexts)
+    conds = pred_cells.obs["condition"].astype(str)
+    return de_table(both, sorted(conds.unique()), method=method, threads=threads)
 
 
 def pseudobulk_log2_fold_change(profiles: np.ndarray, controls: np.ndarray) -> np.ndarray:
