@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import abc
+import logging
 import os
 import threading
 import time
@@ -216,6 +217,9 @@ class Limits(BaseModel):
     processes: int = Field(512, ge=8, description="Processes and threads of the sandbox user (RLIMIT_NPROC / pids limit).")
     file_size_mb: int = Field(4096, ge=1, description="Largest single file the command may write (RLIMIT_FSIZE), MiB.")
     disk_mb: int = Field(16384, ge=1, description="Total size of the work folder; the command is stopped past it, MiB.")
+    inodes: int = Field(
+        262_144, ge=1024, description="Files and folders the work folder may hold (where it gets a filesystem of its own: runtime.workfs)."
+    )
     shm_mb: int = Field(256, ge=1, description="Size of /dev/shm (a private tmpfs), MiB.")
     tmp_mb: int = Field(256, ge=1, description="Size of /tmp (a private tmpfs), MiB.")
     open_files: int = Field(4096, ge=64, description="Open file descriptors (RLIMIT_NOFILE); Docker here refuses more than 20000.")
@@ -278,9 +282,24 @@ def tail(root: Path, rel: str, *, n_lines: int = 40, max_chars: int = 4000) -> s
     return redact("\n".join(text.splitlines()[-n_lines:])[-max_chars:])
 
 
+def reserve_log(work_dir: Path, log_name: str) -> None:
+    """Create ``logs/<log_name>`` before the command runs: a command that uses up the work folder's inodes leaves its log one."""
+    try:
+        hostio.write_bytes(work_dir, f"logs/{log_name}", b"")
+    except OSError:
+        pass
+
+
 def write_log(work_dir: Path, log_name: str, capture: OutputCapture) -> None:
-    """Write the host's redacted copy of a command's output to ``logs/<log_name>`` (never through a link)."""
-    hostio.write_bytes(work_dir, f"logs/{log_name}", capture.text().encode())
+    """Write the host's redacted copy of a command's output to ``logs/<log_name>`` (never through a link).
+
+    A work folder the command filled (runtime.workfs) may refuse it: the output is still in the
+    result's ``log_tail`` and events, and a warning says the file is missing.
+    """
+    try:
+        hostio.write_bytes(work_dir, f"logs/{log_name}", capture.text().encode())
+    except OSError as exc:  # ENOSPC, EDQUOT: a full work folder; a link or special file still raises UntrustedFileError
+        logging.getLogger(__name__).warning("the log %s could not be written to the work folder: %s", log_name, exc)
 
 
 #: RLIMIT_AS as a multiple of an attempt's memory limit. Address space counts reservations that

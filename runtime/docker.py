@@ -43,8 +43,9 @@ from pathlib import Path
 from typing import Any
 
 from runtime.agent_server import TIMEOUT_EXIT, command_shell, stream_command, timed_out
-from runtime.base import CommandEvent, DiskWatch, Isolation, Limits, OutputCapture, RunResult, Sandbox, address_space_bytes, prepare_work_dir, sandbox_env, write_log
+from runtime.base import CommandEvent, Isolation, Limits, OutputCapture, RunResult, Sandbox, address_space_bytes, prepare_work_dir, reserve_log, sandbox_env, write_log
 from runtime.errors import SandboxInfraError, SandboxUnavailableError
+from runtime.workfs import disk_watch, open_workfs, workfs_full
 
 logger = logging.getLogger(__name__)
 
@@ -280,6 +281,8 @@ class DockerSandbox(Sandbox):
         self._socket_fd: int | None = None
         self._server_pids: set[str] = set()
         self._control = Path(tempfile.mkdtemp(prefix="cellforge-ctl-"))
+        #: The work folder's own fixed-size filesystem, mounted on the host before the container binds it (runtime.workfs).
+        self.workfs = open_workfs(self.work_dir, self.limits, self.user if os.geteuid() == 0 else None)
         self._start()
 
     # ------------------------------------------------------------------ container lifecycle
@@ -404,12 +407,13 @@ class DockerSandbox(Sandbox):
         if self._container is None or not self._running():
             self._start()
         prepare_work_dir(self.work_dir, self.user)
+        reserve_log(self.work_dir, log_name)
         shell = self.container_command(command, timeout_s=timeout_s, memory_mb=memory_mb, env=env or {})
         capture = OutputCapture(on_event)
         start = time.monotonic()
         limit_hit = None
         # past the disk limit the command's processes are killed (not the container), so its output events still arrive
-        with DiskWatch(self.work_dir, limit_mb=self.limits.disk_mb, on_exceed=self._kill_strays) as watch:
+        with disk_watch(self.work_dir, self.limits, self.workfs, on_exceed=self._kill_strays) as watch:
             try:
                 exit_code = stream_command(self._workspace, shell, cwd=str(self.work_dir), timeout_s=timeout_s + 30, capture=capture)
             except Exception as exc:  # noqa: BLE001
@@ -424,6 +428,9 @@ class DockerSandbox(Sandbox):
             capture.feed(f"\n[sandbox] stopped: the work folder passed its limit of {self.limits.disk_mb} MiB\n")
         elif timed_out(exit_code, elapsed, timeout_s):
             limit_hit, exit_code = "timeout", TIMEOUT_EXIT
+        elif why := workfs_full(self.workfs, watch, capture.tail()):
+            limit_hit = "disk"
+            capture.feed(f"\n[sandbox] {why}\n")
         if exit_code == TIMEOUT_EXIT and elapsed > timeout_s + 20:
             self._remove()  # the in-container timeout was defeated: the container goes
         else:
@@ -444,8 +451,11 @@ class DockerSandbox(Sandbox):
         )
 
     def close(self) -> None:
-        """Stop and remove the container and the control folder."""
+        """Stop and remove the container, unmount the work folder's filesystem, remove the control folder."""
         self._remove()
+        if self.workfs is not None:
+            self.workfs.close()
+            self.workfs = None
         shutil.rmtree(self._control, ignore_errors=True)
 
     def describe(self) -> dict[str, str]:

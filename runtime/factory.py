@@ -150,4 +150,8 @@ def isolation_summary(requested: str | None = None) -> str:
         layers.append("memory polled (no cgroup can be made here)")
     if os.geteuid() == 0:
         layers.append("a uid per sandbox")
+    from runtime.workfs import unavailable
+
+    why = unavailable()
+    layers.append("the work folder's own fixed-size filesystem (disk and files)" if why is None else f"work folder size polled ({why})")
     return "sandbox: local: " + ", ".join(layers)

@@ -61,12 +61,14 @@ from runtime.base import (
     RunResult,
     Sandbox,
     prepare_work_dir,
+    reserve_log,
     sandbox_env,
     write_log,
 )
 from runtime.cgroups import KernelLimits
 from runtime.gpu import tree_memory
 from runtime.seccomp import filter_program
+from runtime.workfs import disk_watch, open_workfs, workfs_full
 
 logger = logging.getLogger(__name__)
 
@@ -304,6 +306,8 @@ class LocalSandbox(Sandbox):
             uid, self._uid_lock = claim_uid(self.owner[0])
             self.owner = (uid, uid)
         self.state_path = self.work_dir.parent / f".{self.work_dir.name}.sandbox.json"
+        #: The work folder's own fixed-size filesystem (runtime.workfs): disk and inodes counted by the kernel.
+        self.workfs = open_workfs(self.work_dir, self.limits, self.owner) if self.use_bwrap else None
         self._etc = Path(tempfile.mkdtemp(prefix="cellforge-etc-"))
         self._write_identity()
         if not self.use_bwrap:
@@ -422,6 +426,7 @@ class LocalSandbox(Sandbox):
             msg = f"log_name {log_name!r} must be a plain file name"
             raise ValueError(msg)
         prepare_work_dir(self.work_dir, self.owner if self.use_bwrap else None)
+        reserve_log(self.work_dir, log_name)
         marker = secrets.token_hex(8)
         full_env = {**sandbox_env(self.work_dir, env, gpu=self.gpu), "CELLFORGE_SANDBOX_ID": marker}
         program = filter_program() if self.use_bwrap else None
@@ -478,7 +483,8 @@ class LocalSandbox(Sandbox):
             self.work_dir, limit_mb=int(memory_mb) if polled else 2**40, on_exceed=lambda: kill_tree(proc.pid, marker), interval_s=0.2,
             measure=lambda: tree_memory([proc.pid, *_descendants(proc.pid), *(_marked(marker) if bounded else [])]),
         )  # fmt: skip
-        with DiskWatch(self.work_dir, limit_mb=self.limits.disk_mb, on_exceed=lambda: kill_tree(proc.pid, marker)) as watch, memory as rss:
+        disk = disk_watch(self.work_dir, self.limits, self.workfs, on_exceed=lambda: kill_tree(proc.pid, marker))
+        with disk as watch, memory as rss:
             try:
                 proc.wait(timeout=timeout_s)
             except subprocess.TimeoutExpired:
@@ -491,6 +497,9 @@ class LocalSandbox(Sandbox):
         if watch.exceeded and limit_hit is None:
             limit_hit = "disk"
             capture.feed(f"\n[sandbox] stopped: the work folder passed its limit of {self.limits.disk_mb} MiB\n")
+        if limit_hit is None and (why := workfs_full(self.workfs, watch, capture.tail())):
+            limit_hit = "disk"
+            capture.feed(f"\n[sandbox] {why}\n")
         if rss.exceeded and limit_hit is None:
             limit_hit = "memory"
             capture.feed(f"\n[sandbox] stopped: resident memory passed its limit of {memory_mb} MiB (MemoryError)\n")
@@ -522,7 +531,10 @@ class LocalSandbox(Sandbox):
         )
 
     def close(self) -> None:
-        """Remove the host-side identity files; give the uid back."""
+        """Unmount the work folder's filesystem; remove the host-side identity files; give the uid back."""
+        if self.workfs is not None:
+            self.workfs.close()
+            self.workfs = None
         shutil.rmtree(self._etc, ignore_errors=True)
         if self._uid_lock is not None:
             os.close(self._uid_lock)  # the flock goes with it

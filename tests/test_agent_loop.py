@@ -369,3 +369,27 @@ def test_a_debugger_rewrites_the_coders_function_and_the_host_puts_it_in_place()
     assert debug_history(journal)[0]["change"].startswith("rewrote predict_deltas: def predict_deltas(")
     with pytest.raises(ValueError, match="never returns"):
         FunctionFix.from_reply("It fails.\n```python\ndef predict_deltas(a, b, c, d, e, f, g):\n    x = 1\n```")
+
+
+def test_a_fixed_function_that_elides_lines_with_dots_gets_them_from_the_failing_one():
+    """The 1.5B debugger copied the start of the function, changed a line, and ended with `...` (three times)."""
+    from cellforge.design.plan import FunctionFix
+    from cellforge.execution.contract import merge_elisions
+
+    original = (
+        "import numpy as np\n\ndef predict_deltas(train_deltas, reference_train, reference, conditions, control_cells, genes, config):\n"
+        "    errors = (train_deltas - reference_train).to_numpy()\n    w = np.ones(len(errors)) / len(errors)\n"
+        "    shift = w @ errors\n    return reference.to_numpy() + config.get('shrink', 0.5) * shift\n"
+    )
+    answer = (
+        "import numpy as np\n\ndef predict_deltas(train_deltas, reference_train, reference, conditions, control_cells, genes, config):\n"
+        "    errors = (train_deltas - reference_train).to_numpy(dtype=float)\n    w = np.ones(len(errors)) / len(errors)\n    ...\n"
+    )
+    merged = merge_elisions(answer, original)
+    assert "to_numpy(dtype=float)" in merged and merged.rstrip().endswith("return reference.to_numpy() + config.get('shrink', 0.5) * shift")
+    assert merged.count("w = np.ones") == 1 and "..." not in merged
+    assert merge_elisions(original, "anything") == original  # nothing elided: unchanged
+    with pytest.raises(ValueError, match="write the whole function"):
+        merge_elisions("def predict_deltas(a):\n    x = 2\n    ...\n", original)
+    fix = FunctionFix.against(original).from_reply("Cast to float.\n```python\n" + answer + "```\n")
+    assert "return reference.to_numpy()" in fix.function

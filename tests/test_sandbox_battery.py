@@ -25,7 +25,7 @@ from runtime.base import Limits
 from runtime.local import LocalSandbox, bwrap_available
 
 ROOT = Path(__file__).resolve().parent.parent
-LIMITS = Limits(processes=128, file_size_mb=32, disk_mb=96, shm_mb=16, tmp_mb=16, open_files=256)
+LIMITS = Limits(processes=128, file_size_mb=32, disk_mb=96, shm_mb=16, tmp_mb=16, open_files=256, inodes=4096)
 
 #: CI sets CELLFORGE_REQUIRE_ISOLATION=1: without bubblewrap the local battery then fails instead of skipping.
 _UNISOLATED = not bwrap_available() and os.environ.get("CELLFORGE_REQUIRE_ISOLATION") != "1"
@@ -319,6 +319,69 @@ def test_disk_fill_is_stopped(sandbox):  # noqa: ANN001
     finally:
         for path in sandbox.work_dir.glob("*.bin"):
             path.unlink()
+    _still_works(sandbox)
+
+
+def _kernel_disk(sandbox) -> None:  # noqa: ANN001
+    """Skip (loudly, as a failure to isolate) where the work folder has no filesystem of its own; CI runs as root and has one."""
+    from runtime.workfs import unavailable
+
+    if sandbox.workfs is None:
+        why = unavailable() or "the filesystem could not be made"
+        if os.environ.get("CELLFORGE_REQUIRE_ISOLATION") == "1":
+            pytest.fail(f"the work folder's disk is not bounded by the kernel: {why}")
+        pytest.skip(f"bubblewrap does not work here, or the work folder's disk is only polled: {why}")
+
+
+def test_space_held_by_deleted_open_files_is_bounded_by_the_kernel(sandbox):  # noqa: ANN001
+    """Files deleted while open hold disk that no walk of the folder sees: the kernel's filesystem counts them."""
+    _kernel_disk(sandbox)
+    result, log = _hostile(sandbox, """
+        import os
+        block = os.urandom(1024 * 1024)
+        held, written = [], 0
+        try:
+            for i in range(10):  # ten files of 30 MiB (under RLIMIT_FSIZE), each deleted at once and kept open
+                fh = open(f"held-{i}.bin", "wb")
+                os.unlink(f"held-{i}.bin")
+                held.append(fh)
+                for _ in range(30):
+                    fh.write(block)
+                    fh.flush()
+                    os.fsync(fh.fileno())
+                    written += 1
+        except OSError as exc:
+            print("refused after", written, "MiB:", exc.errno, exc.strerror)
+        print("HELD", written, "MiB")
+    """, timeout_s=120)
+    assert "refused after" in log, log
+    assert int(log.split("refused after")[1].split()[0]) <= LIMITS.disk_mb, log  # not the 300 MiB it tried
+    assert result.limit_hit == "disk" and "counted by the kernel" in result.log_tail, (result, log)
+    _still_works(sandbox)
+
+
+def test_inodes_are_bounded_by_the_kernel(sandbox):  # noqa: ANN001
+    """Empty files take no bytes a size limit sees; the filesystem has a fixed number of inodes."""
+    _kernel_disk(sandbox)
+    try:
+        result, log = _hostile(sandbox, """
+            import os
+            os.makedirs("many", exist_ok=True)
+            made = 0
+            try:
+                for i in range(50_000):
+                    open(f"many/f{i}", "w").close()
+                    made += 1
+            except OSError as exc:
+                print("refused after", made, "files:", exc.errno, exc.strerror)
+            print("MADE", made)
+        """, timeout_s=120)
+        assert "refused after" in log, log
+        made = int(log.split("refused after")[1].split()[0])
+        assert made <= sandbox.workfs.total_inodes < LIMITS.inodes + 64, log  # mke2fs rounds up to whole inode tables
+        assert result.limit_hit == "disk" and "(inodes)" in result.log_tail, (result, log)
+    finally:
+        sandbox.remove("many")
     _still_works(sandbox)
 
 

@@ -221,6 +221,13 @@ class FunctionFix(BaseModel):
 
     diagnosis: str = ""
     function: str = Field(description="The corrected model region: imports, helpers and def predict_deltas(...).")
+    #: The failing model region, whose lines fill an answer's ``...`` (:func:`~cellforge.execution.contract.merge_elisions`).
+    original: ClassVar[str] = ""
+
+    @classmethod
+    def against(cls, original: str) -> type[FunctionFix]:
+        """This schema for a fix of ``original`` (the failing model region): elided lines are filled from it."""
+        return type(cls.__name__, (cls,), {"__annotations__": {"original": ClassVar[str]}, "original": original, "__module__": cls.__module__})
 
     @classmethod
     def from_reply(cls, text: str) -> FunctionFix:
@@ -232,9 +239,10 @@ class FunctionFix(BaseModel):
             No fenced block or no top-level ``def predict_deltas``, no return, or a script that
             breaks the static contract (the message says what to fix).
         """
-        from cellforge.execution.contract import EXAMPLE_SCRIPT, splice_model
+        from cellforge.execution.contract import EXAMPLE_SCRIPT, merge_elisions, splice_model
 
         code, notes = _code_block(text)
+        code = merge_elisions(code, cls.original) if cls.original else code
         splice_model(EXAMPLE_SCRIPT.read_text(), code)
         return cls(diagnosis=notes[:500], function=code)
 

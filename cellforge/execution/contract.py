@@ -391,6 +391,47 @@ def splice_model(example: str, code: str) -> str:
     return check_script("".join(lines[: begin + 1]) + notes + code.rstrip("\n") + "\n" + "".join(lines[end:]), names=True)
 
 
+#: A line by which a model elides code it means to keep: ``...``, ``# ...``, ``# rest unchanged``.
+_ELISION = re.compile(r"^\s*(?:\.\.\.|#\s*\.\.\..*|#.*\b(?:rest|unchanged|same as before|as before)\b.*)\s*$", re.IGNORECASE)
+
+
+def merge_elisions(answer: str, original: str) -> str:
+    """``answer`` with each elision line (``...``) replaced by the ``original`` lines it stands for.
+
+    Small models rewriting a function copy its start, change a line and end with ``...``
+    (Qwen2.5-Coder-1.5B as debugger, three times in a row, measured). The lines an elision
+    stands for are the original's between the answer's last line before it and its first line
+    after it (matched after stripping whitespace). An answer without elisions comes back as is.
+
+    Raises
+    ------
+    ValueError
+        An elision whose surrounding lines are not in ``original`` (the message asks for the
+        whole function).
+    """
+    lines = answer.splitlines()
+    if not any(_ELISION.match(line) for line in lines):
+        return answer
+    old = original.splitlines()
+    stripped = [line.strip() for line in old]
+    out: list[str] = []
+    cursor = 0
+    for i, line in enumerate(lines):
+        if not _ELISION.match(line):
+            out.append(line)
+            continue
+        before = next((x.strip() for x in reversed(out) if x.strip()), None)
+        after = next((x.strip() for x in lines[i + 1 :] if x.strip() and not _ELISION.match(x)), None)
+        start = next((j for j in range(cursor, len(old)) if stripped[j] == before), None) if before is not None else -1
+        if start is None:
+            msg = "the answer leaves code out with `...` where it cannot be told what stands for it: write the whole function, every line"
+            raise ValueError(msg)
+        end = next((j for j in range(start + 1, len(old)) if stripped[j] == after), len(old)) if after is not None else len(old)
+        out.extend(old[start + 1 : end])
+        cursor = end
+    return "\n".join(out) + "\n"
+
+
 def model_region(script: str) -> str | None:
     """The text between the worked example's model markers (arguments in brief, imports, helpers, ``predict_deltas``), or None."""
     lines = script.splitlines(keepends=True)

@@ -255,10 +255,12 @@ def stage_execute(run: Run, *, echo: Echo) -> None:
     from cellforge.llm.client import LLMClient
     from cellforge.llm.specs import load_spec
     from runtime import open_sandbox
+    from runtime.workfs import release_stale
 
     adata = run.adata()
     manifest = SplitManifest.load(run.path("split.json"))
     work = run.path("sandbox")
+    release_stale(work)  # a killed run's filesystem still mounted over the folder (runtime.workfs)
     if work.exists():
         remove_tree(work)  # an interrupted execute stage restarts clean
     work.mkdir()
@@ -300,7 +302,8 @@ def stage_execute(run: Run, *, echo: Echo) -> None:
             # find/replace edits of it did not apply or changed nothing, measured); the rest is the host's example code
             ctx.update(script=region_text, excerpt_lines="the model region (the rest of train.py is the host's input and output code)", outline=[])
             ctx.pop("config", None)
-            fix = client.ask(spec.model_copy(update={"max_tokens": min(spec.max_tokens or FUNCTION_MAX_TOKENS, FUNCTION_MAX_TOKENS)}), ctx, FunctionFix)
+            schema = FunctionFix.against(region_text)  # an answer that elides lines with `...` gets them from the failing function
+            fix = client.ask(spec.model_copy(update={"max_tokens": min(spec.max_tokens or FUNCTION_MAX_TOKENS, FUNCTION_MAX_TOKENS)}), ctx, schema)
             return fix.as_patch(script)
         if debugger_format() == "edit":  # one find/replace: a short answer (600 tokens is a minute of generation here)
             ctx.pop("config")
@@ -381,6 +384,7 @@ def stage_execute(run: Run, *, echo: Echo) -> None:
         if journal.succeeded and manifest.val and c.refit:
             # selection is over: the kept model learns from the validation cells too before it predicts the test conditions
             refit_work = run.path("sandbox-refit")
+            release_stale(refit_work)
             if refit_work.exists():
                 remove_tree(refit_work)
             refit_work.mkdir()
