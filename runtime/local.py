@@ -306,8 +306,6 @@ class LocalSandbox(Sandbox):
             uid, self._uid_lock = claim_uid(self.owner[0])
             self.owner = (uid, uid)
         self.state_path = self.work_dir.parent / f".{self.work_dir.name}.sandbox.json"
-        #: The work folder's own fixed-size filesystem (runtime.workfs): disk and inodes counted by the kernel.
-        self.workfs = open_workfs(self.work_dir, self.limits, self.owner) if self.use_bwrap else None
         self._etc = Path(tempfile.mkdtemp(prefix="cellforge-etc-"))
         self._write_identity()
         if not self.use_bwrap:
@@ -315,7 +313,9 @@ class LocalSandbox(Sandbox):
                 "bubblewrap is not available: sandboxed code runs with rlimits only, NOT isolated from this machine's "
                 "files, sockets or network; install the Debian package 'bubblewrap'"
             )
-        self.reap_leftovers()
+        self.reap_leftovers()  # before the folder gets its filesystem: what a killed run left may still hold the old one
+        #: The work folder's own fixed-size filesystem (runtime.workfs): disk and inodes counted by the kernel.
+        self.workfs = open_workfs(self.work_dir, self.limits, self.owner) if self.use_bwrap else None
 
     def _write_identity(self) -> None:
         uid, gid = self.owner or (os.getuid(), os.getgid())

@@ -24,6 +24,7 @@ import logging
 import os
 import shutil
 import subprocess
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -103,6 +104,9 @@ class WorkFilesystem:
         self._tool("mount", "-o", "loop,nosuid,nodev,noatime,discard", str(self.image), str(self.work_dir))
         #: Inodes the filesystem really has (mke2fs rounds ``inodes`` up to whole inode tables).
         self.total_inodes = os.statvfs(self.work_dir).f_files
+        # a sandbox never closed (an exception, a test) still unmounts when collected or when the interpreter exits;
+        # only a killed process leaves its mount, released by the next sandbox in the folder (release_stale)
+        self._finalizer = weakref.finalize(self, _unmount, self.work_dir, self.image, os.stat(self.work_dir).st_dev)
 
     def _tool(self, *args: str) -> None:
         done = subprocess.run(list(args), capture_output=True, text=True, check=False)  # noqa: S603
@@ -127,8 +131,18 @@ class WorkFilesystem:
 
     def close(self) -> None:
         """Unmount and delete the image; the folder shows its contents from before the mount again."""
-        release_stale(self.work_dir)
-        self.image.unlink(missing_ok=True)
+        self._finalizer()
+
+
+def _unmount(work_dir: Path, image: Path, device: int) -> None:
+    """Unmount this filesystem (``device``) only: a later sandbox may have mounted its own over the folder since."""
+    try:
+        ours = os.stat(work_dir).st_dev == device
+    except OSError:
+        ours = False
+    if ours:
+        release_stale(work_dir)
+    image.unlink(missing_ok=True)
 
 
 def open_workfs(work_dir: Path, limits: Any, owner: tuple[int, int] | None) -> WorkFilesystem | None:

@@ -506,6 +506,9 @@ def test_sigkill_of_cellforge_mid_attempt_kills_the_attempt(backend, tmp_path): 
     if backend == "docker":
         left = subprocess.run(["docker", "ps", "-q", "--filter", f"label=cellforge.work={work.resolve()}"], capture_output=True, text=True, check=False)
         assert left.stdout.strip() == ""
+    from runtime.workfs import release_stale
+
+    release_stale(work)  # the killed cellforge left its work folder's filesystem mounted; the next sandbox there would release it
 
 
 def test_a_resumed_run_kills_what_a_killed_run_left(tmp_path):
@@ -765,3 +768,23 @@ def test_no_nested_user_namespaces_no_keyrings_no_kernel_command_line(sandbox): 
     if sandbox.backend == "local":
         assert "CMDLINE" not in log, log
     _still_works(sandbox)
+
+
+def test_the_work_folders_filesystem_lives_and_goes_with_its_sandbox(tmp_path):
+    """Mounted while the sandbox is open; unmounted on close or when a sandbox never closed is collected; inputs stay."""
+    import gc
+
+    work = tmp_path / "work"
+    (work / "data").mkdir(parents=True)
+    (work / "data" / "input.txt").write_text("input")
+    box = LocalSandbox(work, use_bwrap=bwrap_available(), limits=LIMITS)
+    _kernel_disk(box)
+    assert os.path.ismount(work) and (work / "data" / "input.txt").read_text() == "input"  # the inputs were copied in
+    box.write_text("scratch.txt", "written while open")
+    del box
+    gc.collect()
+    assert not os.path.ismount(work) and not any(tmp_path.glob(".work.fs"))
+    assert (work / "data" / "input.txt").read_text() == "input" and not (work / "scratch.txt").exists()
+    with LocalSandbox(work, use_bwrap=bwrap_available(), limits=LIMITS) as again:
+        assert os.path.ismount(again.work_dir)
+    assert not os.path.ismount(work)
