@@ -153,9 +153,9 @@ ROUNDS: dict[str, Splits] = {
     },
     "v7": {
         # defined in session 15 (issue 31, item 7) before the new-study scale mapping and the per-context
-        # linear baseline; run once, at the end. Adamson's triples are used up: pairs held out (test_fraction 0.4)
+        # linear baseline; run once, at the end. Adamson's pairs and triples are used up: single knock-downs held out
         "adamson_unseen_knockdowns": (
-            "adamson_subset", "unseen_perturbation", [(s, {"test_fraction": 0.4}) for s in (701, 702, 703)],
+            "adamson_subset", "unseen_perturbation", [(s, {"test_fraction": 0.2}) for s in (700, 701, 702)],
         ),
         "papalexi_unseen_knockouts": ("papalexi_subset", "unseen_perturbation", [(s, {}) for s in (701, 702, 703)]),
         "norman_combinations": ("norman_subset", "combination", [(s, {}) for s in (701, 702, 703)]),
