@@ -20,7 +20,7 @@ PY312 := $(shell \
 # uv from PATH, else installed from PyPI into .tools/.
 UV := $(shell command -v uv 2>/dev/null || echo .tools/bin/uv)
 
-.PHONY: bench-linear bench-battery sandbox-deps bench-llm-speed bench-fanout bench-prior bench-scale bench-llm help install install-llm test test-all test-docker benchmark bench bench-perf bench-tasks bench-heldback paper docker-engine docker-build clean
+.PHONY: bench-de-scale bench-linear bench-battery sandbox-deps bench-llm-speed bench-fanout bench-prior bench-scale bench-llm help install install-llm test test-all test-docker benchmark bench bench-perf bench-tasks bench-heldback paper docker-engine docker-build clean
 
 help: ## Show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-14s %s\n", $$1, $$2}'
@@ -85,6 +85,9 @@ bench-llm-speed: install-llm ## The local model's prompt and generated tokens/s 
 
 bench-battery: $(VENV)/.installed sandbox-deps ## The sandbox battery as a table, class by backend (Docker when an engine and the image are there), with the host's memory cost of hostile outputs: benchmarks/results/battery.md
 	$(PY) benchmarks/battery.py
+
+bench-de-scale: $(VENV)/.installed ## The evaluation's DE (pdex) against scanpy's Wilcoxon on a Norman-sized synthetic screen: benchmarks/results/de-scale.md
+	$(PY) benchmarks/de_scale.py
 
 bench-linear: $(VENV)/.installed ## linear before and after following Ahlmann-Eltze et al.'s script, beside a transcription: benchmarks/results/linear.md
 	$(PY) benchmarks/linear.py
