@@ -88,6 +88,12 @@ def run_one(dataset: str, seed: int, *, runs: Path, model: str, roles: list[str]
         record.update({
             "attempts": len(attempts),
             "debug_rounds": sum(a["stage"] == "debug" for a in attempts),
+            "fresh_drafts": sum(a["stage"] == "redraft" for a in attempts),
+            # did code the LLM wrote (a draft, a fresh draft or a debugger's patch of one) ever run clean and get judged?
+            "llm_code_ran_clean": any(a["stage"] in ("draft", "redraft", "debug") and not a["failure"] for a in attempts),
+            "reference_verdict": next(
+                ({k: v.get(k) for k in ("better", "mean_diff", "se", "n", "unit")} for v in journal.get("comparisons", []) if "reference" in v.get("kind", "")), None,
+            ),
             "failures": dict(Counter(a["failure"] for a in attempts if a["failure"])),
             "execute_succeeded": journal["succeeded"],
             "stop_reason": journal.get("stop_reason"),
@@ -122,11 +128,19 @@ def _mean(values: list) -> str:
     return f"{sum(nums) / len(nums):.0f}" if nums else "-"
 
 
+def _verdict(v: dict | None) -> str:
+    if not v or not isinstance(v.get("mean_diff"), int | float):
+        return "-"
+    se = f" ± {v['se']:.4f}" if isinstance(v.get("se"), int | float) else ""
+    return f"{'beats' if v.get('better') else 'does not beat'}: {v['mean_diff']:+.4f}{se}, n={v.get('n')} ({v.get('unit')})"
+
+
 def table(records: list[dict]) -> str:
     """Markdown summary: one row per run, then seconds and tokens per call by role, then the shares."""
     rows = [
-        "| data set | seed | scored | scored model written by | attempts | debug rounds | failures | wall s | pearson_delta_de20 | mse_de20 | best baseline (pd_de20 / mse_de20) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| data set | seed | scored | scored model written by | attempts | debug rounds | fresh drafts | failures | LLM code ran clean | "
+        "LLM model vs reference (host, validation: mean paired diff of mse_top20 ± se, n) | wall s | pearson_delta_de20 | mse_de20 | best baseline (pd_de20 / mse_de20) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
         m = r.get("model_metrics") or {}
@@ -135,7 +149,7 @@ def table(records: list[dict]) -> str:
         written = (r.get("lineage") or {}).get("written_by", "-").replace("|", "/")
         rows.append(
             f"| {r['dataset']} | {r['seed']} | {r.get('scored', False)} | {written} | {r.get('attempts', '-')} | "
-            f"{r.get('debug_rounds', '-')} | {r.get('failures', {})} | {r['wall_s']} | {fmt(m.get('pearson_delta_de20'))} | {fmt(m.get('mse_de20'))} | "
+            f"{r.get('debug_rounds', '-')} | {r.get('fresh_drafts', '-')} | {r.get('failures', {})} | {r.get('llm_code_ran_clean', '-')} | {_verdict(r.get('reference_verdict'))} | {r['wall_s']} | {fmt(m.get('pearson_delta_de20'))} | {fmt(m.get('mse_de20'))} | "
             f"{b.get('name', '-')} ({fmt(b.get('pearson_delta_de20'))} / {fmt(b.get('mse_de20'))}) |"
         )
     rows += ["", "Seconds and tokens per LLM call, by role (mean over calls; the offline planner's token counts are estimates, not counted):", "",
@@ -148,6 +162,12 @@ def table(records: list[dict]) -> str:
     share = sum(r.get("llm_written_and_scored", False) for r in records)
     rows.append("")
     rows.append(f"Runs ending with a scored model written or patched by the LLM: {share}/{n}; with any scored model: {sum(bool(r.get('scored')) for r in records)}/{n}.")
+    ran = sum(bool(r.get("llm_code_ran_clean")) for r in records)
+    val = sorted({v.get("n") for r in records if (v := r.get("reference_verdict")) and v.get("n")})
+    rows.append(
+        f"Runs where code the LLM wrote ran clean and was judged by the host: {ran}/{n}"
+        + (f" (paired units of the verdict against the plan's reference: {', '.join(map(str, val))})." if val else ".")
+    )
     return "\n".join(rows) + "\n"
 
 

@@ -191,6 +191,50 @@ def test_a_refiner_that_keeps_echoing_a_model_stops_at_the_caps(tmp_path):
     assert len(journal2.attempts) == 1 + 5 and "hard cap of 5 refinement proposals" in journal2.refine_stop_reason
 
 
+def test_a_debugger_that_stalls_on_one_exception_hands_the_script_back_to_the_coder_for_a_fresh_draft(tmp_path):
+    """Two fixes in a row that leave the exception as it was: the coder draws again, and that draft is what ran clean."""
+    from cellforge.execution.journal import MAX_FIXES_WITHOUT_EFFECT, lineage
+
+    fixes, drafts = iter(range(1, 100)), []
+
+    def debugger(request: dict) -> dict:  # each fix applies and runs, and the IndexError stays
+        return {"diagnosis": "index by name", "edits": [{"find": "x = [1][5]", "replace": f"y = {next(fixes)}\nx = [1][5]"}]}
+
+    def redraft(request: dict) -> str:
+        drafts.append(request)
+        return _TOY
+
+    journal, final = run_attempts("CONFIG = {}\nx = [1][5]\n", debugger=debugger, redraft=redraft, max_attempts=6, **_common(tmp_path))
+    assert journal.succeeded and final == _TOY
+    assert [a.stage for a in journal.attempts] == ["draft", *["debug"] * MAX_FIXES_WITHOUT_EFFECT, "redraft"]
+    assert len(drafts) == 1 and "IndexError" in drafts[0]["error"] and "same exception" in drafts[0]["stalled"]
+    assert journal.attempts[-1].parent is None  # a new draft, not a patch of the stalled one
+    journal.best_attempt = journal.attempts[-1].index
+    record = lineage(journal, draft="coder function", reference="on_target")
+    assert record["model_written"] and "drawn again after the debugger stalled" in record["written_by"]
+    # without a coder to draw again, the same stall ends the loop with its reason, budget left unspent
+    journal, _ = run_attempts("CONFIG = {}\nx = [1][5]\n", debugger=debugger, max_attempts=6, **_common(tmp_path / "alone"))
+    assert not journal.succeeded and len(journal.attempts) == 1 + MAX_FIXES_WITHOUT_EFFECT
+    assert "stalled" in journal.stop_reason and "IndexError" in journal.stop_reason
+
+
+def test_fresh_drafts_are_capped_and_a_debugger_that_gives_up_asks_for_one(tmp_path):
+    from cellforge.execution.journal import MAX_REDRAFTS
+
+    drafts = []
+
+    def redraft(request: dict) -> str:
+        drafts.append(request)
+        return "CONFIG = {}\nraise SystemExit(3)\n"
+
+    journal, _ = run_attempts(
+        "CONFIG = {}\nraise SystemExit(3)\n", debugger=lambda r: {"diagnosis": "no idea", "give_up": True}, redraft=redraft,
+        max_attempts=10, **_common(tmp_path),
+    )  # fmt: skip
+    assert len(drafts) == MAX_REDRAFTS and [a.stage for a in journal.attempts] == ["draft", *["redraft"] * MAX_REDRAFTS]
+    assert "no fresh draft is left" in journal.stop_reason and "gave up" in journal.stop_reason
+
+
 def test_the_next_step_is_a_pure_decision_on_the_hosts_outcome():
     def attempt(failure: FailureKind | None) -> Attempt:
         return Attempt(index=0, stage="draft", script_sha256="x", command=[], failure=failure)
@@ -203,6 +247,8 @@ def test_the_next_step_is_a_pure_decision_on_the_hosts_outcome():
     assert next_step(attempt(FailureKind.INFRA), library=False, **kw)[0] == "stop"
     assert next_step(attempt(FailureKind.CODE_ERROR), library=False, **{**kw, "attempts_used": 3}) == ("stop", "attempt budget of 3 used up")
     assert next_step(attempt(FailureKind.CODE_ERROR), library=False, **{**kw, "has_debugger": False})[0] == "stop"
+    assert next_step(attempt(FailureKind.CODE_ERROR), library=False, **kw, stalled=True, can_redraft=True)[0] == "redraft"
+    assert next_step(attempt(FailureKind.CODE_ERROR), library=True, **kw, stalled=True, can_redraft=True)[0] == "stop"  # a template is not drawn again
 
 
 def test_the_debugger_reads_the_failing_region_and_an_outline():
@@ -393,3 +439,21 @@ def test_a_fixed_function_that_elides_lines_with_dots_gets_them_from_the_failing
         merge_elisions("def predict_deltas(a):\n    x = 2\n    ...\n", original)
     fix = FunctionFix.against(original).from_reply("Cast to float.\n```python\n" + answer + "```\n")
     assert "return reference.to_numpy()" in fix.function
+
+
+def test_a_fresh_draft_shows_the_coder_the_error_its_last_draft_stalled_on():
+    """Asked again, the coder reads the stalled error after the shared prompt (its processed prefix is reused by a local server)."""
+    from cellforge.design.plan import CodeFunction
+    from cellforge.execution.contract import EXAMPLE_SCRIPT, example_scaffold
+    from cellforge.llm.client import render_messages
+    from cellforge.llm.specs import load_spec
+
+    ctx = {
+        "plan": {"task_type": "unseen_perturbation", "baseline": "on_target"}, "templates": [], "own_script": True, "scope": "function",
+        "threads": 1, "contract": "", "data": {}, "example_script": example_scaffold(EXAMPLE_SCRIPT.read_text()), "template_source": "",
+    }  # fmt: skip
+    error = "IndexError: only integers, slices (`:`) ... are valid indices"
+    first = render_messages(load_spec("coder"), {**ctx, "earlier_failure": ""}, CodeFunction)[0]["content"]
+    again = render_messages(load_spec("coder"), {**ctx, "earlier_failure": error}, CodeFunction)[0]["content"]
+    assert error not in first and "earlier draft" not in first
+    assert again.startswith(first.rstrip()) and error in again and "earlier draft" in again

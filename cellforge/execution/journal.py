@@ -329,22 +329,32 @@ def is_library_script(script: str) -> bool:
         return False
 
 
-Step = Literal["done", "debug", "resize", "stop"]
+Step = Literal["done", "debug", "resize", "redraft", "stop"]
 
 
 #: A fix that cannot be applied (or was already run), proposed this many times, ends patch-and-retry (a 1.5B debugger
 #: repeated one four times, 30-120 s a call).
 MAX_SAME_UNAPPLIED = 2
+#: Fresh drafts the coder is asked for in one run once the debugger stalls. A weak model gains more from new samples than
+#: from repairing a draft it cannot fix (Olausson et al. 2024, "Is self-repair a silver bullet for code generation?",
+#: ICLR); measured here: Qwen2.5-Coder-1.5B answered the same IndexError with the same wrong fix three rounds running.
+MAX_REDRAFTS = 2
+#: Debugger fixes in a row that ran into the exception they were to fix, after which the debugger has stalled.
+MAX_FIXES_WITHOUT_EFFECT = 2
 
 
-def next_step(attempt: Attempt, *, library: bool, attempts_used: int, max_attempts: int, has_debugger: bool) -> tuple[Step, str]:
+def next_step(
+    attempt: Attempt, *, library: bool, attempts_used: int, max_attempts: int, has_debugger: bool, stalled: bool = False, can_redraft: bool = False,
+) -> tuple[Step, str]:
     """What follows ``attempt`` in patch-and-retry: a small, pure decision on the host's outcome.
 
     ``done`` after a clean run; ``stop`` when the attempt budget is used (the debugger is never
     called after the last attempt) or the failure is infrastructure; ``resize`` for a timeout or
-    out-of-memory run of a library script (fewer epochs, smaller batches); ``debug`` for code
-    errors, bad outputs, patches that did not apply, and timeouts or out-of-memory runs of a
-    script a model wrote (the debugger is told the class and the limits).
+    out-of-memory run of a library script (fewer epochs, smaller batches); ``redraft`` (a fresh
+    draft from the coder) when the debugger has ``stalled`` on a script a model wrote and
+    ``can_redraft``; ``debug`` for code errors, bad outputs, patches that did not apply, and
+    timeouts or out-of-memory runs of a script a model wrote (the debugger is told the class
+    and the limits).
     """
     if attempt.failure is None:
         return "done", f"attempt {attempt.index} succeeded"
@@ -354,9 +364,49 @@ def next_step(attempt: Attempt, *, library: bool, attempts_used: int, max_attemp
         return "stop", f"{attempt.failure.value} in attempt {attempt.index}"
     if attempt.failure in RESOURCE and library:
         return "resize", ""
+    if stalled:
+        if can_redraft and not library:
+            return "redraft", f"the debugger stalled after attempt {attempt.index}"
+        return "stop", f"the debugger stalled after attempt {attempt.index} and no fresh draft is left"
     if not has_debugger:
         return "stop", f"{attempt.failure.value} in attempt {attempt.index} and no debugger"
     return "debug", ""
+
+
+def error_signature(attempt: Attempt) -> str:
+    """The exception line of a failed run (the last line of its condensed error output), digits masked; "" without one."""
+    from cellforge.execution.debugging import condense_error
+
+    if attempt.failure is None or attempt.failure is FailureKind.PATCH_ERROR:
+        return ""
+    lines = [line.strip() for line in condense_error(attempt.failure_detail or error_output(attempt)).splitlines() if line.strip()]
+    return re.sub(r"\d+", "#", lines[-1])[:300] if lines else ""
+
+
+def fixes_without_effect(journal: Journal, attempt: Attempt) -> int:
+    """How many debugger fixes in a row, ending with ``attempt``, ran into the exception their script's last run had."""
+    by_index = {a.index: a for a in journal.attempts}
+
+    def ran_parent(a: Attempt) -> Attempt | None:
+        parent = by_index.get(a.parent) if a.parent is not None else None
+        while parent is not None and parent.failure is FailureKind.PATCH_ERROR:  # back to the run the unapplied patches were for
+            parent = by_index.get(parent.parent) if parent.parent is not None else None
+        return parent
+
+    count, node = 0, attempt
+    while node.stage == "debug" and node.failure not in (None, FailureKind.PATCH_ERROR):
+        parent = ran_parent(node)
+        mine = error_signature(node)
+        if parent is None or not mine or error_signature(parent) != mine:
+            break
+        count, node = count + 1, parent
+    return count
+
+
+def _last_run_error(journal: Journal, attempt: Attempt) -> str:
+    """The error output of the last attempt that ran (a patch error's run is the one before it)."""
+    ran = next((a for a in reversed(journal.attempts) if a.failure not in (None, FailureKind.PATCH_ERROR)), attempt)
+    return ran.failure_detail or error_output(ran)
 
 
 def debug_history(journal: Journal, *, max_entries: int = 6, max_chars: int = 300) -> list[dict[str, Any]]:
@@ -364,7 +414,7 @@ def debug_history(journal: Journal, *, max_entries: int = 6, max_chars: int = 30
     out = []
     for a in journal.attempts[-max_entries:]:
         patch = a.patch or {}
-        change = ""
+        change = "a fresh draft from the coder" if a.stage == "redraft" else ""
         if patch.get("edits"):
             e = patch["edits"][0]
             change = f"replaced {e.get('find', '')[:max_chars]!r} with {e.get('replace', '')[:max_chars]!r}"
@@ -398,6 +448,8 @@ def run_attempts(
     timeout_s: float = 900,
     memory_mb: int | None = 8192,
     on_start: Any = None,
+    redraft: Any = None,
+    max_redrafts: int = MAX_REDRAFTS,
 ) -> tuple[Journal, str]:
     """Run ``script`` in ``sandbox`` until it succeeds or the attempt budget ends.
 
@@ -406,9 +458,12 @@ def run_attempts(
     the journal; a failure that goes to the debugger carries its class, its error output and
     this run's history (:func:`debug_history`). A patch that does not apply is an attempt of
     its own (class ``patch_error``, nothing runs) whose error goes back to the debugger within
-    the budget; the same unappliable or already-run fix proposed :data:`MAX_SAME_UNAPPLIED`
-    times ends the loop (the model is not moving). A debugger whose model fails (:class:`~cellforge.errors.LLMError`) ends the
-    loop cleanly, with everything recorded.
+    the budget. The debugger has stalled when its fix ran into the same exception again
+    (:func:`fixes_without_effect`, :data:`MAX_FIXES_WITHOUT_EFFECT` times), when it proposed the same unappliable or already-run fix
+    :data:`MAX_SAME_UNAPPLIED` times, or when it gave up: a model's script is then drawn again by
+    ``redraft`` (at most ``max_redrafts`` times), and without one the loop ends. A debugger or
+    coder whose model fails (:class:`~cellforge.errors.LLMError`) ends the loop cleanly, with
+    everything recorded.
 
     Parameters
     ----------
@@ -428,6 +483,10 @@ def run_attempts(
     on_start
         Callable ``(attempt) -> on_event`` called before each attempt; ``on_event`` (or
         ``None``) receives the runtime's :class:`runtime.base.CommandEvent` objects live.
+    redraft
+        Callable ``(request) -> script`` (or None): a fresh draft from the coder, given
+        ``failure``, ``error`` (the stalled run's) and ``history``; its attempt has stage
+        ``redraft`` and no parent.
 
     Returns
     -------
@@ -448,17 +507,31 @@ def run_attempts(
     attempt = executor.run(script, stage="draft", parent=None, patch=None)
     tried_fixes: dict[str, int] = {}  # a fix already run, and the attempt that ran it
     unapplied: dict[str, int] = {}  # a fix that could not be applied, and how often it was proposed
+    stalled, redrafts = "", 0  # why the debugger is not moving the script (empty while it is)
     while True:
+        if fixes_without_effect(journal, attempt) >= MAX_FIXES_WITHOUT_EFFECT:
+            stalled = stalled or f"{MAX_FIXES_WITHOUT_EFFECT} fixes in a row left the same exception ({error_signature(attempt)[:120]})"
         step, why = next_step(
             attempt, library=is_library_script(script), attempts_used=len(journal.attempts), max_attempts=max_attempts,
-            has_debugger=debugger is not None,
+            has_debugger=debugger is not None, stalled=bool(stalled), can_redraft=redraft is not None and redrafts < max_redrafts,
         )
         if step == "done":
             journal.succeeded, journal.stop_reason = True, why
             break
         if step == "stop":
-            journal.stop_reason = why
+            journal.stop_reason = f"{why}: {stalled}" if stalled else why
             break
+        if step == "redraft":
+            request = {"failure": attempt.failure, "error": _last_run_error(journal, attempt), "history": debug_history(journal), "stalled": stalled}
+            try:
+                drawn = redraft(request)
+            except LLMError as exc:
+                journal.stop_reason = f"the coder's model failed when asked for a fresh draft after attempt {attempt.index}: {exc}"
+                break
+            redrafts += 1
+            script, stalled, tried_fixes, unapplied = drawn, "", {}, {}
+            attempt = executor.run(script, stage="redraft", parent=None, patch={"diagnosis": f"a fresh draft from the coder: the debugger stalled ({why})"})
+            continue
         if step == "resize":
             resized = resize(script, attempt.failure)
             if resized is not None:
@@ -485,8 +558,8 @@ def run_attempts(
             break
         (folder / "patch.json").write_text(json.dumps(patch, indent=2))
         if patch.get("give_up") or not any(patch.get(k) for k in ("script", "diff", "edits", "config_updates")):
-            journal.stop_reason = f"debugger gave up after attempt {attempt.index}: {patch.get('diagnosis', '')}"
-            break
+            stalled = f"the debugger gave up after attempt {attempt.index}: {patch.get('diagnosis', '')}"
+            continue
         fix = json.dumps({k: patch.get(k) for k in ("script", "diff", "edits", "config_updates")}, sort_keys=True)
         try:
             new_script = apply_patch(script, patch)
@@ -494,8 +567,7 @@ def run_attempts(
             attempt = executor.unapplied(script, parent=attempt.index, patch=patch, error=f"the patch could not be applied: {exc}")
             unapplied[fix] = unapplied.get(fix, 0) + 1
             if unapplied[fix] >= MAX_SAME_UNAPPLIED:  # told twice, the model answers the same: more calls would too
-                journal.stop_reason = f"the debugger proposed the same fix that cannot be applied {unapplied[fix]} times (last: attempt {attempt.index})"
-                break
+                stalled = f"the debugger proposed the same fix that cannot be applied {unapplied[fix]} times (last: attempt {attempt.index})"
             continue
         if new_script == script:
             attempt = executor.unapplied(script, parent=attempt.index, patch=patch, error="the patch left the script unchanged")
@@ -507,8 +579,7 @@ def run_attempts(
             )
             unapplied[fix] = unapplied.get(fix, 0) + 1
             if unapplied[fix] >= MAX_SAME_UNAPPLIED:
-                journal.stop_reason = f"the debugger proposed a fix already tried (attempt {tried_fixes[fix]}) {unapplied[fix]} more times (last: attempt {attempt.index})"
-                break
+                stalled = f"the debugger proposed a fix already tried (attempt {tried_fixes[fix]}) {unapplied[fix]} more times (last: attempt {attempt.index})"
             continue
         tried_fixes[fix] = len(journal.attempts)
         script = new_script
@@ -959,12 +1030,14 @@ def lineage(journal: Journal, *, draft: str, template: str = "", reference: str 
         for a in chain(index):
             patch = a.patch or {}
             updates = patch.get("config_updates") or {}
-            if a.stage == "draft":
+            if a.stage in ("draft", "redraft"):
                 own = draft in ("coder", "coder function")
                 if draft == "coder function":  # the worked example with the coder's predict_deltas, on the plan's reference
                     steps = [f"coder function (a correction of the plan's reference predictor {reference or '?'})"]
                 else:
                     steps = ["coder script" if own else f"library template {template or '?'}"]
+                if a.stage == "redraft":
+                    steps = [f"{steps[0]}, drawn again after the debugger stalled"]
             elif a.stage == "library":
                 role = "the model's code never ran clean" if "never ran clean" in str(patch.get("diagnosis", "")) else "run as a candidate against the script"
                 own, steps = False, [f"library template {template or '?'} (the plan's model, {role})"]

@@ -140,12 +140,13 @@ def coder_context(run: Run, *, plan: dict[str, Any] | None = None) -> dict[str, 
     }
 
 
-def ask_coder(run: Run, *, plan: dict[str, Any] | None = None, stage: str = "codegen") -> Any:
+def ask_coder(run: Run, *, plan: dict[str, Any] | None = None, stage: str = "codegen", earlier_failure: str = "") -> Any:
     """The coder's answer for ``plan`` (``plan.json`` unless given) as a :class:`~cellforge.design.plan.CodeChoice`.
 
     A language model answers with code of its own (:func:`coder_scope`: a whole script, or the
     worked example's model function spliced by the host); the offline planner, or a user who
-    allows it, names a template.
+    allows it, names a template. With ``earlier_failure`` (the error an earlier draft stalled
+    on) it is asked for a fresh draft, sampled at :data:`RETRY_TEMPERATURE`.
 
     Raises
     ------
@@ -162,10 +163,12 @@ def ask_coder(run: Run, *, plan: dict[str, Any] | None = None, stage: str = "cod
 
     schema = ({"function": CodeFunction, "script": CodeScript}[coder_scope()]) if coder_writes_scripts() else CodeChoice
     spec = load_spec("coder")
+    if earlier_failure:  # the same prompt at temperature 0 gives the same draft back
+        spec = spec.model_copy(update={"temperature": max(spec.temperature, RETRY_TEMPERATURE)})
     if schema is CodeFunction:  # a function, not a file: a bound that fits it (an unbounded answer ran 11 minutes here)
         spec = spec.model_copy(update={"max_tokens": min(spec.max_tokens or FUNCTION_MAX_TOKENS, FUNCTION_MAX_TOKENS)})
     try:
-        answer = LLMClient(run.dir, stage=stage).ask(spec, coder_context(run, plan=plan), schema)
+        answer = LLMClient(run.dir, stage=stage).ask(spec, {**coder_context(run, plan=plan), "earlier_failure": earlier_failure}, schema)
     except LLMError as exc:
         plan = plan if plan is not None else run.read_json("plan.json")
         if os.environ.get("CELLFORGE_CODER_TEMPLATES", "").strip().lower() != "fallback" or plan.get("template") not in _library():
@@ -174,11 +177,10 @@ def ask_coder(run: Run, *, plan: dict[str, Any] | None = None, stage: str = "cod
     return answer if isinstance(answer, CodeChoice) else CodeChoice(script=answer.script, notes=answer.notes)
 
 
-def stage_codegen(run: Run, *, echo: Echo) -> None:
-    """Ask the coder for the training script: its own code (checked against the contract) or, offline, a rendered template."""
+def coder_script(run: Run, choice: Any) -> tuple[str, str]:
+    """The ``train.py`` of a coder's answer and who wrote it (``coder``, ``coder function`` or ``template``)."""
     from cellforge.execution.codegen import get_config, render, set_config
 
-    choice = ask_coder(run)
     plan = run.read_json("plan.json")
     # a template's CONFIG starts from the plan (a model that names the template but forgets a key still renders it right)
     defaults = plan_defaults(plan, run.config.threads)
@@ -187,10 +189,16 @@ def stage_codegen(run: Run, *, echo: Echo) -> None:
     if function:
         # the worked example computes the plan's reference predictor (the host's comparator for this script): its settings
         script = set_config(script, {**get_config(script), **{k: v for k, v in defaults.items() if k != "template"}})
+    return script, ("coder function" if function else "coder") if choice.script else "template"
+
+
+def stage_codegen(run: Run, *, echo: Echo) -> None:
+    """Ask the coder for the training script: its own code (checked against the contract) or, offline, a rendered template."""
+    choice = ask_coder(run)
+    script, written_by = coder_script(run, choice)
     code = run.path("code")
     code.mkdir(exist_ok=True)
     (code / "train.py").write_text(script)
-    written_by = ("coder function" if function else "coder") if choice.script else "template"
     run.write_json("code/choice.json", {**choice.model_dump(exclude={"script"}), "written_by": written_by})
     origin = "written by the coder" if choice.script else f"template {choice.template}"
     echo(f"  wrote {code / 'train.py'} ({len(script.splitlines())} lines, {origin})")
@@ -315,6 +323,10 @@ def stage_execute(run: Run, *, echo: Echo) -> None:
             patch["diagnosis"] = f"{patch.get('diagnosis', '')} [a whole script sent for an excerpt was ignored]"
         return patch
 
+    def redraft(request: dict[str, Any]) -> str:
+        echo(f"  the debugger stalled ({request['stalled']}): asking the coder for a fresh draft")
+        return coder_script(run, ask_coder(run, stage="execute", earlier_failure=condense_error(request["error"], max_chars=800)))[0]
+
     def refiner(config: dict[str, Any], history: list[dict[str, Any]], settings: RefineSettings, script: str = "") -> dict[str, Any]:
         plan = run.read_json("plan.json")
         region = focus(script, "", "refine") if script else {"excerpt": "", "outline": []}
@@ -346,6 +358,7 @@ def stage_execute(run: Run, *, echo: Echo) -> None:
             timeout_s=run.config.timeout_s,
             memory_mb=run.config.memory_mb,
             on_start=live.start,
+            redraft=redraft if coder_writes_scripts() and not is_library_script(first_script) else None,
         )
         library_script = None
         if not is_library_script(first_script) and plan.get("template") in _library():
