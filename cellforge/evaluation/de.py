@@ -7,19 +7,22 @@ settings preset, so it is never relied on):
   statistic, top 20 (GEARS's ``top20 DE`` genes for ``pearson_delta_de20`` / ``mse_de20``);
 - :func:`de_table`: Wilcoxon rank-sum (Mann-Whitney U) with Benjamini-Hochberg FDR over all
   genes (the real and predicted DE calls behind cell-eval's ``overlap_at_N``,
-  ``precision_at_N`` and ``de_direction_match``). The test is ``pdex`` (Arc Institute's
-  parallel Mann-Whitney DE, the engine cell-eval itself runs: ``cell_eval._evaluator`` calls
-  ``pdex.pdex(mode="ref", is_log1p=True)``), one call per context against that context's
-  control cells. The fold change is scanpy's (computed here from group means, see
-  :data:`LFC_EPS`), so it is the number ``rank_genes_groups`` reports. Any other ``method``
-  runs through scanpy ``rank_genes_groups`` as before.
+  ``precision_at_N`` and ``de_direction_match``). The test is ``illico``
+  (``asymptotic_wilcoxon(reference=...)``: each gene's control values sorted once, each
+  condition merged into them), one call per context against that context's control cells.
+  Its p-values are those of ``pdex`` (Arc Institute's parallel Mann-Whitney DE, the engine
+  cell-eval itself runs: ``cell_eval._evaluator`` calls ``pdex.pdex(mode="ref",
+  is_log1p=True)``) to float rounding, kept here as ``engine="pdex"`` for that parity test;
+  pdex re-sorts the control cells for every condition. The fold change is scanpy's (computed
+  here from group means, see :data:`LFC_EPS`), so it is the number ``rank_genes_groups``
+  reports. Any other ``method`` runs through scanpy ``rank_genes_groups`` as before.
 
-pdex's p-values (numba-mwu's kernels: the asymptotic ``scipy.stats.mannwhitneyu``) are the
-normal approximation of scanpy's ``rank_genes_groups(method="wilcoxon", tie_correct=True)``
-plus a continuity correction of 1/2 on U, which makes each p-value slightly larger (never
-smaller). scanpy's own default, ``tie_correct=False`` (what this module ran before pdex),
-overstates the variance of genes with many tied values (the zeros of sparse data) and so
-calls fewer genes. See ``tests/test_de_parity.py`` and ``benchmarks/results/de-parity.md``.
+Both engines' p-values (the asymptotic ``scipy.stats.mannwhitneyu``) are the normal
+approximation of scanpy's ``rank_genes_groups(method="wilcoxon", tie_correct=True)`` plus a
+continuity correction of 1/2 on U, which makes each p-value slightly larger (never smaller).
+scanpy's own default, ``tie_correct=False`` (what this module ran before pdex), overstates the
+variance of genes with many tied values (the zeros of sparse data) and so calls fewer genes.
+See ``tests/test_de_parity.py`` and ``benchmarks/results/de-parity.md``.
 """
 
 from __future__ import annotations
@@ -189,8 +192,8 @@ def _group_means(x, labels: pd.Categorical) -> pd.DataFrame:  # noqa: ANN001 - a
     return pd.DataFrame(np.asarray(out.layers["mean"], dtype=np.float64), index=out.obs_names.astype(str))
 
 
-def _pdex_matrix(x, rows: np.ndarray):  # noqa: ANN001, ANN202 - any AnnData matrix in, CSR or ndarray out
-    """The rows of ``x`` in a form pdex tests without copying per group.
+def _test_matrix(x, rows: np.ndarray):  # noqa: ANN001, ANN202 - any AnnData matrix in, CSR or ndarray out
+    """The rows of ``x`` in a form the Mann-Whitney kernels (illico, pdex) test without copying per group.
 
     pdex's sparse Mann-Whitney kernel (``numba_mwu.mannwhitneyu_sparse``) needs CSR without
     explicit zeros or negative values, and treats the zeros as one tied block (only the
@@ -205,11 +208,14 @@ def _pdex_matrix(x, rows: np.ndarray):  # noqa: ANN001, ANN202 - any AnnData mat
         sub.eliminate_zeros()
         if sub.data.size and np.nanmin(sub.data) < 0:
             return sub.toarray().astype(np.float64)
+        sub.sort_indices()  # illico refuses unsorted column indices (a fancy-indexed matrix can have them)
         return sub
     sub = np.asarray(x[rows])
     if sub.size and np.nanmin(sub) < 0:
         return sub.astype(np.float64)
-    return sp.csr_matrix(sub)
+    out = sp.csr_matrix(sub)
+    out.sort_indices()
+    return out
 
 
 @functools.cache
@@ -274,7 +280,7 @@ def _pdex_context(
 
     # p-values: pdex on the context's rows; the reference is sorted first, groups in name order
     order = np.argsort(rows, kind="stable")  # keep the cells in input order, as scanpy sees them
-    x = _pdex_matrix(adata.X, rows[order])
+    x = _test_matrix(adata.X, rows[order])
     obs = pd.DataFrame({"group": pd.Categorical(label[order], categories=categories)}, index=pd.RangeIndex(rows.size).astype(str))
     holder = ad.AnnData(X=x, obs=obs, var=pd.DataFrame(index=adata.var_names.astype(str)))
     before = numba.get_num_threads()
@@ -306,8 +312,62 @@ def _pdex_context(
     ]
 
 
-def _pdex_de_table(adata: ad.AnnData, conditions: list[str], *, threads: int | None = None) -> pd.DataFrame:
-    """:func:`de_table`'s Wilcoxon path: one pdex call per context (see :func:`_pdex_context`).
+@functools.cache
+def _illico():  # noqa: ANN202 - the illico function
+    """``illico.asymptotic_wilcoxon``, its log lines and progress bar silenced (the stage prints its own progress)."""
+    import illico
+    from loguru import logger
+    from tqdm import tqdm
+
+    logger.disable("illico")
+    module = sys.modules["illico.asymptotic_wilcoxon"]  # the package's attribute of that name is the function
+    module.tqdm = functools.partial(tqdm, disable=True)
+    return illico.asymptotic_wilcoxon
+
+
+def _illico_context(
+    adata: ad.AnnData, control_rows: np.ndarray, group_rows: dict[str, np.ndarray], *, threads: int
+) -> list[pd.DataFrame]:
+    """One context: every condition of ``group_rows`` against the ``control_rows`` cells, by illico.
+
+    illico (``asymptotic_wilcoxon(reference=...)``, one-versus-reference) sorts the control
+    cells' values of each gene once and merges each condition's sorted values into them (a
+    linear pass), where pdex re-sorts the controls for every condition; on sparse data only
+    the nonzeros are sorted and the zeros counted as one tied block. Its p-values are
+    ``scipy.stats.mannwhitneyu(method="asymptotic", use_continuity=True)``'s, tie-corrected:
+    pdex's (cell-eval's engine) to float rounding (``tests/test_de_parity.py``). Fold changes
+    from :func:`_group_means` (scanpy's means), BH FDR over all genes of each condition
+    (``scipy.stats.false_discovery_control``, as pdex).
+    """
+    from scipy.stats import false_discovery_control
+
+    wilcoxon = _illico()
+    names = sorted(group_rows)
+    rows = np.concatenate([control_rows, *(group_rows[n] for n in names)])
+    label = np.concatenate([np.full(control_rows.size, _REFERENCE, dtype=object), *(np.full(group_rows[n].size, n, dtype=object) for n in names)])
+    categories = [_REFERENCE, *names]
+    full = np.full(adata.n_obs, None, dtype=object)
+    full[rows] = label
+    means = _group_means(adata.X, pd.Categorical(full, categories=categories))
+    lfc = scanpy_log2_fold_change(means.loc[names].to_numpy(), means.loc[[_REFERENCE]].to_numpy())
+
+    order = np.argsort(rows, kind="stable")
+    genes = adata.var_names.astype(str).to_numpy()
+    obs = pd.DataFrame({"group": pd.Categorical(label[order], categories=categories)}, index=pd.RangeIndex(rows.size).astype(str))
+    holder = ad.AnnData(X=_test_matrix(adata.X, rows[order]), obs=obs, var=pd.DataFrame(index=pd.Index(genes)))
+    res = wilcoxon(holder, is_log1p=True, group_keys="group", reference=_REFERENCE, n_threads=max(1, threads), use_continuity=True, tie_correct=True)
+    frames = []
+    for i, name in enumerate(names):
+        pvalue = res.loc[name]["p_value"].reindex(genes).to_numpy(np.float64)
+        if np.isnan(pvalue).any():
+            msg = f"illico returned no p-value for {int(np.isnan(pvalue).sum())} genes of condition {name!r}"
+            raise RuntimeError(msg)
+        frames.append(pd.DataFrame({"condition": name, "gene": genes, "log2_fold_change": lfc[i], "pvalue": pvalue, "fdr": false_discovery_control(pvalue)}))
+    return frames
+
+
+def _wilcoxon_de_table(adata: ad.AnnData, conditions: list[str], *, threads: int | None = None, engine: str = "illico") -> pd.DataFrame:
+    """:func:`de_table`'s Wilcoxon path: one call per context, by illico (:func:`_illico_context`) or pdex (:func:`_pdex_context`).
 
     Raises
     ------
@@ -330,7 +390,8 @@ def _pdex_de_table(adata: ad.AnnData, conditions: list[str], *, threads: int | N
             msg = f"context {ctx!r} has no control cells to test conditions {wanted[:5]} against"
             raise ValueError(msg)
         groups = {name: np.flatnonzero(in_ctx & (cond == name)) for name in wanted}
-        frames += _pdex_context(adata, control_rows, groups, threads=threads or host_threads())
+        run = _illico_context if engine == "illico" else _pdex_context
+        frames += run(adata, control_rows, groups, threads=threads or host_threads())
     if not frames:
         return pd.DataFrame(columns=DE_COLUMNS)
     return pd.concat(frames, ignore_index=True)
@@ -373,12 +434,12 @@ def de_table(adata: ad.AnnData, conditions: list[str], *, method: str = "wilcoxo
     """Full DE table: every gene of every condition against its context's control cells.
 
     ``method="wilcoxon"`` (the default): two-sided Mann-Whitney U test of each gene by
-    ``pdex`` 0.3 (``pdex.pdex(mode="ref", is_log1p=True, geometric_mean=True,
-    epsilon=1e-9)``; the DE engine of cell-eval, whose kernels are numba-mwu's asymptotic
-    ``scipy.stats.mannwhitneyu``: tie-corrected normal approximation with continuity
-    correction), run once per context against that context's control cells on
-    ``threads`` numba threads, BH FDR over all genes of each condition (pdex,
-    ``scipy.stats.false_discovery_control``). These p-values are scanpy's
+    ``illico`` 0.6 (``asymptotic_wilcoxon(reference=..., use_continuity=True,
+    tie_correct=True)``: tie-corrected normal approximation with continuity correction, the
+    asymptotic ``scipy.stats.mannwhitneyu``; the control cells sorted once per gene), run once
+    per context against that context's control cells on ``threads`` threads, BH FDR over all
+    genes of each condition (``scipy.stats.false_discovery_control``). The p-values equal
+    pdex's (cell-eval's DE engine) to float rounding and are scanpy's
     ``rank_genes_groups(method="wilcoxon", tie_correct=True)`` up to the continuity
     correction (``tests/test_de_parity.py``). ``log2_fold_change`` is scanpy's, computed
     here from scanpy's group means (:func:`scanpy_log2_fold_change`):
@@ -399,10 +460,10 @@ def de_table(adata: ad.AnnData, conditions: list[str], *, method: str = "wilcoxo
     conditions
         Non-control conditions to test.
     method
-        ``"wilcoxon"`` for cell-eval-style DE sets (pdex), else a ``rank_genes_groups`` method.
+        ``"wilcoxon"`` for cell-eval-style DE sets (illico), else a ``rank_genes_groups`` method.
     threads
-        Worker threads (default :func:`cellforge.paths.host_threads`): pdex's ``threads``
-        (numba) for Wilcoxon, Python threads over chunks of conditions for scanpy.
+        Worker threads (default :func:`cellforge.paths.host_threads`): illico's ``n_threads``
+        for Wilcoxon, Python threads over chunks of conditions for scanpy.
 
     Returns
     -------
@@ -414,7 +475,7 @@ def de_table(adata: ad.AnnData, conditions: list[str], *, method: str = "wilcoxo
         A context of a requested condition has no control cells.
     """
     if method == "wilcoxon":
-        return _pdex_de_table(adata, conditions, threads=threads)
+        return _wilcoxon_de_table(adata, conditions, threads=threads)
     return _scanpy_de_table(adata, conditions, method=method, threads=threads)
 
 
@@ -457,10 +518,10 @@ def prediction_de_table(
 
     cell-eval tests predicted cells against the control cells in the prediction file; using
     the real controls here means a prediction cannot move its own reference (cell-eval #196).
-    The test is :func:`de_table`'s on :func:`_prediction_cells`: pdex's Mann-Whitney U
-    (cell-eval's engine) for ``method="wilcoxon"``, scanpy ``rank_genes_groups`` otherwise;
-    fold changes are scanpy's. Predicted values below 0 are tested as they are (pdex's dense
-    kernel, see :func:`_pdex_matrix`).
+    The test is :func:`de_table`'s on :func:`_prediction_cells`: illico's Mann-Whitney U (pdex's test,
+    cell-eval's engine) for ``method="wilcoxon"``, scanpy ``rank_genes_groups`` otherwise;
+    fold changes are scanpy's. Predicted values below 0 are tested as they are (the dense
+    kernel, see :func:`_test_matrix`).
 
     Parameters
     ----------
