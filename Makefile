@@ -86,7 +86,7 @@ bench-llm-speed: install-llm ## The local model's prompt and generated tokens/s 
 bench-battery: $(VENV)/.installed sandbox-deps ## The sandbox battery as a table, class by backend (Docker when an engine and the image are there), with the host's memory cost of hostile outputs: benchmarks/results/battery.md
 	$(PY) benchmarks/battery.py
 
-bench-de-scale: $(VENV)/.installed ## The evaluation's DE (pdex) against scanpy's Wilcoxon on a Norman-sized synthetic screen: benchmarks/results/de-scale.md
+bench-de-scale: $(VENV)/.installed ## The evaluation's DE (illico) against pdex and scanpy's Wilcoxon on a Norman-sized synthetic screen: benchmarks/results/de-scale.md
 	$(PY) benchmarks/de_scale.py
 
 bench-linear: $(VENV)/.installed ## linear before and after following Ahlmann-Eltze et al.'s script, beside a transcription: benchmarks/results/linear.md
