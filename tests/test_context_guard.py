@@ -128,6 +128,52 @@ def test_quantile_calibration_undoes_an_increasing_map(lib):
     np.testing.assert_array_equal(np.argsort(calibrated), np.argsort(c0))
 
 
+def _depths(rng: np.random.Generator, factors: dict[str, float]):
+    """Contexts that are one kind of cell at different sequencing depths: the same response, each on its own scale.
+
+    A context at depth factor f has control log1p(f * expm1(b)) and perturbed profile
+    log1p(f * expm1(b + r)), so its observed change shrinks or grows with the scale.
+    """
+    base, response = rng.gamma(1.5, 1.0, N_GENES), rng.normal(size=N_GENES) * 0.8
+    controls, deltas = {}, {}
+    for ctx, f in factors.items():
+        b = np.abs(base + rng.normal(size=N_GENES) * 0.05)
+        controls[ctx] = np.log1p(f * np.expm1(b))
+        deltas[ctx] = np.log1p(f * np.expm1(np.maximum(b + response, 0.0))) - controls[ctx]
+    return controls, deltas
+
+
+def test_a_new_study_is_predicted_on_its_own_scale_when_leaving_seen_contexts_out_says_so(lib):
+    """Seen contexts at depths 0.5-2 and a new study at 8x: the shift on the seen scale misses its change, the map back does not."""
+    controls, deltas = _depths(np.random.default_rng(5), {"a": 0.5, "b": 0.8, "c": 1.25, "d": 2.0, "new": 8.0})
+    held, truth = controls.pop("new"), deltas.pop("new")
+    feats = _features(lib, controls, deltas, "new", held)
+    pred = feats.base("new:stim", "context_adaptive")
+    record = feats.guard["new:stim"]
+    assert record["position"] == "outside" and record["reference"].endswith("carried to its own scale")
+    assert record["validation_mse_top20_own_scale"] < record["validation_mse_top20_seen_scale"]
+    shift = np.mean(list(deltas.values()), axis=0)
+    assert np.abs(pred - truth).mean() < 0.5 * np.abs(shift - truth).mean()
+    # with own_scale off (or when leaving seen contexts out does not favour it) the change stays on the seen scale
+    lib.CONFIG = {"own_scale": False}
+    feats.set_seen(pd.DataFrame({f"{c}:stim": controls[c] + d for c, d in deltas.items()}, index=feats.genes).T)
+    off = feats.base("new:stim", "context_adaptive")
+    assert "own scale" not in feats.guard["new:stim"]["reference"]
+    assert np.abs(off - truth).mean() > 2 * np.abs(pred - truth).mean()
+
+
+def test_the_scale_map_is_monotone_and_undoes_a_depth_change(lib):
+    rng = np.random.default_rng(2)
+    x = rng.gamma(1.5, 1.0, 300)
+    y = np.log1p(4.0 * np.expm1(x))
+    forward = lib.scale_map(x, y)
+    np.testing.assert_allclose(forward(x), y, atol=1e-9)
+    grid = np.linspace(-1.0, x.max() + 2.0, 500)  # beyond both ends: the end slopes
+    assert np.all(np.diff(forward(grid)) >= 0)
+    # a change of zero stays zero on the new scale
+    np.testing.assert_allclose(lib.own_scale(np.zeros(N_GENES), np.stack([x[:N_GENES]] * 2), y[:N_GENES]), 0.0, atol=1e-9)
+
+
 def _states(lib, rng: np.random.Generator, *, differ: bool):
     """Eight perturbations in two stimulation states; their changes share a state-specific part, or not."""
     genes = [f"G{i}" for i in range(40)]

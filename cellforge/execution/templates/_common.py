@@ -645,6 +645,70 @@ def quantile_calibrate(c0, C):
     return out
 
 
+#: Genes at each end of a quantile map whose fitted slope extends it beyond the range it was fitted on.
+SCALE_TAIL = 20
+
+
+def scale_map(source, target):
+    """Monotone map from ``source``'s value scale to ``target``'s: matched quantiles of two profiles (n_genes,) each.
+
+    The gene of rank r in ``source`` maps to the value of rank r in ``target`` (tied source values to
+    their targets' mean), linear interpolation between, and beyond either end the least-squares slope
+    of its last :data:`SCALE_TAIL` points (clipped to [0, 10]). Returns ``apply(values) -> values``.
+    """
+    xs, ys = np.sort(source), np.sort(target)
+    ux, inverse = np.unique(xs, return_inverse=True)
+    uy = np.bincount(inverse, weights=ys) / np.bincount(inverse)
+
+    def slope(x, y):
+        if len(x) < 2 or np.ptp(x) <= 0:  # noqa: PLR2004
+            return 1.0
+        return float(np.clip(np.polyfit(x, y, 1)[0], 0.0, 10.0))
+
+    k = min(SCALE_TAIL, len(ux))
+    low, high = slope(ux[:k], uy[:k]), slope(ux[-k:], uy[-k:])
+
+    def apply(values):
+        out = np.interp(values, ux, uy)
+        out = np.where(values > ux[-1], uy[-1] + (values - ux[-1]) * high, out)
+        return np.where(values < ux[0], uy[0] + (values - ux[0]) * low, out)
+
+    return apply
+
+
+def own_scale(delta, C, c0):
+    """A change ``delta`` (n_genes,) predicted on the seen contexts' scale, carried to c0's own scale.
+
+    c0 (n_genes,) is calibrated onto the seen contexts' value distribution (:func:`quantile_calibrate`
+    of C (n_seen, n_genes)); the predicted perturbed profile there, calibrated + delta, goes back
+    through the inverse map (:func:`scale_map` from the seen distribution to c0's) and the change is
+    taken on c0's scale: F(calibrated + delta) - F(calibrated). A normalisation, depth or gene-panel
+    change acts on every value through one increasing map (log1p(f * expm1(x)) for a depth factor f),
+    so the same change of expression reads differently on each scale.
+    """
+    forward = scale_map(np.sort(C, axis=1).mean(axis=0), c0)
+    calibrated = quantile_calibrate(c0, C)
+    return forward(calibrated + delta) - forward(calibrated)
+
+
+def own_scale_validated(kind, C, Ds):
+    """Leave-one-seen-context-out: (summed top-20 mse of ``kind`` on the seen scale, the same carried to each left-out context's own scale).
+
+    Each seen context j in turn is the new one: ``kind`` predicts its delta from the others, on
+    their scale (from its calibrated profile), and again carried to its own (:func:`own_scale`);
+    both against its observed delta. Never the test context. ``(nan, nan)`` with fewer than 2 seen contexts.
+    """
+    if len(C) < 2:  # noqa: PLR2004
+        return float("nan"), float("nan")
+    seen_scale = own = 0.0
+    for j in range(len(C)):
+        Cr, Dr = np.delete(C, j, axis=0), np.delete(Ds, j, axis=0)
+        d = context_transfer(kind, Cr, Dr, quantile_calibrate(C[j], Cr))
+        seen_scale += float(top20_errors(d[None], Ds[j][None])[0])
+        own += float(top20_errors(own_scale(d, Cr, C[j])[None], Ds[j][None])[0])
+    return seen_scale, own
+
+
 def guarded_transfer(kind, C, Ds, c0):
     """``context_transfer(kind, ...)`` unless the new context lies outside or between the seen ones.
 
@@ -661,7 +725,9 @@ def guarded_transfer(kind, C, Ds, c0):
       within the seen ones, and ``kind`` predicts from the calibrated profile (the check that
       mimics the shift: the reference is only trusted where the seen contexts' leave-one-out
       validated it); one that stays outside, or turns out a blend, gets the plain mean shift
-      (``context_shift``, the best-supported pooled estimate).
+      (``context_shift``, the best-supported pooled estimate). Either change is then carried to
+      the context's own expression scale (:func:`own_scale`) when leaving each seen context out
+      favours that (:func:`own_scale_validated`; ``CONFIG["own_scale"]``, default on).
     - ``blend``: the plain mean shift, unless the seen contexts that, left out, are themselves
       blends of the others (rarely any) favour ``kind``: its summed top-20 mse over them below
       the shift's (a tie keeps the shift).
@@ -678,9 +744,17 @@ def guarded_transfer(kind, C, Ds, c0):
     if position["position"] == "outside":
         calibrated = quantile_calibrate(c0, C)
         record.update({f"calibrated_{k}": v for k, v in context_position(C, calibrated).items()})
-        if record["calibrated_position"] == "within":
-            record["reference"] = f"{kind} on the calibrated profile"
-            return context_transfer(kind, C, Ds, calibrated), record
+        used = kind if record["calibrated_position"] == "within" else "context_shift"
+        delta = context_transfer(used, C, Ds, calibrated) if used == kind else Ds.mean(axis=0)
+        record["reference"] = f"{kind} on the calibrated profile" if used == kind else "context_shift"
+        if CONFIG.get("own_scale", True):
+            # another study or batch: the change on the held-out context's own scale, if leaving each seen context out says so
+            seen_err, own_err = own_scale_validated(used, C, Ds)
+            record["validation_mse_top20_seen_scale"], record["validation_mse_top20_own_scale"] = seen_err, own_err
+            if own_err < seen_err:
+                record["reference"] += ", carried to its own scale"
+                return own_scale(delta, C, c0), record
+        return delta, record
     else:
         folds = [j for j in range(len(C)) if context_position(np.delete(C, j, axis=0), C[j])["position"] == "blend"]
         record["validation_folds"] = len(folds)
@@ -1072,7 +1146,9 @@ def guard_rule():
         f"the largest seen nearest-neighbour distance) is quantile-calibrated onto the seen contexts' scale and keeps the "
         f"planned reference only if it then lies within them; one that stays outside, or is a blend of the seen contexts "
         f"(distance to their convex hull < {GUARD_BLEND_RATIO} x its nearest distance), gets context_shift (for a blend, "
-        f"unless seen contexts that are blends of the others, left out, favour the reference on top-20 mse)"
+        f"unless seen contexts that are blends of the others, left out, favour the reference on top-20 mse); the change "
+        f"predicted for a context outside is carried to that context's own expression scale (the quantile map between the "
+        f"seen and its control means, inverted) when, leaving each seen context out, that lowers the summed top-20 mse"
     )
 
 
