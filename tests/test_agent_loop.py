@@ -193,7 +193,7 @@ def test_a_refiner_that_keeps_echoing_a_model_stops_at_the_caps(tmp_path):
 
 def test_a_debugger_that_stalls_on_one_exception_hands_the_script_back_to_the_coder_for_a_fresh_draft(tmp_path):
     """Two fixes in a row that leave the exception as it was: the coder draws again, and that draft is what ran clean."""
-    from cellforge.execution.journal import MAX_FIXES_WITHOUT_EFFECT, lineage
+    from cellforge.execution.journal import MAX_REPEATED_ERRORS, lineage
 
     fixes, drafts = iter(range(1, 100)), []
 
@@ -206,16 +206,25 @@ def test_a_debugger_that_stalls_on_one_exception_hands_the_script_back_to_the_co
 
     journal, final = run_attempts("CONFIG = {}\nx = [1][5]\n", debugger=debugger, redraft=redraft, max_attempts=6, **_common(tmp_path))
     assert journal.succeeded and final == _TOY
-    assert [a.stage for a in journal.attempts] == ["draft", *["debug"] * MAX_FIXES_WITHOUT_EFFECT, "redraft"]
-    assert len(drafts) == 1 and "IndexError" in drafts[0]["error"] and "same exception" in drafts[0]["stalled"]
+    assert [a.stage for a in journal.attempts] == ["draft", *["debug"] * MAX_REPEATED_ERRORS, "redraft"]
+    assert len(drafts) == 1 and "IndexError" in drafts[0]["error"] and "already seen" in drafts[0]["stalled"]
     assert journal.attempts[-1].parent is None  # a new draft, not a patch of the stalled one
     journal.best_attempt = journal.attempts[-1].index
     record = lineage(journal, draft="coder function", reference="on_target")
     assert record["model_written"] and "drawn again after the debugger stalled" in record["written_by"]
     # without a coder to draw again, the same stall ends the loop with its reason, budget left unspent
     journal, _ = run_attempts("CONFIG = {}\nx = [1][5]\n", debugger=debugger, max_attempts=6, **_common(tmp_path / "alone"))
-    assert not journal.succeeded and len(journal.attempts) == 1 + MAX_FIXES_WITHOUT_EFFECT
+    assert not journal.succeeded and len(journal.attempts) == 1 + MAX_REPEATED_ERRORS
     assert "stalled" in journal.stop_reason and "IndexError" in journal.stop_reason
+    # a debugger that goes in circles between two errors (an ImportError, an AttributeError about one call) stalls too
+    tries = iter(range(100))
+
+    def circling(request: dict) -> dict:  # a new script each time (not a fix already tried), one of the two errors
+        n = next(tries)
+        return {"diagnosis": "another import", "script": f"CONFIG = {{}}\n# try {n}\n" + ("import math\nmath.corrcoef\n" if n % 2 == 0 else "from math import corrcoef\n")}
+
+    journal, _ = run_attempts("CONFIG = {}\nfrom math import corrcoef\n", debugger=circling, redraft=redraft, max_attempts=8, **_common(tmp_path / "circle"))
+    assert [a.stage for a in journal.attempts] == ["draft", "debug", "debug", "debug", "redraft"]
 
 
 def test_fresh_drafts_are_capped_and_a_debugger_that_gives_up_asks_for_one(tmp_path):

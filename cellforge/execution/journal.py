@@ -339,8 +339,8 @@ MAX_SAME_UNAPPLIED = 2
 #: from repairing a draft it cannot fix (Olausson et al. 2024, "Is self-repair a silver bullet for code generation?",
 #: ICLR); measured here: Qwen2.5-Coder-1.5B answered the same IndexError with the same wrong fix three rounds running.
 MAX_REDRAFTS = 2
-#: Debugger fixes in a row that ran into the exception they were to fix, after which the debugger has stalled.
-MAX_FIXES_WITHOUT_EFFECT = 2
+#: Debugger fixes since a draft that ran into an exception already seen since that draft, after which the debugger has stalled.
+MAX_REPEATED_ERRORS = 2
 
 
 def next_step(
@@ -383,23 +383,24 @@ def error_signature(attempt: Attempt) -> str:
     return re.sub(r"\d+", "#", lines[-1])[:300] if lines else ""
 
 
-def fixes_without_effect(journal: Journal, attempt: Attempt) -> int:
-    """How many debugger fixes in a row, ending with ``attempt``, ran into the exception their script's last run had."""
-    by_index = {a.index: a for a in journal.attempts}
+def repeated_errors(journal: Journal, attempt: Attempt) -> int:
+    """How many debugger fixes since the last draft, up to ``attempt``, ran into an exception already seen since that draft.
 
-    def ran_parent(a: Attempt) -> Attempt | None:
-        parent = by_index.get(a.parent) if a.parent is not None else None
-        while parent is not None and parent.failure is FailureKind.PATCH_ERROR:  # back to the run the unapplied patches were for
-            parent = by_index.get(parent.parent) if parent.parent is not None else None
-        return parent
-
-    count, node = 0, attempt
-    while node.stage == "debug" and node.failure not in (None, FailureKind.PATCH_ERROR):
-        parent = ran_parent(node)
-        mine = error_signature(node)
-        if parent is None or not mine or error_signature(parent) != mine:
-            break
-        count, node = count + 1, parent
+    A fix that leaves the exception as it was, or brings back one an earlier fix had moved past
+    (a 1.5B debugger alternated between an ImportError and an AttributeError about the same call),
+    is not moving the script.
+    """
+    upto = [a for a in journal.attempts if a.index <= attempt.index]
+    start = max((i for i, a in enumerate(upto) if a.stage in ("draft", "redraft")), default=0)
+    seen: set[str] = set()
+    count = 0
+    for a in upto[start:]:
+        signature = error_signature(a)
+        if not signature:
+            continue
+        if a.stage == "debug" and signature in seen:
+            count += 1
+        seen.add(signature)
     return count
 
 
@@ -458,8 +459,8 @@ def run_attempts(
     the journal; a failure that goes to the debugger carries its class, its error output and
     this run's history (:func:`debug_history`). A patch that does not apply is an attempt of
     its own (class ``patch_error``, nothing runs) whose error goes back to the debugger within
-    the budget. The debugger has stalled when its fix ran into the same exception again
-    (:func:`fixes_without_effect`, :data:`MAX_FIXES_WITHOUT_EFFECT` times), when it proposed the same unappliable or already-run fix
+    the budget. The debugger has stalled when its fixes keep running into exceptions already seen
+    (:func:`repeated_errors`, :data:`MAX_REPEATED_ERRORS` times), when it proposed the same unappliable or already-run fix
     :data:`MAX_SAME_UNAPPLIED` times, or when it gave up: a model's script is then drawn again by
     ``redraft`` (at most ``max_redrafts`` times), and without one the loop ends. A debugger or
     coder whose model fails (:class:`~cellforge.errors.LLMError`) ends the loop cleanly, with
@@ -509,8 +510,8 @@ def run_attempts(
     unapplied: dict[str, int] = {}  # a fix that could not be applied, and how often it was proposed
     stalled, redrafts = "", 0  # why the debugger is not moving the script (empty while it is)
     while True:
-        if fixes_without_effect(journal, attempt) >= MAX_FIXES_WITHOUT_EFFECT:
-            stalled = stalled or f"{MAX_FIXES_WITHOUT_EFFECT} fixes in a row left the same exception ({error_signature(attempt)[:120]})"
+        if repeated_errors(journal, attempt) >= MAX_REPEATED_ERRORS:
+            stalled = stalled or f"{MAX_REPEATED_ERRORS} fixes ran into an exception already seen since the draft (last: {error_signature(attempt)[:120]})"
         step, why = next_step(
             attempt, library=is_library_script(script), attempts_used=len(journal.attempts), max_attempts=max_attempts,
             has_debugger=debugger is not None, stalled=bool(stalled), can_redraft=redraft is not None and redrafts < max_redrafts,
