@@ -46,6 +46,29 @@ LFC_EPS = 1e-9
 _REFERENCE = "__control__"
 
 
+def _contexts(adata: ad.AnnData, conditions: list[str]) -> Iterator[tuple[str, np.ndarray, dict[str, np.ndarray]]]:
+    """Per context of the requested non-control conditions: its control rows and each condition's rows (sorted by name).
+
+    Raises
+    ------
+    ValueError
+        A context of a requested condition has no control cells.
+    """
+    obs = adata.obs
+    is_control = obs["is_control"].astype(bool).to_numpy()
+    cond = obs["condition"].astype(str).to_numpy()
+    context = obs["context"].astype(str).to_numpy()
+    tested = np.isin(cond, list(conditions)) & ~is_control
+    for ctx in sorted(set(context[tested])):
+        in_ctx = tested & (context == ctx)
+        wanted = sorted(set(cond[in_ctx]))
+        control_rows = np.flatnonzero((context == ctx) & is_control)
+        if not control_rows.size:
+            msg = f"context {ctx!r} has no control cells to test conditions {wanted[:5]} against"
+            raise ValueError(msg)
+        yield ctx, control_rows, {name: np.flatnonzero(in_ctx & (cond == name)) for name in wanted}
+
+
 def _rank_chunk(
     adata: ad.AnnData, control_mask: np.ndarray, wanted: list[str], *, method: str, n_genes: int, rankby_abs: bool, tie_correct: bool = False
 ) -> ad.AnnData:
@@ -96,17 +119,11 @@ def _rank_against_control(
     """
     from cellforge.paths import host_threads
 
-    obs = adata.obs
-    is_control = obs["is_control"].astype(bool).to_numpy()
-    cond = obs["condition"].astype(str)
-    context = obs["context"].astype(str).to_numpy()
     jobs = []
-    for ctx, cond_ctx in obs.loc[cond.isin(conditions).to_numpy() & ~is_control].groupby("context", observed=True):
-        wanted = sorted(cond_ctx["condition"].astype(str).unique())
-        control_mask = (context == str(ctx)) & is_control
-        if not control_mask.any():
-            msg = f"context {ctx!r} has no control cells to test conditions {wanted[:5]} against"
-            raise ValueError(msg)
+    for _, control_rows, groups in _contexts(adata, conditions):
+        wanted = list(groups)
+        control_mask = np.zeros(adata.n_obs, dtype=bool)
+        control_mask[control_rows] = True
         workers = threads or host_threads()
         size = max(1, -(-len(wanted) // (2 * workers))) if workers > 1 else len(wanted)
         jobs += [(control_mask, wanted[i : i + size]) for i in range(0, len(wanted), size)]
@@ -376,21 +393,9 @@ def _wilcoxon_de_table(adata: ad.AnnData, conditions: list[str], *, threads: int
     """
     from cellforge.paths import host_threads
 
-    obs = adata.obs
-    is_control = obs["is_control"].astype(bool).to_numpy()
-    cond = obs["condition"].astype(str).to_numpy()
-    context = obs["context"].astype(str).to_numpy()
-    tested = np.isin(cond, list(conditions)) & ~is_control
+    run = _illico_context if engine == "illico" else _pdex_context
     frames: list[pd.DataFrame] = []
-    for ctx in sorted(set(context[tested])):
-        in_ctx = tested & (context == ctx)
-        wanted = sorted(set(cond[in_ctx]))
-        control_rows = np.flatnonzero((context == ctx) & is_control)
-        if not control_rows.size:
-            msg = f"context {ctx!r} has no control cells to test conditions {wanted[:5]} against"
-            raise ValueError(msg)
-        groups = {name: np.flatnonzero(in_ctx & (cond == name)) for name in wanted}
-        run = _illico_context if engine == "illico" else _pdex_context
+    for _, control_rows, groups in _contexts(adata, conditions):
         frames += run(adata, control_rows, groups, threads=threads or host_threads())
     if not frames:
         return pd.DataFrame(columns=DE_COLUMNS)
