@@ -372,7 +372,14 @@ def _illico_context(
     genes = adata.var_names.astype(str).to_numpy()
     obs = pd.DataFrame({"group": pd.Categorical(label[order], categories=categories)}, index=pd.RangeIndex(rows.size).astype(str))
     holder = ad.AnnData(X=_test_matrix(adata.X, rows[order]), obs=obs, var=pd.DataFrame(index=pd.Index(genes)))
-    res = wilcoxon(holder, is_log1p=True, group_keys="group", reference=_REFERENCE, n_threads=max(1, threads), use_continuity=True, tie_correct=True)
+    import numba
+
+    before = numba.get_num_threads()
+    try:  # illico sets numba's thread count, which cannot exceed the cores numba found at start-up
+        n_threads = max(1, min(threads, numba.config.NUMBA_NUM_THREADS))
+        res = wilcoxon(holder, is_log1p=True, group_keys="group", reference=_REFERENCE, n_threads=n_threads, use_continuity=True, tie_correct=True)
+    finally:
+        numba.set_num_threads(before)
     frames = []
     for i, name in enumerate(names):
         pvalue = res.loc[name]["p_value"].reindex(genes).to_numpy(np.float64)
