@@ -80,8 +80,8 @@ bench-prior: $(VENV)/.installed ## The co-expression prior for unseen perturbati
 bench-llm: install-llm ## The main job with a real LLM (CELLFORGE_LLM, default the local Qwen2.5-Coder-1.5B): make bench-llm [ROLES=code|all] [SEEDS=3] [DATASETS="adamson_subset norman_subset"]
 	$(PY) benchmarks/llm.py $(if $(SEEDS),--seeds $(SEEDS)) $(if $(ROLES),--roles $(ROLES)) $(foreach d,$(DATASETS),--dataset $(d))
 
-bench-llm-speed: install-llm ## The local model's prompt and generated tokens/s by thread count, and its prefix cache: benchmarks/results/llm-speed.md
-	$(PY) benchmarks/llm_speed.py $(if $(THREADS),--threads $(THREADS))
+bench-llm-speed: install-llm ## The local model's tokens/s by thread count and its prefix cache; REPLAY="label=runs/..." replays a run's coder and debugger calls: benchmarks/results/llm-speed*.md
+	$(PY) benchmarks/llm_speed.py $(if $(THREADS),--threads $(THREADS)) $(foreach r,$(REPLAY),--replay $(r))
 
 bench-battery: $(VENV)/.installed sandbox-deps ## The sandbox battery as a table, class by backend (Docker when an engine and the image are there), with the host's memory cost of hostile outputs: benchmarks/results/battery.md
 	$(PY) benchmarks/battery.py

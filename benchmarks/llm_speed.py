@@ -8,7 +8,13 @@ answer. llama.cpp's own ``timings`` (prompt_n, prompt_per_second, predicted_per_
 recorded, with wall seconds per call. Run it on an idle machine: two cores shared with a
 training run halve every figure. Results: ``benchmarks/results/llm-speed.{json,md}``.
 
-Usage: ``python benchmarks/llm_speed.py [--model qwen2.5-coder-1.5b] [--threads 1 2] [--max-tokens 200]``.
+With ``--replay LABEL=RUN_DIR`` (repeatable) it also replays, on one fresh server with the
+fastest thread count, the coder's and the debugger's calls that a run recorded in its
+``llm_calls.jsonl`` (the same messages, in the run's order, each generating as many tokens as
+it did then): seconds per call by role on this machine now, for runs made under other loads or
+with other prompts (before / after). Results then go to ``llm-speed-replay.{json,md}``.
+
+Usage: ``python benchmarks/llm_speed.py [--model qwen2.5-coder-1.5b] [--threads 1 2] [--max-tokens 200] [--replay after=runs/...]``.
 """
 
 from __future__ import annotations
@@ -33,12 +39,12 @@ def prompt_prefix() -> str:
     )  # fmt: skip
 
 
-def call(api_base: str, alias: str, system: str, user: str, max_tokens: int) -> dict:
-    """One chat completion; llama.cpp's timings and the wall time."""
+def call(api_base: str, alias: str, system: str, user: str, max_tokens: int, *, messages: list[dict] | None = None) -> dict:
+    """One chat completion (``messages``, or a system and a user message); llama.cpp's timings and the wall time."""
     import httpx
 
-    body = {"model": alias, "messages": [{"role": "system", "content": system}, {"role": "user", "content": user}],
-            "max_tokens": max_tokens, "temperature": 0.0, "cache_prompt": True}  # fmt: skip
+    messages = messages or [{"role": "system", "content": system}, {"role": "user", "content": user}]
+    body = {"model": alias, "messages": messages, "max_tokens": max_tokens, "temperature": 0.0, "cache_prompt": True}
     start = time.monotonic()
     response = httpx.post(f"{api_base}/chat/completions", json=body, timeout=1800)
     response.raise_for_status()
@@ -66,12 +72,59 @@ def measure(model: str, threads: int, max_tokens: int) -> dict:
     return {"threads": threads, "cold": cold, "shared_prefix": warm, "longer_answer": write}
 
 
+def recorded_calls(run_dir: Path, roles: tuple[str, ...] = ("coder", "debugger")) -> list[dict]:
+    """The answered calls of ``roles`` in a run's call log, in order: role, messages, tokens generated and seconds then."""
+    out = []
+    for line in (Path(run_dir) / "llm_calls.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        usage = record.get("usage") or {}
+        if record.get("role") in roles and not record.get("error") and record.get("messages") and usage.get("completion_tokens"):
+            out.append({"role": record["role"], "messages": record["messages"], "max_tokens": int(usage["completion_tokens"]),
+                        "then_s": record.get("latency_s"), "then_prompt_tokens": usage.get("prompt_tokens")})  # fmt: skip
+    return out
+
+
+def replay(model: str, threads: int, runs: dict[str, Path]) -> list[dict]:
+    """Each labelled run's coder and debugger calls again, one fresh server per run, seconds and tokens per call."""
+    from cellforge.llm.local_model import LocalModelServer
+
+    rows = []
+    for label, run_dir in runs.items():
+        with LocalModelServer(model, threads=threads) as server:
+            for i, c in enumerate(recorded_calls(run_dir)):
+                got = call(server.api_base, server.model_alias, "", "", c["max_tokens"], messages=c["messages"])
+                rows.append({"label": label, "run": str(run_dir), "call": i, "role": c["role"], "then_s": c["then_s"], **got})
+                print(label, c["role"], got, flush=True)
+    return rows
+
+
+def replay_table(rows: list[dict], threads: int) -> list[str]:
+    """Markdown: per label and role, calls and means (seconds now and then, prompt tokens, processed, generated, tok/s)."""
+    lines = [f"Replayed on one fresh server, {threads} threads (same messages, same number of generated tokens):", "",
+             "| run | role | calls | s per call now | s per call then | prompt tokens | processed (rest cached) | generated | prompt tok/s | generated tok/s |",
+             "|---|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    keys = sorted({(r["label"], r["role"]) for r in rows}, key=lambda k: (list(dict.fromkeys(r["label"] for r in rows)).index(k[0]), k[1]))
+    for label, role in keys:
+        part = [r for r in rows if r["label"] == label and r["role"] == role]
+
+        def mean(name: str, part: list[dict] = part) -> float:
+            values = [float(r[name]) for r in part if isinstance(r.get(name), int | float)]
+            return sum(values) / len(values) if values else float("nan")
+
+        lines.append(
+            f"| {label} | {role} | {len(part)} | {mean('wall_s'):.1f} | {mean('then_s'):.1f} | {mean('prompt_tokens'):.0f} | {mean('prompt_processed'):.0f} | "
+            f"{mean('generated'):.0f} | {mean('prompt_per_s'):.1f} | {mean('generated_per_s'):.2f} |"
+        )
+    return lines
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="qwen2.5-coder-1.5b")
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--max-tokens", type=int, default=200)
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
+    parser.add_argument("--replay", action="append", default=[], help="LABEL=RUN_DIR: replay that run's coder and debugger calls (repeatable).")
     args = parser.parse_args()
     rows = [measure(args.model, t, args.max_tokens) for t in args.threads]
     load = os.getloadavg()
@@ -86,6 +139,15 @@ def main() -> None:
             lines.append(f"| {r['threads']} | {name} | {c['prompt_tokens']} | {c['prompt_processed']} | {c['prompt_per_s']} | {c['generated']} | {c['generated_per_s']} | {c['wall_s']} |")
     (args.out / "llm-speed.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
+    if args.replay:
+        fastest = max(rows, key=lambda r: r["cold"]["generated_per_s"])["threads"]
+        runs = dict(item.split("=", 1) for item in args.replay)
+        replayed = replay(args.model, fastest, {k: Path(v) for k, v in runs.items()})
+        load = os.getloadavg()
+        (args.out / "llm-speed-replay.json").write_text(json.dumps({"date": record["date"], "model": args.model, "threads": fastest, "loadavg_after": load, "calls": replayed}, indent=1))
+        text = [f"# Local model: coder and debugger calls replayed ({args.model}, {os.cpu_count()} CPUs, load average after {load[0]:.2f})", "", *replay_table(replayed, fastest)]
+        (args.out / "llm-speed-replay.md").write_text("\n".join(text) + "\n")
+        print("\n".join(text))
 
 
 if __name__ == "__main__":
