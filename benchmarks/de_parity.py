@@ -1,22 +1,24 @@
-"""DE at screen scale: pdex against scanpy's Wilcoxon on the shipped sets (issue 31, item 1).
+"""DE parity on the shipped sets: illico (now) against pdex, cell-eval's engine, and scanpy's Wilcoxon (issue 31, item 1).
 
-``cellforge.evaluation.de.de_table(method="wilcoxon")`` now tests with pdex (cell-eval's DE
-engine; tie-corrected normal approximation with continuity correction) instead of scanpy
-``rank_genes_groups(method="wilcoxon")`` (default ``tie_correct=False``). Three engines, every
-condition against its context's control cells, BH FDR over all genes of each condition:
+``cellforge.evaluation.de.de_table(method="wilcoxon")`` now tests with illico (one-versus-reference
+Mann-Whitney U, control values sorted once per gene); before, with pdex (cell-eval's DE engine);
+before that, with scanpy ``rank_genes_groups(method="wilcoxon")`` (default ``tie_correct=False``).
+Four engines, every condition against its context's control cells, BH FDR over all genes of each
+condition:
 
-- ``pdex``: the new path (``de_table``);
-- ``scanpy``: the previous path, scanpy's default ``tie_correct=False``
+- ``illico``: the path now (``de_table``);
+- ``pdex``: the path before, cell-eval's engine (``de._wilcoxon_de_table(engine="pdex")``);
+- ``scanpy``: the path before that, scanpy's default ``tie_correct=False``
   (``de._scanpy_de_table(method="wilcoxon")``);
-- ``scanpy_tc``: scanpy with ``tie_correct=True``, the scanpy setting pdex reproduces up to
-  its continuity correction.
+- ``scanpy_tc``: scanpy with ``tie_correct=True``, the scanpy setting illico and pdex reproduce
+  up to their continuity correction.
 
 Per shipped set (adamson_subset, norman_subset, papalexi_subset, kang_subset):
 
 1. parity over all non-control conditions: DE genes at FDR < 0.05 by each engine, Jaccard
-   overlap of pdex's set with each scanpy set, max and median |Δ log10 p|, whether fold changes
-   are identical; wall time of each engine (2 threads, best of 2 warm runs; pdex's first call in
-   a process also compiles its numba kernels, timed once as ``pdex_cold``);
+   overlap of illico's set with each other engine's, max and median |Δ log10 p|, whether fold
+   changes are identical; wall time of each engine (2 threads, best of 2 warm runs; the first
+   call in a process also compiles numba kernels, timed once as ``illico_cold``);
 2. effect on the DE metrics (``overlap_at_N``, ``precision_at_N``, ``de_direction_match``,
    ``n_de_real``; cellforge.evaluation.metrics.de_agreement) on the test conditions of the
    set's default split, truth DE from each engine, for two predictions built from the
@@ -59,7 +61,7 @@ from cellforge.evaluation.harness import baseline_inputs, build_truth, run_basel
 
 RESULTS = ROOT / "benchmarks" / "results"
 SETS = ["adamson_subset", "norman_subset", "papalexi_subset", "kang_subset"]
-ENGINES = ["pdex", "scanpy", "scanpy_tc"]
+ENGINES = ["illico", "pdex", "scanpy", "scanpy_tc"]
 DE_METRICS = ["overlap_at_N", "precision_at_N", "de_direction_match", "n_de_real"]
 THREADS = 2
 FDR = 0.05
@@ -67,8 +69,10 @@ FDR = 0.05
 
 def run_engine(engine: str, adata: ad.AnnData, conditions: list[str]) -> pd.DataFrame:
     """DE table of one engine (columns ``de.DE_COLUMNS``)."""
-    if engine == "pdex":
+    if engine == "illico":
         return de.de_table(adata, conditions, threads=THREADS)
+    if engine == "pdex":
+        return de._wilcoxon_de_table(adata, conditions, threads=THREADS, engine="pdex")  # noqa: SLF001 - cell-eval's engine, the path before
     return de._scanpy_de_table(adata, conditions, method="wilcoxon", threads=THREADS, tie_correct=engine == "scanpy_tc")
 
 
@@ -83,14 +87,14 @@ def timed(engine: str, adata: ad.AnnData, conditions: list[str], repeats: int = 
 
 
 def parity(ours: pd.DataFrame, ref: pd.DataFrame) -> dict[str, float]:
-    """pdex table against one scanpy table."""
+    """illico's table (de_table's) against another engine's."""
     both = ours.merge(ref, on=["condition", "gene"], suffixes=("", "_ref"), validate="one_to_one")
     assert len(both) == len(ours) == len(ref)
     sig, sig_ref = both["fdr"].to_numpy() < FDR, both["fdr_ref"].to_numpy() < FDR
     dlog = np.abs(np.log10(np.maximum(both["pvalue"].to_numpy(), 1e-300)) - np.log10(np.maximum(both["pvalue_ref"].to_numpy(), 1e-300)))
     lfc, lfc_ref = both["log2_fold_change"].to_numpy(), both["log2_fold_change_ref"].to_numpy()
     return {
-        "n_de_pdex": int(sig.sum()),
+        "n_de_illico": int(sig.sum()),
         "n_de_ref": int(sig_ref.sum()),
         "n_both": int((sig & sig_ref).sum()),
         "jaccard": float((sig & sig_ref).sum() / max(1, (sig | sig_ref).sum())),
@@ -144,16 +148,16 @@ def de_metrics(adata: ad.AnnData, name: str, tables: dict[str, pd.DataFrame]) ->
         cell = score_predictions(profile, t, pred_de=pred_de)[DE_METRICS]
         per_condition[engine] = {"profile": prof, "cells": cell}
         out["engines"][engine] = {"profile": prof.mean().to_dict(), "cells": cell.mean().to_dict()}
-    for ref in ("scanpy", "scanpy_tc"):
+    for ref in ("pdex", "scanpy", "scanpy_tc"):
         diff = {}
         for kind in ("profile", "cells"):
-            a, b = per_condition["pdex"][kind], per_condition[ref][kind]
+            a, b = per_condition["illico"][kind], per_condition[ref][kind]
             moved = ~np.isclose(a.to_numpy(np.float64), b.to_numpy(np.float64), rtol=0, atol=1e-12, equal_nan=True)
             diff[kind] = {
                 "max_abs_diff": (a - b).abs().max().to_dict(),
                 "n_conditions_changed": int(moved[:, [DE_METRICS.index(m) for m in DE_METRICS[:3]]].any(axis=1).sum()),
             }
-        out[f"pdex_vs_{ref}"] = diff
+        out[f"illico_vs_{ref}"] = diff
     return out
 
 
@@ -176,8 +180,9 @@ def run_set(name: str) -> dict[str, object]:
         "load_s": round(load_s, 2),
         "seconds": {k: round(v, 3) for k, v in seconds.items()},
         "n_de": {k: int((t["fdr"] < FDR).sum()) for k, t in tables.items()},
-        "pdex_vs_scanpy": parity(tables["pdex"], tables["scanpy"]),
-        "pdex_vs_scanpy_tc": parity(tables["pdex"], tables["scanpy_tc"]),
+        "illico_vs_pdex": parity(tables["illico"], tables["pdex"]),
+        "illico_vs_scanpy": parity(tables["illico"], tables["scanpy"]),
+        "illico_vs_scanpy_tc": parity(tables["illico"], tables["scanpy_tc"]),
     }
     record["metrics"] = de_metrics(adata, name, tables)
     return record
@@ -189,74 +194,76 @@ def fmt(x: float, digits: int = 3) -> str:
 
 def markdown(results: dict[str, object]) -> str:
     """The report."""
+    v = results["versions"]
     lines = [
-        f"# DE parity: pdex vs scanpy Wilcoxon ({results['date']}, {results['machine']})",
+        f"# DE parity: illico vs pdex (cell-eval's engine) and scanpy's Wilcoxon ({results['date']}, {results['machine']})",
         "",
         "Produced by `benchmarks/de_parity.py` (its docstring has the command and the definitions). "
-        "`pdex`: `de_table(method=\"wilcoxon\")` now (pdex "
-        f"{results['versions']['pdex']}, cell-eval's engine); `scanpy`: the previous path, scanpy "
-        f"{results['versions']['scanpy']} `rank_genes_groups(method=\"wilcoxon\")` with its default `tie_correct=False`; "
-        "`scanpy_tc`: the same with `tie_correct=True`. Each condition against its context's control cells, "
+        f"`illico`: `de_table(method=\"wilcoxon\")` now (illico {v['illico']}, one-versus-reference, control values sorted once per "
+        f"gene); `pdex`: the path before (pdex {v['pdex']}, the DE engine cell-eval runs); `scanpy`: the path before that, scanpy "
+        f"{v['scanpy']} `rank_genes_groups(method=\"wilcoxon\")` with its default `tie_correct=False`; `scanpy_tc`: the same with "
+        "`tie_correct=True`. Each condition against its context's control cells, "
         f"BH FDR per condition over all genes, DE = FDR < {FDR}. {THREADS} threads.",
         "",
         "## Parity (all non-control conditions)",
         "",
-        "| set | cells x genes | contexts | conditions | DE scanpy | DE scanpy_tc | DE pdex | Jaccard vs scanpy | Jaccard vs scanpy_tc "
-        "| max abs Δlog10 p vs scanpy | max abs Δlog10 p vs scanpy_tc | median vs scanpy_tc | fold changes identical |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| set | cells x genes | contexts | conditions | DE illico | DE pdex | DE scanpy_tc | DE scanpy | Jaccard vs pdex | Jaccard vs scanpy_tc "
+        "| Jaccard vs scanpy | max abs Δlog10 p vs pdex | max abs Δlog10 p vs scanpy_tc | fold changes identical |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results["sets"]:
-        a, b = r["pdex_vs_scanpy"], r["pdex_vs_scanpy_tc"]
+        a, b, c = r["illico_vs_pdex"], r["illico_vs_scanpy_tc"], r["illico_vs_scanpy"]
+        same = a["lfc_identical"] and b["lfc_identical"] and c["lfc_identical"]
         lines.append(
-            f"| {r['set']} | {r['shape'][0]} x {r['shape'][1]} | {r['n_contexts']} | {r['n_conditions']} | {r['n_de']['scanpy']} | "
-            f"{r['n_de']['scanpy_tc']} | {r['n_de']['pdex']} | {fmt(a['jaccard'])} | {fmt(b['jaccard'])} | {fmt(a['max_abs_dlog10p'])} | "
-            f"{fmt(b['max_abs_dlog10p'], 4)} | {fmt(b['median_abs_dlog10p'], 5)} | {'yes' if a['lfc_identical'] and b['lfc_identical'] else 'no'} |"
+            f"| {r['set']} | {r['shape'][0]} x {r['shape'][1]} | {r['n_contexts']} | {r['n_conditions']} | {r['n_de']['illico']} | {r['n_de']['pdex']} | "
+            f"{r['n_de']['scanpy_tc']} | {r['n_de']['scanpy']} | {fmt(a['jaccard'], 4)} | {fmt(b['jaccard'])} | {fmt(c['jaccard'])} | "
+            f"{fmt(a['max_abs_dlog10p'], 5)} | {fmt(b['max_abs_dlog10p'], 4)} | {'yes' if same else 'no'} |"
         )
     lines += [
         "",
         "What differs, and why:",
         "",
-        "- pdex against `scanpy_tc`: the same tie-corrected variance, but pdex (numba-mwu, the asymptotic "
-        "`scipy.stats.mannwhitneyu`) subtracts a continuity correction of 1/2 from |U - n1 n2 / 2|, so each of its p-values is "
-        "a little larger, never smaller; its DE set is inside scanpy_tc's, short of the genes whose FDR sits just under 0.05.",
-        "- pdex against `scanpy` (the previous path): scanpy's default leaves out the tie correction, which for the many tied "
-        "zeros of single-cell data overstates the variance, shrinks every |z| and calls far fewer genes. Switching engines "
-        "therefore moves the DE calls (and the DE metrics below) by the tie correction, not by pdex.",
+        "- illico against pdex: the same test (the asymptotic `scipy.stats.mannwhitneyu`, tie-corrected, continuity correction "
+        "of 1/2), so the same p-values to float rounding; the one difference is a gene whose U equals its mean exactly (pdex and "
+        "scanpy give p = 1, illico 0.998), which no DE call at FDR < 0.05 can see.",
+        "- illico (and pdex) against `scanpy_tc`: the same tie-corrected variance, but the continuity correction makes each "
+        "p-value a little larger, never smaller; the DE set is inside scanpy_tc's, short of genes whose FDR sits just under 0.05.",
+        "- against `scanpy` (two paths before): scanpy's default leaves out the tie correction, which for the many tied "
+        "zeros of single-cell data overstates the variance, shrinks every |z| and calls far fewer genes.",
         "- Fold changes: identical to scanpy's in every row (de.py computes them from scanpy's group means, "
-        "`scanpy.get.aggregate`, and rounds to float32 as scanpy stores them; pdex's own `log2_fold_change` uses float32 means "
-        "and is not used).",
+        "`scanpy.get.aggregate`, and rounds to float32 as scanpy stores them).",
         "",
         "## Wall time (seconds, best of 2 warm runs, all non-control conditions)",
         "",
-        f"pdex's first call in a process compiles its numba kernels: {fmt(results['pdex_cold_s'], 1)} s on "
-        f"{results['cold_set']} (warm: {fmt(results['sets'][0]['seconds']['pdex'])} s).",
+        f"The first call in a process: {fmt(results['illico_cold_s'], 1)} s on {results['cold_set']} "
+        f"(warm: {fmt(results['sets'][0]['seconds']['illico'])} s). At screen scale see de-scale.md.",
         "",
-        "| set | scanpy | scanpy_tc | pdex | scanpy / pdex |",
-        "|---|---|---|---|---|",
+        "| set | scanpy | scanpy_tc | pdex | illico | pdex / illico |",
+        "|---|---|---|---|---|---|",
     ]
     for r in results["sets"]:
         s = r["seconds"]
-        lines.append(f"| {r['set']} | {fmt(s['scanpy'], 2)} | {fmt(s['scanpy_tc'], 2)} | {fmt(s['pdex'], 2)} | {fmt(s['scanpy'] / s['pdex'], 1)} |")
+        lines.append(f"| {r['set']} | {fmt(s['scanpy'], 2)} | {fmt(s['scanpy_tc'], 2)} | {fmt(s['pdex'], 2)} | {fmt(s['illico'], 2)} | {fmt(s['pdex'] / s['illico'], 1)} |")
     lines += [
         "",
         "## Effect on the DE metrics (training_mean baseline, test conditions of the default split)",
         "",
         "Mean over the test conditions. `profile`: the baseline's profile (only the real DE table differs between engines); "
         "`cells`: control cells shifted by the baseline's delta (real and predicted tables from the same engine). "
-        "`changed`: test conditions where overlap_at_N, precision_at_N or de_direction_match moved.",
+        "`changed`: test conditions where overlap_at_N, precision_at_N or de_direction_match moved against illico's.",
         "",
-        "| set | n test | prediction | engine | overlap_at_N | precision_at_N | de_direction_match | n_de_real | changed vs pdex |",
+        "| set | n test | prediction | engine | overlap_at_N | precision_at_N | de_direction_match | n_de_real | changed vs illico |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results["sets"]:
         m = r["metrics"]
         for kind in ("profile", "cells"):
             for engine in ENGINES:
-                v = m["engines"][engine][kind]
-                changed = "" if engine == "pdex" else str(m[f"pdex_vs_{engine}"][kind]["n_conditions_changed"])
+                val = m["engines"][engine][kind]
+                changed = "" if engine == "illico" else str(m[f"illico_vs_{engine}"][kind]["n_conditions_changed"])
                 lines.append(
-                    f"| {r['set']} | {m['n_test']} | {kind} | {engine} | {fmt(v['overlap_at_N'])} | {fmt(v['precision_at_N'])} | "
-                    f"{fmt(v['de_direction_match'])} | {fmt(v['n_de_real'], 1)} | {changed} |"
+                    f"| {r['set']} | {m['n_test']} | {kind} | {engine} | {fmt(val['overlap_at_N'])} | {fmt(val['precision_at_N'])} | "
+                    f"{fmt(val['de_direction_match'])} | {fmt(val['n_de_real'], 1)} | {changed} |"
                 )
     return "\n".join(lines) + "\n"
 
@@ -267,7 +274,7 @@ def main() -> None:
     args = parser.parse_args()
     warnings.simplefilter("ignore")
     os.environ.setdefault("CELLFORGE_THREADS", str(THREADS))
-    # the first pdex call compiles numba kernels: time it once, apart from the warm timings
+    # the first call compiles numba kernels: time it once, apart from the warm timings
     first = load_dataset(args.sets[0], show_progress=False)
     conds = sorted(set(first.obs.loc[~first.obs["is_control"].astype(bool), "condition"].astype(str)))
     start = time.perf_counter()
@@ -277,15 +284,15 @@ def main() -> None:
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": f"{len(os.sched_getaffinity(0))} CPUs available, Python {platform.python_version()}",
         "threads": THREADS,
-        "versions": {p: importlib.metadata.version(p) for p in ("pdex", "numba-mwu", "scanpy", "numba", "scipy")},
+        "versions": {p: importlib.metadata.version(p) for p in ("illico", "pdex", "numba-mwu", "scanpy", "numba", "scipy")},
         "cold_set": args.sets[0],
-        "pdex_cold_s": round(cold, 2),
+        "illico_cold_s": round(cold, 2),
         "sets": [],
     }
     for name in args.sets:
         print(f"{name} ...", file=sys.stderr, flush=True)
         results["sets"].append(run_set(name))
-    print(json.dumps([{k: r[k] for k in ("set", "seconds", "n_de", "pdex_vs_scanpy_tc")} for r in results["sets"]], indent=1))
+    print(json.dumps([{k: r[k] for k in ("set", "seconds", "n_de", "illico_vs_pdex")} for r in results["sets"]], indent=1))
     if args.sets == SETS:
         RESULTS.mkdir(parents=True, exist_ok=True)
         (RESULTS / "de-parity.json").write_text(json.dumps(results, indent=1, default=float) + "\n")
