@@ -196,3 +196,30 @@ def test_illico_engine_matches_pdex_cell_evals_engine(load, name):
     assert np.all(p[~below] > 0.99)
     sig, sig_pdex = both["fdr"].to_numpy() < 0.05, both["fdr_pdex"].to_numpy() < 0.05
     assert sig.sum() > 20 and (sig != sig_pdex).sum() <= 1  # a gene whose FDR sits at 0.05 within rounding may flip
+
+
+@pytest.mark.parametrize("name", ["adamson_subset", "norman_subset", "papalexi_subset", "kang_subset"])
+def test_top_de_genes_by_moments_are_scanpys_t_test_ranking(load, name):
+    """The top-20 DE genes of pearson_delta_de20 / mse_de20 (GEARS): scanpy's t-test ranking, computed from moments in one pass."""
+    from cellforge.evaluation.de import _rank_against_control, t_test_ranking, top_de_genes
+
+    adata = load(name)
+    conditions = sorted(set(adata.obs.loc[~adata.obs["is_control"].astype(bool), "condition"].astype(str)))
+    ours = top_de_genes(adata, conditions, n_genes=20, method="t-test")
+    full = t_test_ranking(adata, conditions)
+    compared = 0
+    for sub, wanted in _rank_against_control(adata, conditions, method="t-test", n_genes=adata.n_vars, rankby_abs=True, threads=2):
+        result = sub.uns["rank_genes_groups"]
+        for cond in wanted:
+            ref_names = [str(g) for g in result["names"][cond]]
+            ref_scores = np.abs(np.asarray(result["scores"][cond], dtype=np.float64))
+            assert list(full[cond]) and len(full[cond]) == adata.n_vars
+            # the same top 20, in the same order, except where two genes' |t| tie within float rounding
+            mine = ours[cond]
+            for rank, (a, b) in enumerate(zip(mine, ref_names[:20], strict=True)):
+                if a != b:
+                    score = dict(zip(ref_names, ref_scores, strict=True))
+                    assert abs(score[a] - score[b]) <= 1e-6 * max(score[b], 1.0), (cond, rank, a, b, score[a], score[b])
+            assert len(set(mine) ^ set(ref_names[:20])) <= 2 * sum(a != b for a, b in zip(mine, ref_names[:20], strict=True))
+            compared += 1
+    assert compared == len(conditions)
