@@ -126,3 +126,30 @@ def test_user_split_with_unknown_condition_is_rejected(load, tmp_path):
         bad.check_against(adata)
     with pytest.raises(ConfigError, match="valid"):
         make_split(adata, "random_cells")
+
+
+def test_a_screen_sized_counts_matrix_is_normalised_in_place_without_a_second_copy(monkeypatch):
+    """Above KEEP_COUNTS_MAX_VALUES stored values the counts are not kept: the same normalised X, one matrix in memory."""
+    import anndata as ad
+    import pandas as pd
+    import scipy.sparse as sp
+
+    from cellforge.data import canonical
+
+    rng = np.random.default_rng(0)
+    counts = sp.random(300, 50, density=0.3, format="csr", random_state=1, data_rvs=lambda n: rng.integers(1, 20, n)).astype(np.float32)
+    obs = pd.DataFrame({"pert": ["ctrl"] * 100 + ["A"] * 100 + ["B"] * 100}, index=[f"c{i}" for i in range(300)])
+    kept = canonical.standardise(ad.AnnData(counts.copy(), obs=obs), dataset="toy", perturbation_key="pert", control_labels=["ctrl"], log_normalised=False)
+    assert "counts" in kept.layers and kept.uns["cellforge"]["counts_kept"]
+    monkeypatch.setattr(canonical, "KEEP_COUNTS_MAX_VALUES", 10)
+    monkeypatch.setattr(canonical, "_NORMALISE_BLOCK_ROWS", 7)  # several blocks
+    given = ad.AnnData(counts.copy(), obs=obs)
+    big = canonical.standardise(given, dataset="toy", perturbation_key="pert", control_labels=["ctrl"], log_normalised=False, owned=True)
+    assert "counts" not in big.layers and big.uns["cellforge"]["has_counts"] and not big.uns["cellforge"]["counts_kept"]
+    assert any("raw counts not kept" in w for w in big.uns["cellforge"]["warnings"])
+    np.testing.assert_allclose(big.X.toarray(), kept.X.toarray(), rtol=1e-6)
+    assert big.X.data is given.X.data or np.shares_memory(big.X.data, given.X.data)  # normalised where it lay
+    # not handed over: the caller's matrix is left as it was
+    mine = ad.AnnData(counts.copy(), obs=obs)
+    canonical.standardise(mine, dataset="toy", perturbation_key="pert", control_labels=["ctrl"], log_normalised=False)
+    np.testing.assert_array_equal(mine.X.toarray(), counts.toarray())

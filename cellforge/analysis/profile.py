@@ -59,7 +59,7 @@ def profile_data(adata: ad.AnnData, manifest: SplitManifest) -> DataProfile:
         n_genes=int(adata.n_vars),
         sparsity=round(1 - nnz / (adata.n_obs * adata.n_vars), 4),
         normalisation=str(info.get("normalisation", "unknown")),
-        has_counts="counts" in adata.layers,
+        has_counts=bool(info.get("has_counts", "counts" in adata.layers)),  # the source's counts (kept or not: canonical.KEEP_COUNTS_MAX_VALUES)
         modality=str(info.get("modality", "rna")),
         perturbation_type=str(info.get("perturbation_type", "unknown")),
         n_perturbations=len(perts),

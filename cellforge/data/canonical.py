@@ -54,6 +54,22 @@ def looks_like_counts(X: Any, *, n_check: int = 2000) -> bool:  # noqa: N803 - A
     return bool(np.all(values >= 0) and np.allclose(values, np.round(values)) and values.max() > 20)  # noqa: PLR2004
 
 
+#: Stored values of a counts matrix above which it is normalised in place and not kept as ``layers["counts"]``.
+KEEP_COUNTS_MAX_VALUES = 200_000_000
+#: Rows scaled at a time by :func:`_log_normalise_in_place`.
+_NORMALISE_BLOCK_ROWS = 20_000
+
+
+def _log_normalise_in_place(X: sp.csr_matrix, scale: np.ndarray) -> None:  # noqa: N803
+    """``X.data <- log1p(X.data * scale[row])``, a block of rows at a time (no nnz-long temporary); same numbers as ``log1p(diags(scale) @ X)``."""
+    for r0 in range(0, X.shape[0], _NORMALISE_BLOCK_ROWS):
+        r1 = min(X.shape[0], r0 + _NORMALISE_BLOCK_ROWS)
+        start, end = X.indptr[r0], X.indptr[r1]
+        part = X.data[start:end]
+        part *= np.repeat(scale[r0:r1], np.diff(X.indptr[r0 : r1 + 1]))
+        np.log1p(part, out=part)
+
+
 def standardise(
     adata: ad.AnnData,
     *,
@@ -66,8 +82,9 @@ def standardise(
     modality: str = "rna",
     log_normalised: bool | None = None,
     source: str | None = None,
+    owned: bool = False,
 ) -> ad.AnnData:
-    """Return a canonical copy of ``adata`` (the input is not modified).
+    """Return a canonical copy of ``adata`` (the input is not modified unless ``owned``).
 
     Parameters
     ----------
@@ -87,6 +104,10 @@ def standardise(
         Whether ``X`` is already log-normalised; inferred with :func:`looks_like_counts` when ``None``.
     source
         How messages name the data (the file path); default the data set name.
+    owned
+        The caller hands ``adata`` over (a loader that read it from a file): a counts matrix
+        too large to keep beside its normalised copy (over :data:`KEEP_COUNTS_MAX_VALUES`
+        stored values) is then normalised in place instead of copied.
 
     Returns
     -------
@@ -119,12 +140,22 @@ def standardise(
     warnings = [w for w in [duplicated_names(adata.var_names, what="gene names (var_names)", source=source or repr(dataset))] if w]
     is_counts = looks_like_counts(X) if log_normalised is None else not log_normalised
     layers = {}
+    counts_kept = False
     if is_counts:
-        layers["counts"] = X  # the normalised X below is a new matrix
         size = np.asarray(X.sum(axis=1)).ravel()
         size[size == 0] = 1.0
-        X = sp.csr_matrix(sp.diags(1e4 / size) @ X)  # noqa: N806
-        np.log1p(X.data, out=X.data)
+        if X.nnz <= KEEP_COUNTS_MAX_VALUES:
+            layers["counts"], counts_kept = X, True  # the normalised X below is a new matrix
+            X = sp.csr_matrix(sp.diags(1e4 / size) @ X)  # noqa: N806
+            np.log1p(X.data, out=X.data)
+        else:
+            # a screen-sized matrix: no stage reads the counts, and keeping them doubles the run's memory
+            X = X if owned else X.copy()  # noqa: N806
+            _log_normalise_in_place(X, (1e4 / size).astype(X.dtype))
+            warnings.append(
+                f"{source or repr(dataset)}: raw counts not kept beside the normalised matrix ({X.nnz:,} stored values, over "
+                f"{KEEP_COUNTS_MAX_VALUES:,}): no stage reads them and a second copy would double the run's memory"
+            )
         normalisation = "log1p(counts / total * 1e4), computed by cellforge"
     else:
         normalisation = "log-normalised values as provided by the source"
@@ -157,6 +188,7 @@ def standardise(
         "modality": modality,
         "normalisation": normalisation,
         "has_counts": bool(is_counts),
+        "counts_kept": counts_kept,
         "warnings": warnings,
     }
     return out

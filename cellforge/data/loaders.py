@@ -76,6 +76,7 @@ def load_h5ad(
         perturbation_type=perturbation_type,
         log_normalised=log_normalised,
         source=str(path),
+        owned=True,  # read here: a screen-sized counts matrix is normalised in place
     )
 
 
