@@ -8,6 +8,10 @@ import pandas as pd
 import scipy.sparse as sp
 
 
+#: Rows summed at a time by :func:`pseudobulk`.
+BLOCK_ROWS = 10_000
+
+
 def pseudobulk(adata: ad.AnnData, *, groupby: str = "condition", mask: np.ndarray | None = None) -> pd.DataFrame:
     """Mean expression of each group.
 
@@ -24,16 +28,19 @@ def pseudobulk(adata: ad.AnnData, *, groupby: str = "condition", mask: np.ndarra
     -------
     DataFrame ``(n_groups, n_genes)`` indexed by group name, columns ``adata.var_names``.
     """
-    obs = adata.obs if mask is None else adata.obs.loc[mask]
-    X = adata.X if mask is None else adata.X[mask]  # noqa: N806
-    labels = obs[groupby].astype(str).to_numpy()
+    rows = np.arange(adata.n_obs) if mask is None else np.flatnonzero(mask)
+    labels = adata.obs[groupby].astype(str).to_numpy()[rows]
     groups, inverse = np.unique(labels, return_inverse=True)
-    indicator = sp.csr_matrix(
-        (np.ones(len(labels)), (inverse, np.arange(len(labels)))), shape=(len(groups), len(labels))
-    )
-    counts = np.asarray(indicator.sum(axis=1)).ravel()
-    sums = indicator @ X
-    sums = sums.toarray() if sp.issparse(sums) else np.asarray(sums)
+    counts = np.bincount(inverse, minlength=len(groups)).astype(np.float64)
+    sums = np.zeros((len(groups), adata.n_vars))
+    # a block of rows at a time, in float64: neither the masked rows nor a float64 copy of X are made whole
+    for start in range(0, len(rows), BLOCK_ROWS):
+        block = rows[start : start + BLOCK_ROWS]
+        codes = inverse[start : start + BLOCK_ROWS]
+        indicator = sp.csr_matrix((np.ones(len(block)), (codes, np.arange(len(block)))), shape=(len(groups), len(block)))
+        x = adata.X[block]
+        part = indicator @ (x.astype(np.float64) if sp.issparse(x) else np.asarray(x, dtype=np.float64))
+        sums += part.toarray() if sp.issparse(part) else np.asarray(part)
     return pd.DataFrame(sums / counts[:, None], index=groups, columns=adata.var_names.astype(str))
 
 
