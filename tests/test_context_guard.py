@@ -213,3 +213,21 @@ def test_states_that_respond_alike_keep_the_pooled_training_mean(lib):
     # the larger pool predicts each seen condition of the state better: every state is kept
     assert len(feats.mean_pool(held, feats.others(held))) == 15
     np.testing.assert_allclose(feats.base(held, "on_target"), np.mean([d for c, d in deltas.items() if c != held], axis=0))
+
+
+def test_the_coexpression_graph_is_built_once_for_the_same_control_cells(lib, seen):
+    """Cross-validation folds rebuild Features without held-out perturbed cells; the controls, and so the graph, are the same."""
+    controls, deltas = seen
+    feats = _features(lib, controls, deltas, "new", controls["myeloid0"])
+    calls = []
+    build = lib.Features._coexpression_graph
+    lib.Features._coexpression_graph = lambda self, k, sparse: calls.append(k) or build(self, k, sparse)
+    try:
+        first = feats.coexpression_graph(3)
+        again = _features(lib, controls, deltas, "new", controls["myeloid0"]).coexpression_graph(3)
+        assert again is first and len(calls) == 1
+        other = feats.coexpression_graph(4)  # another setting: built, and the same as without the cache
+        assert len(calls) == 2 and not np.array_equal(other, first)
+        np.testing.assert_array_equal(other, build(feats, 4, False))
+    finally:
+        lib.Features._coexpression_graph = build
