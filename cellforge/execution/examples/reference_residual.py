@@ -16,6 +16,9 @@ task = json.loads(Path("task.json").read_text())
 train = ad.read_h5ad("data/train.h5ad")
 genes = task["genes"]
 conditions = {c["condition"]: c for c in task["conditions"]}  # condition -> perturbation, context (, dose)
+column = {g: i for i, g in enumerate(genes)}
+for c in conditions.values():  # the columns of its target genes that are measured (a control's: none)
+    c["target_columns"] = [column[t] for t in str(c.get("perturbation", "")).split("+") if t in column]
 query = task["predict_conditions"]  # validation then test: the host scores both
 
 # the plan's reference predictor, as the library computes it (the host's comparator for this script)
@@ -53,7 +56,8 @@ def predict_deltas(
         condition, computed without that condition; train_deltas - reference_train is where the reference errs.
     reference: pandas DataFrame (n_query, n_genes); index = the condition names to predict, columns = genes;
         the reference predictor's change for each. None of them is in train_deltas (their cells are held out).
-    conditions: dict name -> {"perturbation": target genes joined by "+", "context": str}, for every condition.
+    conditions: dict name -> {"perturbation": target genes joined by "+", "context": str, "target_columns": list of int,
+        the columns of `genes` (and of control_cells) holding its target genes, empty when none is measured}.
     control_cells: numpy array (n_cells, n_genes), float32: expression of control cells, columns in `genes` order.
     genes: list of gene names (str); genes.index(name) is a column, and a target may be missing from it.
     config: the CONFIG dict; read your own settings with config.get(name, default).
