@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import sys
 import time
@@ -62,6 +63,7 @@ def main() -> None:
         "de_genes_illico_subset": len(significant(new)), "de_genes_pdex_subset": len(significant(pdex)),
         "de_genes_scanpy_subset": len(significant(old)), "de_genes_illico_not_pdex": len(significant(new) ^ significant(pdex)),
         "peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "loadavg_after": [round(x, 2) for x in os.getloadavg()],
     }  # fmt: skip
     out = ROOT / "benchmarks" / "results"
     (out / "de-scale.json").write_text(json.dumps(record, indent=1))
@@ -75,7 +77,8 @@ def main() -> None:
         "", f"DE genes (FDR < 0.05) on the {record['subset_conditions']} conditions timed with all three: illico {record['de_genes_illico_subset']}, "
         f"pdex {record['de_genes_pdex_subset']} (in one and not the other: {record['de_genes_illico_not_pdex']}), scanpy {record['de_genes_scanpy_subset']} "
         "(scanpy's default leaves out the tie correction; see de-parity.md).",
-        f"Loading the file: {record['load_s']} s; peak resident memory of the process: {record['peak_rss_mib']} MiB.", "",
+        f"Loading the file: {record['load_s']} s; peak resident memory of the process: {record['peak_rss_mib']} MiB "
+        f"(all three engines; load average after: {record['loadavg_after'][0]}, other work on the 2 cores slows every engine alike).", "",
         "illico's time is mostly fixed per context (each gene's control values sorted once); each further condition is a merge.", "",
     ]  # fmt: skip
     (out / "de-scale.md").write_text("\n".join(lines))
