@@ -31,7 +31,7 @@ help: ## Show this help
 
 $(VENV)/.installed: pyproject.toml uv.lock | $(UV)
 	@if [ -z "$(PY312)" ]; then echo "No Python 3.12 found (python3.12 on PATH or under pyenv); uv will try to fetch one."; fi
-	$(UV) sync --frozen $(if $(PY312),--python $(PY312),--python 3.12)
+	$(UV) sync --frozen --inexact $(if $(PY312),--python $(PY312),--python 3.12)
 	@touch $@
 
 install: $(VENV)/.installed sandbox-deps ## Create the virtual environment (uv, locked, bytecode compiled) and bring the sandbox's system package
