@@ -223,3 +223,22 @@ def test_top_de_genes_by_moments_are_scanpys_t_test_ranking(load, name):
             assert len(set(mine) ^ set(ref_names[:20])) <= 2 * sum(a != b for a, b in zip(mine, ref_names[:20], strict=True))
             compared += 1
     assert compared == len(conditions)
+
+
+def test_group_sums_in_blocks_equal_one_pass(monkeypatch):
+    """pseudobulk's blocked float64 sums (and squares), as pseudobulk, the t-test and gene selection use them."""
+    import scipy.sparse as sp
+
+    from cellforge.evaluation import pseudobulk
+
+    X = sp.random(300, 25, density=0.3, format="csr", dtype=np.float32, random_state=4)
+    rows = np.sort(np.random.default_rng(2).choice(300, 200, replace=False))
+    codes = np.random.default_rng(3).integers(0, 4, rows.size)
+    dense = X.toarray().astype(np.float64)[rows]
+    expected = np.stack([dense[codes == g].sum(axis=0) for g in range(4)])
+    expected_sq = np.stack([(dense[codes == g] ** 2).sum(axis=0) for g in range(4)])
+    monkeypatch.setattr(pseudobulk, "BLOCK_CELLS", 7 * 25)  # blocks of 7 rows
+    for matrix in (X, X.toarray()):
+        sums, squares = pseudobulk.group_sums(matrix, rows, codes, 4, squares=True)
+        np.testing.assert_allclose(sums, expected, rtol=1e-12)
+        np.testing.assert_allclose(squares, expected_sq, rtol=1e-12)

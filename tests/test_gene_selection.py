@@ -97,11 +97,12 @@ def test_the_sandbox_inputs_hold_only_the_selected_genes(tmp_path):
 
 
 def test_gene_variance_over_the_seen_cells_in_blocks_is_numpys(monkeypatch):
+    from cellforge.evaluation import pseudobulk
     from cellforge.execution import genes
 
     X = sp.random(500, 40, density=0.3, format="csr", dtype=np.float32, random_state=2)
     rows = np.flatnonzero(np.random.default_rng(1).random(500) < 0.6)
-    monkeypatch.setattr(genes, "BLOCK_ROWS", 33)
+    monkeypatch.setattr(pseudobulk, "BLOCK_CELLS", 33 * 40)  # blocks of 33 rows
     expected = X.toarray().astype(np.float64)[rows].var(axis=0)
     np.testing.assert_allclose(genes._column_var(X, rows), expected, rtol=1e-9, atol=1e-12)
     np.testing.assert_allclose(genes._column_var(X.toarray(), rows), expected, rtol=1e-9, atol=1e-12)

@@ -187,11 +187,6 @@ def top_de_genes(
     return out
 
 
-#: Matrix cells (rows x genes, zeros included) summed at a time by :func:`t_test_ranking`: a block of rows is copied,
-#: in float64 and squared, never the whole matrix (20,000-row blocks of a Norman-sized screen added 2.4 GiB to the peak).
-T_TEST_BLOCK_CELLS = 50_000_000
-
-
 def t_test_ranking(adata: ad.AnnData, conditions: list[str]) -> dict[str, np.ndarray]:
     """Every gene of each condition ranked by the absolute Welch t statistic against its context's control cells.
 
@@ -200,9 +195,9 @@ def t_test_ranking(adata: ad.AnnData, conditions: list[str]) -> dict[str, np.nda
     sqrt(var_g / n_g + var_ref / n_ref)``, variances with ``ddof=1`` from the mean of squares
     (scanpy's ``_get_mean_var``), a NaN score (a gene constant in both groups) set to 0; genes
     ordered by ``|t|``, largest first (ties in ``var_names`` order). The moments come from one
-    pass over the context's rows, :data:`T_TEST_BLOCK_CELLS` matrix cells at a time, summed in float64 by a
-    sparse group-indicator product: scanpy copies the control cells and each chunk's cells for
-    every chunk of conditions.
+    blocked pass over the context's rows (:func:`cellforge.evaluation.pseudobulk.group_sums`;
+    20,000-row blocks of a Norman-sized screen had added 2.4 GiB to the peak): scanpy copies the
+    control cells and each chunk's cells for every chunk of conditions.
 
     Parameters
     ----------
@@ -220,7 +215,7 @@ def t_test_ranking(adata: ad.AnnData, conditions: list[str]) -> dict[str, np.nda
     ValueError
         A context of a requested condition has no control cells.
     """
-    import scipy.sparse as sp
+    from cellforge.evaluation.pseudobulk import group_sums
 
     genes = adata.var_names.astype(str).to_numpy()
     out: dict[str, np.ndarray] = {}
@@ -231,17 +226,7 @@ def t_test_ranking(adata: ad.AnnData, conditions: list[str]) -> dict[str, np.nda
         order = np.argsort(rows, kind="stable")  # rows in matrix order: a block is a cheap slice to take
         rows, codes = rows[order], codes[order]
         k = len(names) + 1
-        sums, squares = np.zeros((k, adata.n_vars)), np.zeros((k, adata.n_vars))
-        step = max(256, T_TEST_BLOCK_CELLS // max(adata.n_vars, 1))
-        for start in range(0, rows.size, step):
-            block = rows[start : start + step]
-            x = adata.X[block]
-            x = x.astype(np.float64) if sp.issparse(x) else np.asarray(x, dtype=np.float64)
-            c = codes[start : start + step]
-            indicator = sp.csr_matrix((np.ones(c.size), (c, np.arange(c.size))), shape=(k, c.size))
-            sums += np.asarray((indicator @ x).todense() if sp.issparse(x) else indicator @ x)
-            xx = x.multiply(x) if sp.issparse(x) else x * x
-            squares += np.asarray((indicator @ xx).todense() if sp.issparse(xx) else indicator @ xx)
+        sums, squares = group_sums(adata.X, rows, codes, k, squares=True)
         n = np.bincount(codes, minlength=k).astype(np.float64)[:, None]
         mean = sums / n
         var = (squares / n - mean**2) * (n / np.maximum(n - 1, 1))
@@ -354,6 +339,25 @@ def _pdex():  # noqa: ANN202 - the pdex function
     return package.pdex
 
 
+def _labelled_context(
+    adata: ad.AnnData, control_rows: np.ndarray, group_rows: dict[str, np.ndarray]
+) -> tuple[list[str], np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """A context's cells labelled for a one-versus-reference test, and scanpy's fold changes.
+
+    Returns the condition names (sorted), the rows (controls first, then each condition's),
+    their labels (:data:`_REFERENCE` for controls), every cell's label (``None`` outside the
+    test) and the ``(n_conditions, n_genes)`` fold changes from :func:`_group_means`.
+    """
+    names = sorted(group_rows)
+    rows = np.concatenate([control_rows, *(group_rows[n] for n in names)])
+    label = np.concatenate([np.full(control_rows.size, _REFERENCE, dtype=object), *(np.full(group_rows[n].size, n, dtype=object) for n in names)])
+    full = np.full(adata.n_obs, None, dtype=object)
+    full[rows] = label
+    means = _group_means(adata.X, pd.Categorical(full, categories=[_REFERENCE, *names]))
+    lfc = scanpy_log2_fold_change(means.loc[names].to_numpy(), means.loc[[_REFERENCE]].to_numpy())
+    return names, rows, label, full, lfc
+
+
 def _pdex_context(
     adata: ad.AnnData, control_rows: np.ndarray, group_rows: dict[str, np.ndarray], *, threads: int
 ) -> list[pd.DataFrame]:
@@ -372,16 +376,8 @@ def _pdex_context(
     import numba
 
     pdex = _pdex()
-    names = sorted(group_rows)
-    rows = np.concatenate([control_rows, *(group_rows[n] for n in names)])
-    label = np.concatenate([np.full(control_rows.size, _REFERENCE, dtype=object), *(np.full(group_rows[n].size, n, dtype=object) for n in names)])
+    names, rows, label, full, lfc = _labelled_context(adata, control_rows, group_rows)
     categories = [_REFERENCE, *names]
-
-    # fold changes: scanpy's group means over the rows of the context, in the input's own format
-    full = np.full(adata.n_obs, None, dtype=object)
-    full[rows] = label
-    means = _group_means(adata.X, pd.Categorical(full, categories=categories))
-    lfc = scanpy_log2_fold_change(means.loc[names].to_numpy(), means.loc[[_REFERENCE]].to_numpy())
 
     # p-values: pdex on the context's rows; the reference is sorted first, groups in name order
     order = np.argsort(rows, kind="stable")  # keep the cells in input order, as scanpy sees them
@@ -447,14 +443,8 @@ def _illico_context(
     from scipy.stats import false_discovery_control
 
     wilcoxon = _illico()
-    names = sorted(group_rows)
-    rows = np.concatenate([control_rows, *(group_rows[n] for n in names)])
-    label = np.concatenate([np.full(control_rows.size, _REFERENCE, dtype=object), *(np.full(group_rows[n].size, n, dtype=object) for n in names)])
+    names, rows, label, full, lfc = _labelled_context(adata, control_rows, group_rows)
     categories = [_REFERENCE, *names]
-    full = np.full(adata.n_obs, None, dtype=object)
-    full[rows] = label
-    means = _group_means(adata.X, pd.Categorical(full, categories=categories))
-    lfc = scanpy_log2_fold_change(means.loc[names].to_numpy(), means.loc[[_REFERENCE]].to_numpy())
 
     genes = adata.var_names.astype(str).to_numpy()
     whole = _whole_matrix(adata.X)

@@ -32,17 +32,32 @@ def pseudobulk(adata: ad.AnnData, *, groupby: str = "condition", mask: np.ndarra
     labels = adata.obs[groupby].astype(str).to_numpy()[rows]
     groups, inverse = np.unique(labels, return_inverse=True)
     counts = np.bincount(inverse, minlength=len(groups)).astype(np.float64)
-    sums = np.zeros((len(groups), adata.n_vars))
-    # a block of rows at a time, in float64: neither the masked rows nor a float64 copy of X are made whole
-    step = max(256, BLOCK_CELLS // max(adata.n_vars, 1))
-    for start in range(0, len(rows), step):
-        block = rows[start : start + step]
-        codes = inverse[start : start + step]
-        indicator = sp.csr_matrix((np.ones(len(block)), (codes, np.arange(len(block)))), shape=(len(groups), len(block)))
-        x = adata.X[block]
-        part = indicator @ (x.astype(np.float64) if sp.issparse(x) else np.asarray(x, dtype=np.float64))
-        sums += part.toarray() if sp.issparse(part) else np.asarray(part)
+    sums, _ = group_sums(adata.X, rows, inverse, len(groups))
     return pd.DataFrame(sums / counts[:, None], index=groups, columns=adata.var_names.astype(str))
+
+
+def group_sums(X, rows: np.ndarray, codes: np.ndarray, n_groups: int, *, squares: bool = False) -> tuple[np.ndarray, np.ndarray | None]:  # noqa: ANN001, N803
+    """Per-group sums (and sums of squares) of the rows ``rows`` of ``X``, group ``codes[i]`` for ``rows[i]``: ``(n_groups, n_genes)`` float64.
+
+    A block of :data:`BLOCK_CELLS` matrix cells' rows at a time, summed in float64 by a sparse
+    group-indicator product: neither the selected rows nor a float64 copy of ``X`` are made
+    whole (scipy upcasts a float32 matrix multiplied by a float64 indicator). Rows in matrix
+    order make each block a cheap slice.
+    """
+    total = np.zeros((n_groups, X.shape[1]))
+    total_sq = np.zeros((n_groups, X.shape[1])) if squares else None
+    step = max(1, BLOCK_CELLS // max(X.shape[1], 1))
+    for start in range(0, len(rows), step):
+        c = codes[start : start + step]
+        x = X[rows[start : start + step]]
+        x = x.astype(np.float64) if sp.issparse(x) else np.asarray(x, dtype=np.float64)
+        indicator = sp.csr_matrix((np.ones(c.size), (c, np.arange(c.size))), shape=(n_groups, c.size))
+        part = indicator @ x
+        total += part.toarray() if sp.issparse(part) else np.asarray(part)
+        if total_sq is not None:
+            part = indicator @ (x.multiply(x) if sp.issparse(x) else x * x)
+            total_sq += part.toarray() if sp.issparse(part) else np.asarray(part)
+    return total, total_sq
 
 
 def control_means(adata: ad.AnnData) -> pd.DataFrame:

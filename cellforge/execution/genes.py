@@ -73,25 +73,19 @@ class GeneSelection:
         return out
 
 
-#: Cells summed at a time by :func:`_column_var`.
-BLOCK_ROWS = 10_000
-
-
 def _column_var(X, rows: np.ndarray) -> np.ndarray:  # noqa: ANN001 - dense or sparse (n_cells, n_genes)
     """Per-gene variance over the cells ``rows`` (positions) of a (sparse) matrix, float64: (n_genes,).
 
-    Sums of x and x^2 in float64, :data:`BLOCK_ROWS` cells at a time: neither the selected rows
-    nor their squares are ever copied whole (on a Norman-sized screen, a float64 copy of the
-    training cells and of their squares took the process from 10 to 20 GB).
+    Sums of x and x^2 in float64 a block of rows at a time (:func:`cellforge.evaluation.pseudobulk.group_sums`,
+    one group): neither the selected rows nor their squares are ever copied whole (on a
+    Norman-sized screen, a float64 copy of the training cells and of their squares took the
+    process from 10 to 20 GB).
     """
-    total, total_sq = np.zeros(X.shape[1]), np.zeros(X.shape[1])
-    for start in range(0, len(rows), BLOCK_ROWS):
-        block = X[rows[start : start + BLOCK_ROWS]]
-        block = block.astype(np.float64) if sp.issparse(block) else np.asarray(block, dtype=np.float64)
-        total += np.asarray(block.sum(axis=0)).ravel()
-        total_sq += np.asarray(block.multiply(block).sum(axis=0) if sp.issparse(block) else (block * block).sum(axis=0)).ravel()
+    from cellforge.evaluation.pseudobulk import group_sums
+
+    total, total_sq = group_sums(X, rows, np.zeros(len(rows), dtype=np.int64), 1, squares=True)
     n = max(len(rows), 1)
-    return total_sq / n - (total / n) ** 2
+    return total_sq[0] / n - (total[0] / n) ** 2
 
 
 def select_genes(adata: ad.AnnData, manifest: SplitManifest, *, max_genes: int = MAX_GENES) -> GeneSelection:
