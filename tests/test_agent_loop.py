@@ -320,6 +320,20 @@ def test_the_error_the_debugger_reads_keeps_the_frames_of_a_traceback_with_a_hug
     assert focus("\n".join(f"x{i} = {i}" for i in range(120)), out, "code_error")["failing_line"] == 30
 
 
+def test_the_debugger_reads_the_argument_shapes_printed_before_a_shape_error():
+    """The 1.5B coder's drafts failed on matmul shapes; the sizes in the message mean something only beside the arguments'."""
+    from cellforge.execution.debugging import condense_error
+
+    text = (
+        "reading data\n\npredict_deltas arguments: train_deltas (5, 1000), reference (3, 1000)\n"
+        "Traceback (most recent call last):\n  File \"/work/train.py\", line 84, in predict_deltas\n    return w @ e\n"
+        "ValueError: matmul: Input operand 1 has a mismatch in its core dimension 0 (size 5 is different from 1000)\n"
+    )
+    out = condense_error(text)
+    assert out.splitlines()[:2] == ["reading data", "predict_deltas arguments: train_deltas (5, 1000), reference (3, 1000)"]
+    assert out.rstrip().endswith("(size 5 is different from 1000)")
+
+
 def test_without_a_traceback_the_debugger_reads_the_models_own_region():
     from cellforge.execution.contract import EXAMPLE_SCRIPT
 
@@ -361,13 +375,13 @@ def test_a_coder_that_writes_the_model_function_sees_only_its_signature_and_argu
 
     example = EXAMPLE_SCRIPT.read_text()
     scaffold = example_scaffold(example)
-    assert "def predict_deltas(\n    train_deltas: pd.DataFrame," in scaffold and "# control_cells: numpy array" in scaffold
+    assert "def predict_deltas(\n    train_deltas: np.ndarray," in scaffold and "# query_features: (n_query, n_genes)" in scaffold
     assert "correction = " not in scaffold and 'task["predict_conditions"]' not in scaffold  # no body, no input/output code
-    own = "def predict_deltas(train_deltas, reference_train, reference, conditions, control_cells, genes, config):\n    return reference.to_numpy()\n"
+    own = "def predict_deltas(train_deltas, reference_train, reference, train_features, query_features, config):\n    return reference.copy()\n"
     script = splice_model(example, own)
     assert own in script and "correction = " not in script and script.count("def predict_deltas") == 1
     # the arguments in brief stay in the script, above the model's code: the debugger reads that region
-    assert script.index("# reference_train: pandas DataFrame") < script.index(own)
+    assert script.index("# reference_train: (n_train, n_genes)") < script.index(own)
     with pytest.raises(ValueError, match="no top-level"):
         splice_model(example, "def model(x):\n    return x\n")
 
@@ -377,8 +391,8 @@ def test_a_coder_function_that_calls_a_helper_it_never_wrote_goes_back_to_the_co
     from cellforge.design.plan import CodeFunction
 
     reply = (
-        "```python\ndef predict_deltas(train_deltas, reference_train, reference, conditions, control_cells, genes, config):\n"
-        "    corr = compute_correlation_matrix(control_cells)\n    return reference.to_numpy() + corr.mean()\n```\nA sketch."
+        "```python\ndef predict_deltas(train_deltas, reference_train, reference, train_features, query_features, config):\n"
+        "    corr = compute_correlation_matrix(train_features)\n    return reference.copy() + corr.mean()\n```\nA sketch."
     )
     with pytest.raises(ValueError, match="`compute_correlation_matrix`, defined nowhere"):
         CodeFunction.from_reply(reply)
@@ -391,8 +405,8 @@ def test_a_coder_function_that_never_returns_goes_back_to_the_coder():
     from cellforge.design.plan import CodeFunction
 
     cut = (
-        "```python\ndef predict_deltas(train_deltas, reference_train, reference, conditions, control_cells, genes, config):\n"
-        + "    # Compute the changes\n    changes = np.zeros_like(reference.values)\n" * 3
+        "```python\ndef predict_deltas(train_deltas, reference_train, reference, train_features, query_features, config):\n"
+        + "    # Compute the changes\n    changes = np.zeros_like(reference)\n" * 3
         + "    # Compute the\n"
     )
     with pytest.raises(ValueError, match="never returns its predictions"):
@@ -406,18 +420,18 @@ def test_a_debugger_rewrites_the_coders_function_and_the_host_puts_it_in_place()
     from cellforge.execution.contract import EXAMPLE_SCRIPT, model_region, splice_model
     from cellforge.execution.journal import Journal, apply_patch, debug_history
 
-    broken = "def predict_deltas(train_deltas, reference_train, reference, conditions, control_cells, genes, config):\n    return reference + train_deltas\n"
+    broken = "def predict_deltas(train_deltas, reference_train, reference, train_features, query_features, config):\n    return reference + train_deltas\n"
     script = splice_model(EXAMPLE_SCRIPT.read_text().replace('"shrink": 0.5', '"shrink": 0.25'), broken)
     reply = (
         "The shapes differ: add the mean training error to each row instead.\n```python\n"
-        "def predict_deltas(train_deltas, reference_train, reference, conditions, control_cells, genes, config):\n"
-        "    error = (train_deltas - reference_train).to_numpy().mean(axis=0)\n    return reference.to_numpy() + error\n```\n\n"
+        "def predict_deltas(train_deltas, reference_train, reference, train_features, query_features, config):\n"
+        "    error = (train_deltas - reference_train).mean(axis=0)\n    return reference.copy() + error\n```\n\n"
     )
     fix = FunctionFix.from_reply(reply)
     assert fix.diagnosis.startswith("The shapes differ")
     patch = fix.as_patch(script)
     fixed = apply_patch(script, patch)
-    assert "return reference + train_deltas" not in fixed and "return reference.to_numpy() + error" in model_region(fixed)
+    assert "return reference + train_deltas" not in fixed and "return reference.copy() + error" in model_region(fixed)
     assert '"shrink": 0.25' in fixed  # the failing script's own code outside the region is kept (its CONFIG)
     assert model_region(fixed).startswith("# Predicted change from control")  # the arguments in brief stay for the next round
     journal = Journal(attempts=[Attempt(index=0, parent=None, stage="debug", script_sha256="x", command=[], patch=patch, failure=None)])
@@ -432,22 +446,22 @@ def test_a_fixed_function_that_elides_lines_with_dots_gets_them_from_the_failing
     from cellforge.execution.contract import merge_elisions
 
     original = (
-        "import numpy as np\n\ndef predict_deltas(train_deltas, reference_train, reference, conditions, control_cells, genes, config):\n"
-        "    errors = (train_deltas - reference_train).to_numpy()\n    w = np.ones(len(errors)) / len(errors)\n"
-        "    shift = w @ errors\n    return reference.to_numpy() + config.get('shrink', 0.5) * shift\n"
+        "import numpy as np\n\ndef predict_deltas(train_deltas, reference_train, reference, train_features, query_features, config):\n"
+        "    errors = (train_deltas - reference_train)\n    w = np.ones(len(errors)) / len(errors)\n"
+        "    shift = w @ errors\n    return reference.copy() + config.get('shrink', 0.5) * shift\n"
     )
     answer = (
-        "import numpy as np\n\ndef predict_deltas(train_deltas, reference_train, reference, conditions, control_cells, genes, config):\n"
-        "    errors = (train_deltas - reference_train).to_numpy(dtype=float)\n    w = np.ones(len(errors)) / len(errors)\n    ...\n"
+        "import numpy as np\n\ndef predict_deltas(train_deltas, reference_train, reference, train_features, query_features, config):\n"
+        "    errors = (train_deltas - reference_train).astype(float)\n    w = np.ones(len(errors)) / len(errors)\n    ...\n"
     )
     merged = merge_elisions(answer, original)
-    assert "to_numpy(dtype=float)" in merged and merged.rstrip().endswith("return reference.to_numpy() + config.get('shrink', 0.5) * shift")
+    assert "astype(float)" in merged and merged.rstrip().endswith("return reference.copy() + config.get('shrink', 0.5) * shift")
     assert merged.count("w = np.ones") == 1 and "..." not in merged
     assert merge_elisions(original, "anything") == original  # nothing elided: unchanged
     with pytest.raises(ValueError, match="write the whole function"):
         merge_elisions("def predict_deltas(a):\n    x = 2\n    ...\n", original)
     fix = FunctionFix.against(original).from_reply("Cast to float.\n```python\n" + answer + "```\n")
-    assert "return reference.to_numpy()" in fix.function
+    assert "return reference.copy()" in fix.function
 
 
 def test_a_fresh_draft_shows_the_coder_the_error_its_last_draft_stalled_on():

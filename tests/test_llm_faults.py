@@ -93,7 +93,7 @@ class _Server(BaseHTTPRequestHandler):
             self._reply(400, error)
         elif model == "cut":  # a function that parses, cut at the token limit; then a whole one
             self.messages.append(request["messages"])
-            body = "def predict_deltas(train_deltas, reference_train, reference, conditions, control_cells, genes, config):\n    return reference.to_numpy()\n"
+            body = "def predict_deltas(train_deltas, reference_train, reference, train_features, query_features, config):\n    return reference.copy()\n"
             self._answer(model, "```python\n" + body, finish="length" if n == 1 else "stop")
         elif model == "small" and size > 4000:
             error["error"].update(message="This model's maximum context length is 1000 tokens. However, your messages resulted in 5000 tokens.", type="invalid_request_error", code="context_length_exceeded")
@@ -233,6 +233,6 @@ def test_code_cut_at_the_token_limit_goes_back_to_the_model_even_when_it_parses(
 
     live("cut")
     answer = LLMClient(tmp_path, stage="codegen").ask(SPEC, {"question": "?"}, CodeFunction)
-    assert "return reference.to_numpy()" in answer.function
+    assert "return reference.copy()" in answer.function
     assert _Server.counts["cut"] == 2  # the first answer was refused, though its code parsed
     assert "cut at the limit" in _Server.messages[-1][-1]["content"]

@@ -296,8 +296,10 @@ def test_the_model_functions_reference_is_the_hosts_comparator(load, tmp_path):
         ("reference", render("pert_mlp", {**config, "reference_only": True, "cv_folds": 0})),
         ("function", contract.splice_model(
             set_config(contract.EXAMPLE_SCRIPT.read_text(), config),
-            "def predict_deltas(train_deltas, reference_train, reference, conditions, control_cells, genes, config):\n"
-            "    assert (reference_train.index == train_deltas.index).all()\n    return reference.to_numpy()\n",
+            "def predict_deltas(train_deltas, reference_train, reference, train_features, query_features, config):\n"
+            "    assert train_deltas.shape == reference_train.shape and train_features.shape[0] == len(train_deltas)\n"
+            "    assert query_features.shape == (len(reference), train_features.shape[1]) and np.isfinite(query_features).all()\n"
+            "    return reference.copy()\n",
         )),
     ]:  # fmt: skip
         work = tmp_path / name

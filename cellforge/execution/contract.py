@@ -379,10 +379,10 @@ def splice_model(example: str, code: str) -> str:
         raise ValueError(msg) from exc
     funcs = [node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == "predict_deltas"]
     if not funcs:
-        raise ValueError("the answer defines no top-level `def predict_deltas(train_deltas, reference_train, reference, conditions, control_cells, genes, config)`")
+        raise ValueError("the answer defines no top-level `def predict_deltas(train_deltas, reference_train, reference, train_features, query_features, config)`")
     own_returns = [n for n in ast.walk(funcs[-1]) if isinstance(n, ast.Return) and n.value is not None]
     if not own_returns:  # a cut answer (token limit) or a sketch: the example would fail on None after a full data load
-        raise ValueError("`predict_deltas` never returns its predictions: end it with `return` of a numpy array (len(reference), len(genes))")
+        raise ValueError("`predict_deltas` never returns its predictions: end it with `return` of a numpy array shaped like `reference`")
     lines = example.splitlines(keepends=True)
     begin = next(i for i, line in enumerate(lines) if line.startswith(MODEL_BEGIN))
     end = next(i for i, line in enumerate(lines) if line.startswith(MODEL_END))
@@ -469,7 +469,7 @@ def example_scaffold(example: str) -> str:
     lines = example.splitlines(keepends=True)
     signature = "".join(lines[func.lineno - 1 : func.body[0].lineno - 1])  # the def line(s), up to the docstring
     return (
-        "# in scope already: import numpy as np; import pandas as pd; import scipy.sparse as sp\n"
+        "# in scope already: import numpy as np\n"
         + _argument_notes(example)
         + signature
         + "    ...  # the model: compute and return the predicted changes here (no docstring needed)\n"

@@ -89,8 +89,16 @@ def focus(script: str, error: str, failure: str) -> dict[str, Any]:
 MAX_LINE = 300
 
 
+#: Lines printed before the last traceback that the debugger also reads.
+LINES_BEFORE = 2
+
+
 def condense_error(text: str, *, max_chars: int = 1500, max_line: int = MAX_LINE) -> str:
     """The error output as the debugger reads it: the last traceback, its frames in ``train.py`` kept, long lines cut in the middle.
+
+    The :data:`LINES_BEFORE` non-empty lines printed just before the traceback come first (the
+    worked example prints the shapes of the model function's arguments there: a 1.5B model's
+    shape errors name sizes the debugger cannot otherwise place).
 
     An exception message can be one line of 30,000 characters (anndata listing every gene
     name); the last characters of the output are then that list alone, without the frames or
@@ -102,6 +110,8 @@ def condense_error(text: str, *, max_chars: int = 1500, max_line: int = MAX_LINE
     start = text.rfind("Traceback (most recent call last):")
     body = text[start:] if start >= 0 else text
     half = max_line // 2
+    # the script's last words before it failed (the worked example prints its arguments' shapes there)
+    before = [line for line in text[:start].splitlines() if line.strip()][-LINES_BEFORE:] if start > 0 else []
     lines = [line if len(line) <= max_line else f"{line[:half]} ... [{len(line) - 2 * half} characters cut] ... {line[-half:]}" for line in body.splitlines()]
     # group into frames: a 'File "..."' line and the indented source lines under it
     groups: list[list[str]] = []
@@ -121,7 +131,7 @@ def condense_error(text: str, *, max_chars: int = 1500, max_line: int = MAX_LINE
                 kept.append("  ... [library frames cut] ...")
             continue
         kept.extend(group)
-    out = "\n".join(kept)
+    out = "\n".join([*(line if len(line) <= max_line else line[:max_line] + " ..." for line in before), *kept])
     if len(out) <= max_chars:
         return out
     return out[: max_chars // 2] + "\n  ... [cut] ...\n" + out[-max_chars // 2 :]

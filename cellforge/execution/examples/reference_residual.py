@@ -36,40 +36,50 @@ rows = np.flatnonzero(is_control)
 rows = np.random.default_rng(0).choice(rows, size=min(len(rows), 2000), replace=False)  # at most 2,000 control cells
 control_cells = train[np.sort(rows), genes].X
 control_cells = np.asarray(control_cells.toarray() if sp.issparse(control_cells) else control_cells, dtype=np.float32)
+# each perturbation described by how its measured target genes co-vary with every gene across control cells
+z = (control_cells - control_cells.mean(axis=0)) / (control_cells.std(axis=0) + 1e-6)
+
+
+def describe(name: str) -> np.ndarray:
+    cols = conditions[name]["target_columns"]
+    return (z[:, cols].T @ z).mean(axis=0) / len(z) if cols else np.zeros(len(genes), dtype=np.float32)
+
+
+train_features = np.stack([describe(c) for c in train_deltas.index]).astype(np.float64)
+query_features = np.stack([describe(c) for c in query]).astype(np.float64)
 
 
 # --- model: predict_deltas is the model; the rest of this file is input and output ---
 def predict_deltas(
-    train_deltas: pd.DataFrame,
-    reference_train: pd.DataFrame,
-    reference: pd.DataFrame,
-    conditions: dict,
-    control_cells: np.ndarray,
-    genes: list,
+    train_deltas: np.ndarray,
+    reference_train: np.ndarray,
+    reference: np.ndarray,
+    train_features: np.ndarray,
+    query_features: np.ndarray,
     config: dict,
 ) -> np.ndarray:
-    """Predicted change from control for each row of ``reference``, a numpy array (len(reference), len(genes)).
+    """Predicted change from control for each condition to predict: a numpy array shaped like ``reference``.
 
-    train_deltas: pandas DataFrame (n_train, n_genes); index = training condition names, columns = genes;
-        each row is the observed mean change from control of that condition.
-    reference_train: pandas DataFrame like train_deltas: the plan's reference predictor for each training
-        condition, computed without that condition; train_deltas - reference_train is where the reference errs.
-    reference: pandas DataFrame (n_query, n_genes); index = the condition names to predict, columns = genes;
-        the reference predictor's change for each. None of them is in train_deltas (their cells are held out).
-    conditions: dict name -> {"perturbation": target genes joined by "+", "context": str, "target_columns": list of int,
-        the columns of `genes` (and of control_cells) holding its target genes, empty when none is measured}.
-    control_cells: numpy array (n_cells, n_genes), float32: expression of control cells, columns in `genes` order.
-    genes: list of gene names (str); genes.index(name) is a column, and a target may be missing from it.
+    Every argument but config is a 2-D numpy float array; rows are conditions, in the same order across arrays.
+    train_deltas: (n_train, n_genes) observed mean change from control of each training condition.
+    reference_train: (n_train, n_genes) the plan's reference predictor for each training condition, computed
+        without that condition: train_deltas - reference_train is where the reference errs.
+    reference: (n_query, n_genes) the reference predictor's change for each condition to predict (held out).
+    train_features: (n_train, n_genes) each training perturbation described by the correlation of its target
+        genes with every gene in control cells; a row of zeros when none of its targets is measured.
+    query_features: (n_query, n_genes) the same description of each condition to predict.
     config: the CONFIG dict; read your own settings with config.get(name, default).
     """
-    correction = (train_deltas - reference_train).to_numpy().mean(axis=0)
-    return reference.to_numpy() + config.get("shrink", 0.5) * correction
+    correction = (train_deltas - reference_train).mean(axis=0)
+    return reference + config.get("shrink", 0.5) * correction
 # --- end of model ---
 
 
-delta = np.asarray(predict_deltas(train_deltas, reference_train, reference, conditions, control_cells, list(genes), CONFIG), dtype=np.float64)
+args = (train_deltas.to_numpy(), reference_train.to_numpy(), reference.to_numpy(), train_features, query_features)
+print("predict_deltas arguments: " + ", ".join(f"{n} {a.shape}" for n, a in zip("train_deltas reference_train reference train_features query_features".split(), args)), flush=True)
+delta = np.asarray(predict_deltas(*args, CONFIG), dtype=np.float64)
 if delta.shape != (len(query), len(genes)):
-    raise ValueError(f"predict_deltas returned shape {delta.shape}; expected one row per condition of reference and one column per gene: {(len(query), len(genes))}")
+    raise ValueError(f"predict_deltas returned shape {delta.shape}; expected the shape of reference, (n_query, n_genes): {(len(query), len(genes))}")
 pred = np.stack([feats.control.loc[conditions[c]["context"]].to_numpy() for c in query]) + delta
 Path("outputs").mkdir(exist_ok=True)
 obs = pd.DataFrame({"condition": query}, index=[str(i) for i in range(len(query))])
