@@ -89,11 +89,14 @@ def run_one(dataset: str, seed: int, *, runs: Path, model: str, roles: list[str]
             "attempts": len(attempts),
             "debug_rounds": sum(a["stage"] == "debug" for a in attempts),
             "fresh_drafts": sum(a["stage"] == "redraft" for a in attempts),
+            "revisions": sum(a["stage"] == "revise" for a in attempts),
             # did code the LLM wrote (a draft, a fresh draft or a debugger's patch of one) ever run clean and get judged?
-            "llm_code_ran_clean": any(a["stage"] in ("draft", "redraft", "debug") and not a["failure"] for a in attempts),
-            "reference_verdict": next(
-                ({k: v.get(k) for k in ("better", "mean_diff", "se", "n", "unit")} for v in journal.get("comparisons", []) if "reference" in v.get("kind", "")), None,
-            ),
+            "llm_code_ran_clean": any(a["stage"] in ("draft", "redraft", "debug", "revise") and not a["failure"] for a in attempts),
+            # every verdict of the model's code against the plan's reference (a first clean draft, then each revision); the last decides
+            "reference_verdicts": [
+                {"attempt": v.get("challenger"), **{k: v.get(k) for k in ("better", "mean_diff", "se", "n", "unit", "why")}}
+                for v in journal.get("comparisons", []) if "reference" in v.get("kind", "")
+            ],
             "failures": dict(Counter(a["failure"] for a in attempts if a["failure"])),
             "execute_succeeded": journal["succeeded"],
             "stop_reason": journal.get("stop_reason"),
@@ -102,6 +105,7 @@ def run_one(dataset: str, seed: int, *, runs: Path, model: str, roles: list[str]
             "host_val_mse_top20": {a["index"]: a["val_metrics"].get("val_mse_top20") for a in attempts if not a["failure"]},
             "flagged": [a["index"] for a in attempts if a.get("disagreement")],
         })  # fmt: skip
+        record["reference_verdict"] = record["reference_verdicts"][-1] if record["reference_verdicts"] else None
     choice_path = run_dir / "code" / "choice.json"
     if choice_path.exists():
         record["draft_by"] = json.loads(choice_path.read_text()).get("written_by", "template")
@@ -129,8 +133,10 @@ def _mean(values: list) -> str:
 
 
 def _verdict(v: dict | None) -> str:
-    if not v or not isinstance(v.get("mean_diff"), int | float):
+    if not v:
         return "-"
+    if not isinstance(v.get("mean_diff"), int | float):
+        return f"{'beats' if v.get('better') else 'does not beat'} ({v.get('why') or 'no paired figures'})"
     se = f" ± {v['se']:.4f}" if isinstance(v.get("se"), int | float) else ""
     return f"{'beats' if v.get('better') else 'does not beat'}: {v['mean_diff']:+.4f}{se}, n={v.get('n')} ({v.get('unit')})"
 
@@ -138,9 +144,9 @@ def _verdict(v: dict | None) -> str:
 def table(records: list[dict]) -> str:
     """Markdown summary: one row per run, then seconds and tokens per call by role, then the shares."""
     rows = [
-        "| data set | seed | scored | scored model written by | attempts | debug rounds | fresh drafts | failures | LLM code ran clean | "
+        "| data set | seed | scored | scored model written by | attempts | debug rounds | fresh drafts | revisions | failures | LLM code ran clean | "
         "LLM model vs reference (host, validation: mean paired diff of mse_top20 ± se, n) | wall s | pearson_delta_de20 | mse_de20 | best baseline (pd_de20 / mse_de20) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
         m = r.get("model_metrics") or {}
@@ -149,7 +155,7 @@ def table(records: list[dict]) -> str:
         written = (r.get("lineage") or {}).get("written_by", "-").replace("|", "/")
         rows.append(
             f"| {r['dataset']} | {r['seed']} | {r.get('scored', False)} | {written} | {r.get('attempts', '-')} | "
-            f"{r.get('debug_rounds', '-')} | {r.get('fresh_drafts', '-')} | {r.get('failures', {})} | {r.get('llm_code_ran_clean', '-')} | {_verdict(r.get('reference_verdict'))} | {r['wall_s']} | {fmt(m.get('pearson_delta_de20'))} | {fmt(m.get('mse_de20'))} | "
+            f"{r.get('debug_rounds', '-')} | {r.get('fresh_drafts', '-')} | {r.get('revisions', '-')} | {r.get('failures', {})} | {r.get('llm_code_ran_clean', '-')} | {_verdict(r.get('reference_verdict'))} | {r['wall_s']} | {fmt(m.get('pearson_delta_de20'))} | {fmt(m.get('mse_de20'))} | "
             f"{b.get('name', '-')} ({fmt(b.get('pearson_delta_de20'))} / {fmt(b.get('mse_de20'))}) |"
         )
     rows += ["", "Seconds and tokens per LLM call, by role (mean over calls; the offline planner's token counts are estimates, not counted):", "",

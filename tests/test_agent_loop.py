@@ -79,6 +79,63 @@ def test_a_models_script_is_kept_only_when_it_beats_the_plans_reference(tmp_path
     assert best == (script if kept == "script" else reference)
 
 
+def test_a_model_told_its_clean_code_lost_to_the_reference_revises_it_and_the_revision_faces_the_same_rule(tmp_path):
+    """The 1.5B coder's first clean function flipped the sign of its correction: told the host's figures, it may try again."""
+    from cellforge.execution.journal import lineage
+
+    first = _TOY.replace('"shift": 0.0', '"shift": 1.0')  # worse than the reference (which errs by 0.5)
+    requests: list[dict] = []
+    answers = iter([
+        "CONFIG = {\"shift\": 0.0}\nraise RuntimeError('a revision that breaks')\n",  # recorded, not debugged
+        _TOY.replace('"shift": 0.0', '"shift": 0.1'),  # beats the reference by the paired rule
+    ])
+
+    def revise(request: dict) -> str:
+        requests.append(request)
+        return next(answers)
+
+    common = _common(tmp_path)
+    journal, script = run_attempts(first, debugger=None, **common)
+    journal, best = refine_until_settled(
+        journal, script, refiner=lambda *_: {"diagnosis": "done", "stop": True}, settings=RefineSettings(max_rounds=1, guard_metric=None, ensemble_steps=0),
+        reference_script=_TOY.replace('"shift": 0.0', '"shift": 0.5'), revise=revise, **common,
+    )  # fmt: skip
+    assert [a.stage for a in journal.attempts] == ["draft", "reference", "revise", "revise"]
+    assert journal.attempts[2].failure is FailureKind.CODE_ERROR
+    # each request carries the code judged and the host's figures; the failed revision leaves the judged code as it was
+    assert requests[0]["script"] == first and requests[1]["script"] == first and [r["turn"] for r in requests] == [0, 1]
+    assert "val_mse_top20 0.2500 against 0.0625 for the reference alone" in requests[0]["verdict"] and "mean paired difference +" in requests[0]["verdict"]
+    assert [c["better"] for c in journal.comparisons] == [False, True] and journal.comparisons[1]["challenger"] == 3
+    assert journal.best_attempt == 3 and "shift\": 0.1" in best
+    written = lineage(journal, draft="coder function", reference="training_mean")
+    assert written["model_written"] and "revised after the host judged" in written["written_by"]
+
+
+def test_revisions_stop_at_the_cap_or_when_the_model_sends_the_judged_code_back(tmp_path):
+    first = _TOY.replace('"shift": 0.0', '"shift": 1.0')
+    calls: list[int] = []
+
+    def same(request: dict) -> str:
+        calls.append(request["turn"])
+        return request["script"]
+
+    def worse(request: dict) -> str:
+        calls.append(request["turn"])
+        return _TOY.replace('"shift": 0.0', f'"shift": {2.0 + len(calls)}')
+
+    for revise, n_calls, stages in [(same, 1, ["draft", "reference"]), (worse, 2, ["draft", "reference", "revise", "revise"])]:
+        calls.clear()
+        common = _common(tmp_path / revise.__name__)
+        journal, script = run_attempts(first, debugger=None, **common)
+        journal, best = refine_until_settled(
+            journal, script, refiner=lambda *_: {"diagnosis": "done", "stop": True}, settings=RefineSettings(max_rounds=1, guard_metric=None, ensemble_steps=0),
+            reference_script=_TOY.replace('"shift": 0.0', '"shift": 0.5'), revise=revise, max_revisions=2, **common,
+        )  # fmt: skip
+        assert len(calls) == n_calls and [a.stage for a in journal.attempts] == stages
+        assert journal.best_attempt == 1  # the reference stays
+    assert "already judged" in json.dumps(json.loads((tmp_path / "same" / "journal.json").read_text())["skipped"])
+
+
 def test_a_library_candidate_runs_after_a_models_script_and_must_beat_it(tmp_path):
     script = _TOY.replace('"shift": 0.0', '"shift": 0.2')
     library = _TOY  # exact: beats the script by more than the noise
@@ -474,9 +531,29 @@ def test_a_fresh_draft_shows_the_coder_the_error_its_last_draft_stalled_on():
     ctx = {
         "plan": {"task_type": "unseen_perturbation", "baseline": "on_target"}, "templates": [], "own_script": True, "scope": "function",
         "threads": 1, "contract": "", "data": {}, "example_script": example_scaffold(EXAMPLE_SCRIPT.read_text()), "template_source": "",
+        "judged_code": "", "verdict": "",
     }  # fmt: skip
     error = "IndexError: only integers, slices (`:`) ... are valid indices"
     first = render_messages(load_spec("coder"), {**ctx, "earlier_failure": ""}, CodeFunction)[0]["content"]
     again = render_messages(load_spec("coder"), {**ctx, "earlier_failure": error}, CodeFunction)[0]["content"]
     assert error not in first and "earlier draft" not in first
     assert again.startswith(first.rstrip()) and error in again and "earlier draft" in again
+
+
+def test_a_revision_shows_the_coder_its_judged_code_and_the_hosts_figures():
+    from cellforge.design.plan import CodeFunction
+    from cellforge.execution.contract import EXAMPLE_SCRIPT, example_scaffold
+    from cellforge.llm.client import render_messages
+    from cellforge.llm.specs import load_spec
+
+    ctx = {
+        "plan": {"task_type": "unseen_perturbation", "baseline": "on_target"}, "templates": [], "own_script": True, "scope": "function",
+        "threads": 1, "contract": "", "data": {}, "example_script": example_scaffold(EXAMPLE_SCRIPT.read_text()), "template_source": "",
+        "earlier_failure": "",
+    }  # fmt: skip
+    code = "def predict_deltas(train_deltas, reference_train, reference, train_features, query_features, config):\n    return reference - 1\n"
+    verdict = "host validation val_mse_top20 0.2117 against 0.1436 for the reference alone"
+    first = render_messages(load_spec("coder"), {**ctx, "judged_code": "", "verdict": ""}, CodeFunction)[0]["content"]
+    again = render_messages(load_spec("coder"), {**ctx, "judged_code": code, "verdict": verdict}, CodeFunction)[0]["content"]
+    assert "ran clean" not in first and again.startswith(first.rstrip())
+    assert verdict in again and "return reference - 1" in again and "revised version" in again

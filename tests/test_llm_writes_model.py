@@ -107,7 +107,7 @@ class ScriptedModel(BaseHTTPRequestHandler):
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
         user = body["messages"][1]["content"]
         agent = json.loads(user.split("```json\n", 1)[1].split("\n```", 1)[0])["agent"]
-        type(self).requests.append({"agent": agent, "user": user, "response_format": body.get("response_format"), "path": self.path})
+        type(self).requests.append({"agent": agent, "user": user, "system": body["messages"][0]["content"], "response_format": body.get("response_format"), "path": self.path})
         if agent == "coder":  # code is asked for as plain text: one fenced block, then a sentence
             answer = f"```python\n{NOVEL}```\nA control-programme kernel, not a template."
         elif agent == "debugger" and "Observations annot. `obs` must have" in user:
@@ -151,7 +151,8 @@ def test_an_llm_written_model_is_debugged_from_runtime_events_and_scored(scripte
     assert result.exit_code == 0, result.output
     run = Path(result.stdout.strip().splitlines()[-1])
 
-    assert [r["agent"] for r in ScriptedModel.requests] == ["coder", "debugger"]
+    agents = [r["agent"] for r in ScriptedModel.requests]
+    assert agents[:2] == ["coder", "debugger"]
     # structured output to a local server for the debugger's JSON; the coder's script comes as plain text
     assert ScriptedModel.requests[0]["response_format"] is None and "```python fenced block" in ScriptedModel.requests[0]["user"]
     assert ScriptedModel.requests[1]["response_format"]["type"] == "json_schema"
@@ -169,12 +170,19 @@ def test_an_llm_written_model_is_debugged_from_runtime_events_and_scored(scripte
     assert "the script reported val_mse_top20 0.0001" in second["disagreement"]
     # the script faced the plan's reference on the same host-named conditions (the paired one-standard-error rule a
     # template applies to its residual), then the plan's library model ran as a candidate against the incumbent
-    reference, library = journal["attempts"][2:4]
-    assert reference["stage"] == "reference" and reference["failure"] is None
-    assert library["stage"] == "library" and library["failure"] is None
-    verdict, candidate = journal["comparisons"]
+    stages = [a["stage"] for a in journal["attempts"]]
+    reference, library = (journal["attempts"][stages.index(s)] for s in ("reference", "library"))
+    assert reference["index"] == 2 and reference["failure"] is None and library["failure"] is None
+    verdict, candidate = journal["comparisons"][0], journal["comparisons"][-1]
     assert verdict["challenger"] == 1 and verdict["incumbent"] == 2 and verdict["unit"] in {"condition", "condition x gene"}
-    assert candidate["challenger"] == 3 and candidate["incumbent"] == (1 if verdict["better"] else 2)
+    if verdict["better"]:
+        assert agents == ["coder", "debugger"] and "revise" not in stages
+    else:
+        # told the host's figures, the coder is asked to revise: its answer (the script before the debugger's fix) fails
+        # and is recorded, not debugged; sent back again it is not run twice
+        assert agents == ["coder", "debugger", "coder", "coder"] and "ran clean, but the host judged" in ScriptedModel.requests[2]["system"]
+        assert stages.count("revise") == 1 and journal["attempts"][stages.index("revise")]["failure"] == "code_error"
+    assert candidate["challenger"] == library["index"] and candidate["incumbent"] == (1 if verdict["better"] else 2)
     final = (run / "code" / "final_train.py").read_text()
     written_by = journal["lineage"]["written_by"]
     if verdict["better"] and not candidate["better"]:
@@ -205,4 +213,8 @@ def test_one_main_job_with_the_real_local_llm(tmp_path):
     spec.loader.exec_module(bench)
     record = bench.run_one("adamson_subset", 0, runs=tmp_path, model="local/qwen2.5-coder-1.5b", roles=bench.CODE_ROLES, debate_rounds=1, timeout_s=900)
     assert record["exit_code"] == 0 and record["scored"], record.get("error")
-    assert record["backend_by_role"]["coder"].startswith("local/qwen2.5-coder-1.5b")
+    coder = record["calls_by_role"]["coder"]
+    assert coder["backend"].startswith("local/qwen2.5-coder-1.5b") and coder["errors"] == 0 and not coder["tokens_estimated"]
+    # whatever the model wrote, the host says what was scored and, when its code ran clean, how it fared against the reference
+    assert record["lineage"]["written_by"] and record["draft_by"] == "coder function"
+    assert not record["llm_code_ran_clean"] or record["reference_verdicts"]

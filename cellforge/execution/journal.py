@@ -341,6 +341,8 @@ MAX_SAME_UNAPPLIED = 2
 MAX_REDRAFTS = 2
 #: Debugger fixes since a draft that ran into an exception already seen since that draft, after which the debugger has stalled.
 MAX_REPEATED_ERRORS = 2
+#: New drafts a model may write after the host judged its clean code no better than the plan's reference.
+MAX_REVISIONS = 2
 
 
 def next_step(
@@ -724,6 +726,15 @@ def _verdict(new: Attempt, old: Attempt, settings: RefineSettings, attempts_dir:
     return {"better": a < b - settings.tolerance * abs(b), "why": f"relative tolerance {settings.tolerance}"}
 
 
+def verdict_text(verdict: dict[str, Any], new: Attempt, old: Attempt, settings: RefineSettings) -> str:
+    """The host's verdict on ``new`` against ``old`` in words, with its figures (what a model is told of its judged code)."""
+    a, b = _score(new, settings), _score(old, settings)
+    text = f"host validation {settings.metric} {a:.4f} against {b:.4f} for the reference alone" if a is not None and b is not None else ""
+    if "mean_diff" in verdict:
+        text += f" (mean paired difference {verdict['mean_diff']:+.4f} ± {verdict.get('se', 0.0):.4f} over {verdict.get("n")} paired {verdict.get("unit")} values)"
+    return f"{text}; {verdict.get('why', '')}".strip("; ")
+
+
 def refine_until_settled(
     journal: Journal,
     script: str,
@@ -740,6 +751,8 @@ def refine_until_settled(
     reference_script: str | None = None,
     library_script: str | None = None,
     defaults: dict[str, Any] | None = None,
+    revise: Any = None,
+    max_revisions: int = MAX_REVISIONS,
 ) -> tuple[Journal, str]:
     """Refinement rounds after a clean run, until the host-judged validation metric settles.
 
@@ -747,7 +760,10 @@ def refine_until_settled(
     a template applies to its learned residual: ``reference_script`` (the plan's reference
     predictor alone) runs (stage ``reference``), and the script stays the incumbent only if it
     beats the reference by the paired rule on the host's numbers for the same validation
-    conditions. Then ``library_script`` (the plan's library model) runs as a candidate (stage
+    conditions. When it does not, ``revise(request) -> script`` (the model that wrote it; None:
+    no revision) is told the verdict with its figures and the code it judged, and its new draft
+    (stage ``revise``, at most ``max_revisions``; one that fails is recorded, not debugged) faces
+    the same reference. Then ``library_script`` (the plan's library model) runs as a candidate (stage
     ``library``) and replaces the incumbent only by the same rule: library and model on equal
     terms. ``journal.comparisons`` keeps each verdict with its figures.
 
@@ -788,7 +804,29 @@ def refine_until_settled(
         ref = executor.run(reference_script, stage="reference", parent=None, patch={"diagnosis": "the plan's reference predictor alone, the script's comparator"})
         verdict = _verdict(model_attempt, ref, settings, attempts_dir) if ref.failure is None else {"better": True, "why": f"the reference failed ({ref.failure.value})"}
         journal.comparisons.append({"challenger": model_attempt.index, "incumbent": ref.index, "kind": "script vs the plan's reference", **verdict})
-        if not verdict["better"]:
+        judged, drafts = script, {sha(script)}
+        for turn in range(max_revisions if revise is not None and ref.failure is None else 0):
+            if verdict["better"]:
+                break
+            try:
+                revised = revise({"script": judged, "verdict": verdict_text(verdict, model_attempt, ref, settings), "turn": turn})
+            except (LLMError, ValueError) as exc:
+                journal.skipped.append({"config_updates": {}, "reason": f"no revision: the model failed: {str(exc)[:300]}"})
+                break
+            if sha(revised) in drafts:
+                journal.skipped.append({"config_updates": {}, "reason": "no revision: the model sent back code already judged"})
+                break
+            drafts.add(sha(revised))
+            why = f"a new draft after the host's verdict on attempt {model_attempt.index}"
+            attempt = executor.run(revised, stage="revise", parent=None, patch={"diagnosis": why})
+            if attempt.failure is not None:
+                continue
+            model_attempt, judged, script = attempt, revised, revised
+            verdict = _verdict(attempt, ref, settings, attempts_dir)
+            journal.comparisons.append({"challenger": attempt.index, "incumbent": ref.index, "kind": "revised script vs the plan's reference", **verdict})
+        if verdict["better"]:
+            best, best_script = model_attempt, script
+        else:
             best, best_script = ref, reference_script
     if library_script is not None and library_script not in (script, best_script):
         # the plan's library model, on the same host-named conditions: it replaces the incumbent only by the same rule
@@ -1031,7 +1069,7 @@ def lineage(journal: Journal, *, draft: str, template: str = "", reference: str 
         for a in chain(index):
             patch = a.patch or {}
             updates = patch.get("config_updates") or {}
-            if a.stage in ("draft", "redraft"):
+            if a.stage in ("draft", "redraft", "revise"):
                 own = draft in ("coder", "coder function")
                 if draft == "coder function":  # the worked example with the coder's predict_deltas, on the plan's reference
                     steps = [f"coder function (a correction of the plan's reference predictor {reference or '?'})"]
@@ -1039,6 +1077,8 @@ def lineage(journal: Journal, *, draft: str, template: str = "", reference: str 
                     steps = ["coder script" if own else f"library template {template or '?'}"]
                 if a.stage == "redraft":
                     steps = [f"{steps[0]}, drawn again after the debugger stalled"]
+                elif a.stage == "revise":
+                    steps = [f"{steps[0]}, revised after the host judged its first clean code no better than the reference"]
             elif a.stage == "library":
                 role = "the model's code never ran clean" if "never ran clean" in str(patch.get("diagnosis", "")) else "run as a candidate against the script"
                 own, steps = False, [f"library template {template or '?'} (the plan's model, {role})"]

@@ -140,13 +140,18 @@ def coder_context(run: Run, *, plan: dict[str, Any] | None = None) -> dict[str, 
     }
 
 
-def ask_coder(run: Run, *, plan: dict[str, Any] | None = None, stage: str = "codegen", earlier_failure: str = "") -> Any:
+def ask_coder(
+    run: Run, *, plan: dict[str, Any] | None = None, stage: str = "codegen", earlier_failure: str = "", judged: dict[str, Any] | None = None,
+) -> Any:
     """The coder's answer for ``plan`` (``plan.json`` unless given) as a :class:`~cellforge.design.plan.CodeChoice`.
 
     A language model answers with code of its own (:func:`coder_scope`: a whole script, or the
     worked example's model function spliced by the host); the offline planner, or a user who
     allows it, names a template. With ``earlier_failure`` (the error an earlier draft stalled
-    on) it is asked for a fresh draft, sampled at :data:`RETRY_TEMPERATURE`.
+    on) it is asked for a fresh draft, sampled at :data:`RETRY_TEMPERATURE`. With ``judged``
+    (``code``: its clean code, ``verdict``: the host's verdict against the plan's reference in
+    words, ``turn``: 0 for the first revision) it is asked to revise code that ran clean but did
+    not beat the reference; later turns are sampled at :data:`RETRY_TEMPERATURE`.
 
     Raises
     ------
@@ -163,12 +168,13 @@ def ask_coder(run: Run, *, plan: dict[str, Any] | None = None, stage: str = "cod
 
     schema = ({"function": CodeFunction, "script": CodeScript}[coder_scope()]) if coder_writes_scripts() else CodeChoice
     spec = load_spec("coder")
-    if earlier_failure:  # the same prompt at temperature 0 gives the same draft back
+    if earlier_failure or (judged or {}).get("turn"):  # the same prompt at temperature 0 gives the same draft back
         spec = spec.model_copy(update={"temperature": max(spec.temperature, RETRY_TEMPERATURE)})
     if schema is CodeFunction:  # a function, not a file: a bound that fits it (an unbounded answer ran 11 minutes here)
         spec = spec.model_copy(update={"max_tokens": min(spec.max_tokens or FUNCTION_MAX_TOKENS, FUNCTION_MAX_TOKENS)})
     try:
-        answer = LLMClient(run.dir, stage=stage).ask(spec, {**coder_context(run, plan=plan), "earlier_failure": earlier_failure}, schema)
+        extra = {"earlier_failure": earlier_failure, "judged_code": (judged or {}).get("code", ""), "verdict": (judged or {}).get("verdict", "")}
+        answer = LLMClient(run.dir, stage=stage).ask(spec, {**coder_context(run, plan=plan), **extra}, schema)
     except LLMError as exc:
         plan = plan if plan is not None else run.read_json("plan.json")
         if os.environ.get("CELLFORGE_CODER_TEMPLATES", "").strip().lower() != "fallback" or plan.get("template") not in _library():
@@ -327,6 +333,14 @@ def stage_execute(run: Run, *, echo: Echo) -> None:
         echo(f"  the debugger stalled ({request['stalled']}): asking the coder for a fresh draft")
         return coder_script(run, ask_coder(run, stage="execute", earlier_failure=condense_error(request["error"], max_chars=800)))[0]
 
+    def revise(request: dict[str, Any]) -> str:
+        echo(f"  the model's code ran clean but did not beat the plan's reference ({request['verdict']}): asking the coder to revise it")
+        region = contract.model_region(request["script"])
+        # the coder's own function, without the argument notes the host put above it (the prompt has them once)
+        code = "".join(line for line in region.splitlines(keepends=True) if not line.startswith("#")).strip("\n") if region else request["script"]
+        judged = {"code": code, "verdict": request["verdict"], "turn": request["turn"]}
+        return coder_script(run, ask_coder(run, stage="execute", judged=judged))[0]
+
     def refiner(config: dict[str, Any], history: list[dict[str, Any]], settings: RefineSettings, script: str = "") -> dict[str, Any]:
         plan = run.read_json("plan.json")
         region = focus(script, "", "refine") if script else {"excerpt": "", "outline": []}
@@ -392,6 +406,7 @@ def stage_execute(run: Run, *, echo: Echo) -> None:
                 reference_script=reference_script,
                 library_script=library_script,
                 defaults=defaults,
+                revise=revise if coder_writes_scripts() and not is_library_script(first_script) else None,
             )
         refitted = None
         if journal.succeeded and manifest.val and c.refit:
