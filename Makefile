@@ -20,7 +20,7 @@ PY312 := $(shell \
 # uv from PATH, else installed from PyPI into .tools/.
 UV := $(shell command -v uv 2>/dev/null || echo .tools/bin/uv)
 
-.PHONY: bench-de-scale bench-linear bench-battery sandbox-deps bench-llm-speed bench-fanout bench-prior bench-scale bench-llm help install install-llm test test-all test-docker benchmark bench bench-perf bench-tasks bench-heldback paper docker-engine docker-build clean
+.PHONY: bench-task-types bench-de-scale bench-linear bench-battery sandbox-deps bench-llm-speed bench-fanout bench-prior bench-scale bench-llm help install install-llm test test-all test-docker benchmark bench bench-perf bench-tasks bench-heldback paper docker-engine docker-build clean
 
 help: ## Show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-14s %s\n", $$1, $$2}'
@@ -94,6 +94,9 @@ bench-linear: $(VENV)/.installed ## linear before and after following Ahlmann-El
 
 bench-tasks: $(VENV)/.installed ## The real tasks over folds: model vs every baseline, written to benchmarks/results/tasks.md
 	$(PY) benchmarks/tasks.py
+
+bench-task-types: $(VENV)/.installed ## The task type each shipped split poses, crossed with phrasings of the task: benchmarks/results/task-types.md
+	$(PY) benchmarks/task_types.py
 
 bench-heldback: $(VENV)/.installed ## The tasks on splits held back from development, via cellforge benchmark --split
 	$(PY) benchmarks/heldback.py

@@ -111,7 +111,7 @@ def test_a_model_told_its_clean_code_lost_to_the_reference_revises_it_and_the_re
     assert written["model_written"] and "revised after the host judged" in written["written_by"]
 
 
-def test_revisions_stop_at_the_cap_or_when_the_model_sends_the_judged_code_back(tmp_path):
+def test_revisions_stop_at_the_cap_and_code_sent_back_is_not_run_again(tmp_path):
     first = _TOY.replace('"shift": 0.0', '"shift": 1.0')
     calls: list[int] = []
 
@@ -123,7 +123,7 @@ def test_revisions_stop_at_the_cap_or_when_the_model_sends_the_judged_code_back(
         calls.append(request["turn"])
         return _TOY.replace('"shift": 0.0', f'"shift": {2.0 + len(calls)}')
 
-    for revise, n_calls, stages in [(same, 1, ["draft", "reference"]), (worse, 2, ["draft", "reference", "revise", "revise"])]:
+    for revise, n_calls, stages in [(same, 2, ["draft", "reference"]), (worse, 2, ["draft", "reference", "revise", "revise"])]:
         calls.clear()
         common = _common(tmp_path / revise.__name__)
         journal, script = run_attempts(first, debugger=None, **common)

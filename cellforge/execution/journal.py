@@ -762,7 +762,8 @@ def refine_until_settled(
     beats the reference by the paired rule on the host's numbers for the same validation
     conditions. When it does not, ``revise(request) -> script`` (the model that wrote it; None:
     no revision) is told the verdict with its figures and the code it judged, and its new draft
-    (stage ``revise``, at most ``max_revisions``; one that fails is recorded, not debugged) faces
+    (stage ``revise``, at most ``max_revisions`` asks; one that fails is recorded, not debugged;
+    code already judged is not run again) faces
     the same reference. Then ``library_script`` (the plan's library model) runs as a candidate (stage
     ``library``) and replaces the incumbent only by the same rule: library and model on equal
     terms. ``journal.comparisons`` keeps each verdict with its figures.
@@ -813,9 +814,9 @@ def refine_until_settled(
             except (LLMError, ValueError) as exc:
                 journal.skipped.append({"config_updates": {}, "reason": f"no revision: the model failed: {str(exc)[:300]}"})
                 break
-            if sha(revised) in drafts:
-                journal.skipped.append({"config_updates": {}, "reason": "no revision: the model sent back code already judged"})
-                break
+            if sha(revised) in drafts:  # not run again; the next turn is sampled (a 1.5B coder copied its code back at temperature 0)
+                journal.skipped.append({"config_updates": {}, "reason": f"revision {turn + 1}: the model sent back code already judged; not run"})
+                continue
             drafts.add(sha(revised))
             why = f"a new draft after the host's verdict on attempt {model_attempt.index}"
             attempt = executor.run(revised, stage="revise", parent=None, patch={"diagnosis": why})
