@@ -183,3 +183,19 @@ def test_small_local_models_debug_in_the_one_edit_format(monkeypatch):
     monkeypatch.setenv("CELLFORGE_DEBUGGER_FORMAT", "diff-only")
     with pytest.raises(ConfigError, match="valid: full, edit"):
         debugger_format()
+
+
+def test_a_local_models_context_is_cut_to_its_budget_keeping_what_must_stay_whole():
+    """An analyst's retrieved cards (16,000 characters) took a 1.5B model 22 minutes to read on 2 busy cores."""
+    import json as _json
+
+    from cellforge.llm.client import fit_context
+
+    cards = [{"id": f"card{i}", "summary": "x" * 900, "failure_modes": ["y" * 300] * 4} for i in range(6)]
+    context = {"task": {"type": "unseen_perturbation"}, "retrieved": cards, "script": "z" * 9000}
+    small, cut = fit_context(context, 6000, keep=["script"])
+    assert cut and small["script"] == context["script"] and small["task"] == context["task"]
+    assert len(_json.dumps({k: v for k, v in small.items() if k != "script"})) <= 6000
+    assert small["retrieved"][0]["id"] == "card0" and "more items trimmed" in small["retrieved"][-1]  # the best-ranked cards stay
+    same, cut = fit_context({"task": {"type": "x"}}, 6000)
+    assert same == {"task": {"type": "x"}} and not cut

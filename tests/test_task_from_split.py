@@ -63,3 +63,26 @@ def test_a_given_split_decides_the_task_and_a_disagreement_is_reported(words, tm
     if task.get("disagreement"):  # words that named another task: said, and the split decided
         assert "the split decides" in task["disagreement"] and any("the split decides" in line for line in lines)
         assert json.dumps(task["spec"]["inferred_from"]).count("the given split's structure") == 1
+
+
+def test_words_that_call_a_knock_down_screen_a_drug_screen_give_way_to_the_data():
+    """A split cannot tell a drug from a gene, the data can: perturbations named by measured genes are not drugs."""
+    import anndata as ad
+    import numpy as np
+    import pandas as pd
+
+    from cellforge.analysis.stage import _task_from_split, genetic_share
+    from cellforge.data.splits import SplitManifest
+
+    assert genetic_share(["A", "B", "A+B"], ["A", "B", "C"]) == 1.0 and genetic_share(["dex", "A"], ["A"]) == 0.5
+    genes = ["A", "B", "C", "D", "E"]
+    for perts, kept in [(["A", "B", "C", "D"], "unseen_perturbation"), (["dex", "ifn", "tnf", "il6"], "drug_dose")]:
+        obs = pd.DataFrame({
+            "condition": ["ctrl"] * 4 + perts, "perturbation": ["control"] * 4 + perts, "context": "k562", "is_control": [True] * 4 + [False] * 4,
+        })  # fmt: skip
+        adata = ad.AnnData(np.ones((8, 5), dtype=np.float32), obs=obs, var=pd.DataFrame(index=genes))
+        task = {"type": "drug_dose", "spec": {"type": "drug_dose", "inferred_from": {"type": "the task description's words"}}}
+        manifest = SplitManifest(strategy="user", train=perts[:2], val=perts[2:3], test=perts[3:])
+        out = _task_from_split(task, manifest, adata, echo=lambda _: None)
+        assert out["type"] == kept
+        assert ("measured genes, not drugs" in (out.get("disagreement") or "")) == (kept == "unseen_perturbation")

@@ -54,13 +54,29 @@ def _task(run: Run) -> dict[str, Any]:
     return {"type": spec.type, "description": description, "split": split, "split_options": options, "spec": spec.model_dump()}
 
 
+#: Share of perturbations whose every member is a measured gene above which a screen is genetic, not a drug screen.
+GENETIC_SHARE = 0.5
+
+
+def genetic_share(perturbations: Any, genes: Any) -> float:
+    """Share of the distinct ``perturbations`` (of perturbed cells; members joined by "+") whose members are all in ``genes``.
+
+    A split cannot tell a drug from a gene, but the data can: knock-downs and knock-outs are named
+    by their target genes, which a screen usually measures; drugs are not genes.
+    """
+    known = set(map(str, genes))
+    perts = {str(p) for p in perturbations if str(p)}
+    return sum(all(m in known for m in p.split("+")) for p in perts) / len(perts) if perts else 0.0
+
+
 def _task_from_split(task: dict[str, Any], manifest: Any, adata: Any, *, echo: Echo) -> dict[str, Any]:
     """A given split's structure decides the task type; words, flags and the data card only refine it.
 
     When the split poses one task clearly (:func:`~cellforge.analysis.task.task_type_from_split`)
     and the type from words, flag or card differs, the split wins and the disagreement is kept in
     ``task["disagreement"]`` (shown in the run's task analysis); ``drug_dose`` stays when the
-    split says "unseen perturbation" (a split cannot tell a drug from a gene).
+    split says "unseen perturbation" (a split cannot tell a drug from a gene) unless most
+    perturbations are measured genes (:func:`genetic_share`).
     """
     from cellforge.analysis.task import task_type_from_split
 
@@ -70,7 +86,10 @@ def _task_from_split(task: dict[str, Any], manifest: Any, adata: Any, *, echo: E
     evidence, why = task_type_from_split([*manifest.train, *manifest.val], list(manifest.test), labels)
     task = {**task, "split_evidence": why}
     stated = task["type"]
-    if evidence is None or evidence == stated or (stated == "drug_dose" and evidence == "unseen_perturbation"):
+    genes = genetic_share(obs.loc[~obs["is_control"].to_numpy(bool), "perturbation"].astype(str).unique(), adata.var_names)
+    if stated == "drug_dose" and evidence == "unseen_perturbation" and genes >= GENETIC_SHARE:
+        why = f"{why}; {genes:.0%} of the perturbations are measured genes, not drugs"
+    elif evidence is None or evidence == stated or (stated == "drug_dose" and evidence == "unseen_perturbation"):
         return task
     origin = task["spec"]["inferred_from"]["type"]
     task["disagreement"] = f"{origin} gave {stated}, the split poses {evidence} ({why}); the split decides"

@@ -26,6 +26,7 @@ import re
 import time
 import uuid
 from collections import deque
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -209,21 +210,50 @@ def call_key(agent: str, messages: list[dict[str, str]]) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:32]
 
 
-def trim_context(context: Any, factor: float = 0.5) -> Any:
-    """A smaller copy of an agent's context, for a context-window error.
+def trim_context(context: Any, factor: float = 0.5, *, min_items: int = 8, min_chars: int = 400) -> Any:
+    """A smaller copy of an agent's context, for a context-window error or a prompt budget.
 
-    Strings longer than 400 characters keep their head and tail (``factor`` of their
-    length); lists longer than 8 items keep the first ``factor`` share. Keys are kept.
+    Strings longer than ``min_chars`` characters keep their head and tail (``factor`` of their
+    length); lists longer than ``min_items`` items keep the first ``factor`` share (at least
+    ``min_items``; lists come ranked, e.g. retrieved cards by score). Keys are kept.
     """
     if isinstance(context, dict):
-        return {k: trim_context(v, factor) for k, v in context.items()}
+        return {k: trim_context(v, factor, min_items=min_items, min_chars=min_chars) for k, v in context.items()}
     if isinstance(context, list):
-        keep = len(context) if len(context) <= 8 else max(8, int(len(context) * factor))  # noqa: PLR2004
-        return [trim_context(v, factor) for v in context[:keep]] + ([f"[{len(context) - keep} more items trimmed]"] if keep < len(context) else [])
-    if isinstance(context, str) and len(context) > 400:  # noqa: PLR2004
+        keep = len(context) if len(context) <= min_items else max(min_items, int(len(context) * factor))
+        rest = [f"[{len(context) - keep} more items trimmed]"] if keep < len(context) else []
+        return [trim_context(v, factor, min_items=min_items, min_chars=min_chars) for v in context[:keep]] + rest
+    if isinstance(context, str) and len(context) > min_chars:
         half = int(len(context) * factor) // 2
         return context[:half] + f"\n[... {len(context) - 2 * half} characters trimmed ...]\n" + context[-half:]
     return context
+
+
+#: Characters of JSON context (about 4 a token) a local model's prompt keeps, unless ``CELLFORGE_LLM_LOCAL_CONTEXT_CHARS``
+#: says otherwise: on 2 cores Qwen2.5-Coder-1.5B read an analyst's 6,786-token prompt (16,000 characters of retrieved cards)
+#: in 22 minutes while another run shared the cores; the coder's and debugger's contexts are under it already.
+LOCAL_CONTEXT_CHARS = 6000
+
+
+def fit_context(context: dict[str, Any], budget_chars: int, *, keep: Iterable[str] = ()) -> tuple[dict[str, Any], bool]:
+    """``context`` trimmed until its JSON has at most ``budget_chars`` characters (``keep``: keys left whole).
+
+    Each pass keeps the first half of every list longer than 2 items and the head and tail of
+    every string longer than 200 characters; it stops when the context fits or stops shrinking.
+    Returns the context and whether anything was cut.
+    """
+    keep = set(keep)
+    whole = {k: v for k, v in context.items() if k in keep}
+    rest = {k: v for k, v in context.items() if k not in keep}
+    size = len(json.dumps(rest, default=str))
+    cut = False
+    while size > budget_chars:
+        smaller = trim_context(rest, 0.5, min_items=2, min_chars=200)
+        new = len(json.dumps(smaller, default=str))
+        if new >= size:
+            break
+        rest, size, cut = smaller, new, True
+    return {**rest, **whole}, cut
 
 
 def read_calls(path: Path) -> list[dict[str, Any]]:
@@ -490,6 +520,9 @@ class LLMClient:
         self._schema = schema
         repairs: list[dict[str, str]] = []
         trimmed = False
+        if model.startswith(LOCAL_PREFIX):  # prompt processing is most of a local call's time: the context fits a budget
+            budget = int(os.environ.get("CELLFORGE_LLM_LOCAL_CONTEXT_CHARS", LOCAL_CONTEXT_CHARS))
+            context, trimmed = fit_context(context, budget, keep=[*spec.prompt_only, *spec.keep_whole])
         last_error = ""
         for attempt in range(self.max_repairs + 1):
             while True:

@@ -28,6 +28,7 @@ class AgentSpec(BaseModel):
     temperature: float = 0.2
     prompt_only: list[str] = Field(default_factory=list, description="Context keys shown only through the prompt (long texts), left out of the JSON context.")
     max_tokens: int | None = Field(None, ge=16, description="Most tokens of one answer (a whole script needs more than a JSON verdict).")
+    keep_whole: list[str] = Field(default_factory=list, description="Context keys a local model's prompt budget never trims (code to fix, its error).")
 
 
 @cache
