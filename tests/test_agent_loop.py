@@ -111,6 +111,29 @@ def test_a_model_told_its_clean_code_lost_to_the_reference_revises_it_and_the_re
     assert written["model_written"] and "revised after the host judged" in written["written_by"]
 
 
+def test_a_revision_that_fails_goes_to_the_debugger_within_its_own_small_budget(tmp_path):
+    from cellforge.execution.journal import REVISION_FIXES, lineage
+
+    first = _TOY.replace('"shift": 0.0', '"shift": 1.0')
+    broken = _TOY.replace('"shift": 0.0', '"shift": 0.1').replace("import json, pathlib", "import json, pathlib, not_a_module")
+    fixes: list[dict] = []
+
+    def debugger(request: dict) -> dict:
+        fixes.append(request)
+        return {"diagnosis": "no such module", "edits": [{"find": ", not_a_module", "replace": ""}]}
+
+    common = _common(tmp_path)
+    journal, script = run_attempts(first, debugger=None, **common)
+    journal, best = refine_until_settled(
+        journal, script, refiner=lambda *_: {"diagnosis": "done", "stop": True}, settings=RefineSettings(max_rounds=1, guard_metric=None, ensemble_steps=0),
+        reference_script=_TOY.replace('"shift": 0.0', '"shift": 0.5'), revise=lambda _: broken, debugger=debugger, max_revisions=1, **common,
+    )  # fmt: skip
+    assert [a.stage for a in journal.attempts] == ["draft", "reference", "revise", "debug"] and REVISION_FIXES >= 1
+    assert len(fixes) == 1 and "not_a_module" in fixes[0]["error"] and journal.succeeded
+    assert journal.best_attempt == 3 and "not_a_module" not in best
+    assert "revised after the host judged" in lineage(journal, draft="coder")["written_by"] and "patched by the debugger" in lineage(journal, draft="coder")["written_by"]
+
+
 def test_revisions_stop_at_the_cap_and_code_sent_back_is_not_run_again(tmp_path):
     first = _TOY.replace('"shift": 0.0', '"shift": 1.0')
     calls: list[int] = []

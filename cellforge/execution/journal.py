@@ -343,6 +343,8 @@ MAX_REDRAFTS = 2
 MAX_REPEATED_ERRORS = 2
 #: New drafts a model may write after the host judged its clean code no better than the plan's reference.
 MAX_REVISIONS = 2
+#: Debugger fixes of a revision that failed (its own small patch-and-retry loop).
+REVISION_FIXES = 2
 
 
 def next_step(
@@ -393,7 +395,7 @@ def repeated_errors(journal: Journal, attempt: Attempt) -> int:
     is not moving the script.
     """
     upto = [a for a in journal.attempts if a.index <= attempt.index]
-    start = max((i for i, a in enumerate(upto) if a.stage in ("draft", "redraft")), default=0)
+    start = max((i for i, a in enumerate(upto) if a.stage in ("draft", "redraft", "revise")), default=0)
     seen: set[str] = set()
     count = 0
     for a in upto[start:]:
@@ -453,6 +455,9 @@ def run_attempts(
     on_start: Any = None,
     redraft: Any = None,
     max_redrafts: int = MAX_REDRAFTS,
+    journal: Journal | None = None,
+    first_stage: str = "draft",
+    first_patch: dict[str, Any] | None = None,
 ) -> tuple[Journal, str]:
     """Run ``script`` in ``sandbox`` until it succeeds or the attempt budget ends.
 
@@ -490,6 +495,9 @@ def run_attempts(
         Callable ``(request) -> script`` (or None): a fresh draft from the coder, given
         ``failure``, ``error`` (the stalled run's) and ``history``; its attempt has stage
         ``redraft`` and no parent.
+    journal, first_stage, first_patch
+        Go on in an existing journal (``max_attempts`` then counts its attempts too), the first
+        attempt recorded with this stage and patch (a revision after the host's verdict).
 
     Returns
     -------
@@ -504,10 +512,10 @@ def run_attempts(
 
     executor = _Executor(
         sandbox=sandbox, attempts_dir=attempts_dir, journal_path=journal_path, check_outputs=check_outputs,
-        timeout_s=timeout_s, memory_mb=memory_mb, on_start=on_start,
+        timeout_s=timeout_s, memory_mb=memory_mb, on_start=on_start, journal=journal,
     )
     journal = executor.journal
-    attempt = executor.run(script, stage="draft", parent=None, patch=None)
+    attempt = executor.run(script, stage=first_stage, parent=None, patch=first_patch)
     tried_fixes: dict[str, int] = {}  # a fix already run, and the attempt that ran it
     unapplied: dict[str, int] = {}  # a fix that could not be applied, and how often it was proposed
     stalled, redrafts = "", 0  # why the debugger is not moving the script (empty while it is)
@@ -753,6 +761,7 @@ def refine_until_settled(
     defaults: dict[str, Any] | None = None,
     revise: Any = None,
     max_revisions: int = MAX_REVISIONS,
+    debugger: Any = None,
 ) -> tuple[Journal, str]:
     """Refinement rounds after a clean run, until the host-judged validation metric settles.
 
@@ -762,8 +771,9 @@ def refine_until_settled(
     beats the reference by the paired rule on the host's numbers for the same validation
     conditions. When it does not, ``revise(request) -> script`` (the model that wrote it; None:
     no revision) is told the verdict with its figures and the code it judged, and its new draft
-    (stage ``revise``, at most ``max_revisions`` asks; one that fails is recorded, not debugged;
-    code already judged is not run again) faces
+    (stage ``revise``, at most ``max_revisions`` asks; one that fails goes to ``debugger`` for at
+    most :data:`REVISION_FIXES` fixes, as in :func:`run_attempts`; code already judged is not run
+    again) faces
     the same reference. Then ``library_script`` (the plan's library model) runs as a candidate (stage
     ``library``) and replaces the incumbent only by the same rule: library and model on equal
     terms. ``journal.comparisons`` keeps each verdict with its figures.
@@ -819,7 +829,15 @@ def refine_until_settled(
                 continue
             drafts.add(sha(revised))
             why = f"a new draft after the host's verdict on attempt {model_attempt.index}"
-            attempt = executor.run(revised, stage="revise", parent=None, patch={"diagnosis": why})
+            succeeded, stop_reason = journal.succeeded, journal.stop_reason
+            journal, revised = run_attempts(
+                revised, sandbox=sandbox, attempts_dir=attempts_dir, journal_path=journal_path, check_outputs=check_outputs,
+                debugger=debugger, max_attempts=len(journal.attempts) + 1 + REVISION_FIXES, timeout_s=timeout_s, memory_mb=memory_mb,
+                on_start=on_start, journal=journal, first_stage="revise", first_patch={"diagnosis": why},
+            )  # fmt: skip
+            journal.succeeded, journal.stop_reason = succeeded, stop_reason
+            drafts.add(sha(revised))
+            attempt = journal.attempts[-1]
             if attempt.failure is not None:
                 continue
             model_attempt, judged, script = attempt, revised, revised

@@ -407,6 +407,7 @@ def stage_execute(run: Run, *, echo: Echo) -> None:
                 library_script=library_script,
                 defaults=defaults,
                 revise=revise if coder_writes_scripts() and not is_library_script(first_script) else None,
+                debugger=debugger,
             )
         refitted = None
         if journal.succeeded and manifest.val and c.refit:
