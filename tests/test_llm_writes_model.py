@@ -179,9 +179,12 @@ def test_an_llm_written_model_is_debugged_from_runtime_events_and_scored(scripte
         assert agents == ["coder", "debugger"] and "revise" not in stages
     else:
         # told the host's figures, the coder is asked to revise: its answer (the script before the debugger's fix) fails
-        # and is recorded, not debugged; sent back again it is not run twice
-        assert agents == ["coder", "debugger", "coder", "coder"] and "ran clean, but the host judged" in ScriptedModel.requests[2]["system"]
-        assert stages.count("revise") == 1 and journal["attempts"][stages.index("revise")]["failure"] == "code_error"
+        # and goes to the debugger, whose fix runs; asked again, the coder sends code already judged, which is not run twice
+        assert agents == ["coder", "debugger", "coder", "debugger", "coder"] and "ran clean, but the host judged" in ScriptedModel.requests[2]["system"]
+        revised = journal["attempts"][stages.index("revise")]
+        assert stages.count("revise") == 1 and revised["failure"] == "code_error"
+        fixed = journal["attempts"][revised["index"] + 1]
+        assert fixed["stage"] == "debug" and fixed["parent"] == revised["index"] and fixed["failure"] is None
     assert candidate["challenger"] == library["index"] and candidate["incumbent"] == (1 if verdict["better"] else 2)
     final = (run / "code" / "final_train.py").read_text()
     written_by = journal["lineage"]["written_by"]
