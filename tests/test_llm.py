@@ -199,3 +199,15 @@ def test_a_local_models_context_is_cut_to_its_budget_keeping_what_must_stay_whol
     assert small["retrieved"][0]["id"] == "card0" and "more items trimmed" in small["retrieved"][-1]  # the best-ranked cards stay
     same, cut = fit_context({"task": {"type": "x"}}, 6000)
     assert same == {"task": {"type": "x"}} and not cut
+
+
+def test_a_sampled_local_call_repeated_in_a_run_draws_a_new_seed(tmp_path):
+    """llama.cpp samples with a fixed seed: the 1.5B coder sent back the same code at temperature 0.8 three times."""
+    import json as _json
+
+    from cellforge.llm.client import CALL_LOG, LLMClient
+
+    client = LLMClient(tmp_path, stage="execute")
+    assert client._draw("abc") == 0
+    (tmp_path / CALL_LOG).write_text("\n".join(_json.dumps({"key": k}) for k in ("abc", "xyz", "abc")) + "\n")
+    assert client._draw("abc") == 2 and client._draw("xyz") == 1 and client._draw("new") == 0

@@ -586,6 +586,12 @@ class LLMClient:
         self._log(spec, model, messages, text, usage, latency, attempt, key=key, cost=cost, trimmed=trimmed)
         return text
 
+    def _draw(self, key: str) -> int:
+        """How many calls with this content hash the run's log already holds (the sampling seed of the next one)."""
+        if self.run_dir is None or not (Path(self.run_dir) / CALL_LOG).exists():
+            return 0
+        return sum(1 for r in read_calls(Path(self.run_dir)) if r.get("key") == key)
+
     def _live(self, litellm: Any, spec: AgentSpec, model: str, messages: list[dict[str, str]], *, key: str, attempt: int) -> Any:
         import tenacity
 
@@ -597,6 +603,10 @@ class LLMClient:
             kwargs.update(live_options(spec.role, routed, self._schema, api_base=api_base))
             kwargs["model"] = routed
             kwargs["extra_body"] = {"cache_prompt": True}  # llama.cpp: a prompt prefix shared with the last call is not processed again
+            if spec.temperature > 0:
+                # llama.cpp samples with a fixed seed: the same prompt at temperature 0.8 gave the same 286 tokens three times
+                # (a 1.5B coder asked to revise its code); the n-th identical call of a run draws with seed n (reproducible)
+                kwargs["seed"] = self._draw(key)
             if text_answer(self._schema):
                 # greedy decoding of a 1.5B model looped on two comment + assignment lines until the token limit
                 # (measured); Qwen2.5's own generation settings use a repetition penalty of 1.05 to 1.1
