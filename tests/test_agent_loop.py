@@ -457,11 +457,11 @@ def test_a_coder_that_writes_the_model_function_sees_only_its_signature_and_argu
     scaffold = example_scaffold(example)
     assert "def predict_deltas(\n    train_deltas: np.ndarray," in scaffold and "# query_features: (n_query, n_genes)" in scaffold
     assert "correction = " not in scaffold and 'task["predict_conditions"]' not in scaffold  # no body, no input/output code
-    own = "def predict_deltas(train_deltas, reference_train, reference, train_features, query_features, config):\n    return reference.copy()\n"
+    own = "def predict_deltas(train_deltas, train_errors, reference, train_features, query_features, config):\n    return reference.copy()\n"
     script = splice_model(example, own)
     assert own in script and "correction = " not in script and script.count("def predict_deltas") == 1
     # the arguments in brief stay in the script, above the model's code: the debugger reads that region
-    assert script.index("# reference_train: (n_train, n_genes)") < script.index(own)
+    assert script.index("# train_errors: (n_train, n_genes)") < script.index(own)
     with pytest.raises(ValueError, match="no top-level"):
         splice_model(example, "def model(x):\n    return x\n")
 
@@ -471,7 +471,7 @@ def test_a_coder_function_that_calls_a_helper_it_never_wrote_goes_back_to_the_co
     from cellforge.design.plan import CodeFunction
 
     reply = (
-        "```python\ndef predict_deltas(train_deltas, reference_train, reference, train_features, query_features, config):\n"
+        "```python\ndef predict_deltas(train_deltas, train_errors, reference, train_features, query_features, config):\n"
         "    corr = compute_correlation_matrix(train_features)\n    return reference.copy() + corr.mean()\n```\nA sketch."
     )
     with pytest.raises(ValueError, match="`compute_correlation_matrix`, defined nowhere"):
@@ -485,7 +485,7 @@ def test_a_coder_function_that_never_returns_goes_back_to_the_coder():
     from cellforge.design.plan import CodeFunction
 
     cut = (
-        "```python\ndef predict_deltas(train_deltas, reference_train, reference, train_features, query_features, config):\n"
+        "```python\ndef predict_deltas(train_deltas, train_errors, reference, train_features, query_features, config):\n"
         + "    # Compute the changes\n    changes = np.zeros_like(reference)\n" * 3
         + "    # Compute the\n"
     )
@@ -500,12 +500,12 @@ def test_a_debugger_rewrites_the_coders_function_and_the_host_puts_it_in_place()
     from cellforge.execution.contract import EXAMPLE_SCRIPT, model_region, splice_model
     from cellforge.execution.journal import Journal, apply_patch, debug_history
 
-    broken = "def predict_deltas(train_deltas, reference_train, reference, train_features, query_features, config):\n    return reference + train_deltas\n"
+    broken = "def predict_deltas(train_deltas, train_errors, reference, train_features, query_features, config):\n    return reference + train_deltas\n"
     script = splice_model(EXAMPLE_SCRIPT.read_text().replace('"shrink": 0.5', '"shrink": 0.25'), broken)
     reply = (
         "The shapes differ: add the mean training error to each row instead.\n```python\n"
-        "def predict_deltas(train_deltas, reference_train, reference, train_features, query_features, config):\n"
-        "    error = (train_deltas - reference_train).mean(axis=0)\n    return reference.copy() + error\n```\n\n"
+        "def predict_deltas(train_deltas, train_errors, reference, train_features, query_features, config):\n"
+        "    error = train_errors.mean(axis=0)\n    return reference.copy() + error\n```\n\n"
     )
     fix = FunctionFix.from_reply(reply)
     assert fix.diagnosis.startswith("The shapes differ")
@@ -526,13 +526,13 @@ def test_a_fixed_function_that_elides_lines_with_dots_gets_them_from_the_failing
     from cellforge.execution.contract import merge_elisions
 
     original = (
-        "import numpy as np\n\ndef predict_deltas(train_deltas, reference_train, reference, train_features, query_features, config):\n"
-        "    errors = (train_deltas - reference_train)\n    w = np.ones(len(errors)) / len(errors)\n"
+        "import numpy as np\n\ndef predict_deltas(train_deltas, train_errors, reference, train_features, query_features, config):\n"
+        "    errors = train_errors\n    w = np.ones(len(errors)) / len(errors)\n"
         "    shift = w @ errors\n    return reference.copy() + config.get('shrink', 0.5) * shift\n"
     )
     answer = (
-        "import numpy as np\n\ndef predict_deltas(train_deltas, reference_train, reference, train_features, query_features, config):\n"
-        "    errors = (train_deltas - reference_train).astype(float)\n    w = np.ones(len(errors)) / len(errors)\n    ...\n"
+        "import numpy as np\n\ndef predict_deltas(train_deltas, train_errors, reference, train_features, query_features, config):\n"
+        "    errors = train_errors.astype(float)\n    w = np.ones(len(errors)) / len(errors)\n    ...\n"
     )
     merged = merge_elisions(answer, original)
     assert "astype(float)" in merged and merged.rstrip().endswith("return reference.copy() + config.get('shrink', 0.5) * shift")
@@ -574,7 +574,7 @@ def test_a_revision_shows_the_coder_its_judged_code_and_the_hosts_figures():
         "threads": 1, "contract": "", "data": {}, "example_script": example_scaffold(EXAMPLE_SCRIPT.read_text()), "template_source": "",
         "earlier_failure": "",
     }  # fmt: skip
-    code = "def predict_deltas(train_deltas, reference_train, reference, train_features, query_features, config):\n    return reference - 1\n"
+    code = "def predict_deltas(train_deltas, train_errors, reference, train_features, query_features, config):\n    return reference - 1\n"
     verdict = "host validation val_mse_top20 0.2117 against 0.1436 for the reference alone"
     first = render_messages(load_spec("coder"), {**ctx, "judged_code": "", "verdict": ""}, CodeFunction)[0]["content"]
     again = render_messages(load_spec("coder"), {**ctx, "judged_code": code, "verdict": verdict}, CodeFunction)[0]["content"]

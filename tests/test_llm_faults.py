@@ -93,7 +93,7 @@ class _Server(BaseHTTPRequestHandler):
             self._reply(400, error)
         elif model == "cut":  # a function that parses, cut at the token limit; then a whole one
             self.messages.append(request["messages"])
-            body = "def predict_deltas(train_deltas, reference_train, reference, train_features, query_features, config):\n    return reference.copy()\n"
+            body = "def predict_deltas(train_deltas, train_errors, reference, train_features, query_features, config):\n    return reference.copy()\n"
             self._answer(model, "```python\n" + body, finish="length" if n == 1 else "stop")
         elif model == "small" and size > 4000:
             error["error"].update(message="This model's maximum context length is 1000 tokens. However, your messages resulted in 5000 tokens.", type="invalid_request_error", code="context_length_exceeded")

@@ -296,8 +296,8 @@ def test_the_model_functions_reference_is_the_hosts_comparator(load, tmp_path):
         ("reference", render("pert_mlp", {**config, "reference_only": True, "cv_folds": 0})),
         ("function", contract.splice_model(
             set_config(contract.EXAMPLE_SCRIPT.read_text(), config),
-            "def predict_deltas(train_deltas, reference_train, reference, train_features, query_features, config):\n"
-            "    assert train_deltas.shape == reference_train.shape and train_features.shape[0] == len(train_deltas)\n"
+            "def predict_deltas(train_deltas, train_errors, reference, train_features, query_features, config):\n"
+            "    assert train_deltas.shape == train_errors.shape and train_features.shape[0] == len(train_deltas)\n"
             "    assert query_features.shape == (len(reference), train_features.shape[1]) and np.isfinite(query_features).all()\n"
             "    return reference.copy()\n",
         )),
@@ -309,6 +309,32 @@ def test_the_model_functions_reference_is_the_hosts_comparator(load, tmp_path):
         assert done.returncode == 0, done.stderr[-3000:]
         preds[name] = contract.read_predictions(work / contract.PREDICTIONS, test=[*manifest.val, *manifest.test], genes=[str(g) for g in adata.var_names])
     np.testing.assert_allclose(preds["function"].to_numpy(), preds["reference"].loc[preds["function"].index].to_numpy(), atol=1e-5)
+
+
+def test_the_model_functions_nan_names_rows_with_zero_features(load, tmp_path):
+    """A function that divides by a zero feature norm fails with the rows and their all-zero features named (the
+    1.5B coder's Norman drafts did; its debugger read only "NaN" from the host's contract check)."""
+    adata = load("norman_subset")
+    manifest = make_split(adata, "combination", seed=0)
+    config = {**SMALL, "baseline": "observed_additive", "n_components": 8}
+    code = (
+        "def predict_deltas(train_deltas, train_errors, reference, train_features, query_features, config):\n"
+        "    assert np.allclose(np.linalg.norm(train_features, axis=1)[train_features.any(axis=1)], 1.0)\n"
+        "    norms = np.linalg.norm(query_features, axis=1, keepdims=True)\n"
+        "    return reference + (query_features / norms) @ np.zeros((train_features.shape[1], reference.shape[1]))\n"
+    )
+    contract.prepare_inputs(adata, manifest, tmp_path, task={"type": "combination", "description": "test"})
+    (tmp_path / "train.py").write_text(contract.splice_model(set_config(contract.EXAMPLE_SCRIPT.read_text(), config), code))
+    done = subprocess.run([sys.executable, "-W", "ignore", "train.py"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    query = [*manifest.val, *manifest.test]
+    task = {c["condition"]: c for c in json.loads((tmp_path / "task.json").read_text())["conditions"]}
+    unmeasured = [i for i, c in enumerate(query) if not any(t in set(adata.var_names) for t in task[c]["perturbation"].split("+"))]
+    if not unmeasured:
+        pytest.skip("every condition of this split has a measured target gene")
+    assert done.returncode != 0
+    assert f"predict_deltas returned NaN or inf in {len(unmeasured)} of {len(query)} rows" in done.stderr
+    assert f"rows {unmeasured[:10]} have query_features all zeros" in done.stderr
+    assert not (tmp_path / contract.PREDICTIONS).exists()
 
 
 def test_task_json_carries_numeric_doses(load, tmp_path):

@@ -45,14 +45,19 @@ def describe(name: str) -> np.ndarray:
     return (z[:, cols].T @ z).mean(axis=0) / len(z) if cols else np.zeros(len(genes), dtype=np.float32)
 
 
-train_features = np.stack([describe(c) for c in train_deltas.index]).astype(np.float64)
-query_features = np.stack([describe(c) for c in query]).astype(np.float64)
+def unit_rows(rows: np.ndarray) -> np.ndarray:  # each row scaled to length 1; a row of zeros stays zeros
+    norms = np.linalg.norm(rows, axis=1, keepdims=True)
+    return rows / np.where(norms > 0, norms, 1.0)
+
+
+train_features = unit_rows(np.stack([describe(c) for c in train_deltas.index]).astype(np.float64))
+query_features = unit_rows(np.stack([describe(c) for c in query]).astype(np.float64))
 
 
 # --- model: predict_deltas is the model; the rest of this file is input and output ---
 def predict_deltas(
     train_deltas: np.ndarray,
-    reference_train: np.ndarray,
+    train_errors: np.ndarray,
     reference: np.ndarray,
     train_features: np.ndarray,
     query_features: np.ndarray,
@@ -62,24 +67,29 @@ def predict_deltas(
 
     Every argument but config is a 2-D numpy float array; rows are conditions, in the same order across arrays.
     train_deltas: (n_train, n_genes) observed mean change from control of each training condition.
-    reference_train: (n_train, n_genes) the plan's reference predictor for each training condition, computed
-        without that condition: train_deltas - reference_train is where the reference errs.
+    train_errors: (n_train, n_genes) where the plan's reference predictor errs on each training condition:
+        train_deltas minus the reference's change for that condition (computed without that condition).
     reference: (n_query, n_genes) the reference predictor's change for each condition to predict (held out).
     train_features: (n_train, n_genes) each training perturbation described by the correlation of its target
-        genes with every gene in control cells; a row of zeros when none of its targets is measured.
+        genes with every gene in control cells, each row of length 1 (so query_features @ train_features.T is
+        the cosine similarity of conditions); a row of zeros when none of its targets is measured.
     query_features: (n_query, n_genes) the same description of each condition to predict.
     config: the CONFIG dict; read your own settings with config.get(name, default).
     """
-    correction = (train_deltas - reference_train).mean(axis=0)
+    correction = train_errors.mean(axis=0)
     return reference + config.get("shrink", 0.5) * correction
 # --- end of model ---
 
 
-args = (train_deltas.to_numpy(), reference_train.to_numpy(), reference.to_numpy(), train_features, query_features)
-print("predict_deltas arguments: " + ", ".join(f"{n} {a.shape}" for n, a in zip("train_deltas reference_train reference train_features query_features".split(), args)), flush=True)
+args = (train_deltas.to_numpy(), (train_deltas - reference_train).to_numpy(), reference.to_numpy(), train_features, query_features)
+print("predict_deltas arguments: " + ", ".join(f"{n} {a.shape}" for n, a in zip("train_deltas train_errors reference train_features query_features".split(), args)), flush=True)
 delta = np.asarray(predict_deltas(*args, CONFIG), dtype=np.float64)
 if delta.shape != (len(query), len(genes)):
     raise ValueError(f"predict_deltas returned shape {delta.shape}; expected the shape of reference, (n_query, n_genes): {(len(query), len(genes))}")
+bad = np.flatnonzero(~np.isfinite(delta).all(axis=1))
+if len(bad):  # name the rows, and whether their features were all zeros (a division by a zero norm gives NaN)
+    zero = [int(i) for i in bad if not query_features[i].any()]
+    raise ValueError(f"predict_deltas returned NaN or inf in {len(bad)} of {len(query)} rows {bad[:10].tolist()}; of these, rows {zero[:10]} have query_features all zeros" + (f"; train_features rows all zeros: {np.flatnonzero(~train_features.any(axis=1))[:10].tolist()}" if not train_features.any(axis=1).all() else ""))
 pred = np.stack([feats.control.loc[conditions[c]["context"]].to_numpy() for c in query]) + delta
 Path("outputs").mkdir(exist_ok=True)
 obs = pd.DataFrame({"condition": query}, index=[str(i) for i in range(len(query))])
