@@ -211,3 +211,33 @@ def test_a_sampled_local_call_repeated_in_a_run_draws_a_new_seed(tmp_path):
     assert client._draw("abc") == 0
     (tmp_path / CALL_LOG).write_text("\n".join(_json.dumps({"key": k}) for k in ("abc", "xyz", "abc")) + "\n")
     assert client._draw("abc") == 2 and client._draw("xyz") == 1 and client._draw("new") == 0
+
+
+def test_a_budget_fitted_context_that_overflows_the_window_is_cut_once_more(tmp_path, monkeypatch):
+    """A local model's context fitted to the character budget can still overflow the server's window (long
+    whole-kept parts): it is cut once more before the call fails, and a second overflow ends it with an LLMError."""
+    import litellm
+
+    from cellforge.analysis.task import AnalystReport
+
+    spec = load_spec("data_analyst")
+    monkeypatch.setenv(f"CELLFORGE_LLM_{spec.role.upper()}", "local/qwen2.5-coder-1.5b")
+    sizes: list[int] = []
+    overflows = {"left": 1}
+
+    def complete(self, spec, model, messages, *, attempt, trimmed):
+        sizes.append(sum(len(m["content"]) for m in messages))
+        if overflows["left"]:
+            overflows["left"] -= 1
+            raise litellm.ContextWindowExceededError("prompt is longer than the context", model=model, llm_provider="openai")
+        raise LLMError("answered")  # the call after the cut went out: stop here
+
+    monkeypatch.setattr(LLMClient, "_complete", complete)
+    context = {"task": "t" * 30_000, "data": {"notes": ["n" * 2000] * 20}}
+    with pytest.raises(LLMError, match="answered"):
+        LLMClient(None, stage="analysis").ask(spec, context, AnalystReport)
+    assert len(sizes) == 2 and sizes[1] < sizes[0]
+    overflows["left"], sizes[:] = 2, []
+    with pytest.raises(LLMError, match="still exceeds the model's window after trimming"):
+        LLMClient(None, stage="analysis").ask(spec, context, AnalystReport)
+    assert len(sizes) == 2

@@ -512,7 +512,8 @@ class LLMClient:
             Replay mode and the call is not in the recording.
         LLMError
             The backend kept failing after bounded retries, the context stayed too long
-            after one trim, or no valid answer came after the repair attempts.
+            after one cut for the window (besides a local model's budget fit), or no valid
+            answer came after the repair attempts.
         """
         import litellm
 
@@ -524,6 +525,7 @@ class LLMClient:
             budget = int(os.environ.get("CELLFORGE_LLM_LOCAL_CONTEXT_CHARS", LOCAL_CONTEXT_CHARS))
             context, trimmed = fit_context(context, budget, keep=[*spec.prompt_only, *spec.keep_whole])
         last_error = ""
+        cut_for_window = False  # one cut after the window overflows, even of a context already fitted to the budget
         for attempt in range(self.max_repairs + 1):
             while True:
                 messages = render_messages(spec, context, schema) + repairs
@@ -531,10 +533,10 @@ class LLMClient:
                     text = self._complete(spec, model, messages, attempt=attempt, trimmed=trimmed)
                     break
                 except litellm.ContextWindowExceededError as exc:
-                    if trimmed:
+                    if cut_for_window:
                         msg = f"agent {spec.name!r} ({model}): context still exceeds the model's window after trimming: {redact(str(exc))[:300]}"
                         raise LLMError(msg) from exc
-                    context, trimmed = trim_context(context), True
+                    context, trimmed, cut_for_window = trim_context(context), True, True
             try:
                 if text_answer(schema) and self._finish == "length":
                     # code cut at the token limit is never whole, even when what is left parses
