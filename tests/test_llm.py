@@ -241,3 +241,33 @@ def test_a_budget_fitted_context_that_overflows_the_window_is_cut_once_more(tmp_
     with pytest.raises(LLMError, match="still exceeds the model's window after trimming"):
         LLMClient(None, stage="analysis").ask(spec, context, AnalystReport)
     assert len(sizes) == 2
+
+
+def test_a_local_planning_answer_is_capped_and_a_cut_one_is_asked_again_shorter(tmp_path, monkeypatch):
+    """A planning agent's spec sets no token limit; on a model served here generation is the cost (7.8 tokens/s),
+    so its answer is capped, and a JSON answer cut at the cap goes back with that reason."""
+    import litellm
+
+    import cellforge.llm.local_model as local_model
+    from cellforge.analysis.task import AnalystReport
+    from cellforge.llm.client import LOCAL_MAX_TOKENS
+
+    spec = load_spec("data_analyst")
+    assert spec.max_tokens is None
+    monkeypatch.setenv(f"CELLFORGE_LLM_{spec.role.upper()}", "local/qwen2.5-coder-1.5b")
+    monkeypatch.setattr(local_model, "litellm_route", lambda name: ("openai/qwen", "http://127.0.0.1:9/v1"))
+    calls: list[dict] = []
+
+    def completion(**kwargs):
+        calls.append(kwargs)
+        if len(calls) == 1:
+            return litellm.ModelResponse(choices=[{"message": {"role": "assistant", "content": '{"findings": ["a very long'}, "finish_reason": "length"}])
+        raise RuntimeError("stop here")  # the repaired call went out
+
+    monkeypatch.setattr(litellm, "completion", completion)
+    monkeypatch.setenv("CELLFORGE_LLM_RETRIES", "0")
+    with pytest.raises(Exception, match="stop here"):
+        LLMClient(None, stage="analysis").ask(spec, {"task": "t"}, AnalystReport)
+    assert calls[0]["max_tokens"] == LOCAL_MAX_TOKENS
+    repair = calls[1]["messages"][-1]["content"]
+    assert f"cut at the limit of {LOCAL_MAX_TOKENS} tokens" in repair and repair.rstrip().endswith("shorter.")

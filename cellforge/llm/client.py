@@ -109,6 +109,10 @@ def structured_output(role: str, model: str, *, own_server: bool = False) -> boo
 
 #: llama.cpp ``repeat_penalty`` of a code answer from a model cellforge serves (last 64 tokens; 1.0 is none).
 CODE_REPEAT_PENALTY = 1.1
+#: Most tokens of an answer from a model cellforge serves when its agent spec sets none: generation is
+#: most of such a call's cost (7.8 tokens/s on 2 idle cores, Qwen2.5-Coder-1.5B), and the offline
+#: planner's answers to the planning agents are 140-800 tokens.
+LOCAL_MAX_TOKENS = 1536
 
 
 def live_options(role: str, model: str, schema: type[BaseModel] | None, *, api_base: str | None = None) -> dict[str, Any]:
@@ -488,6 +492,7 @@ class LLMClient:
         self.run_dir, self.stage, self.max_repairs = run_dir, stage, max_repairs
         self._schema: type[BaseModel] | None = None
         self._finish = ""  # the last live answer's finish_reason ("length": cut at max_tokens)
+        self._limit: int | None = None  # the last live call's max_tokens
         self.mode = llm_mode()
         self.book = ReplayBook.from_env(run_dir) if self.mode == "replay" else None
         self.timeout = _env_float("CELLFORGE_LLM_TIMEOUT", 120.0)
@@ -538,9 +543,10 @@ class LLMClient:
                         raise LLMError(msg) from exc
                     context, trimmed, cut_for_window = trim_context(context), True, True
             try:
-                if text_answer(schema) and self._finish == "length":
-                    # code cut at the token limit is never whole, even when what is left parses
-                    msg = f"the answer was cut at the limit of {spec.max_tokens} tokens before it ended (repeated lines, or too long)"
+                if self._finish == "length":
+                    # code cut at the token limit is never whole, even when what is left parses; a cut JSON
+                    # answer is told why it is invalid, so the repair asks for a shorter one
+                    msg = f"the answer was cut at the limit of {self._limit} tokens before it ended (repeated lines, or too long)"
                     raise ValueError(msg)
                 if text_answer(schema):
                     return schema.from_reply(text)  # type: ignore[attr-defined]
@@ -549,7 +555,7 @@ class LLMClient:
                 last_error = str(exc)[:2000]
                 repairs += [
                     {"role": "assistant", "content": text},
-                    {"role": "user", "content": f"That answer is invalid: {last_error}\n" + (f"Reply again with the whole corrected {'function' if schema.__name__ == 'CodeFunction' else 'script'}, shorter, in one ```python block." if text_answer(schema) else "Reply again with one valid JSON object.")},
+                    {"role": "user", "content": f"That answer is invalid: {last_error}\n" + (f"Reply again with the whole corrected {'function' if schema.__name__ == 'CodeFunction' else 'script'}, shorter, in one ```python block." if text_answer(schema) else "Reply again with one valid JSON object" + (", shorter." if self._finish == "length" else "."))},
                 ]
         msg = f"agent {spec.name!r} ({model}) gave no valid {schema.__name__} after {self.max_repairs + 1} tries: {last_error}"
         raise LLMError(msg)
@@ -615,8 +621,9 @@ class LLMClient:
                 kwargs["extra_body"]["repeat_penalty"] = CODE_REPEAT_PENALTY
         elif not model.startswith("cellforge-offline/"):
             kwargs.update(live_options(spec.role, model, self._schema))
-        if spec.max_tokens and not model.startswith("cellforge-offline/"):
-            kwargs["max_tokens"] = spec.max_tokens  # every route: a local server too, where generation is the cost
+        self._limit = spec.max_tokens or (LOCAL_MAX_TOKENS if model.startswith(LOCAL_PREFIX) else None)
+        if self._limit and not model.startswith("cellforge-offline/"):
+            kwargs["max_tokens"] = self._limit  # every route: a local server too, where generation is the cost
         if getattr(self._schema, "stop", None) and not model.startswith("cellforge-offline/"):
             kwargs["stop"] = list(self._schema.stop)  # an answer whose end is known (a closed code block) stops there
         start = time.monotonic()
