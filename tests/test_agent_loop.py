@@ -51,6 +51,14 @@ def _common(tmp_path: Path, **extra) -> dict:  # noqa: ANN003
             "check_outputs": _host, "timeout_s": 60, **extra}  # fmt: skip
 
 
+
+def _judge_against(journal, script, reference, common, **kwargs):
+    """The host's verdict on ``script`` against ``reference`` (the plan's reference alone), with a refiner that stops at once."""
+    return refine_until_settled(
+        journal, script, refiner=lambda *_: {"diagnosis": "done", "stop": True},
+        settings=RefineSettings(max_rounds=1, guard_metric=None, ensemble_steps=0), reference_script=reference, **kwargs, **common,
+    )  # fmt: skip
+
 def test_a_script_that_claims_a_better_error_is_judged_by_the_host_and_flagged(tmp_path):
     script = _TOY.replace('"shift": 0.0, "claim": 0.0', '"shift": 1.0, "claim": 0.0001')
     journal, _ = run_attempts(script, debugger=None, **_common(tmp_path))
@@ -68,10 +76,7 @@ def test_a_models_script_is_kept_only_when_it_beats_the_plans_reference(tmp_path
     reference = _TOY.replace('"shift": 0.0', '"shift": 0.5')  # the reference errs by 0.5 on one gene per condition
     common = _common(tmp_path)
     journal, script = run_attempts(script, debugger=None, **common)
-    journal, best = refine_until_settled(
-        journal, script, refiner=lambda *_: {"diagnosis": "done", "stop": True}, settings=RefineSettings(max_rounds=1, guard_metric=None, ensemble_steps=0),
-        reference_script=reference, **common,
-    )  # fmt: skip
+    journal, best = _judge_against(journal, script, reference, common)
     verdict = journal.comparisons[0]
     assert journal.attempts[1].stage == "reference" and verdict["unit"] == "condition"
     assert verdict["better"] == (kept == "script")
@@ -96,10 +101,7 @@ def test_a_model_told_its_clean_code_lost_to_the_reference_revises_it_and_the_re
 
     common = _common(tmp_path)
     journal, script = run_attempts(first, debugger=None, **common)
-    journal, best = refine_until_settled(
-        journal, script, refiner=lambda *_: {"diagnosis": "done", "stop": True}, settings=RefineSettings(max_rounds=1, guard_metric=None, ensemble_steps=0),
-        reference_script=_TOY.replace('"shift": 0.0', '"shift": 0.5'), revise=revise, **common,
-    )  # fmt: skip
+    journal, best = _judge_against(journal, script, _TOY.replace('"shift": 0.0', '"shift": 0.5'), common, revise=revise)
     assert [a.stage for a in journal.attempts] == ["draft", "reference", "revise", "revise"]
     assert journal.attempts[2].failure is FailureKind.CODE_ERROR
     # each request carries the code judged and the host's figures; the failed revision leaves the judged code as it was
@@ -124,10 +126,7 @@ def test_a_revision_that_fails_goes_to_the_debugger_within_its_own_small_budget(
 
     common = _common(tmp_path)
     journal, script = run_attempts(first, debugger=None, **common)
-    journal, best = refine_until_settled(
-        journal, script, refiner=lambda *_: {"diagnosis": "done", "stop": True}, settings=RefineSettings(max_rounds=1, guard_metric=None, ensemble_steps=0),
-        reference_script=_TOY.replace('"shift": 0.0', '"shift": 0.5'), revise=lambda _: broken, debugger=debugger, max_revisions=1, **common,
-    )  # fmt: skip
+    journal, best = _judge_against(journal, script, _TOY.replace('"shift": 0.0', '"shift": 0.5'), common, revise=lambda _: broken, debugger=debugger, max_revisions=1)
     assert [a.stage for a in journal.attempts] == ["draft", "reference", "revise", "debug"] and REVISION_FIXES >= 1
     assert len(fixes) == 1 and "not_a_module" in fixes[0]["error"] and journal.succeeded
     assert journal.best_attempt == 3 and "not_a_module" not in best
@@ -150,10 +149,7 @@ def test_revisions_stop_at_the_cap_and_code_sent_back_is_not_run_again(tmp_path)
         calls.clear()
         common = _common(tmp_path / revise.__name__)
         journal, script = run_attempts(first, debugger=None, **common)
-        journal, best = refine_until_settled(
-            journal, script, refiner=lambda *_: {"diagnosis": "done", "stop": True}, settings=RefineSettings(max_rounds=1, guard_metric=None, ensemble_steps=0),
-            reference_script=_TOY.replace('"shift": 0.0', '"shift": 0.5'), revise=revise, max_revisions=2, **common,
-        )  # fmt: skip
+        journal, best = _judge_against(journal, script, _TOY.replace('"shift": 0.0', '"shift": 0.5'), common, revise=revise, max_revisions=2)
         assert len(calls) == n_calls and [a.stage for a in journal.attempts] == stages
         assert journal.best_attempt == 1  # the reference stays
     assert "already judged" in json.dumps(json.loads((tmp_path / "same" / "journal.json").read_text())["skipped"])
@@ -164,10 +160,7 @@ def test_a_library_candidate_runs_after_a_models_script_and_must_beat_it(tmp_pat
     library = _TOY  # exact: beats the script by more than the noise
     common = _common(tmp_path)
     journal, script = run_attempts(script, debugger=None, **common)
-    journal, best = refine_until_settled(
-        journal, script, refiner=lambda *_: {"diagnosis": "done", "stop": True}, settings=RefineSettings(max_rounds=1, guard_metric=None, ensemble_steps=0),
-        reference_script=_TOY.replace('"shift": 0.0', '"shift": 3.0'), library_script=library, **common,
-    )  # fmt: skip
+    journal, best = _judge_against(journal, script, _TOY.replace('"shift": 0.0', '"shift": 3.0'), common, library_script=library)
     assert [a.stage for a in journal.attempts] == ["draft", "reference", "library"]
     assert [c["kind"] for c in journal.comparisons] == ["script vs the plan's reference", "the plan's library model vs the incumbent"]
     assert journal.comparisons[1]["incumbent"] == 0 and journal.comparisons[1]["better"]
