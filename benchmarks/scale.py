@@ -275,6 +275,20 @@ def markdown(record: dict) -> str:
         fit = record["exponents"].get(key)
         if fit:
             lines += ["", f"{what} ~ cells^{fit['cells']} x genes^{fit['genes']} (least squares on log scale over {fit['n_sizes']} sizes)"]
+    changed = [r for r in sorted(rows, key=lambda r: r["cells"] * r["genes"]) if r.get("before") and "error" not in r]
+    if changed:
+        lines += ["", "## Before and after", "", "Wall time per stage, s, and peak memory, MiB: the earlier run of each size (before, at its commit) and this commit's run.", "",
+                  "| size | commits | " + " | ".join(STAGES) + " | total s | process peak MiB | sandbox peak MiB |", "|---|---|" + "---|" * len(STAGES) + "---|---|---|"]
+        for r in changed:
+            b = r["before"]
+
+            def pair(x: float | None, y: float | None) -> str:
+                return f"{x:.0f} → {y:.0f}" if x is not None and y is not None else f"{x if x is not None else '-'} → {y if y is not None else '-'}"
+
+            stages = " | ".join(pair(b["stages"].get(st), r["stages"].get(st, {}).get("wall_s")) for st in STAGES)
+            own = max([v.get("peak_rss_mib") or 0 for v in r["stages"].values()] or [0])
+            lines.append(f"| {r['name']} | {b['commit']} → {r.get('commit', '?')} | {stages} | {pair(b['wall_s'], r['wall_s'])}{' (before: stopped)' if b.get('unfinished') else ''} | "
+                         f"{pair(b['process_peak_mib'], own)} | {pair(b.get('sandbox_peak_rss_mib'), r.get('sandbox_peak_rss_mib'))} |")
     lines += ["", "![cost against size](scale.png)"]
     return "\n".join(lines) + "\n"
 
@@ -295,7 +309,8 @@ def main() -> None:
         record_run(args)
         return
     previous = args.out / "scale.json"
-    rows = {r["name"]: r for r in json.loads(previous.read_text())["rows"]} if previous.exists() else {}
+    earlier = json.loads(previous.read_text()) if previous.exists() else {"rows": []}
+    rows = {r["name"]: r for r in earlier["rows"]}
     names = args.size or list(SIZES)
     args.work.mkdir(parents=True, exist_ok=True)
     for i, name in enumerate(names, 1):
@@ -307,7 +322,7 @@ def main() -> None:
             row = json.loads(child.stdout.strip().splitlines()[-1])
         else:
             row = {"name": name, "cells": SIZES[name][0], "genes": SIZES[name][1], "conditions": SIZES[name][2], "wall_s": 0, "error": child.stderr[-500:]}
-        rows[name] = row
+        rows[name] = with_before(row, rows.get(name), earlier.get("commit"))
         print(f"    {row.get('wall_s')} s" + (f", FAILED: {row['error']}" if "error" in row else ""), flush=True)
         write(list(rows.values()), args.out)
         if args.clean:
@@ -326,9 +341,38 @@ def record_run(args: argparse.Namespace) -> None:
     if missing:
         row["unfinished"] = {"stage": missing[0], "after_s": row["wall_s"], "peak_rss_mib_so_far": None, "why": args.why}
     previous = args.out / "scale.json"
-    rows = {r["name"]: r for r in json.loads(previous.read_text())["rows"]} if previous.exists() else {}
-    rows[name] = row
+    earlier = json.loads(previous.read_text()) if previous.exists() else {"rows": []}
+    rows = {r["name"]: r for r in earlier["rows"]}
+    rows[name] = with_before(row, rows.get(name), earlier.get("commit"))
     write(list(rows.values()), args.out)
+
+
+def _commit() -> str:
+    return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()  # noqa: S607
+
+
+def with_before(row: dict, old: dict | None, old_commit: str | None) -> dict:
+    """``row`` (this commit's run of a size) with the run it replaces kept as ``before``: its commit, total and
+    per-stage wall time and peak memory (a failed earlier run is not kept; nor is one from this same commit)."""
+    row["commit"] = _commit()
+    if old is None or "error" in old:
+        return row
+    commit = old.get("commit") or old_commit
+    if commit == row["commit"]:
+        old = old.get("before")  # a rerun at the same commit keeps the earlier commit's figures
+        if old is None:
+            return row
+        row["before"] = old
+        return row
+    row["before"] = {
+        "commit": commit,
+        "wall_s": old.get("wall_s"),
+        "unfinished": bool(old.get("unfinished")),
+        "stages": {k: v.get("wall_s") for k, v in old.get("stages", {}).items()},
+        "process_peak_mib": max([v.get("peak_rss_mib") or 0 for v in old.get("stages", {}).values()] or [0]),
+        "sandbox_peak_rss_mib": old.get("sandbox_peak_rss_mib"),
+    }
+    return row
 
 
 def write(rows: list[dict], out: Path) -> None:
@@ -338,7 +382,7 @@ def write(rows: list[dict], out: Path) -> None:
             r["peak_mib"] = peak(r)
             if all(st in r.get("stages", {}) for st in model_stages):  # data to a trained model's predictions
                 r["through_execute_s"] = round(sum(r["stages"][st]["wall_s"] for st in model_stages), 1)
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True, check=False).stdout.strip()  # noqa: S607
+    commit = _commit()
     record = {
         "date": datetime.now(UTC).isoformat(timespec="seconds"), "commit": commit, "cpus": os.cpu_count(), "settings": SETTINGS,
         "rows": rows,
