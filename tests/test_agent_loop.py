@@ -264,6 +264,24 @@ def test_a_refiner_that_keeps_echoing_a_model_stops_at_the_caps(tmp_path):
     assert len(journal2.attempts) == 1 + 5 and "hard cap of 5 refinement proposals" in journal2.refine_stop_reason
 
 
+def test_a_debugger_that_sends_the_script_back_unchanged_has_stalled(tmp_path):
+    """The 1.5B debugger answered with the failing function as it was in 4 of its 5 fixes (all roles on Adamson):
+    after two such answers the coder draws again instead of the debugger using up the attempts."""
+    from cellforge.execution.journal import MAX_SAME_UNAPPLIED
+
+    failing = "CONFIG = {}\nx = [1][5]\n"
+    drafts = []
+
+    def redraft(request: dict) -> str:
+        drafts.append(request)
+        return _TOY
+
+    journal, final = run_attempts(failing, debugger=lambda request: {"diagnosis": "same", "script": request["script"]}, redraft=redraft, max_attempts=8, **_common(tmp_path))
+    assert journal.succeeded and final == _TOY and len(drafts) == 1
+    assert [a.stage for a in journal.attempts][-1] == "redraft" and len(journal.attempts) == 1 + MAX_SAME_UNAPPLIED + 1
+    assert "left the script unchanged" in drafts[0]["stalled"]
+
+
 def test_a_debugger_that_stalls_on_one_exception_hands_the_script_back_to_the_coder_for_a_fresh_draft(tmp_path):
     """Two fixes in a row that leave the exception as it was: the coder draws again, and that draft is what ran clean."""
     from cellforge.execution.journal import MAX_REPEATED_ERRORS, lineage

@@ -468,7 +468,7 @@ def run_attempts(
     its own (class ``patch_error``, nothing runs) whose error goes back to the debugger within
     the budget. The debugger has stalled when its fixes keep running into exceptions already seen
     (:func:`repeated_errors`, :data:`MAX_REPEATED_ERRORS` times), when it proposed the same unappliable or already-run fix
-    :data:`MAX_SAME_UNAPPLIED` times, or when it gave up: a model's script is then drawn again by
+    :data:`MAX_SAME_UNAPPLIED` times, when its fixes left the script unchanged as often, or when it gave up: a model's script is then drawn again by
     ``redraft`` (at most ``max_redrafts`` times), and without one the loop ends. A debugger or
     coder whose model fails (:class:`~cellforge.errors.LLMError`) ends the loop cleanly, with
     everything recorded.
@@ -518,7 +518,7 @@ def run_attempts(
     attempt = executor.run(script, stage=first_stage, parent=None, patch=first_patch)
     tried_fixes: dict[str, int] = {}  # a fix already run, and the attempt that ran it
     unapplied: dict[str, int] = {}  # a fix that could not be applied, and how often it was proposed
-    stalled, redrafts = "", 0  # why the debugger is not moving the script (empty while it is)
+    stalled, redrafts, unchanged = "", 0, 0  # why the debugger is not moving the script (empty while it is)
     while True:
         if repeated_errors(journal, attempt) >= MAX_REPEATED_ERRORS:
             stalled = stalled or f"{MAX_REPEATED_ERRORS} fixes ran into an exception already seen since the draft (last: {error_signature(attempt)[:120]})"
@@ -540,7 +540,7 @@ def run_attempts(
                 journal.stop_reason = f"the coder's model failed when asked for a fresh draft after attempt {attempt.index}: {exc}"
                 break
             redrafts += 1
-            script, stalled, tried_fixes, unapplied = drawn, "", {}, {}
+            script, stalled, tried_fixes, unapplied, unchanged = drawn, "", {}, {}, 0
             attempt = executor.run(script, stage="redraft", parent=None, patch={"diagnosis": f"a fresh draft from the coder: the debugger stalled ({why})"})
             continue
         if step == "resize":
@@ -582,6 +582,9 @@ def run_attempts(
             continue
         if new_script == script:
             attempt = executor.unapplied(script, parent=attempt.index, patch=patch, error="the patch left the script unchanged")
+            unchanged += 1
+            if unchanged >= MAX_SAME_UNAPPLIED:  # the 1.5B debugger sent its failing line back 4 times of 5 (measured)
+                stalled = f"the debugger's fixes left the script unchanged {unchanged} times (last: attempt {attempt.index})"
             continue
         if fix in tried_fixes:
             attempt = executor.unapplied(
