@@ -12,7 +12,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from cellforge.errors import LLMAuthError, LLMBudgetError, LLMError
 from cellforge.llm.client import LLMClient, read_calls, usage_summary
@@ -85,6 +85,9 @@ class _Server(BaseHTTPRequestHandler):
             self._answer(model, '{"value": forty-two')
         elif model == "badjson":
             self._answer(model, GOOD)
+        elif model == "placeholder":  # the field's description copied as its value, then an answer
+            self.messages.append(request["messages"])
+            self._answer(model, json.dumps({"value": 42, "architecture": "The model  in one paragraph" if n == 1 else "a ridge on gene PCs"}))
         elif model == "auth":
             error["error"].update(message="Incorrect API key provided", type="invalid_request_error", code="invalid_api_key")
             self._reply(401, error)
@@ -184,6 +187,21 @@ def test_malformed_json_gets_a_repair_attempt(live, tmp_path):
     calls = read_calls(tmp_path)
     assert [c["attempt"] for c in calls] == [0, 1]
     assert "That answer is invalid" in calls[1]["messages"][-1]["content"]
+
+
+class Described(BaseModel):
+    value: int
+    architecture: str = Field(description="The model in one paragraph.")
+
+
+def test_a_field_that_repeats_its_schema_description_is_sent_back(live, tmp_path):
+    live("placeholder")
+    _Server.messages.clear()
+    answer = LLMClient(tmp_path, stage="design").ask(SPEC, {"question": "?"}, Described)
+    assert answer.architecture == "a ridge on gene PCs"
+    assert _Server.counts["placeholder"] == 2
+    told = _Server.messages[1][-1]["content"]
+    assert "That answer is invalid" in told and "architecture: 'The model  in one paragraph'" in told
 
 
 def test_authentication_error_stops_at_once_naming_the_variable(live, tmp_path):

@@ -34,7 +34,7 @@ import jinja2
 from pydantic import BaseModel, ValidationError
 
 from cellforge.errors import ConfigError, LLMAuthError, LLMBudgetError, LLMError, LLMReplayError
-from cellforge.llm.jsonio import extract_json
+from cellforge.llm.jsonio import copied_descriptions, extract_json
 from cellforge.llm.specs import AgentSpec
 from cellforge.safeio import append_line, read_jsonl
 from runtime.redaction import redact
@@ -550,7 +550,11 @@ class LLMClient:
                     raise ValueError(msg)
                 if text_answer(schema):
                     return schema.from_reply(text)  # type: ignore[attr-defined]
-                return schema.model_validate(extract_json(text))
+                answer = schema.model_validate(extract_json(text))
+                if copied := copied_descriptions(answer):
+                    msg = "these fields repeat the schema's description of the field instead of answering it: " + "; ".join(copied) + ". Write the actual content"
+                    raise ValueError(msg)
+                return answer
             except (ValueError, ValidationError) as exc:
                 last_error = str(exc)[:2000]
                 repairs += [
