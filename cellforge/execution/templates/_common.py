@@ -56,26 +56,75 @@ def _take(X, rows):
     return X if len(rows) == X.shape[0] and (len(rows) == 0 or (rows[0] == 0 and np.all(np.diff(rows) == 1))) else X[rows]
 
 
+def _block_sums(X, rows, codes, n_groups):
+    """Sums of the rows ``rows`` of X by group (``codes``, one per row of ``rows``): (n_groups, n_genes) float64."""
+    sums = np.zeros((n_groups, X.shape[1]))
+    done = 0
+    for block in _row_blocks(X, rows):
+        c = codes[done : done + len(block)]
+        onehot = sp.csr_matrix((np.ones(len(c)), (c, np.arange(len(c)))), shape=(n_groups, len(c)))
+        sums += dense(onehot @ _as64(_take(X, block)))
+        done += len(block)
+    return sums
+
+
+#: Per-condition sums of an AnnData's X, computed once (:func:`condition_sums`), by id of the AnnData.
+_CONDITION_SUMS = {}
+
+
+def condition_sums(adata):
+    """Every condition's summed expression and cell count, from one pass over X.
+
+    Returns (names (n_conditions,) sorted, codes (n_cells,) positions into names, sums
+    (n_conditions, n_genes) float64, counts (n_conditions,)). Kept for the AnnData's life: the
+    means over any set of whole conditions (the cross-validation folds' cells, the controls,
+    the perturbed cells) are then sums of these rows, not another pass over a screen's matrix.
+    """
+    cached = _CONDITION_SUMS.get(id(adata))
+    if cached is None or cached[0] is not adata:
+        names, codes = np.unique(adata.obs["condition"].astype(str).to_numpy(), return_inverse=True)
+        sums = _block_sums(adata.X, np.arange(adata.n_obs), codes, len(names))
+        cached = _CONDITION_SUMS[id(adata)] = (adata, names, codes, sums, np.bincount(codes, minlength=len(names)).astype(np.float64))
+    return cached[1:]
+
+
+def _whole_conditions(adata, rows):
+    """Which conditions ``rows`` (positions) cover (boolean over :func:`condition_sums`' names), or None when one is covered only in part."""
+    names, codes, _, counts = condition_sums(adata)
+    taken = np.bincount(codes[rows], minlength=len(names))
+    if len(np.unique(rows)) != len(rows) or not np.all((taken == 0) | (taken == counts)):
+        return None
+    return taken > 0
+
+
 def group_means(adata, rows=None):
     """Mean profile per condition of the cells ``rows`` (positions; default all): DataFrame (n_conditions, n_genes), sorted by condition.
 
-    Sums by a sparse condition-by-cell indicator product in float64, a block of rows at a time
+    Sums in float64 by a sparse condition-by-cell indicator product, a block of rows at a time
     (:data:`CHUNK_VALUES`); neither ``X`` nor the selected rows are densified or copied whole,
-    only the (n_conditions, n_genes) result is dense. Pass ``rows`` rather than an AnnData view:
-    a view's ``X`` is a copy of every selected row.
+    only the (n_conditions, n_genes) result is dense. When ``rows`` are whole conditions (as
+    every caller's are) the sums come from :func:`condition_sums`, one pass for the script.
+    Pass ``rows`` rather than an AnnData view: a view's ``X`` is a copy of every selected row.
     """
     rows = np.arange(adata.n_obs) if rows is None else np.asarray(rows)
+    whole = _whole_conditions(adata, rows)
+    if whole is not None:
+        names, _, sums, counts = condition_sums(adata)
+        return pd.DataFrame(sums[whole] / counts[whole, None], index=pd.Index(names[whole]), columns=adata.var_names)
     labels = adata.obs["condition"].astype(str).to_numpy()[rows]
     names, codes = np.unique(labels, return_inverse=True)
-    sums = np.zeros((len(names), adata.n_vars))
-    done = 0
-    for block in _row_blocks(adata.X, rows):
-        c = codes[done : done + len(block)]
-        onehot = sp.csr_matrix((np.ones(len(c)), (c, np.arange(len(c)))), shape=(len(names), len(c)))
-        sums += dense(onehot @ _as64(_take(adata.X, block)))
-        done += len(block)
+    sums = _block_sums(adata.X, rows, codes, len(names))
     counts = np.bincount(codes, minlength=len(names)).astype(np.float64)
     return pd.DataFrame(sums / counts[:, None], index=pd.Index(names), columns=adata.var_names)
+
+
+def cell_mean(adata, rows):
+    """Mean of each gene over the cells ``rows`` (positions), float64 (n_genes,): from :func:`condition_sums` when they are whole conditions."""
+    whole = _whole_conditions(adata, rows)
+    if whole is None:
+        return column_means(adata.X, rows)
+    _, _, sums, counts = condition_sums(adata)
+    return sums[whole].sum(axis=0) / counts[whole].sum()
 
 
 def column_means(X, rows=None):
@@ -138,7 +187,7 @@ class Features:
         # PCA of the cells: the mean from all cells, the components from at most ~3,000 of them;
         # only those rows are densified (a full-size screen's cells x genes never is)
         n = len(rows)
-        mean = column_means(X, rows)
+        mean = cell_mean(train, rows)
         Xc = dense(X[rows[:: max(1, n // 3000)]]).astype(np.float64) - mean
         s, vt = top_components(Xc, k)
         k = min(k, vt.shape[0])

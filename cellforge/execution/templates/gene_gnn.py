@@ -59,11 +59,14 @@ class GeneGNN(nn.Module):
         nn.init.zeros_(self.readout.bias)
 
     def forward(self, x):
-        n = x.shape[0]
-        static = torch.cat([self.gene_emb, self.learned], dim=1).expand(n, -1, -1)
-        h = torch.cat([x.unsqueeze(-1), static], dim=-1)  # (n, n_genes, d_in)
-        h = torch.nn.functional.gelu(self.layer1(self.propagate(h)))
-        h = self.drop(h)
+        # layer1(graph @ [x, static]) computed as W_x (graph @ x) + (graph @ static) W_s^T + b: the same
+        # sum, but the condition-independent static features (gene embeddings) go through the graph
+        # once per step instead of once per condition (21 columns a condition become 1)
+        w = self.layer1.weight  # (hidden, 1 + d_static)
+        static = torch.cat([self.gene_emb, self.learned], dim=1)  # (n_genes, d_static)
+        shared = self.propagate(static.unsqueeze(0))[0] @ w[:, 1:].T + self.layer1.bias  # (n_genes, hidden)
+        h = self.propagate(x.unsqueeze(-1)) * w[:, 0] + shared  # (n, n_genes, hidden)
+        h = self.drop(torch.nn.functional.gelu(h))
         h = torch.nn.functional.gelu(self.layer2(self.propagate(h)))
         return self.readout(h).squeeze(-1)
 
