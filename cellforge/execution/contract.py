@@ -233,7 +233,8 @@ def _check_values(values: np.ndarray, source: str, *, cell_level: bool) -> None:
 
 
 def _check_labels(conds: pd.Series, columns: list[str], *, test: list[str], genes: list[str], source: str) -> None:
-    missing_genes = [g for g in genes if g not in set(columns)]
+    present = set(columns)  # built once: a screen has ~34,000 genes (a set per gene was 69 s at the Norman size)
+    missing_genes = [g for g in genes if g not in present]
     if missing_genes:
         msg = f"{source}: {len(missing_genes)} of {len(genes)} genes missing, e.g. {missing_genes[:5]}"
         raise PredictionError(msg)
