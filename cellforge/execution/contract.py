@@ -22,13 +22,14 @@ from pathlib import Path
 import anndata as ad
 import numpy as np
 import pandas as pd
+import scipy.sparse as sp
 
 from cellforge.data.splits import SplitManifest
 from cellforge.data.loaders import read_h5ad_file
 from cellforge.execution.genes import GeneSelection
 from cellforge.errors import DatasetError, PredictionError
 from cellforge.evaluation.pseudobulk import condition_table
-from cellforge.safeio import write_h5ad, write_json
+from cellforge.safeio import atomic_write_bytes, h5ad_bytes_in_blocks, write_h5ad, write_json
 
 PREDICTIONS = "outputs/predictions.h5ad"
 VAL_METRICS = "outputs/val_metrics.json"
@@ -80,9 +81,13 @@ def prepare_inputs(
         obs = adata.obs.iloc[rows][keep].copy()
         for column in obs.columns[obs.dtypes == "category"]:
             obs[column] = obs[column].cat.remove_unused_categories()  # as an AnnData view would
-        part = ad.AnnData(X=take_block(adata.X, rows, columns), obs=obs, var=var.copy())
-        write_h5ad(part, data / f"{name}.h5ad")
-        del part
+        if sp.issparse(adata.X) and len(rows) > BLOCK_ROWS:  # a screen: the file is built a block of cells at a time
+            blocks = (take_block(adata.X, rows[i : i + BLOCK_ROWS], columns).tocsr() for i in range(0, len(rows), BLOCK_ROWS))
+            atomic_write_bytes(data / f"{name}.h5ad", h5ad_bytes_in_blocks(obs, var.copy(), blocks))
+        else:
+            part = ad.AnnData(X=take_block(adata.X, rows, columns), obs=obs, var=var.copy())
+            write_h5ad(part, data / f"{name}.h5ad")
+            del part
     table = condition_table(adata)
     names = [*manifest.train, *manifest.val, *manifest.test, *table.index[table["is_control"]]]
     dose = _condition_doses(adata)
