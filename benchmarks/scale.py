@@ -244,7 +244,7 @@ def markdown(record: dict) -> str:
     lines = [
         "# Cost of the main job against data size (`benchmarks/scale.py`, SYNTHETIC data)",
         "",
-        f"{record['date']}, commit {record['commit']}, {record['cpus']} CPUs. Synthetic count matrices shaped like real screens "
+        f"{record['date']}, commit {record['commit']} (each size's own run: its commit in scale.json), {record['cpus']} CPUs. Synthetic count matrices shaped like real screens "
         f"(the purpose is cost, not accuracy); `cellforge benchmark --data FILE` with `{' '.join(SETTINGS)}`, local sandbox. "
         "Wall time per stage in seconds; peak memory in MiB (cellforge process / largest training script, as the sandbox measured it).",
         "",
