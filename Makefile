@@ -20,7 +20,7 @@ PY312 := $(shell \
 # uv from PATH, else installed from PyPI into .tools/.
 UV := $(shell command -v uv 2>/dev/null || echo .tools/bin/uv)
 
-.PHONY: bench-llm-ceiling bench-task-types bench-de-scale bench-linear bench-battery sandbox-deps bench-llm-speed bench-fanout bench-prior bench-scale bench-llm help install install-llm test test-all test-docker benchmark bench bench-perf bench-tasks bench-heldback paper docker-engine docker-build clean
+.PHONY: bench-inputs-memory bench-llm-ceiling bench-task-types bench-de-scale bench-linear bench-battery sandbox-deps bench-llm-speed bench-fanout bench-prior bench-scale bench-llm help install install-llm test test-all test-docker benchmark bench bench-perf bench-tasks bench-heldback paper docker-engine docker-build clean
 
 help: ## Show this help
 	@grep -E '^[a-zA-Z_-]+:.*?## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*?## "}; {printf "  %-14s %s\n", $$1, $$2}'
@@ -79,6 +79,9 @@ bench-prior: $(VENV)/.installed ## The co-expression prior for unseen perturbati
 
 bench-llm: install-llm ## The main job with a real LLM (CELLFORGE_LLM, default the local Qwen2.5-Coder-1.5B): make bench-llm [ROLES=code|all] [SEEDS=3] [DATASETS="adamson_subset norman_subset"]
 	$(PY) benchmarks/llm.py $(if $(SEEDS),--seeds $(SEEDS)) $(if $(ROLES),--roles $(ROLES)) $(foreach d,$(DATASETS),--dataset $(d))
+
+bench-inputs-memory: install ## Peak memory of writing a bench-scale screen's sandbox inputs, per code version: make bench-inputs-memory [CODE="before=../wt after=."]: benchmarks/results/inputs-memory.{json,md}
+	$(PY) benchmarks/inputs_memory.py $(foreach c,$(CODE),--code $(c))
 
 bench-llm-ceiling: install ## What hand-written answers of the form asked of the LLM coder earn under the host's rule, on bench-llm's run directories: benchmarks/results/llm-ceiling.{json,md}
 	$(PY) benchmarks/answer_ceiling.py
