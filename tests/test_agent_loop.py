@@ -531,6 +531,34 @@ def test_a_debugger_rewrites_the_coders_function_and_the_host_puts_it_in_place()
         FunctionFix.from_reply("It fails.\n```python\ndef predict_deltas(a, b, c, d, e, f, g):\n    x = 1\n```")
 
 
+def test_consecutive_debugger_prompts_share_everything_up_to_the_history_and_the_new_error():
+    """A local server reprocesses a prompt from its first changed token: what a next debugger call changes comes last."""
+    from cellforge.design.plan import FunctionFix
+    from cellforge.execution.contract import EXAMPLE_SCRIPT, model_region, splice_model
+    from cellforge.execution.debugging import debugger_context
+    from cellforge.llm.client import render_messages
+    from cellforge.llm.specs import load_spec
+
+    code = "def predict_deltas(train_deltas, train_errors, reference, train_features, query_features, config):\n    return reference + train_deltas\n"
+    region = model_region(splice_model(EXAMPLE_SCRIPT.read_text(), code))
+    first_try = {"stage": "debug", "attempt": 1, "change": "rewrote predict_deltas", "outcome": "code_error"}
+
+    def prompt(history: list, error: str) -> str:
+        ctx = debugger_context(
+            failure="code_error", log_tail=error, script=region, excerpt_lines="the model region", failing_line=None,
+            outline=[], history=history, limits={"timeout_s": 600, "memory_mb": 4096},
+        )  # fmt: skip
+        system, user = render_messages(load_spec("debugger"), ctx, FunctionFix.against(region))
+        return system["content"] + user["content"]
+
+    first = prompt([], "ValueError: operands could not be broadcast together with shapes (2,) (3,)")
+    second = prompt([first_try], "ValueError: matmul: Input operand 1 has a mismatch in its core dimension 0")
+    shared = next(i for i, (a, b) in enumerate(zip(first, second, strict=False)) if a != b)
+    assert json.dumps(region)[1:-1] in second[:shared]  # the whole model region is in the part a server keeps
+    assert "limits" in second[:shared] and "operands could not" not in first[:shared]
+    assert shared > 0.6 * len(first)
+
+
 def test_a_fixed_function_that_elides_lines_with_dots_gets_them_from_the_failing_one():
     """The 1.5B debugger copied the start of the function, changed a line, and ended with `...` (three times)."""
     from cellforge.design.plan import FunctionFix

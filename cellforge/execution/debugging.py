@@ -85,6 +85,20 @@ def focus(script: str, error: str, failure: str) -> dict[str, Any]:
     return {"excerpt": excerpt, "excerpt_lines": f"{start}-{end} of {n}", "failing_line": failing_line(script, error), "outline": outline[:30]}
 
 
+#: The debugger's context keys in prompt order: what stays the same between its calls first (limits, the
+#: script region, whose argument notes and unchanged lines lead it), then what grows (the history of
+#: fixes), then what is new every call (the failure and its error output). A llama.cpp server keeps the
+#: tokens of its last prompt and processes a new one from the first token that differs; at ~20 prompt
+#: tokens/s on two cores every token of a shared prefix is 50 ms saved.
+DEBUGGER_ORDER = ("limits", "excerpt_lines", "script", "outline", "config", "history", "failure", "failing_line", "log_tail")
+
+
+def debugger_context(**fields: Any) -> dict[str, Any]:
+    """The debugger's context with its keys in :data:`DEBUGGER_ORDER` (keys not listed there follow, as given)."""
+    ordered = {key: fields[key] for key in DEBUGGER_ORDER if key in fields}
+    return {**ordered, **{k: v for k, v in fields.items() if k not in ordered}}
+
+
 #: Longest line of error output the debugger reads; longer ones keep their start and end.
 MAX_LINE = 300
 

@@ -261,7 +261,7 @@ def stage_execute(run: Run, *, echo: Echo) -> None:
     from cellforge.design.plan import FunctionFix, OneEdit, Patch, Refinement
     from cellforge.execution import contract
     from cellforge.execution.codegen import get_config, is_cell_level, render
-    from cellforge.execution.debugging import condense_error, focus
+    from cellforge.execution.debugging import condense_error, debugger_context, focus
     from cellforge.execution.journal import (
         FailureKind, RefineSettings, fall_back_to_library, is_library_script, lineage, refine_until_settled, refit_selected, run_attempts,
     )
@@ -301,11 +301,13 @@ def stage_execute(run: Run, *, echo: Echo) -> None:
         script, failure = request["script"], request["failure"].value
         error = condense_error(request["error"])
         region = focus(script, error, failure)
-        ctx = {
-            "failure": failure, "log_tail": error, "script": region["excerpt"], "excerpt_lines": region["excerpt_lines"],
-            "failing_line": region["failing_line"], "outline": region["outline"], "history": request["history"],
-            "limits": request["limits"], "config": get_config(script),
-        }  # fmt: skip
+        # what stays the same from one call to the next comes first and what changes last (the history grows, the
+        # error is new): a local server reprocesses a prompt only from its first changed token (DEBUGGER_ORDER)
+        ctx = debugger_context(
+            failure=failure, log_tail=error, script=region["excerpt"], excerpt_lines=region["excerpt_lines"],
+            failing_line=region["failing_line"], outline=region["outline"], history=request["history"],
+            limits=request["limits"], config=get_config(script),
+        )  # fmt: skip
         spec = load_spec("debugger")
         if any(h["stage"] == "debug" and h["outcome"] != "ok" for h in request["history"]):
             # an earlier fix failed: at temperature 0 the same prompt tends to give the same fix back (measured), so sample
