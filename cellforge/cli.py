@@ -46,6 +46,7 @@ def benchmark(
     refine_patience: Annotated[int, typer.Option(help="Stop refining after this many rounds without improvement.")] = 2,
     refine_tolerance: Annotated[float, typer.Option(help="Relative validation improvement that counts as progress where the one-standard-error rule cannot apply (no per-condition validation predictions), and the allowed fall of validation pearson.")] = 0.01,
     refit: Annotated[bool, typer.Option("--refit/--no-refit", help="After selection on the host's validation cells, train the kept model again on training + validation cells.")] = True,
+    judge_folds: Annotated[int, typer.Option(help="A model's own script faces the plan's reference on the validation conditions plus out-of-fold predictions of the training conditions, in this many folds (0: validation only).")] = 5,
     resume: Annotated[Path | None, typer.Option("--resume", help="Resume this run directory.")] = None,
     until: Annotated[str | None, typer.Option("--until", help="Stop after this stage (data, profile, analysis, design, codegen, execute, evaluate, report), e.g. codegen to read the plan and code before training; --resume goes on.")] = None,
     runs: Annotated[Path | None, typer.Option(help="Parent folder of run directories (default ./runs).")] = None,
@@ -86,6 +87,7 @@ def benchmark(
                 refine_patience=refine_patience,
                 refine_tolerance=refine_tolerance,
                 refit=refit,
+                judge_folds=judge_folds,
             )
             run = Run.create(config, root=runs, adata=adata)
         typer.echo(f"run directory: {run.dir}")

@@ -58,6 +58,10 @@ class RunConfig(BaseModel):
     refine_patience: int = Field(default=2, ge=1, le=20, description="Rounds without enough improvement before stopping.")
     refine_tolerance: float = Field(default=0.01, ge=0.0, le=1.0, allow_inf_nan=False, description="Relative validation improvement that counts.")
     refit: bool = Field(default=True, description="Train the selected model again on training + validation cells before it predicts the test conditions.")
+    judge_folds: int = Field(
+        default=5, ge=0, le=20,
+        description="Folds of the training conditions on which a model's own script and the plan's reference are also judged, out of fold (0: the validation split only).",
+    )  # fmt: skip
 
     @field_validator("task_type")
     @classmethod

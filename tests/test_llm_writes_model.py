@@ -175,6 +175,9 @@ def test_an_llm_written_model_is_debugged_from_runtime_events_and_scored(scripte
     assert reference["index"] == 2 and reference["failure"] is None and library["failure"] is None
     verdict, candidate = journal["comparisons"][0], journal["comparisons"][-1]
     assert verdict["challenger"] == 1 and verdict["incumbent"] == 2 and verdict["unit"] in {"condition", "condition x gene"}
+    # judged on the validation conditions and, out of fold, on every training condition (the host ran both scripts per fold)
+    assert verdict["conditions"]["out_of_fold"] == len(json.loads((run / "split.json").read_text())["train"])
+    assert "out-of-fold training conditions" in (run / "report.md").read_text()
     if verdict["better"]:
         assert agents == ["coder", "debugger"] and "revise" not in stages
     else:

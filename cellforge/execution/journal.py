@@ -203,7 +203,7 @@ def sha(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-class _Executor:
+class Executor:
     """Runs numbered attempts of scripts in one sandbox and records them in a journal."""
 
     def __init__(
@@ -510,7 +510,7 @@ def run_attempts(
     """
     from cellforge.errors import LLMError
 
-    executor = _Executor(
+    executor = Executor(
         sandbox=sandbox, attempts_dir=attempts_dir, journal_path=journal_path, check_outputs=check_outputs,
         timeout_s=timeout_s, memory_mb=memory_mb, on_start=on_start, journal=journal,
     )
@@ -737,6 +737,40 @@ def _verdict(new: Attempt, old: Attempt, settings: RefineSettings, attempts_dir:
     return {"better": a < b - settings.tolerance * abs(b), "why": f"relative tolerance {settings.tolerance}"}
 
 
+def verdict_with_folds(
+    new: Attempt, old: Attempt, new_script: str, old_script: str, *, settings: RefineSettings, attempts_dir: Path, out_of_fold: Any = None,
+) -> dict[str, Any]:
+    """:func:`_verdict` on the validation conditions plus the out-of-fold training conditions of both scripts.
+
+    ``out_of_fold(script)`` gives a script's host-judged out-of-fold predictions
+    (:class:`~cellforge.execution.ensemble.ValPredictions`), a string when a fold failed, or None
+    without folds. The paired rule then runs over the rows of both: more conditions, the unit is
+    the condition. A fold the new script fails loses it the comparison (it broke on training data
+    a little smaller than its own); a fold the comparator fails, or no folds, leaves the verdict on
+    the validation conditions alone. The validation-only figures stay in ``validation_only``.
+    """
+    import numpy as np
+
+    from cellforge.execution.ensemble import paired_rule
+
+    base = _verdict(new, old, settings, attempts_dir)
+    if out_of_fold is None or "mean_diff" not in base:  # not a paired verdict (no numbers, a guard, the tolerance rule)
+        return base
+    saved_new, saved_old = _val_predictions(attempts_dir, new), _val_predictions(attempts_dir, old)
+    old_folds = out_of_fold(old_script)
+    if old_folds is None or isinstance(old_folds, str):
+        return {**base, "folds": f"validation only: {old_folds or 'no folds'} (the comparator)"}
+    new_folds = out_of_fold(new_script)
+    only = {k: base[k] for k in ("better", "mean_diff", "se", "n", "unit") if k in base}
+    if new_folds is None or isinstance(new_folds, str):
+        return {"better": False, "why": f"the script's {new_folds or 'folds did not run'}", "validation_only": only}
+    if new_folds.conditions != old_folds.conditions:
+        return {**base, "folds": "validation only: the two scripts' folds differ"}
+    rule = paired_rule(np.vstack([saved_new.pred, new_folds.pred]), np.vstack([saved_old.pred, old_folds.pred]), np.vstack([saved_new.target, new_folds.target]))
+    why = f"paired one-standard-error rule over {rule['unit']} values: {len(saved_new.conditions)} validation and {len(new_folds.conditions)} out-of-fold training conditions"
+    return {**rule, "why": why, "validation_only": only, "conditions": {"validation": len(saved_new.conditions), "out_of_fold": len(new_folds.conditions)}}
+
+
 def verdict_text(verdict: dict[str, Any], new: Attempt, old: Attempt, settings: RefineSettings) -> str:
     """The host's verdict on ``new`` against ``old`` in words, with its figures (what a model is told of its judged code)."""
     a, b = _score(new, settings), _score(old, settings)
@@ -765,6 +799,7 @@ def refine_until_settled(
     revise: Any = None,
     max_revisions: int = MAX_REVISIONS,
     debugger: Any = None,
+    out_of_fold: Any = None,
 ) -> tuple[Journal, str]:
     """Refinement rounds after a clean run, until the host-judged validation metric settles.
 
@@ -779,7 +814,10 @@ def refine_until_settled(
     again) faces
     the same reference. Then ``library_script`` (the plan's library model) runs as a candidate (stage
     ``library``) and replaces the incumbent only by the same rule: library and model on equal
-    terms. ``journal.comparisons`` keeps each verdict with its figures.
+    terms. ``journal.comparisons`` keeps each verdict with its figures. With ``out_of_fold(script)``
+    (:meth:`cellforge.execution.folds.OutOfFold.judged`) the script and the reference are judged on
+    more conditions: the rule pairs the validation conditions and the training conditions'
+    out-of-fold predictions of both (:func:`verdict_with_folds`).
 
     Each round asks ``refiner(config, history, settings) -> {"diagnosis", "config_updates",
     "stop"}`` (or a ``diff``/``script`` of the best script) and runs the change (stage
@@ -805,7 +843,7 @@ def refine_until_settled(
     """
     from cellforge.errors import LLMError
 
-    executor = _Executor(
+    executor = Executor(
         sandbox=sandbox, attempts_dir=attempts_dir, journal_path=journal_path, check_outputs=check_outputs,
         timeout_s=timeout_s, memory_mb=memory_mb, on_start=on_start, journal=journal,
     )
@@ -816,8 +854,12 @@ def refine_until_settled(
         # the model's own script against the plan's reference predictor: the rule a template applies to its residual
         model_attempt = best
         ref = executor.run(reference_script, stage="reference", parent=None, patch={"diagnosis": "the plan's reference predictor alone, the script's comparator"})
-        verdict = _verdict(model_attempt, ref, settings, attempts_dir) if ref.failure is None else {"better": True, "why": f"the reference failed ({ref.failure.value})"}
+        if ref.failure is None:
+            verdict = verdict_with_folds(model_attempt, ref, script, reference_script, settings=settings, attempts_dir=attempts_dir, out_of_fold=out_of_fold)
+        else:
+            verdict = {"better": True, "why": f"the reference failed ({ref.failure.value})"}
         journal.comparisons.append({"challenger": model_attempt.index, "incumbent": ref.index, "kind": "script vs the plan's reference", **verdict})
+        journal.save(journal_path)
         judged, drafts = script, {sha(script)}
         for turn in range(max_revisions if revise is not None and ref.failure is None else 0):
             if verdict["better"]:
@@ -844,7 +886,7 @@ def refine_until_settled(
             if attempt.failure is not None:
                 continue
             model_attempt, judged, script = attempt, revised, revised
-            verdict = _verdict(attempt, ref, settings, attempts_dir)
+            verdict = verdict_with_folds(attempt, ref, revised, reference_script, settings=settings, attempts_dir=attempts_dir, out_of_fold=out_of_fold)
             journal.comparisons.append({"challenger": attempt.index, "incumbent": ref.index, "kind": "revised script vs the plan's reference", **verdict})
         if verdict["better"]:
             best, best_script = model_attempt, script
@@ -986,7 +1028,7 @@ def fall_back_to_library(
     SandboxError
         Infrastructure failure.
     """
-    executor = _Executor(
+    executor = Executor(
         sandbox=sandbox, attempts_dir=attempts_dir, journal_path=journal_path, check_outputs=check_outputs,
         timeout_s=timeout_s, memory_mb=memory_mb, on_start=on_start, journal=journal,
     )
@@ -1031,7 +1073,7 @@ def refit_selected(
     if journal.best_attempt is None:
         return None
     weights = journal.ensemble.weights if journal.ensemble is not None else {journal.best_attempt: 1.0}
-    executor = _Executor(
+    executor = Executor(
         sandbox=sandbox, attempts_dir=attempts_dir, journal_path=journal_path, check_outputs=check_outputs,
         timeout_s=timeout_s, memory_mb=memory_mb, on_start=on_start, journal=journal,
     )

@@ -387,12 +387,20 @@ def stage_execute(run: Run, *, echo: Echo) -> None:
             ):
                 script = library_script
         if journal.succeeded:
-            reference_script = None
+            reference_script, out_of_fold = None, None
             if not is_library_script(script) and plan.get("template") in _library():
                 config = {k: v for k, v in defaults.items() if k != "template"}
                 # the reference alone: the plan's template (a condition-level one) with its residual off
                 host = plan["template"] if not is_cell_level(plan["template"]) else "pert_mlp"
                 reference_script = render(host, {**config, "reference_only": True, "cv_folds": 0})
+                if c.judge_folds >= 2 and judge.conditions:  # noqa: PLR2004 - a fold needs others to train on
+                    from cellforge.execution.folds import OutOfFold
+
+                    out_of_fold = OutOfFold(
+                        adata, manifest, genes=list(genes), selection=selection, task=task, root=run.path("folds"),
+                        folds=c.judge_folds, seed=c.seed, timeout_s=c.timeout_s, memory_mb=c.memory_mb,
+                        open_box=lambda folder, code: open_sandbox(folder, requested=c.sandbox, written_by_model=not is_library_script(code)),
+                    ).judged  # fmt: skip
             journal, script = refine_until_settled(
                 journal,
                 script,
@@ -410,6 +418,7 @@ def stage_execute(run: Run, *, echo: Echo) -> None:
                 defaults=defaults,
                 revise=revise if coder_writes_scripts() and not is_library_script(first_script) else None,
                 debugger=debugger,
+                out_of_fold=out_of_fold,
             )
         refitted = None
         if journal.succeeded and manifest.val and c.refit:

@@ -83,6 +83,9 @@ def _written_by_lines(metrics: dict[str, Any]) -> str:
         if isinstance(v.get("mean_diff"), int | float):
             se = v.get("se")
             figures = f": mean paired difference {v['mean_diff']:+.3g}" + (f" ± {se:.3g} (SE)" if isinstance(se, int | float) else "") + f" over {v.get('n')} {v.get('unit')} pairs"
+            where = v.get("conditions") or {}
+            if isinstance(where.get("validation"), int) and isinstance(where.get("out_of_fold"), int):
+                figures += f" ({where['validation']} validation and {where['out_of_fold']} out-of-fold training conditions)"
         lines.append(f"- {v['kind']} (attempt {v['challenger']} vs {v['incumbent']}): attempt {winner} kept{figures}.")
     refit = metrics.get("refit") or {}
     if refit:
