@@ -72,7 +72,6 @@ def predict_deltas(
     reference: (n_query, n_genes) the reference predictor's change for each condition to predict (held out).
     train_features: (n_train, n_genes) each training perturbation described by the correlation of its target
         genes with every gene in control cells, scaled to length 1; a row of zeros when none of its targets is measured.
-        Rows already have length 1, so query_features @ train_features.T is the cosine similarity, (n_query, n_train).
     query_features: (n_query, n_genes) the same description of each condition to predict.
     config: the CONFIG dict; read your own settings with config.get(name, default).
     """
