@@ -83,8 +83,8 @@ bench-llm: install-llm ## The main job with a real LLM (CELLFORGE_LLM, default t
 bench-inputs-memory: install ## Peak memory of writing a bench-scale screen's sandbox inputs, per code version: make bench-inputs-memory [CODE="before=../wt after=."]: benchmarks/results/inputs-memory.{json,md}
 	$(PY) benchmarks/inputs_memory.py $(foreach c,$(CODE),--code $(c))
 
-bench-llm-ceiling: install ## What hand-written answers of the form asked of the LLM coder earn under the host's rule, on bench-llm's run directories: benchmarks/results/llm-ceiling.{json,md}
-	$(PY) benchmarks/answer_ceiling.py
+bench-llm-ceiling: install ## What hand-written answers of the form asked of the LLM coder earn under the host's rule, on bench-llm's run directories: benchmarks/results/llm-ceiling.{json,md}; OOF=5 also judges out of fold: llm-ceiling-oof.{json,md}
+	$(PY) benchmarks/answer_ceiling.py $(if $(OOF),--oof $(OOF) --out benchmarks/results/llm-ceiling-oof)
 
 bench-llm-speed: install-llm ## The local model's tokens/s by thread count and its prefix cache; REPLAY="label=runs/..." replays a run's coder and debugger calls: benchmarks/results/llm-speed*.md
 	$(PY) benchmarks/llm_speed.py $(if $(THREADS),--threads $(THREADS)) $(foreach r,$(REPLAY),--replay $(r))
