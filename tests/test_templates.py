@@ -389,6 +389,26 @@ def test_the_model_functions_nan_names_rows_with_zero_features(load, tmp_path):
     assert not (tmp_path / contract.PREDICTIONS).exists()
 
 
+def test_the_model_function_takes_the_arguments_it_names_and_similarity_is_the_cosine_of_the_features(load, tmp_path):
+    """Arguments go by name (a function may take only what it uses, in any order); an unknown name fails with the valid ones."""
+    adata = load("adamson_subset")
+    manifest = make_split(adata, "unseen_perturbation", seed=0)
+    config = {**SMALL, "baseline": "on_target", "n_components": 8}
+    contract.prepare_inputs(adata, manifest, tmp_path, task={"type": "unseen_perturbation", "description": "test"})
+    example = set_config(contract.EXAMPLE_SCRIPT.read_text(), config)
+    own = (
+        "def predict_deltas(similarity, reference, train_errors, query_features, train_features):\n"
+        "    assert np.allclose(similarity, query_features @ train_features.T) and similarity.shape == (len(reference), len(train_errors))\n"
+        "    assert (np.abs(similarity) <= 1 + 1e-9).all()\n"
+        "    return reference.copy()\n"
+    )
+    for code, ok in [(own, True), ("def predict_deltas(reference, weights):\n    return reference\n", False)]:
+        (tmp_path / "train.py").write_text(contract.splice_model(example, code))
+        done = subprocess.run([sys.executable, "-W", "ignore", "train.py"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+        assert (done.returncode == 0) == ok, done.stderr[-2000:]
+    assert "predict_deltas asks for ['weights']: its arguments can be ['train_deltas', 'train_errors', 'reference', 'train_features', 'query_features', 'similarity'] and config" in done.stderr
+
+
 def test_task_json_carries_numeric_doses(load, tmp_path):
     adata = load("norman_subset")
     manifest = make_split(adata, "combination", seed=0)

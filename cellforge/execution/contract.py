@@ -385,7 +385,7 @@ def splice_model(example: str, code: str) -> str:
         raise ValueError(msg) from exc
     funcs = [node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == "predict_deltas"]
     if not funcs:
-        raise ValueError("the answer defines no top-level `def predict_deltas(train_deltas, train_errors, reference, train_features, query_features, config)`")
+        raise ValueError("the answer defines no top-level `def predict_deltas(train_deltas, train_errors, reference, train_features, query_features, similarity, config)`")
     own_returns = [n for n in ast.walk(funcs[-1]) if isinstance(n, ast.Return) and n.value is not None]
     if not own_returns:  # a cut answer (token limit) or a sketch: the example would fail on None after a full data load
         raise ValueError("`predict_deltas` never returns its predictions: end it with `return` of a numpy array shaped like `reference`")

@@ -1,4 +1,5 @@
 """Worked example of the sandbox contract: the plan's reference predictor plus the mean of its errors on the training conditions."""
+import inspect
 import json
 from pathlib import Path
 
@@ -52,6 +53,7 @@ def unit_rows(rows: np.ndarray) -> np.ndarray:  # each row scaled to length 1; a
 
 train_features = unit_rows(np.stack([describe(c) for c in train_deltas.index]).astype(np.float64))
 query_features = unit_rows(np.stack([describe(c) for c in query]).astype(np.float64))
+similarity = query_features @ train_features.T  # rows of length 1 (or 0): their cosine similarity, (n_query, n_train)
 
 
 # --- model: predict_deltas is the model; the rest of this file is input and output ---
@@ -61,6 +63,7 @@ def predict_deltas(
     reference: np.ndarray,
     train_features: np.ndarray,
     query_features: np.ndarray,
+    similarity: np.ndarray,
     config: dict,
 ) -> np.ndarray:
     """Predicted change from control for each condition to predict: a numpy array shaped like ``reference``.
@@ -73,6 +76,8 @@ def predict_deltas(
     train_features: (n_train, n_genes) each training perturbation described by the correlation of its target
         genes with every gene in control cells, scaled to length 1; a row of zeros when none of its targets is measured.
     query_features: (n_query, n_genes) the same description of each condition to predict.
+    similarity: (n_query, n_train) cosine similarity of each condition to predict to each training condition (of
+        their features, already computed); a row of zeros when that condition's features are all zeros.
     config: the CONFIG dict; read your own settings with config.get(name, default).
     """
     weights = np.full((len(reference), len(train_errors)), 1.0 / len(train_errors))  # (n_query, n_train): equal weights
@@ -80,9 +85,17 @@ def predict_deltas(
 # --- end of model ---
 
 
-args = (train_deltas.to_numpy(), (train_deltas - reference_train).to_numpy(), reference.to_numpy(), train_features, query_features)
-print("predict_deltas arguments: " + ", ".join(f"{n} {a.shape}" for n, a in zip("train_deltas train_errors reference train_features query_features".split(), args)), flush=True)
-delta = np.asarray(predict_deltas(*args, CONFIG), dtype=np.float64)
+arrays = {
+    "train_deltas": train_deltas.to_numpy(), "train_errors": (train_deltas - reference_train).to_numpy(), "reference": reference.to_numpy(),
+    "train_features": train_features, "query_features": query_features, "similarity": similarity,
+}
+print("predict_deltas arguments: " + ", ".join(f"{n} {a.shape}" for n, a in arrays.items()), flush=True)
+# passed by name: the function may take the arguments it uses, in any order
+wanted = list(inspect.signature(predict_deltas).parameters)
+unknown = [n for n in wanted if n not in arrays and n != "config"]
+if unknown:
+    raise TypeError(f"predict_deltas asks for {unknown}: its arguments can be {list(arrays)} and config")
+delta = np.asarray(predict_deltas(**{n: CONFIG if n == "config" else arrays[n] for n in wanted}), dtype=np.float64)
 if delta.shape != (len(query), len(genes)):
     raise ValueError(f"predict_deltas returned shape {delta.shape}; expected the shape of reference, (n_query, n_genes): {(len(query), len(genes))}")
 bad = np.flatnonzero(~np.isfinite(delta).all(axis=1))
