@@ -110,3 +110,34 @@ def test_a_script_faces_the_reference_on_validation_and_out_of_fold_conditions(t
     if oof != '"fail"':
         assert verdict["n"] == 11 and verdict["unit"] == "condition"
     assert best == (script if kept == "script" else reference)
+
+
+def test_the_guard_metric_is_taken_over_the_same_conditions_as_the_rule(tmp_path):
+    """A pearson guard on one validation condition's genes vetoed a script alone; with folds it covers every condition judged."""
+    from cellforge.execution.judge import JUDGED
+    from cellforge.execution.journal import Attempt, RefineSettings, verdict_with_folds
+
+    rng = np.random.default_rng(1)
+    target = rng.normal(size=(1, 30))
+    preds = {0: target + rng.normal(scale=0.9, size=target.shape), 1: target + rng.normal(scale=0.3, size=target.shape)}  # new worse on it
+    attempts = []
+    for index, pred in preds.items():
+        folder = tmp_path / f"attempt-{index:03d}"
+        folder.mkdir()
+        np.savez(folder / JUDGED, conditions=np.array(["v"]), pred=pred, target=target)
+        from cellforge.execution.ensemble import top_gene_scores
+
+        attempts.append(Attempt(index=index, parent=None, stage="draft", script_sha256=str(index), command=[], val_metrics=top_gene_scores(pred, target)))
+    oof_target = rng.normal(size=(12, 30))
+    folds = {"new": oof_target + rng.normal(scale=0.05, size=oof_target.shape), "old": oof_target + rng.normal(scale=1.0, size=oof_target.shape)}
+
+    def out_of_fold(script: str) -> ValPredictions:
+        return ValPredictions(tuple(f"t{i}" for i in range(12)), folds[script], oof_target)
+
+    settings = RefineSettings()
+    assert settings.guard_metric == "val_pearson_delta_top20"
+    alone = verdict_with_folds(attempts[0], attempts[1], "new", "old", settings=settings, attempts_dir=tmp_path)
+    assert alone["better"] is False and "fell by more than the tolerance" in alone["why"]
+    pooled = verdict_with_folds(attempts[0], attempts[1], "new", "old", settings=settings, attempts_dir=tmp_path, out_of_fold=out_of_fold)
+    assert pooled["better"] is True and pooled["n"] == 13 and pooled["validation_only"]["better"] is False
+    assert pooled["val_pearson_delta_top20"]["new"] > pooled["val_pearson_delta_top20"]["old"]

@@ -744,31 +744,45 @@ def verdict_with_folds(
 
     ``out_of_fold(script)`` gives a script's host-judged out-of-fold predictions
     (:class:`~cellforge.execution.ensemble.ValPredictions`), a string when a fold failed, or None
-    without folds. The paired rule then runs over the rows of both: more conditions, the unit is
-    the condition. A fold the new script fails loses it the comparison (it broke on training data
-    a little smaller than its own); a fold the comparator fails, or no folds, leaves the verdict on
-    the validation conditions alone. The validation-only figures stay in ``validation_only``.
+    without folds. The paired rule and the guard metric then run over the rows of both: more
+    conditions, the unit is the condition (a guard on one validation condition's top-20 genes
+    vetoed scripts on its own, measured). A fold the new script fails loses it the comparison (it
+    broke on training data a little smaller than its own); a fold the comparator fails, or no
+    folds, leaves the verdict on the validation conditions alone. The validation-only verdict
+    stays in ``validation_only``.
     """
     import numpy as np
 
-    from cellforge.execution.ensemble import paired_rule
+    from cellforge.execution.ensemble import paired_rule, top_gene_scores
 
     base = _verdict(new, old, settings, attempts_dir)
-    if out_of_fold is None or "mean_diff" not in base:  # not a paired verdict (no numbers, a guard, the tolerance rule)
+    if out_of_fold is None or settings.rule != "one_se" or settings.metric != "val_mse_top20":
         return base
     saved_new, saved_old = _val_predictions(attempts_dir, new), _val_predictions(attempts_dir, old)
+    if saved_new is None or saved_old is None or saved_new.conditions != saved_old.conditions:
+        return base
     old_folds = out_of_fold(old_script)
     if old_folds is None or isinstance(old_folds, str):
         return {**base, "folds": f"validation only: {old_folds or 'no folds'} (the comparator)"}
     new_folds = out_of_fold(new_script)
-    only = {k: base[k] for k in ("better", "mean_diff", "se", "n", "unit") if k in base}
+    only = {k: base[k] for k in ("better", "mean_diff", "se", "n", "unit", "why") if k in base}
     if new_folds is None or isinstance(new_folds, str):
         return {"better": False, "why": f"the script's {new_folds or 'folds did not run'}", "validation_only": only}
     if new_folds.conditions != old_folds.conditions:
         return {**base, "folds": "validation only: the two scripts' folds differ"}
-    rule = paired_rule(np.vstack([saved_new.pred, new_folds.pred]), np.vstack([saved_old.pred, old_folds.pred]), np.vstack([saved_new.target, new_folds.target]))
-    why = f"paired one-standard-error rule over {rule['unit']} values: {len(saved_new.conditions)} validation and {len(new_folds.conditions)} out-of-fold training conditions"
-    return {**rule, "why": why, "validation_only": only, "conditions": {"validation": len(saved_new.conditions), "out_of_fold": len(new_folds.conditions)}}
+    pred_new, pred_old = np.vstack([saved_new.pred, new_folds.pred]), np.vstack([saved_old.pred, old_folds.pred])
+    target = np.vstack([saved_new.target, new_folds.target])
+    rule = paired_rule(pred_new, pred_old, target)
+    where = f"{len(saved_new.conditions)} validation and {len(new_folds.conditions)} out-of-fold training conditions"
+    verdict = {**rule, "why": f"paired one-standard-error rule over {rule['unit']} values: {where}", "validation_only": only}
+    verdict["conditions"] = {"validation": len(saved_new.conditions), "out_of_fold": len(new_folds.conditions)}
+    guard = settings.guard_metric
+    if guard == "val_pearson_delta_top20":  # higher is better
+        a, b = top_gene_scores(pred_new, target)[guard], top_gene_scores(pred_old, target)[guard]
+        verdict[guard] = {"new": a, "old": b}
+        if a < b - settings.tolerance * abs(b):
+            verdict.update(better=False, why=f"{guard} fell by more than the tolerance over {where} ({a:.4f} against {b:.4f})")
+    return verdict
 
 
 def verdict_text(verdict: dict[str, Any], new: Attempt, old: Attempt, settings: RefineSettings) -> str:
