@@ -14,8 +14,8 @@ training conditions are cut into K folds; for each fold the answers run again on
 sandbox inputs whose ``train.h5ad`` lacks that fold's cells and whose ``predict_conditions`` are
 the fold's conditions, and the rule is applied to the validation conditions plus every training
 condition's out-of-fold prediction (truth: the condition's mean minus its context's control mean,
-from the cells the host holds). This measures a judging design before building it; nothing in the
-pipeline judges this way yet.
+from the cells the host holds): the conditions on which the pipeline judges a model's script
+against the plan's reference (``cellforge/execution/folds.py``, ``--judge-folds``).
 
 Usage: ``python benchmarks/answer_ceiling.py [--runs benchmarks/results/llm.json] [--out benchmarks/results/llm-ceiling] [--oof K]``.
 Writes ``<out>.json`` and ``<out>.md``.
@@ -240,8 +240,9 @@ def markdown(result: dict) -> str:
             "",
             "The same answers, each also run once per fold of the run's training conditions on inputs without that "
             "fold's cells; the rule over the validation conditions and every training condition's out-of-fold "
-            "prediction (a cell: mean top-20 MSE over all of them, mean paired difference ± se over conditions). "
-            "A measurement of a judging design, not how the pipeline judges now.",
+            "prediction (a cell: mean top-20 MSE over all of them, mean paired difference ± se over conditions): "
+            "the conditions on which the pipeline judges a model's script against the plan's reference "
+            "(`--judge-folds`, default 5). 'failed': the answer failed on a fold (the run's JSON has the error).",
             "",
             *_table(result, "oof"),
             "",

@@ -145,7 +145,7 @@ def table(records: list[dict]) -> str:
     """Markdown summary: one row per run, then seconds and tokens per call by role, then the shares."""
     rows = [
         "| data set | seed | scored | scored model written by | attempts | debug rounds | fresh drafts | revisions | failures | LLM code ran clean | "
-        "LLM model vs reference (host, validation: mean paired diff of mse_top20 ± se, n) | wall s | pearson_delta_de20 | mse_de20 | best baseline (pd_de20 / mse_de20) |",
+        "LLM model vs reference (host, validation + out-of-fold training conditions when folds ran: mean paired diff of mse_top20 ± se, n) | wall s | pearson_delta_de20 | mse_de20 | best baseline (pd_de20 / mse_de20) |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in records:
