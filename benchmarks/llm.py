@@ -200,14 +200,18 @@ def main() -> None:
         before = json.loads((args.out / "llm.json").read_text())
         if before.get("model") == args.model and before.get("roles") == roles:
             records = [r for r in before["runs"] if not (r["dataset"] in datasets and args.first_seed <= r["seed"] < args.first_seed + args.seeds)]
+    sys.path.insert(0, str(ROOT))
+    from cellforge.paths import cpu_model
+
+    cpu = cpu_model()  # timings from two machines are not a before and after
     for dataset in datasets:
         for seed in range(args.first_seed, args.first_seed + args.seeds):
             record = run_one(dataset, seed, runs=runs, model=args.model, roles=roles, debate_rounds=args.debate_rounds, timeout_s=args.timeout, max_attempts=args.max_attempts)
             records.append(record)
             print(f"{dataset} seed {seed}: scored={record.get('scored')} written_by={(record.get('lineage') or {}).get('written_by')} in {record['wall_s']} s", flush=True)
-            summary = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "model": args.model, "roles": roles, "runs": records}
+            summary = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "model": args.model, "roles": roles, "cpu_model": cpu, "runs": records}
             (args.out / "llm.json").write_text(json.dumps(summary, indent=1))  # written as results arrive
-            (args.out / "llm.md").write_text(f"# Main job with {args.model} ({', '.join(roles)})\n\n" + table(records))
+            (args.out / "llm.md").write_text(f"# Main job with {args.model} ({', '.join(roles)})\n\n{os.cpu_count()} CPUs ({cpu}).\n\n" + table(records))
     print(args.out / "llm.md")
 
 

@@ -128,10 +128,12 @@ def main() -> None:
     args = parser.parse_args()
     rows = [measure(args.model, t, args.max_tokens) for t in args.threads]
     load = os.getloadavg()
-    record = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "model": args.model, "cpus": os.cpu_count(), "loadavg_after": load, "runs": rows}
+    from cellforge.paths import cpu_model
+
+    record = {"date": datetime.now(UTC).isoformat(timespec="seconds"), "model": args.model, "cpus": os.cpu_count(), "cpu_model": cpu_model(), "loadavg_after": load, "runs": rows}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "llm-speed.json").write_text(json.dumps(record, indent=1))
-    lines = [f"# Local model speed: {args.model} ({os.cpu_count()} CPUs, load average after {load[0]:.2f})", "",
+    lines = [f"# Local model speed: {args.model} ({os.cpu_count()} CPUs, {record['cpu_model']}, load average after {load[0]:.2f})", "",
              "| threads | call | prompt tokens | processed | prompt tok/s | generated | generated tok/s | wall s |", "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in rows:
         for name in ("cold", "shared_prefix", "longer_answer"):
@@ -145,7 +147,7 @@ def main() -> None:
         replayed = replay(args.model, fastest, {k: Path(v) for k, v in runs.items()})
         load = os.getloadavg()
         (args.out / "llm-speed-replay.json").write_text(json.dumps({"date": record["date"], "model": args.model, "threads": fastest, "loadavg_after": load, "calls": replayed}, indent=1))
-        text = [f"# Local model: coder and debugger calls replayed ({args.model}, {os.cpu_count()} CPUs, load average after {load[0]:.2f})", "", *replay_table(replayed, fastest)]
+        text = [f"# Local model: coder and debugger calls replayed ({args.model}, {os.cpu_count()} CPUs, {record['cpu_model']}, load average after {load[0]:.2f})", "", *replay_table(replayed, fastest)]
         (args.out / "llm-speed-replay.md").write_text("\n".join(text) + "\n")
         print("\n".join(text))
 

@@ -244,7 +244,7 @@ def markdown(record: dict) -> str:
     lines = [
         "# Cost of the main job against data size (`benchmarks/scale.py`, SYNTHETIC data)",
         "",
-        f"{record['date']}, commit {record['commit']} (each size's own run: its commit in scale.json), {record['cpus']} CPUs. Synthetic count matrices shaped like real screens "
+        f"{record['date']}, commit {record['commit']} (each size's own run: its commit in scale.json), {record['cpus']} CPUs ({record.get('cpu_model', 'CPU model not recorded')}; a size's previous run may come from another machine). Synthetic count matrices shaped like real screens "
         f"(the purpose is cost, not accuracy); `cellforge benchmark --data FILE` with `{' '.join(SETTINGS)}`, local sandbox. "
         "Wall time per stage in seconds; peak memory in MiB (cellforge process / largest training script, as the sandbox measured it).",
         "",
@@ -383,8 +383,11 @@ def write(rows: list[dict], out: Path) -> None:
             if all(st in r.get("stages", {}) for st in model_stages):  # data to a trained model's predictions
                 r["through_execute_s"] = round(sum(r["stages"][st]["wall_s"] for st in model_stages), 1)
     commit = _commit()
+    sys.path.insert(0, str(ROOT))
+    from cellforge.paths import cpu_model
+
     record = {
-        "date": datetime.now(UTC).isoformat(timespec="seconds"), "commit": commit, "cpus": os.cpu_count(), "settings": SETTINGS,
+        "date": datetime.now(UTC).isoformat(timespec="seconds"), "commit": commit, "cpus": os.cpu_count(), "cpu_model": cpu_model(), "settings": SETTINGS,
         "rows": rows,
         "exponents": {
             "wall_s": exponents(rows, "wall_s"), "peak_mib": exponents(rows, "peak_mib"),
