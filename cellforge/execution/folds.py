@@ -31,10 +31,6 @@ from cellforge.execution.ensemble import ValPredictions
 from cellforge.execution.journal import Executor, Journal, sha
 from runtime.hostio import remove_tree
 
-#: Folds of the training conditions when the run does not say (``RunConfig.judge_folds``).
-DEFAULT_FOLDS = 5
-
-
 def fold_conditions(train: list[str], folds: int, seed: int) -> list[list[str]]:
     """The training conditions cut into ``min(folds, len(train))`` folds, shuffled by ``seed``.
 
@@ -88,6 +84,7 @@ class OutOfFold:
         self.folds = fold_conditions(list(manifest.train), folds, seed)
         self._prepared: set[int] = set()
         self._journals: dict[int, Journal] = {}
+        self._judges: dict[int, Any] = {}  # fold -> the host's truth for it (one pass over the cells per fold)
         self._judged: dict[str, ValPredictions | str] = {}
 
     def _inputs(self, k: int) -> Path:
@@ -132,7 +129,9 @@ class OutOfFold:
         preds, targets = [], []
         outcome: ValPredictions | str | None = None
         for k, fold in enumerate(self.folds):
-            judge = Judge.from_data(self.adata, val=list(fold), test=list(self.manifest.test), genes=self.genes)
+            if k not in self._judges:
+                self._judges[k] = Judge.from_data(self.adata, val=list(fold), test=list(self.manifest.test), genes=self.genes)
+            judge = self._judges[k]
 
             def check(outputs: Path, judge: Judge = judge) -> dict[str, Any]:
                 contract.check_outputs(outputs, test=list(judge.predict), genes=self.genes)
@@ -164,4 +163,4 @@ class OutOfFold:
         return outcome
 
 
-__all__ = ["DEFAULT_FOLDS", "OutOfFold", "fold_conditions"]
+__all__ = ["OutOfFold", "fold_conditions"]
