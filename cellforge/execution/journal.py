@@ -691,9 +691,14 @@ def cannot_change_predictions(best: Attempt, best_config: dict[str, Any], config
 
 def _guarded(new: Attempt, old: Attempt, settings: RefineSettings) -> bool:
     """True unless the change lowers the guard metric by more than the tolerance (missing values pass)."""
+    return _guard_holds(new.val_metrics, old.val_metrics, settings)
+
+
+def _guard_holds(new: dict[str, Any], old: dict[str, Any], settings: RefineSettings) -> bool:
+    """True unless ``new``'s guard metric (higher is better) is below ``old``'s by more than the tolerance (missing values pass)."""
     if settings.guard_metric is None:
         return True
-    a, b = new.val_metrics.get(settings.guard_metric), old.val_metrics.get(settings.guard_metric)
+    a, b = new.get(settings.guard_metric), old.get(settings.guard_metric)
     if not isinstance(a, int | float) or not isinstance(b, int | float):
         return True
     return a >= b - settings.tolerance * abs(b)
@@ -776,12 +781,12 @@ def verdict_with_folds(
     where = f"{len(saved_new.conditions)} validation and {len(new_folds.conditions)} out-of-fold training conditions"
     verdict = {**rule, "why": f"paired one-standard-error rule over {rule['unit']} values: {where}", "validation_only": only}
     verdict["conditions"] = {"validation": len(saved_new.conditions), "out_of_fold": len(new_folds.conditions)}
+    scores_new, scores_old = top_gene_scores(pred_new, target), top_gene_scores(pred_old, target)
     guard = settings.guard_metric
-    if guard == "val_pearson_delta_top20":  # higher is better
-        a, b = top_gene_scores(pred_new, target)[guard], top_gene_scores(pred_old, target)[guard]
-        verdict[guard] = {"new": a, "old": b}
-        if a < b - settings.tolerance * abs(b):
-            verdict.update(better=False, why=f"{guard} fell by more than the tolerance over {where} ({a:.4f} against {b:.4f})")
+    if guard in scores_new:
+        verdict[guard] = {"new": scores_new[guard], "old": scores_old[guard]}
+    if not _guard_holds(scores_new, scores_old, settings):
+        verdict.update(better=False, why=f"{guard} fell by more than the tolerance over {where} ({scores_new[guard]:.4f} against {scores_old[guard]:.4f})")
     return verdict
 
 
