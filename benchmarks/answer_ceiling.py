@@ -61,6 +61,28 @@ ANSWERS = {
         + "    s[s.sum(axis=1) == 0] = 1.0\n"
         + "    return reference + 0.5 * ((s / s.sum(axis=1, keepdims=True)) @ train_errors)\n",
     ),
+    "scale": (
+        "the reference times one factor fitted by least squares on the training conditions (observed vs the reference's own change)",
+        SIGNATURE
+        + "    r = train_deltas - train_errors\n"
+        + "    return reference * ((train_deltas * r).sum() / max((r * r).sum(), 1e-12))\n",
+    ),
+    "scale_gene": (
+        "the reference times a factor per gene, each fitted by least squares on the training conditions and shrunk halfway to 1",
+        SIGNATURE
+        + "    r = train_deltas - train_errors\n"
+        + "    a = (train_deltas * r).sum(axis=0) / np.maximum((r * r).sum(axis=0), 1e-12)\n"
+        + "    return reference * (0.5 + 0.5 * a)\n",
+    ),
+    "scale_mean": (
+        "a * reference + b * mean training change, a and b fitted by least squares on the training conditions",
+        SIGNATURE
+        + "    r = train_deltas - train_errors\n"
+        + "    m = np.broadcast_to(train_deltas.mean(axis=0), r.shape)\n"
+        + "    X = np.stack([r.ravel(), m.ravel()], axis=1)\n"
+        + "    a, b = np.linalg.lstsq(X, train_deltas.ravel(), rcond=None)[0]\n"
+        + "    return a * reference + b * train_deltas.mean(axis=0)\n",
+    ),
     "rbf": (
         "Gaussian-kernel weights on feature distance (median bandwidth), shrink 0.5",
         SIGNATURE
@@ -258,7 +280,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--runs", type=Path, default=ROOT / "benchmarks" / "results" / "llm.json", help="a bench-llm result whose run directories to use")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "llm-ceiling")
     parser.add_argument("--oof", type=int, default=0, metavar="K", help="also judge on out-of-fold training conditions, K folds (0: validation only)")
+    parser.add_argument("--answers", default="", help=f"comma-separated answers to run besides the reference (default all): {', '.join(list(ANSWERS)[1:])}")
     args = parser.parse_args(argv)
+    if args.answers:
+        wanted = ["reference", *[a.strip() for a in args.answers.split(",") if a.strip()]]
+        unknown = [a for a in wanted if a not in ANSWERS]
+        if unknown:
+            parser.error(f"unknown answers {unknown}; valid: {', '.join(ANSWERS)}")
+        for name in list(ANSWERS):
+            if name not in wanted:
+                del ANSWERS[name]
     runs = [Path(r["run_dir"]) for r in json.loads(args.runs.read_text())["runs"] if r.get("run_dir")]
     result = {"date": datetime.now(UTC).strftime("%Y-%m-%d"), "runs_from": str(args.runs.relative_to(ROOT) if args.runs.is_relative_to(ROOT) else args.runs), "runs": []}
     for run in runs:
