@@ -154,56 +154,142 @@ def h5ad_bytes(adata: Any) -> memoryview:
     return buffer.getbuffer()
 
 
-def h5ad_bytes_in_blocks(obs: Any, var: Any, blocks: Any) -> memoryview:
-    """The ``.h5ad`` file of an AnnData whose ``X`` is the CSR row blocks ``blocks`` stacked, built in memory a block at a time.
+def write_h5ad_in_blocks(path: str | os.PathLike[str], obs: Any, var: Any, blocks: Any, *, fsync: bool = True) -> Path:
+    """Write the ``.h5ad`` file of an AnnData whose ``X`` is the CSR row blocks ``blocks`` stacked, a block at a time.
 
-    The stacked matrix is never held: each block is appended to the file's ``X``
-    (``anndata.io.sparse_dataset(...).append``) before the next is made. On a Norman-sized
-    screen the sandbox's training cells (about 2 GB at 8,000 genes) were held whole, and again
-    while the blocks were stacked, besides the file's own bytes.
+    Neither the stacked matrix nor the file's bytes are held: each block is appended to the
+    file's ``X`` (``anndata.io.sparse_dataset(...).append``) in a temporary file beside
+    ``path`` before the next is made, and the file is renamed to ``path`` once complete, as
+    :func:`atomic_write_bytes` does. On a Norman-sized screen the sandbox's training cells are
+    about 2 GB at 8,000 genes; building the file in memory first (as :func:`write_h5ad` does
+    for small files) held those 2 GB in the cellforge process besides the data set.
 
     Parameters
     ----------
+    path
+        Target file.
     obs, var
         The AnnData's ``obs`` (one row per row of the stacked blocks) and ``var`` DataFrames.
     blocks
         Iterable of ``scipy.sparse.csr_matrix`` blocks of rows, in order, each with ``len(var)`` columns.
+    fsync
+        Flush the file to the device before the rename.
 
     Returns
     -------
-    memoryview
-        The file's bytes, as :func:`h5ad_bytes` would give for the stacked AnnData.
+    Path
+        ``path``, with the content :func:`write_h5ad` would give for the stacked AnnData.
 
     Raises
     ------
     ValueError
-        The blocks' rows do not add up to ``len(obs)``.
+        The blocks' rows do not add up to ``len(obs)`` (``path`` is left as it was).
+    DiskFullError
+        The disk (or the quota) is full; the message names ``path``; no partial file is left.
+
+    Notes
+    -----
+    HDF5 that meets a full disk mid-write leaves objects it cannot close, and the interpreter
+    may crash at exit. So the space each block (and the header before, and ``obs`` after)
+    will take is claimed first, with ``fallocate`` on the temporary file ahead of what HDF5
+    has written (:func:`_claim`): a full disk fails that claim, before HDF5 writes into space
+    that is not there.
     """
     import anndata as ad
     import h5py
     from anndata.io import sparse_dataset, write_elem
 
-    blocks = iter(blocks)
-    first = next(blocks)
-    head = ad.AnnData(X=first, obs=obs.iloc[: first.shape[0]], var=var)
-    head.strings_to_categoricals()
-    buffer = io.BytesIO()
-    rows = first.shape[0]
-    with h5py.File(buffer, "w") as f:
-        write_elem(f, "/", head)
-        del head
-        stacked = sparse_dataset(f["X"])
-        for block in blocks:
-            stacked.append(block)
-            rows += block.shape[0]
-        if rows != len(obs):
-            msg = f"the blocks hold {rows} rows; obs has {len(obs)}"
-            raise ValueError(msg)
-        full = ad.AnnData(obs=obs, var=var)
-        full.strings_to_categoricals()
-        del f["obs"]
-        write_elem(f, "obs", full.obs)
-    return buffer.getbuffer()
+    target = Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    table_bytes = int(obs.memory_usage(deep=True).sum() + var.memory_usage(deep=True).sum())
+    fd = -1
+    try:
+        blocks = iter(blocks)
+        first = next(blocks)
+        head = ad.AnnData(X=first, obs=obs.iloc[: first.shape[0]], var=var)
+        head.strings_to_categoricals()
+        rows = first.shape[0]
+        fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+        with h5py.File(tmp, "w") as f:
+            claimed = _claim(fd, 0, _csr_bytes(first) + 2 * table_bytes)
+            write_elem(f, "/", head)
+            del head
+            stacked = sparse_dataset(f["X"])
+            for block in blocks:
+                claimed = _claim(fd, claimed, _csr_bytes(block))
+                stacked.append(block)
+                rows += block.shape[0]
+            if rows != len(obs):
+                msg = f"the blocks hold {rows} rows; obs has {len(obs)}"
+                raise ValueError(msg)
+            full = ad.AnnData(obs=obs, var=var)
+            full.strings_to_categoricals()
+            claimed = _claim(fd, claimed, 2 * table_bytes)
+            del f["obs"]
+            write_elem(f, "obs", full.obs)
+        os.ftruncate(fd, os.fstat(fd).st_size)  # release what was claimed beyond the file's end and not used
+        if fsync:
+            os.fsync(fd)
+        tmp.replace(target)
+    except BaseException as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if is_disk_full(exc):
+            raise disk_full(target, exc) from exc
+        raise
+    finally:
+        if fd >= 0:
+            os.close(fd)
+    return target
+
+
+#: Room claimed beyond each piece's own bytes, for HDF5's chunk indexes and metadata.
+_CLAIM_SLACK = 256 * 1024
+
+#: ``fallocate(2)`` mode: allocate beyond the end of the file without moving it.
+_FALLOC_FL_KEEP_SIZE = 1
+
+
+def _csr_bytes(block: Any) -> int:
+    """Bytes a CSR block's arrays take (its data, indices and row pointers)."""
+    return int(block.data.nbytes + block.indices.nbytes + block.indptr.nbytes)
+
+
+def _fallocate_keep_size(fd: int, offset: int, length: int) -> None:
+    """Linux ``fallocate(fd, FALLOC_FL_KEEP_SIZE, offset, length)``; ``OSError`` on failure (``ENOSYS`` where absent)."""
+    import ctypes
+
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        call = libc.fallocate
+    except (OSError, AttributeError) as exc:
+        raise OSError(errno.ENOSYS, "fallocate is not available") from exc
+    call.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    if call(fd, _FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, os.strerror(code))
+
+
+def _claim(fd: int, claimed: int, more: int) -> int:
+    """Allocate disk to the file ``fd`` for ``more`` bytes (plus slack) beyond what it holds or was claimed; the new claimed end.
+
+    ``fallocate`` with ``FALLOC_FL_KEEP_SIZE``: blocks past the end of the file, where HDF5
+    writes next, without moving the end (HDF5 reads the end of the file as its own); the
+    writer cuts what was not used with ``ftruncate`` at the end of the file. On a full disk the
+    partial claim is released and the ``OSError`` (``ENOSPC``) raised. Where the file system
+    cannot preallocate, nothing is claimed (a full disk then surfaces from HDF5).
+    """
+    size = os.fstat(fd).st_size
+    start = max(claimed, size)
+    try:
+        _fallocate_keep_size(fd, start, more + _CLAIM_SLACK)
+    except OSError as exc:
+        if exc.errno in DISK_FULL_ERRNOS:
+            os.ftruncate(fd, size)
+            raise
+        return claimed  # EOPNOTSUPP, ENOSYS: no preallocation here
+    return start + more + _CLAIM_SLACK
 
 
 def write_h5ad(adata: Any, path: str | os.PathLike[str]) -> Path:

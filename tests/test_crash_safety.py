@@ -169,6 +169,7 @@ _TMPFS_WRITER = textwrap.dedent(
     import sys
     import anndata as ad, numpy as np, scipy.sparse as sp
     from cellforge.errors import DiskFullError
+    from cellforge.execution import contract
     from cellforge.execution.contract import prepare_inputs
     from cellforge.data.splits import SplitManifest
     from cellforge.data import load_dataset
@@ -177,6 +178,7 @@ _TMPFS_WRITER = textwrap.dedent(
     adata = load_dataset("norman_subset", show_progress=False)
     conds = sorted(set(adata.obs.loc[~adata.obs["is_control"].astype(bool), "condition"].astype(str)))
     manifest = SplitManifest(strategy="user", train=conds[:-4], val=conds[-4:-2], test=conds[-2:])
+    contract.BLOCK_ROWS = int(sys.argv[2])  # below the cell count: the file is streamed to disk a block at a time
     try:
         prepare_inputs(adata, manifest, Path(sys.argv[1]), task={"type": "unseen_perturbation"})
     except DiskFullError as exc:
@@ -198,12 +200,13 @@ def tiny_tmpfs(tmp_path):
     subprocess.run(["umount", "-l", str(folder)], check=False)  # noqa: S607
 
 
-def test_sandbox_inputs_on_a_really_full_disk_end_in_a_clear_error_not_a_segfault(tiny_tmpfs):
+@pytest.mark.parametrize("block_rows", [10_000, 500], ids=["whole-file-in-memory", "streamed-in-blocks"])
+def test_sandbox_inputs_on_a_really_full_disk_end_in_a_clear_error_not_a_segfault(tiny_tmpfs, block_rows):
     from tests.conftest import MIRROR
 
     if not MIRROR.exists():
         pytest.skip("offline mirror not present")
-    done = subprocess.run([sys.executable, "-c", _TMPFS_WRITER, str(tiny_tmpfs)], cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)  # noqa: S603
+    done = subprocess.run([sys.executable, "-c", _TMPFS_WRITER, str(tiny_tmpfs), str(block_rows)], cwd=ROOT, capture_output=True, text=True, timeout=300, check=False)  # noqa: S603
     assert done.returncode == 2, done.stderr[-3000:]  # not 139 (segmentation fault)
     assert f"error: disk full: could not write {tiny_tmpfs}/data/train.h5ad (No space left on device)" in done.stderr
     assert "Exception ignored" not in done.stderr and "Traceback" not in done.stderr

@@ -29,7 +29,7 @@ from cellforge.data.loaders import read_h5ad_file
 from cellforge.execution.genes import GeneSelection
 from cellforge.errors import DatasetError, PredictionError
 from cellforge.evaluation.pseudobulk import condition_table
-from cellforge.safeio import atomic_write_bytes, h5ad_bytes_in_blocks, write_h5ad, write_json
+from cellforge.safeio import write_h5ad, write_h5ad_in_blocks, write_json
 
 PREDICTIONS = "outputs/predictions.h5ad"
 VAL_METRICS = "outputs/val_metrics.json"
@@ -83,7 +83,7 @@ def prepare_inputs(
             obs[column] = obs[column].cat.remove_unused_categories()  # as an AnnData view would
         if sp.issparse(adata.X) and len(rows) > BLOCK_ROWS:  # a screen: the file is built a block of cells at a time
             blocks = (take_block(adata.X, rows[i : i + BLOCK_ROWS], columns).tocsr() for i in range(0, len(rows), BLOCK_ROWS))
-            atomic_write_bytes(data / f"{name}.h5ad", h5ad_bytes_in_blocks(obs, var.copy(), blocks))
+            write_h5ad_in_blocks(data / f"{name}.h5ad", obs, var.copy(), blocks)
         else:
             part = ad.AnnData(X=take_block(adata.X, rows, columns), obs=obs, var=var.copy())
             write_h5ad(part, data / f"{name}.h5ad")
