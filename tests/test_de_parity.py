@@ -242,3 +242,32 @@ def test_group_sums_in_blocks_equal_one_pass(monkeypatch):
         sums, squares = pseudobulk.group_sums(matrix, rows, codes, 4, squares=True)
         np.testing.assert_allclose(sums, expected, rtol=1e-12)
         np.testing.assert_allclose(squares, expected_sq, rtol=1e-12)
+
+
+def test_a_t_test_ranking_is_computed_once_per_anndata_and_again_for_a_new_matrix(monkeypatch):
+    """The truth and the report's figures rank the same conditions: one pass over the cells, until X changes."""
+    import anndata as ad
+    import pandas as pd
+    import scipy.sparse as sp
+
+    from cellforge.evaluation import pseudobulk
+    from cellforge.evaluation.de import t_test_ranking
+
+    rng = np.random.default_rng(5)
+    X = sp.random(400, 30, density=0.4, format="csr", dtype=np.float32, random_state=6)
+    cond = rng.choice(["ctrl", "p1", "p2"], 400)
+    obs = pd.DataFrame({"condition": cond, "context": "A", "is_control": cond == "ctrl"}, index=[str(i) for i in range(400)])
+    adata = ad.AnnData(X, obs=obs)
+    calls = []
+    direct = pseudobulk.group_sums
+    monkeypatch.setattr(pseudobulk, "group_sums", lambda *a, **k: calls.append(len(a[1])) or direct(*a, **k))
+    first = t_test_ranking(adata, ["p1", "p2"])
+    again = t_test_ranking(adata, ["p2", "p1"])
+    assert calls == [400] and all(np.array_equal(first[c], again[c]) for c in ("p1", "p2"))
+    adata.X = X.multiply(rng.random((400, 30))).tocsr()  # a new matrix on the same object is ranked again
+    changed = t_test_ranking(adata, ["p1", "p2"])
+    assert calls == [400, 400] and not np.array_equal(changed["p1"], first["p1"])
+    view = adata[:300]
+    t_test_ranking(view, ["p1"])
+    t_test_ranking(view, ["p1"])
+    assert len(calls) == 4  # a view is not cached: each call sums its rows
