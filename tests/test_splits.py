@@ -98,3 +98,17 @@ def test_manifest_roundtrip_and_user_manifest_check(load, tmp_path):
     bad = SplitManifest(strategy="user", train=m.train, val=[], test=["NOT_A_GENE"])
     with pytest.raises(ConfigError, match="NOT_A_GENE"):
         bad.check_against(adata)
+
+
+def test_a_new_context_split_with_one_seen_context_trains_on_it_and_one_without_training_is_refused(load):
+    adata = load("glioblastoma_subset")
+    contexts = sorted(adata.obs["context"].astype(str).unique())
+    held, seen = contexts[:-1], contexts[-1]
+    manifest = make_split(adata, "new_context", seed=701, test_contexts=held)
+    assert manifest.train and not manifest.val  # the one seen patient trains; no validation context is taken from it
+    context_of = adata.obs.groupby("condition", observed=True)["context"].first().astype(str)
+    assert {context_of[c] for c in manifest.train} == {seen}
+    assert manifest.options["val_contexts"] == []
+    with pytest.raises(ConfigError, match="leave no perturbed condition to train on"):
+        make_split(adata, "new_context", seed=701, test_contexts=held, val_contexts=[seen])
+    assert make_split(adata, "new_context", seed=701, test_contexts=contexts[:2]).val  # more than one left: one validates

@@ -160,7 +160,15 @@ def split_new_context(
     """Hold out every perturbed condition of some contexts (cell types, lines, patients).
 
     Control cells of the held-out contexts stay available: the task is to predict their
-    response from them.
+    response from them. Without ``val_contexts`` one context outside the test ones holds the
+    validation conditions, unless it is the only one left: then it trains and there is no
+    validation context (a model cannot learn a response from no seen condition).
+
+    Raises
+    ------
+    ConfigError
+        Fewer than 3 contexts; a named context not in the data; or the named test and
+        validation contexts leave no perturbed condition to train on.
     """
     contexts = sorted(adata.obs["context"].astype(str).unique())
     if len(contexts) < 3:  # noqa: PLR2004
@@ -169,13 +177,20 @@ def split_new_context(
     rng = np.random.default_rng(seed)
     order = list(rng.permutation(contexts))
     test_c = list(test_contexts) if test_contexts else order[:1]
-    val_c = list(val_contexts) if val_contexts else [c for c in order if c not in test_c][:1]
+    rest = [c for c in order if c not in test_c]
+    val_c = list(val_contexts) if val_contexts else (rest[:1] if len(rest) > 1 else [])
     for name in test_c + val_c:
         if name not in contexts:
             msg = f"context {name!r} is not in the data; contexts: {contexts}"
             raise ConfigError(msg)
     obs = adata.obs.loc[~adata.obs["is_control"]]
     by_ctx = obs.groupby("condition", observed=True)["context"].first().astype(str)
+    if not any(x not in test_c + val_c for x in by_ctx.to_numpy()):
+        msg = (
+            f"test contexts {test_c} and validation contexts {val_c} leave no perturbed condition to train on "
+            f"(contexts with perturbed cells: {sorted(set(by_ctx))}); name fewer test or validation contexts"
+        )
+        raise ConfigError(msg)
     return SplitManifest(
         strategy="new_context",
         seed=seed,
