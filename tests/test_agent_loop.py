@@ -233,12 +233,13 @@ def test_a_timeout_of_a_models_script_goes_to_the_debugger_with_its_limits(tmp_p
 
     def debugger(request: dict) -> dict:
         seen.append(request)
-        return {"diagnosis": "stop sleeping", "edits": [{"find": "time.sleep(30)\n", "replace": _TOY.split("\n", 1)[1]}]}
+        return {"diagnosis": "stop sleeping", "edits": [{"find": "time.sleep(120)\n", "replace": _TOY.split("\n", 1)[1]}]}
 
-    script = "CONFIG = {'max_epochs': 8, 'shift': 0.0, 'claim': 0.0}\nimport time\ntime.sleep(30)\n"
-    journal, _ = run_attempts(script, debugger=debugger, max_attempts=2, **{**_common(tmp_path), "timeout_s": 3})
+    # 8 s: room for the fixed toy's imports on a loaded 2-core machine (3 s timed it out under a parallel benchmark)
+    script = "CONFIG = {'max_epochs': 8, 'shift': 0.0, 'claim': 0.0}\nimport time\ntime.sleep(120)\n"
+    journal, _ = run_attempts(script, debugger=debugger, max_attempts=2, **{**_common(tmp_path), "timeout_s": 8})
     assert [a.failure for a in journal.attempts] == [FailureKind.TIMEOUT, None]
-    assert seen[0]["failure"] is FailureKind.TIMEOUT and seen[0]["limits"]["timeout_s"] == 3
+    assert seen[0]["failure"] is FailureKind.TIMEOUT and seen[0]["limits"]["timeout_s"] == 8
 
 
 def test_a_refiner_that_keeps_echoing_a_model_stops_at_the_caps(tmp_path):
