@@ -439,6 +439,13 @@ def stage_execute(run: Run, *, echo: Echo) -> None:
                 )
             finally:
                 refit_box.close()
+        kept_predictions = None
+        if refitted is None and journal.succeeded:
+            # read before the sandbox closes: closing a local sandbox unmounts its own filesystem, outputs and all
+            # (a split without validation conditions has no refit, and its run failed here: round v7, glioblastoma split 1)
+            from runtime import hostio
+
+            kept_predictions = hostio.read_bytes(work, contract.PREDICTIONS, max_bytes=4 * 1024**3)
     finally:
         live.stop()
         sandbox.close()
@@ -473,7 +480,6 @@ def stage_execute(run: Run, *, echo: Echo) -> None:
             f"vs {journal.ensemble.best_single_val_metrics['val_mse_top20']:.5f} for the best attempt alone"
         )
     from cellforge.safeio import atomic_write_bytes, atomic_write_text, write_h5ad
-    from runtime import hostio
 
     atomic_write_text(run.path("code") / "final_train.py", script)
     # the kept predictions, read without following links (the sandbox is hostile until proven otherwise);
@@ -484,7 +490,7 @@ def stage_execute(run: Run, *, echo: Echo) -> None:
     else:
         if journal.refit:
             echo(f"  refit: {journal.refit['why']}")
-        atomic_write_bytes(run.path("predictions.h5ad"), hostio.read_bytes(work, contract.PREDICTIONS, max_bytes=4 * 1024**3))
+        atomic_write_bytes(run.path("predictions.h5ad"), kept_predictions)
     pred = contract.read_h5ad_file(run.path("predictions.h5ad"), what="predictions file")
     pred = pred[pred.obs["condition"].astype(str).isin(set(manifest.test)).to_numpy()].copy()
     if not selection.complete:  # every other gene: the host's training_mean (cellforge.execution.genes)
