@@ -309,3 +309,29 @@ def test_agents_read_the_retrieved_cards_content(run_dir):
     expert = next(c for c in calls if c["agent"].startswith("expert_"))
     user = expert["messages"][1]["content"]
     assert '"failure_modes"' in user and '"summary"' in user
+
+
+def test_a_split_without_validation_conditions_ends_with_the_first_clean_attempts_predictions(run_dir, tmp_path, monkeypatch):
+    """No validation conditions: nothing to judge or refit; the kept predictions are read before the sandbox closes.
+
+    Closing a local sandbox unmounts its own filesystem; reading the predictions after that failed with
+    "No such file or directory: 'outputs'" (a held-back new-context split with one seen patient).
+    """
+    import anndata as ad
+
+    from tests.conftest import MIRROR
+
+    copy = tmp_path / "no-validation"
+    shutil.copytree(run_dir, copy)
+    split = json.loads((copy / "split.json").read_text())
+    split["train"], split["val"] = sorted(split["train"] + split["val"]), []
+    (copy / "split.json").write_text(json.dumps(split))
+    for stage in ["execute", "evaluate", "report"]:
+        (copy / "stages" / f"{stage}.json").unlink()
+    monkeypatch.setenv("CELLFORGE_DATA_MIRROR", str(MIRROR))
+    monkeypatch.setenv("CELLFORGE_SANDBOX", "local")
+    result = runner.invoke(app, ["benchmark", "--resume", str(copy)])
+    assert result.exit_code == 0, result.output
+    assert "no validation conditions" in result.output
+    pred = ad.read_h5ad(copy / "predictions.h5ad")
+    assert sorted(pred.obs["condition"].astype(str)) == sorted(split["test"])
