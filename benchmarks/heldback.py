@@ -279,9 +279,13 @@ def run_split(task: str, index: int, *, splits: Path, runs: Path, heldback: Spli
     from cellforge.fanout import die_with_parent
 
     done = subprocess.run(  # noqa: S603 - our own CLI; it dies with this process (a cancelled Ray task)
-        [*CLI, "benchmark", "--dataset", dataset, "--split", str(path), "--runs", str(runs)], check=True, capture_output=True, text=True,
+        [*CLI, "benchmark", "--dataset", dataset, "--split", str(path), "--runs", str(runs)], check=False, capture_output=True, text=True,
         preexec_fn=die_with_parent,  # noqa: PLW1509 - prctl only
     )
+    if done.returncode != 0:  # recorded, and the round goes on: one failed run does not lose the others
+        said = [line for line in (done.stderr + done.stdout).splitlines() if line.startswith("error:")]
+        why = (said[-1] if said else (done.stderr.strip().splitlines() or ["?"])[-1])[:500]
+        return {"fold": index, "split_file": str(path.relative_to(ROOT)), "wall_s": round(time.monotonic() - start, 1), "error": f"exit {done.returncode}: {why}", "model": "failed"}
     run_dir = Path(next(line.split(": ", 1)[1] for line in done.stdout.splitlines() if line.startswith("run directory: ")))
     metrics = json.loads((run_dir / "metrics.json").read_text())
     split = json.loads(path.read_text())
@@ -339,13 +343,21 @@ def main() -> None:
             idx = [k for k, j in enumerate(jobs) if j[0] == task]
             if not all(k in finished_runs for k in idx):
                 continue
-            part = [finished_runs[k] for k in idx]
+            runs_of_task = [finished_runs[k] for k in idx]
+            part = [r for r in runs_of_task if "error" not in r]
+            failed = [r for r in runs_of_task if "error" in r]
+            if not part:
+                results.setdefault("failed", {})[task] = failed
+                continue
             dataset, strategy, _ = heldback[task]
             table = summarise(part)
             tasks[task] = {
                 "dataset": dataset, "strategy": strategy, "folds": part, "summary": table.to_dict(orient="index"),
-                "verdict": {m: verdict(table, m) for m in ["pearson_delta_de20", "mse_de20"]}, "wall_s": round(sum(r["wall_s"] for r in part), 1),
+                "verdict": {m: verdict(table, m) for m in ["pearson_delta_de20", "mse_de20"]}, "wall_s": round(sum(r["wall_s"] for r in runs_of_task), 1),
             }
+            if failed:
+                tasks[task]["failed"] = failed
+                tasks[task]["note"] = f"{len(failed)} of {len(runs_of_task)} runs failed, not in the table: " + "; ".join(f"split {r['fold']}: {r['error']}" for r in failed)
         return tasks
 
     def finished(i: int, run: dict) -> None:
@@ -369,7 +381,10 @@ def main() -> None:
         results = {**results, "tasks": dict(sorted(merged["tasks"].items()))}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{stem}.json").write_text(json.dumps(results, indent=1, default=float))
-    (args.out / f"{stem}.md").write_text(markdown(results, title=f"Held-back splits, round {args.round}"))
+    failed_tasks = "".join(
+        f"\n## {task}: every run failed\n\n" + "".join(f"- split {r['fold']}: {r['error']}\n" for r in runs_failed) for task, runs_failed in results.get("failed", {}).items()
+    )
+    (args.out / f"{stem}.md").write_text(markdown(results, title=f"Held-back splits, round {args.round}") + failed_tasks)
     (args.out / "heldback-summary.md").write_text(summary(args.out))
     print(args.out / f"{stem}.md")
 

@@ -335,3 +335,20 @@ def test_a_split_without_validation_conditions_ends_with_the_first_clean_attempt
     assert "no validation conditions" in result.output
     pred = ad.read_h5ad(copy / "predictions.h5ad")
     assert sorted(pred.obs["condition"].astype(str)) == sorted(split["test"])
+
+
+def test_a_failed_heldback_run_is_recorded_with_its_error_instead_of_ending_the_round(monkeypatch):
+    import subprocess
+
+    heldback, _ = _heldback_modules()
+
+    def fake_run(cmd, **_kwargs):  # `cellforge split` succeeds, `cellforge benchmark` fails as a stage does
+        if "benchmark" in cmd:
+            return subprocess.CompletedProcess(cmd, 2, stdout="run directory: /x\n", stderr="error: stage 'execute' failed: boom\n")
+        return subprocess.CompletedProcess(cmd, 0, stdout="", stderr="")
+
+    monkeypatch.setattr(heldback.subprocess, "run", fake_run)
+    splits = heldback.ROOT / "benchmarks" / "splits" / "heldback" / "v7"
+    task = sorted(heldback.ROUNDS["v7"])[0]
+    row = heldback.run_split(task, 0, splits=splits, runs=splits, heldback=heldback.ROUNDS["v7"])
+    assert row["error"] == "exit 2: error: stage 'execute' failed: boom" and row["fold"] == 0 and row["model"] == "failed"
